@@ -1,0 +1,292 @@
+//! Configuration: the TOML file, its defaults, and command-line overrides.
+//! Policy lives here (limits, timeouts, retry schedule, routes); the
+//! mechanisms that apply it live in the shard and the driver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::smtp::Wait;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Executors (one per core); default: the cores available.
+    pub shards: Option<usize>,
+    /// Name sent in EHLO/HELO; default: this host's name.
+    pub ehlo_name: Option<String>,
+    /// Open connections per destination for the whole process, split among the shards.
+    pub max_connections_per_destination: usize,
+    pub max_messages_per_connection: usize,
+    pub max_rcpts_per_txn: usize,
+    /// Recipients a shard holds (queued, in flight, awaiting retry) before it stops taking more from ingest.
+    pub max_queued_recipients_per_shard: usize,
+    /// A connection with nothing to do for this long says QUIT.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub timeouts: Timeouts,
+    pub retry: Retry,
+    /// Domain (or `*`) → `HOST:PORT`.
+    pub routes: BTreeMap<String, String>,
+    /// Delivery log (JSON Lines).
+    pub log: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            shards: None,
+            ehlo_name: None,
+            max_connections_per_destination: 20,
+            max_messages_per_connection: 1000,
+            max_rcpts_per_txn: 100,
+            max_queued_recipients_per_shard: 100_000,
+            idle_timeout: Duration::from_secs(5),
+            timeouts: Timeouts::default(),
+            retry: Retry::default(),
+            routes: BTreeMap::new(),
+            log: None,
+        }
+    }
+}
+
+/// Timeouts per RFC 5321 §4.5.3.2 (defaults are the RFC's minimums).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub greeting: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ehlo: Duration,
+    #[serde(with = "humantime_serde")]
+    pub mail: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rcpt: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_init: Duration,
+    /// For each write of message data.
+    #[serde(with = "humantime_serde")]
+    pub data_block: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_term: Duration,
+    #[serde(with = "humantime_serde")]
+    pub quit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: m(5),
+            ehlo: m(5),
+            mail: m(5),
+            rcpt: m(5),
+            data_init: m(2),
+            data_block: m(3),
+            data_term: m(10),
+            quit: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn for_wait(&self, wait: Wait) -> Duration {
+        match wait {
+            Wait::Greeting => self.greeting,
+            Wait::Ehlo => self.ehlo,
+            Wait::Mail | Wait::Rset => self.mail,
+            Wait::Rcpt => self.rcpt,
+            Wait::DataInit => self.data_init,
+            Wait::DataTerm => self.data_term,
+            Wait::Quit => self.quit,
+        }
+    }
+}
+
+/// Exponential backoff for deferred recipients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    pub multiplier: f64,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// A recipient still deferred this long after it was first seen expires.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            initial: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(300),
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Retry {
+    /// Delay before attempt `attempt + 1`, after `attempt` attempts (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        self.initial.mul_f64(factor).min(self.max_delay)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+
+    pub fn ehlo_name(&self) -> String {
+        self.ehlo_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    /// Adds a `DOMAIN=HOST:PORT` route from the command line (it overrides the file's).
+    pub fn add_route(&mut self, spec: &str) -> anyhow::Result<()> {
+        let Some((domain, target)) = spec.split_once('=') else {
+            bail!("--route needs DOMAIN=HOST:PORT, got {spec:?}");
+        };
+        self.routes.insert(domain.trim().to_string(), target.trim().to_string());
+        Ok(())
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("max_connections_per_destination", self.max_connections_per_destination),
+            ("max_messages_per_connection", self.max_messages_per_connection),
+            ("max_rcpts_per_txn", self.max_rcpts_per_txn),
+            ("max_queued_recipients_per_shard", self.max_queued_recipients_per_shard),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.timeouts.connect.is_zero() {
+            bail!("timeouts.connect must be more than zero");
+        }
+        Ok(())
+    }
+}
+
+/// A place to deliver to: what the user wrote and the address it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub label: String,
+    pub addr: SocketAddr,
+}
+
+/// Routes with their targets resolved (once, at start-up, off the executors).
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    exact: HashMap<String, Target>,
+    wildcard: Option<Target>,
+}
+
+impl Routes {
+    pub fn resolve(routes: &BTreeMap<String, String>) -> anyhow::Result<Routes> {
+        let mut out = Routes::default();
+        for (domain, target) in routes {
+            let addr = target
+                .to_socket_addrs()
+                .with_context(|| format!("route {domain}={target}: cannot resolve {target:?} (want HOST:PORT)"))?
+                .next()
+                .with_context(|| format!("route {domain}={target}: {target:?} has no address"))?;
+            let t = Target {
+                label: target.clone(),
+                addr,
+            };
+            if domain == "*" {
+                out.wildcard = Some(t);
+            } else if domain.is_empty() {
+                bail!("route ={target}: the domain is empty");
+            } else {
+                out.exact.insert(domain.to_ascii_lowercase(), t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The target of a lower-cased domain.
+    pub fn lookup(&self, domain: &str) -> Option<&Target> {
+        self.exact.get(domain).or(self.wildcard.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_defaults_and_routes() {
+        let cfg: Config = toml::from_str(
+            r#"
+            max_connections_per_destination = 4
+            idle_timeout = "2s"
+            [retry]
+            initial = "500ms"
+            max_age = "10m"
+            [routes]
+            "Example.COM" = "127.0.0.1:2525"
+            "*" = "127.0.0.2:25"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.max_connections_per_destination, 4);
+        assert_eq!(cfg.max_rcpts_per_txn, 100);
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.retry.initial, Duration::from_millis(500));
+        assert_eq!(cfg.timeouts.data_term, Duration::from_secs(600));
+        let routes = Routes::resolve(&cfg.routes).unwrap();
+        assert_eq!(routes.lookup("example.com").unwrap().label, "127.0.0.1:2525");
+        assert_eq!(routes.lookup("other.test").unwrap().label, "127.0.0.2:25");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = toml::from_str::<Config>("max_conections = 3").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn route_errors_name_the_route() {
+        let mut cfg = Config::default();
+        assert!(cfg.add_route("nonsense").is_err());
+        cfg.add_route("a.test=no-port").unwrap();
+        let err = Routes::resolve(&cfg.routes).unwrap_err();
+        assert!(format!("{err:#}").contains("a.test=no-port"), "{err:#}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = Retry::default();
+        assert_eq!(r.delay(1), Duration::from_secs(1));
+        assert_eq!(r.delay(2), Duration::from_secs(2));
+        assert_eq!(r.delay(4), Duration::from_secs(8));
+        assert_eq!(r.delay(40), Duration::from_secs(300));
+    }
+}

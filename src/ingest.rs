@@ -1,0 +1,309 @@
+//! Ingest: scans spool files line by line, validates each job, splits its
+//! recipients by domain, and hands batches to the shard that owns each domain
+//! (a stable hash of the lower-cased domain). It runs on its own thread, so
+//! its blocking sends into the bounded shard inboxes are the back-pressure
+//! that keeps memory flat however large the spool is.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::Sender;
+
+use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
+use crate::spool::{self, JobBody, MappedFile, Span};
+
+/// Jobs per batch sent to a shard.
+pub const BATCH_ITEMS: usize = 256;
+/// Bad lines reported on stderr before the rest are only counted and logged.
+const MAX_REPORTED_BAD_LINES: u64 = 20;
+
+/// Messages from ingest to a shard.
+pub enum ToShard {
+    /// A spool file the following work refers to by `id`.
+    File {
+        id: u32,
+        file: Arc<MappedFile>,
+    },
+    /// A message file the following work refers to by `id`.
+    Message {
+        id: u32,
+        file: Arc<MappedFile>,
+    },
+    Work(Vec<WorkItem>),
+}
+
+/// Recipients of one job that share a domain (at most `max_rcpts_per_txn`).
+#[derive(Debug)]
+pub struct WorkItem {
+    pub file: u32,
+    pub line: u32,
+    pub id: Option<Span>,
+    pub from: Span,
+    pub body: BodyKey,
+    pub rcpts: Vec<Span>,
+    pub first_seen: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub enum BodyKey {
+    File(u32),
+    Inline(Span),
+}
+
+/// Messages to the collector.
+#[derive(Debug)]
+pub enum Report {
+    Outcomes(OutcomeBatch),
+    /// Recipients found so far (progress).
+    Ingested {
+        recipients: u64,
+    },
+    /// Every line was read: the number of final outcomes to wait for.
+    IngestDone {
+        recipients: u64,
+        bad_lines: u64,
+    },
+}
+
+/// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
+/// across runs and platforms.
+pub fn shard_of(domain: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in domain.bytes() {
+        h ^= u64::from(b.to_ascii_lowercase());
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+pub struct Ingest {
+    shards: Vec<Sender<ToShard>>,
+    reports: Sender<Report>,
+    max_rcpts_per_txn: usize,
+    batches: Vec<Vec<WorkItem>>,
+    messages: HashMap<PathBuf, Result<u32, String>>,
+    recorder: Recorder,
+    recipients: u64,
+    bad_lines: u64,
+}
+
+impl Ingest {
+    pub fn new(shards: Vec<Sender<ToShard>>, reports: Sender<Report>, max_rcpts_per_txn: usize, log: bool) -> Ingest {
+        let n = shards.len();
+        Ingest {
+            shards,
+            reports,
+            max_rcpts_per_txn,
+            batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
+            messages: HashMap::new(),
+            recorder: Recorder::new(log),
+            recipients: 0,
+            bad_lines: 0,
+        }
+    }
+
+    /// Reads every file to the end. Returns early only if a shard or the collector went away.
+    pub fn run(mut self, files: Vec<Arc<MappedFile>>) -> Result<(), &'static str> {
+        for (fid, file) in files.iter().enumerate() {
+            let fid = fid as u32;
+            for tx in &self.shards {
+                tx.send(ToShard::File {
+                    id: fid,
+                    file: file.clone(),
+                })
+                .map_err(|_| "a shard stopped")?;
+            }
+            let name = file.path().file_name().map_or_else(
+                || file.path().display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let map = file.bytes();
+            for (line_no, line) in spool::lines(map) {
+                match spool::parse_job(map, line) {
+                    Ok(job) => self.job(fid, file, &name, map, line_no, job)?,
+                    Err(reason) => {
+                        self.bad_lines += 1;
+                        let reason = format!("{}:{line_no}: {reason}", file.path().display());
+                        if self.bad_lines <= MAX_REPORTED_BAD_LINES {
+                            tracing::warn!("rejected {reason}");
+                        }
+                        self.reject(JobId::Line(&name, line_no), None, &reason);
+                    }
+                }
+                if self.recorder.pending_bytes() > 64 * 1024 {
+                    self.flush_outcomes()?;
+                }
+            }
+        }
+        for shard in 0..self.shards.len() {
+            self.send_batch(shard)?;
+        }
+        self.flush_outcomes()?;
+        if self.bad_lines > MAX_REPORTED_BAD_LINES {
+            tracing::warn!("{} lines rejected in all (the delivery log has each)", self.bad_lines);
+        }
+        self.reports
+            .send(Report::IngestDone {
+                recipients: self.recipients,
+                bad_lines: self.bad_lines,
+            })
+            .map_err(|_| "the collector stopped")
+    }
+
+    fn job(
+        &mut self,
+        fid: u32,
+        file: &MappedFile,
+        name: &str,
+        map: &[u8],
+        line: u32,
+        job: spool::Job,
+    ) -> Result<(), &'static str> {
+        let id = match &job.id {
+            Some(s) => JobId::Given(s.get(map)),
+            None => JobId::Line(name, line),
+        };
+        let body = match &job.body {
+            JobBody::Inline(s) => Ok(BodyKey::Inline(s.clone())),
+            JobBody::File(s) => self.message(file, s.get(map))?.map(BodyKey::File),
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(reason) => {
+                let reason = format!("{}:{line}: {reason}", file.path().display());
+                if self.bad_lines < MAX_REPORTED_BAD_LINES {
+                    tracing::warn!("rejected {reason}");
+                }
+                self.bad_lines += 1;
+                for rcpt in &job.to {
+                    self.reject(id, Some(rcpt.get(map)), &reason);
+                }
+                return Ok(());
+            }
+        };
+        // (shard, domain of the first recipient, recipients) per transaction.
+        let mut groups: Vec<(usize, &str, Vec<Span>)> = Vec::new();
+        for rcpt in &job.to {
+            let addr = rcpt.get(map);
+            if let Err(why) = spool::validate_address(addr) {
+                let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
+                self.reject(id, Some(addr), &reason);
+                continue;
+            }
+            self.recipients += 1;
+            let domain = spool::domain_of(addr);
+            let max = self.max_rcpts_per_txn;
+            match groups
+                .iter_mut()
+                .find(|(_, d, r)| d.eq_ignore_ascii_case(domain) && r.len() < max)
+            {
+                Some(group) => group.2.push(rcpt.clone()),
+                None => groups.push((shard_of(domain, self.shards.len()), domain, vec![rcpt.clone()])),
+            }
+        }
+        let first_seen = Instant::now();
+        for (shard, _, rcpts) in groups {
+            self.batches[shard].push(WorkItem {
+                file: fid,
+                line,
+                id: job.id.clone(),
+                from: job.from.clone(),
+                body: body.clone(),
+                rcpts,
+                first_seen,
+            });
+            if self.batches[shard].len() >= BATCH_ITEMS {
+                self.send_batch(shard)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of a message file, mapping it (and telling every shard) on first sight.
+    fn message(&mut self, spool_file: &MappedFile, name: &str) -> Result<Result<u32, String>, &'static str> {
+        let path = match spool::message_path(spool_file.path(), name) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(known) = self.messages.get(&path) {
+            return Ok(known.clone());
+        }
+        let opened = match MappedFile::open(&path) {
+            Ok(f) if f.bytes().is_empty() => Err(format!("message {name:?} is empty")),
+            Ok(f) => Ok(Arc::new(f)),
+            Err(e) => Err(format!("message {name:?} cannot be read: {e}")),
+        };
+        let result = match opened {
+            Ok(file) => {
+                let id = self.messages.len() as u32;
+                for tx in &self.shards {
+                    tx.send(ToShard::Message { id, file: file.clone() })
+                        .map_err(|_| "a shard stopped")?;
+                }
+                Ok(id)
+            }
+            Err(e) => Err(e),
+        };
+        self.messages.insert(path, result.clone());
+        Ok(result)
+    }
+
+    fn reject(&mut self, id: JobId<'_>, rcpt: Option<&str>, reason: &str) {
+        self.recipients += 1;
+        self.recorder.record(&LogRecord {
+            ts: SystemTime::now(),
+            id,
+            rcpt,
+            domain: rcpt.map(spool::domain_of).filter(|d| !d.is_empty()),
+            outcome: Outcome::Rejected,
+            code: None,
+            enhanced: None,
+            reply: Some(reason),
+            mx: None,
+            ip: None,
+            attempt: 0,
+            latency_ms: None,
+        });
+    }
+
+    fn send_batch(&mut self, shard: usize) -> Result<(), &'static str> {
+        if self.batches[shard].is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH_ITEMS));
+        self.shards[shard]
+            .send(ToShard::Work(batch))
+            .map_err(|_| "a shard stopped")?;
+        self.reports
+            .send(Report::Ingested {
+                recipients: self.recipients,
+            })
+            .map_err(|_| "the collector stopped")
+    }
+
+    fn flush_outcomes(&mut self) -> Result<(), &'static str> {
+        match self.recorder.take() {
+            Some(batch) => self
+                .reports
+                .send(Report::Outcomes(batch))
+                .map_err(|_| "the collector stopped"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_of_ignores_case_and_is_stable() {
+        assert_eq!(shard_of("Example.COM", 7), shard_of("example.com", 7));
+        // FNV-1a pinned (computed independently): a change here moves domains between shards.
+        assert_eq!(shard_of("example.com", 1_000_003), 800_822);
+        let spread: std::collections::HashSet<_> = (0..100).map(|i| shard_of(&format!("d{i}.test"), 4)).collect();
+        assert_eq!(spread.len(), 4);
+    }
+}

@@ -1,0 +1,15 @@
+//! volley: a bulk outbound SMTP sender. See DESIGN in the README for the data
+//! flow: spool → ingest → shards (one glommio executor per core) → pipelined
+//! SMTP sessions → outcomes.
+
+pub mod config;
+pub mod demo;
+pub mod generator;
+pub mod ingest;
+pub mod outcome;
+pub mod runtime;
+pub mod send;
+pub mod shard;
+pub mod sink;
+pub mod smtp;
+pub mod spool;

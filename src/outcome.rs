@@ -1,0 +1,217 @@
+//! Outcomes per recipient and the delivery log (JSON Lines). Producers (the
+//! shards and ingest) format log lines and tally counts locally, then hand
+//! the collector one `OutcomeBatch` at a time: nothing is shared per record.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+use crate::smtp::Enhanced;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Delivered,
+    Bounced,
+    Deferred,
+    Expired,
+    Rejected,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Delivered,
+        Outcome::Bounced,
+        Outcome::Deferred,
+        Outcome::Expired,
+        Outcome::Rejected,
+    ];
+    pub fn is_final(self) -> bool {
+        self != Outcome::Deferred
+    }
+    pub fn index(self) -> usize {
+        self as usize
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Bounced => "bounced",
+            Outcome::Deferred => "deferred",
+            Outcome::Expired => "expired",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The `id` of a job: the producer's, or `FILE:LINE` by default.
+#[derive(Debug, Clone, Copy)]
+pub enum JobId<'a> {
+    Given(&'a str),
+    Line(&'a str, u32),
+}
+
+impl Serialize for JobId<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            JobId::Given(id) => s.serialize_str(id),
+            JobId::Line(file, line) => s.collect_str(&format_args!("{file}:{line}")),
+        }
+    }
+}
+
+fn ts<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn enhanced<S: Serializer>(e: &Option<Enhanced>, s: S) -> Result<S::Ok, S::Error> {
+    match e {
+        Some(e) => s.collect_str(e),
+        None => s.serialize_none(),
+    }
+}
+
+/// One line of the delivery log.
+#[derive(Debug, Serialize)]
+pub struct LogRecord<'a> {
+    #[serde(serialize_with = "ts")]
+    pub ts: SystemTime,
+    pub id: JobId<'a>,
+    pub rcpt: Option<&'a str>,
+    pub domain: Option<&'a str>,
+    pub outcome: Outcome,
+    pub code: Option<u16>,
+    #[serde(serialize_with = "enhanced")]
+    pub enhanced: Option<Enhanced>,
+    pub reply: Option<&'a str>,
+    pub mx: Option<&'a str>,
+    pub ip: Option<IpAddr>,
+    pub attempt: u32,
+    pub latency_ms: Option<u64>,
+}
+
+/// What one producer sends the collector at a time.
+#[derive(Debug, Default)]
+pub struct OutcomeBatch {
+    /// Delivery log lines, each ending in `\n` (empty when there is no log).
+    pub log: Vec<u8>,
+    /// Records per outcome, indexed by `Outcome::index`.
+    pub counts: [u64; 5],
+    /// Records per reply code.
+    pub codes: Vec<(u16, u64)>,
+    /// Transactions that delivered to at least one recipient.
+    pub messages: u64,
+}
+
+impl OutcomeBatch {
+    pub fn finals(&self) -> u64 {
+        Outcome::ALL
+            .iter()
+            .filter(|o| o.is_final())
+            .map(|o| self.counts[o.index()])
+            .sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|&c| c == 0) && self.messages == 0
+    }
+    /// Adds a later batch to this one.
+    pub fn merge(&mut self, other: OutcomeBatch) {
+        self.log.extend_from_slice(&other.log);
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.codes.extend(other.codes);
+        self.messages += other.messages;
+    }
+}
+
+/// Tallies records into the next batch; one per producer.
+#[derive(Debug)]
+pub struct Recorder {
+    log: bool,
+    batch: OutcomeBatch,
+    codes: HashMap<u16, u64>,
+}
+
+impl Recorder {
+    pub fn new(log: bool) -> Recorder {
+        Recorder {
+            log,
+            batch: OutcomeBatch::default(),
+            codes: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, rec: &LogRecord<'_>) {
+        self.batch.counts[rec.outcome.index()] += 1;
+        if let Some(code) = rec.code {
+            *self.codes.entry(code).or_default() += 1;
+        }
+        if self.log {
+            serde_json::to_writer(&mut self.batch.log, rec).expect("serializing to a Vec cannot fail");
+            self.batch.log.push(b'\n');
+        }
+    }
+
+    pub fn message_delivered(&mut self) {
+        self.batch.messages += 1;
+    }
+
+    /// Bytes of log waiting in the batch.
+    pub fn pending_bytes(&self) -> usize {
+        self.batch.log.len()
+    }
+
+    /// The batch so far, if anything was recorded.
+    pub fn take(&mut self) -> Option<OutcomeBatch> {
+        if self.batch.is_empty() {
+            return None;
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.codes = self.codes.drain().collect();
+        Some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_line_shape() {
+        let mut r = Recorder::new(true);
+        r.record(&LogRecord {
+            ts: SystemTime::UNIX_EPOCH,
+            id: JobId::Line("a.jsonl", 7),
+            rcpt: Some("x@d.test"),
+            domain: Some("d.test"),
+            outcome: Outcome::Bounced,
+            code: Some(550),
+            enhanced: Enhanced::parse_prefix("5.1.1"),
+            reply: Some("5.1.1 no such user"),
+            mx: Some("127.0.0.1:25"),
+            ip: Some("127.0.0.1".parse().unwrap()),
+            attempt: 1,
+            latency_ms: Some(3),
+        });
+        let b = r.take().unwrap();
+        let line = String::from_utf8(b.log.clone()).unwrap();
+        assert_eq!(
+            line,
+            "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"id\":\"a.jsonl:7\",\"rcpt\":\"x@d.test\",\"domain\":\"d.test\",\
+\"outcome\":\"bounced\",\"code\":550,\"enhanced\":\"5.1.1\",\"reply\":\"5.1.1 no such user\",\"mx\":\"127.0.0.1:25\",\
+\"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3}\n"
+        );
+        assert_eq!(b.finals(), 1);
+        assert_eq!(b.codes, vec![(550, 1)]);
+        assert!(r.take().is_none());
+    }
+}

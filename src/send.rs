@@ -1,0 +1,265 @@
+//! `volley send`: maps the spool files, starts the shards and the ingest
+//! thread, and collects outcomes (delivery log, progress, summary) on the
+//! calling thread until every recipient is final.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::{Config, Routes};
+use crate::ingest::{Ingest, Report};
+use crate::outcome::Outcome;
+use crate::shard::{self, Control, ShardParams};
+use crate::spool::MappedFile;
+
+/// Batches of work waiting in each shard's inbox.
+const INBOX_BATCHES: usize = 16;
+/// Outcome batches waiting for the collector.
+const REPORT_BATCHES: usize = 1024;
+/// How often progress is printed when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar on a terminal, periodic lines otherwise.
+    Auto,
+    Off,
+}
+
+/// What a send did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Log records per outcome (deferrals count each attempt).
+    pub counts: [u64; 5],
+    /// Recipients found in the spool (each bad line counts as one).
+    pub recipients: u64,
+    pub bad_lines: u64,
+    /// Transactions that delivered to at least one recipient.
+    pub messages: u64,
+    pub codes: HashMap<u16, u64>,
+    pub duration: Duration,
+}
+
+impl Summary {
+    pub fn count(&self, o: Outcome) -> u64 {
+        self.counts[o.index()]
+    }
+    pub fn finals(&self) -> u64 {
+        Outcome::ALL
+            .iter()
+            .filter(|o| o.is_final())
+            .map(|o| self.count(*o))
+            .sum()
+    }
+
+    /// The summary as printed at the end of `send`.
+    pub fn render(&self) -> String {
+        let secs = self.duration.as_secs_f64().max(1e-9);
+        let mut s = format!(
+            "{} recipients in {:.2}s: {} delivered, {} bounced, {} expired, {} rejected ({} bad lines); {} deferrals retried\n",
+            self.recipients,
+            secs,
+            self.count(Outcome::Delivered),
+            self.count(Outcome::Bounced),
+            self.count(Outcome::Expired),
+            self.count(Outcome::Rejected),
+            self.bad_lines,
+            self.count(Outcome::Deferred),
+        );
+        s += &format!(
+            "{:.0} messages/s ({} messages), {:.0} recipients/s delivered\n",
+            self.messages as f64 / secs,
+            self.messages,
+            self.count(Outcome::Delivered) as f64 / secs
+        );
+        let mut codes: Vec<_> = self.codes.iter().collect();
+        codes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        if !codes.is_empty() {
+            let top: Vec<String> = codes.iter().take(5).map(|(c, n)| format!("{c} ×{n}")).collect();
+            s += &format!("top reply codes: {}\n", top.join(", "));
+        }
+        s
+    }
+}
+
+pub struct SendOptions {
+    pub spools: Vec<PathBuf>,
+    pub config: Config,
+    pub progress: Progress,
+}
+
+pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
+    let cfg = Arc::new(opts.config);
+    cfg.validate()?;
+    if opts.spools.is_empty() {
+        bail!("no spool file given");
+    }
+    let files = opts
+        .spools
+        .iter()
+        .map(|p| {
+            MappedFile::open(p)
+                .map(Arc::new)
+                .with_context(|| format!("cannot read spool file {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let routes = Arc::new(Routes::resolve(&cfg.routes)?);
+    let mut log = match &cfg.log {
+        Some(p) => Some(BufWriter::with_capacity(
+            256 * 1024,
+            File::create(p).with_context(|| format!("cannot create delivery log {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let shards = cfg.shards();
+    let ehlo_name = cfg.ehlo_name();
+    let started = Instant::now();
+    let (report_tx, report_rx) = bounded(REPORT_BATCHES);
+    let mut inboxes = Vec::new();
+    let mut controls = Vec::new();
+    let mut handles = Vec::new();
+    let mut alive = Vec::new();
+    for index in 0..shards {
+        let (tx, rx) = bounded(INBOX_BATCHES);
+        let (ctl_tx, ctl_rx) = unbounded();
+        let (alive_tx, alive_rx) = bounded::<()>(0);
+        inboxes.push(tx);
+        controls.push(ctl_tx);
+        alive.push(alive_rx);
+        handles.push(shard::spawn(ShardParams {
+            index,
+            shards,
+            cfg: cfg.clone(),
+            routes: routes.clone(),
+            ehlo_name: ehlo_name.clone(),
+            log: log.is_some(),
+            inbox: rx,
+            control: ctl_rx,
+            reports: report_tx.clone(),
+            alive: alive_tx,
+        })?);
+    }
+    let ingest = Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log.is_some());
+    let ingest = std::thread::Builder::new()
+        .name("volley-ingest".into())
+        .spawn(move || ingest.run(files))
+        .context("cannot start the ingest thread")?;
+
+    let bar = match opts.progress {
+        Progress::Auto if std::io::stderr().is_terminal() => {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} final, {per_sec} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    let plain = opts.progress == Progress::Auto && bar.is_none();
+    let mut last_plain = Instant::now();
+
+    let mut summary = Summary::default();
+    let mut total: Option<u64> = None;
+    let mut ingested = 0;
+    let mut failure = None;
+    loop {
+        if total.is_some_and(|t| summary.finals() >= t) {
+            break;
+        }
+        match report_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Report::Outcomes(batch)) => {
+                if let Some(w) = log.as_mut() {
+                    w.write_all(&batch.log).context("cannot write the delivery log")?;
+                }
+                for (a, b) in summary.counts.iter_mut().zip(batch.counts) {
+                    *a += b;
+                }
+                for (code, n) in batch.codes {
+                    *summary.codes.entry(code).or_default() += n;
+                }
+                summary.messages += batch.messages;
+            }
+            Ok(Report::Ingested { recipients }) => ingested = recipients,
+            Ok(Report::IngestDone { recipients, bad_lines }) => {
+                ingested = recipients;
+                total = Some(recipients);
+                summary.recipients = recipients;
+                summary.bad_lines = bad_lines;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                // Ingest says IngestDone before it ends, so an ended ingest with
+                // nothing said and nothing queued has failed.
+                if total.is_none() && ingest.is_finished() {
+                    failure = Some("ingest stopped early");
+                    break;
+                }
+                if alive.iter().any(|a| a.try_recv() == Err(TryRecvError::Disconnected)) {
+                    failure = Some("a shard stopped before the work was done");
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                failure = Some("every shard stopped before the work was done");
+                break;
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.set_length(ingested);
+            bar.set_position(summary.finals());
+            bar.set_message(format!("{} deferrals", summary.count(Outcome::Deferred)));
+        } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
+            last_plain = Instant::now();
+            eprintln!(
+                "volley: {}/{} recipients final ({} delivered, {} deferrals) after {:.0}s",
+                summary.finals(),
+                ingested,
+                summary.count(Outcome::Delivered),
+                summary.count(Outcome::Deferred),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    summary.duration = started.elapsed();
+    for c in &controls {
+        let _ = c.send(Control::Stop);
+    }
+    for h in handles {
+        if h.join().is_err() {
+            failure.get_or_insert("a shard panicked");
+        }
+    }
+    // Shards flush their last outcomes (QUIT replies do not add any, but be complete).
+    while let Ok(Report::Outcomes(batch)) = report_rx.try_recv() {
+        if let Some(w) = log.as_mut() {
+            w.write_all(&batch.log).context("cannot write the delivery log")?;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some(mut w) = log {
+        w.flush().context("cannot write the delivery log")?;
+    }
+    match ingest.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            failure.get_or_insert(e);
+        }
+        Err(_) => {
+            failure.get_or_insert("the ingest thread panicked");
+        }
+    }
+    if let Some(f) = failure {
+        bail!("internal failure: {f}");
+    }
+    Ok(summary)
+}

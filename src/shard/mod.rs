@@ -1,0 +1,572 @@
+//! A shard: one glommio executor pinned to a core. It owns the domains that
+//! hash to it (their queues, destinations, connections and retry timers) and
+//! touches nothing else. It talks to other threads only through its inbox
+//! (batches of work in), its control channel, and outcome batches out, so
+//! nothing on the per-message path is locked or shared between cores.
+
+mod conn;
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use event_listener::Event;
+use glommio::ExecutorJoinHandle;
+
+use crate::config::{Config, Routes, Target};
+use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
+use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
+use crate::smtp::{Decider, Envelope, Status, TxnReport, WireMessage};
+use crate::spool::{self, MappedFile, Span};
+
+/// How often a shard hands its outcomes to the collector.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// Log bytes after which a shard flushes early.
+const FLUSH_BYTES: usize = 256 * 1024;
+/// Inbox messages taken before the shard lets its connections run.
+const INBOX_CHUNK: usize = 16;
+/// Cache entries added between sweeps of unused domains and messages.
+const SWEEP_EVERY: usize = 4096;
+
+pub enum Control {
+    /// Every recipient is final: close connections with QUIT and return.
+    Stop,
+}
+
+pub struct ShardParams {
+    pub index: usize,
+    pub shards: usize,
+    pub cfg: Arc<Config>,
+    pub routes: Arc<Routes>,
+    pub ehlo_name: String,
+    pub log: bool,
+    pub inbox: Receiver<ToShard>,
+    pub control: Receiver<Control>,
+    pub reports: Sender<Report>,
+    /// Dropped when the shard ends, however it ends.
+    pub alive: Sender<()>,
+}
+
+pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
+    crate::runtime::spawn_pinned("volley-shard", p.index, move || run(p))
+}
+
+/// The connections one shard may open to one destination: the process-wide
+/// cap split evenly, the first shards taking the remainder, at least one.
+pub fn connection_share(cap: usize, shards: usize, index: usize) -> usize {
+    (cap / shards + usize::from(index < cap % shards)).max(1)
+}
+
+struct LocalFile {
+    file: Arc<MappedFile>,
+    name: String,
+}
+
+pub(crate) struct Domain {
+    name: Rc<str>,
+    dest: Option<Rc<Dest>>,
+}
+
+/// Where mail goes (for now a route's HOST:PORT) and the connections to it.
+pub(crate) struct Dest {
+    label: Rc<str>,
+    addr: SocketAddr,
+    queue: RefCell<VecDeque<Txn>>,
+    /// Connections open or opening.
+    open: Cell<usize>,
+    /// Connections that finished EHLO and are alive.
+    ready: Cell<usize>,
+    /// Connections parked, waiting for work.
+    parked: Cell<usize>,
+    wake: Event,
+    down_until: Cell<Option<Instant>>,
+    failures: Cell<u32>,
+    last_error: RefCell<String>,
+}
+
+/// One transaction: recipients of one job and one domain.
+pub(crate) struct Txn {
+    file: Rc<LocalFile>,
+    line: u32,
+    id: Option<Span>,
+    from: Span,
+    body: Rc<WireMessage>,
+    domain: Rc<Domain>,
+    rcpts: Vec<Span>,
+    attempt: u32,
+    first_seen: Instant,
+    started: Instant,
+}
+
+impl Envelope for Txn {
+    fn reverse_path(&self) -> &str {
+        self.from.get(self.file.file.bytes())
+    }
+    fn recipient_count(&self) -> usize {
+        self.rcpts.len()
+    }
+    fn recipient(&self, i: usize) -> &str {
+        self.rcpts[i].get(self.file.file.bytes())
+    }
+    fn wire_body(&self) -> &[u8] {
+        &self.body.bytes
+    }
+    fn eight_bit(&self) -> bool {
+        self.body.eight_bit
+    }
+}
+
+struct Due {
+    at: Instant,
+    seq: u64,
+    txn: Txn,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Due {
+    // Reversed: BinaryHeap is a max-heap and the earliest must come first.
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// What a recipient's attempt ended with, for the log.
+struct Said<'a> {
+    code: Option<u16>,
+    enhanced: Option<crate::smtp::Enhanced>,
+    text: &'a str,
+}
+
+impl<'a> From<Decider<'a>> for Said<'a> {
+    fn from(d: Decider<'a>) -> Self {
+        match d {
+            Decider::Reply(r) => Said {
+                code: Some(r.code),
+                enhanced: r.enhanced,
+                text: &r.text,
+            },
+            Decider::Failure(s) => Said {
+                code: None,
+                enhanced: None,
+                text: s,
+            },
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    cfg: Arc<Config>,
+    routes: Arc<Routes>,
+    ehlo_name: String,
+    conn_limit: usize,
+    files: RefCell<HashMap<u32, Rc<LocalFile>>>,
+    raw_messages: RefCell<HashMap<u32, Arc<MappedFile>>>,
+    prepared: RefCell<HashMap<u32, Weak<WireMessage>>>,
+    domains: RefCell<HashMap<Box<str>, Rc<Domain>>>,
+    dests: RefCell<HashMap<SocketAddr, Rc<Dest>>>,
+    retries: RefCell<BinaryHeap<Due>>,
+    retry_seq: Cell<u64>,
+    recorder: RefCell<Recorder>,
+    /// Recipients on this shard that are not final yet.
+    held: Cell<usize>,
+    stopping: Cell<bool>,
+    inserts: Cell<usize>,
+}
+
+async fn run(p: ShardParams) {
+    let _alive = p.alive.clone();
+    let shard = Rc::new(Shard {
+        conn_limit: connection_share(p.cfg.max_connections_per_destination, p.shards, p.index),
+        cfg: p.cfg.clone(),
+        routes: p.routes.clone(),
+        ehlo_name: p.ehlo_name.clone(),
+        files: RefCell::default(),
+        raw_messages: RefCell::default(),
+        prepared: RefCell::default(),
+        domains: RefCell::default(),
+        dests: RefCell::default(),
+        retries: RefCell::default(),
+        retry_seq: Cell::new(0),
+        recorder: RefCell::new(Recorder::new(p.log)),
+        held: Cell::new(0),
+        stopping: Cell::new(false),
+        inserts: Cell::new(0),
+    });
+    let retry_task = glommio::spawn_local(retry_loop(shard.clone()));
+    let mut unsent: Option<OutcomeBatch> = None;
+    let mut last_flush = Instant::now();
+    loop {
+        match p.control.try_recv() {
+            Ok(Control::Stop) | Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {}
+        }
+        let mut taken = 0;
+        while taken < INBOX_CHUNK && shard.held.get() < shard.cfg.max_queued_recipients_per_shard {
+            match p.inbox.try_recv() {
+                Ok(msg) => {
+                    shard.accept(msg);
+                    taken += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if last_flush.elapsed() >= FLUSH_INTERVAL || shard.recorder.borrow().pending_bytes() > FLUSH_BYTES {
+            shard.flush(&p.reports, &mut unsent);
+            last_flush = Instant::now();
+        }
+        if taken == 0 {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        } else {
+            futures_lite::future::yield_now().await;
+        }
+    }
+    shard.stopping.set(true);
+    let dests: Vec<Rc<Dest>> = shard.dests.borrow().values().cloned().collect();
+    for d in &dests {
+        d.wake.notify(usize::MAX);
+    }
+    while dests.iter().any(|d| d.open.get() > 0) {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    retry_task.cancel().await;
+    shard.flush(&p.reports, &mut unsent);
+    while let Some(batch) = unsent.take() {
+        match p.reports.try_send(Report::Outcomes(batch)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Report::Outcomes(b))) => {
+                unsent = Some(b);
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+async fn retry_loop(shard: Rc<Shard>) {
+    loop {
+        let now = Instant::now();
+        let next = shard.retries.borrow().peek().map(|d| d.at);
+        let wait = next.map_or(Duration::from_millis(50), |at| {
+            at.saturating_duration_since(now).min(Duration::from_millis(50))
+        });
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
+            continue;
+        }
+        loop {
+            let due = {
+                let mut heap = shard.retries.borrow_mut();
+                match heap.peek() {
+                    Some(d) if d.at <= Instant::now() => heap.pop(),
+                    _ => None,
+                }
+            };
+            match due {
+                Some(d) => shard.dispatch(d.txn),
+                None => break,
+            }
+        }
+    }
+}
+
+impl Shard {
+    fn accept(self: &Rc<Self>, msg: ToShard) {
+        match msg {
+            ToShard::File { id, file } => {
+                let name = file.path().file_name().map_or_else(
+                    || file.path().display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                self.files.borrow_mut().insert(id, Rc::new(LocalFile { file, name }));
+            }
+            ToShard::Message { id, file } => {
+                self.raw_messages.borrow_mut().insert(id, file);
+            }
+            ToShard::Work(items) => {
+                for item in items {
+                    self.accept_item(item);
+                }
+            }
+        }
+    }
+
+    fn accept_item(self: &Rc<Self>, item: WorkItem) {
+        let file = self.files.borrow()[&item.file].clone();
+        let body = match &item.body {
+            BodyKey::File(id) => self.prepared(*id),
+            BodyKey::Inline(span) => Rc::new(WireMessage::prepare(span.get(file.file.bytes()).as_bytes())),
+        };
+        let domain = self.domain(spool::domain_of(item.rcpts[0].get(file.file.bytes())));
+        self.held.set(self.held.get() + item.rcpts.len());
+        let txn = Txn {
+            file,
+            line: item.line,
+            id: item.id,
+            from: item.from,
+            body,
+            domain,
+            rcpts: item.rcpts,
+            attempt: 1,
+            first_seen: item.first_seen,
+            started: Instant::now(),
+        };
+        self.dispatch(txn);
+    }
+
+    /// The wire form of a message file, prepared once and shared while any transaction uses it.
+    fn prepared(&self, id: u32) -> Rc<WireMessage> {
+        if let Some(m) = self.prepared.borrow().get(&id).and_then(Weak::upgrade) {
+            return m;
+        }
+        let raw = self.raw_messages.borrow()[&id].clone();
+        let m = Rc::new(WireMessage::prepare(raw.bytes()));
+        self.prepared.borrow_mut().insert(id, Rc::downgrade(&m));
+        self.inserted();
+        m
+    }
+
+    fn domain(&self, name: &str) -> Rc<Domain> {
+        let lower = name.to_ascii_lowercase();
+        if let Some(d) = self.domains.borrow().get(lower.as_str()) {
+            return d.clone();
+        }
+        let dest = self.routes.lookup(&lower).map(|t| self.dest(t));
+        let d = Rc::new(Domain {
+            name: Rc::from(lower.as_str()),
+            dest,
+        });
+        self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
+        self.inserted();
+        d
+    }
+
+    fn dest(&self, target: &Target) -> Rc<Dest> {
+        self.dests
+            .borrow_mut()
+            .entry(target.addr)
+            .or_insert_with(|| {
+                Rc::new(Dest {
+                    label: Rc::from(target.label.as_str()),
+                    addr: target.addr,
+                    queue: RefCell::default(),
+                    open: Cell::new(0),
+                    ready: Cell::new(0),
+                    parked: Cell::new(0),
+                    wake: Event::new(),
+                    down_until: Cell::new(None),
+                    failures: Cell::new(0),
+                    last_error: RefCell::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets domains and prepared messages that no transaction uses any more.
+    fn inserted(&self) {
+        let n = self.inserts.get() + 1;
+        self.inserts.set(n);
+        if n.is_multiple_of(SWEEP_EVERY) {
+            self.domains.borrow_mut().retain(|_, d| Rc::strong_count(d) > 1);
+            self.prepared.borrow_mut().retain(|_, m| m.strong_count() > 0);
+        }
+    }
+
+    /// Queues a transaction on its destination, or defers it when it has none or that is down.
+    fn dispatch(self: &Rc<Self>, txn: Txn) {
+        let Some(dest) = txn.domain.dest.clone() else {
+            let reason = format!(
+                "no route for {}: MX resolution is not supported yet; add --route {}=HOST:PORT or a [routes] entry",
+                txn.domain.name, txn.domain.name
+            );
+            return self.defer(txn, &reason, None);
+        };
+        if let Some(until) = dest.down_until.get()
+            && Instant::now() < until
+        {
+            let reason = format!(
+                "delivery to {} temporarily suspended: {}",
+                dest.label,
+                dest.last_error.borrow()
+            );
+            return self.defer(txn, &reason, Some(&dest));
+        }
+        dest.queue.borrow_mut().push_back(txn);
+        self.kick(&dest);
+    }
+
+    /// Wakes a parked connection, or opens another while the queue outgrows the parked ones.
+    fn kick(self: &Rc<Self>, dest: &Rc<Dest>) {
+        if dest.parked.get() > 0 {
+            dest.wake.notify_additional(1);
+        }
+        let queued = dest.queue.borrow().len();
+        if !self.stopping.get() && dest.open.get() < self.conn_limit && queued > dest.parked.get() {
+            dest.open.set(dest.open.get() + 1);
+            glommio::spawn_local(conn::run(self.clone(), dest.clone())).detach();
+        }
+    }
+
+    /// A connection could not be set up. With no other live connection the
+    /// destination is backed off and everything queued for it is deferred.
+    fn destination_failed(self: &Rc<Self>, dest: &Rc<Dest>, reason: &str) {
+        if dest.ready.get() > 0 {
+            return;
+        }
+        let failures = dest.failures.get() + 1;
+        dest.failures.set(failures);
+        dest.down_until
+            .set(Some(Instant::now() + self.cfg.retry.delay(failures)));
+        *dest.last_error.borrow_mut() = reason.to_string();
+        let queued: Vec<Txn> = dest.queue.borrow_mut().drain(..).collect();
+        for txn in queued {
+            self.defer(txn, reason, Some(dest));
+        }
+    }
+
+    fn destination_up(&self, dest: &Dest) {
+        dest.failures.set(0);
+        dest.down_until.set(None);
+    }
+
+    /// Settles every recipient of a finished transaction.
+    fn complete(self: &Rc<Self>, report: TxnReport<Txn>, dest: &Dest, ip: IpAddr) {
+        let now = Instant::now();
+        let txn = &report.txn;
+        let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
+        let expired = now >= txn.first_seen + self.cfg.retry.max_age;
+        let mut deferred = Vec::new();
+        let mut delivered = false;
+        for i in 0..txn.rcpts.len() {
+            let (status, decider) = report.verdict(i);
+            let outcome = match status {
+                Status::Delivered => {
+                    delivered = true;
+                    Outcome::Delivered
+                }
+                Status::Bounced => Outcome::Bounced,
+                Status::Deferred if expired => Outcome::Expired,
+                Status::Deferred => {
+                    deferred.push(i);
+                    Outcome::Deferred
+                }
+            };
+            self.record(txn, i, outcome, decider.into(), Some(&dest.label), Some(ip), latency_ms);
+        }
+        if delivered {
+            self.recorder.borrow_mut().message_delivered();
+        }
+        if deferred.is_empty() {
+            return;
+        }
+        let TxnReport { mut txn, .. } = report;
+        if deferred.len() < txn.rcpts.len() {
+            txn.rcpts = deferred.into_iter().map(|i| txn.rcpts[i].clone()).collect();
+        }
+        self.schedule_retry(txn);
+    }
+
+    /// Defers (or expires) every recipient of a transaction for a local reason.
+    fn defer(self: &Rc<Self>, txn: Txn, reason: &str, dest: Option<&Dest>) {
+        let expired = Instant::now() >= txn.first_seen + self.cfg.retry.max_age;
+        let outcome = if expired { Outcome::Expired } else { Outcome::Deferred };
+        let said = || Said {
+            code: None,
+            enhanced: None,
+            text: reason,
+        };
+        for i in 0..txn.rcpts.len() {
+            self.record(&txn, i, outcome, said(), dest.map(|d| &*d.label), None, None);
+        }
+        if !expired {
+            self.schedule_retry(txn);
+        }
+    }
+
+    fn schedule_retry(&self, mut txn: Txn) {
+        let now = Instant::now();
+        let due = (now + self.cfg.retry.delay(txn.attempt)).min(txn.first_seen + self.cfg.retry.max_age);
+        txn.attempt += 1;
+        let seq = self.retry_seq.get();
+        self.retry_seq.set(seq + 1);
+        self.retries.borrow_mut().push(Due { at: due, seq, txn });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        txn: &Txn,
+        i: usize,
+        outcome: Outcome,
+        said: Said<'_>,
+        mx: Option<&str>,
+        ip: Option<IpAddr>,
+        latency_ms: Option<u64>,
+    ) {
+        let map = txn.file.file.bytes();
+        if outcome.is_final() {
+            self.held.set(self.held.get() - 1);
+        }
+        self.recorder.borrow_mut().record(&LogRecord {
+            ts: SystemTime::now(),
+            id: match &txn.id {
+                Some(s) => JobId::Given(s.get(map)),
+                None => JobId::Line(&txn.file.name, txn.line),
+            },
+            rcpt: Some(txn.rcpts[i].get(map)),
+            domain: Some(&txn.domain.name),
+            outcome,
+            code: said.code,
+            enhanced: said.enhanced,
+            reply: Some(said.text),
+            mx,
+            ip,
+            attempt: txn.attempt,
+            latency_ms,
+        });
+    }
+
+    fn flush(&self, reports: &Sender<Report>, unsent: &mut Option<OutcomeBatch>) {
+        let fresh = self.recorder.borrow_mut().take();
+        let batch = match (unsent.take(), fresh) {
+            (Some(mut old), Some(new)) => {
+                old.merge(new);
+                old
+            }
+            (Some(b), None) | (None, Some(b)) => b,
+            (None, None) => return,
+        };
+        if let Err(TrySendError::Full(Report::Outcomes(b))) = reports.try_send(Report::Outcomes(batch)) {
+            *unsent = Some(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_share;
+
+    #[test]
+    fn connection_shares_add_up() {
+        for cap in 1..50 {
+            for shards in 1..9 {
+                let total: usize = (0..shards).map(|i| connection_share(cap, shards, i)).sum();
+                assert_eq!(total, cap.max(shards), "cap {cap} shards {shards}");
+            }
+        }
+    }
+}

@@ -1,0 +1,665 @@
+//! `volley sink`: an SMTP server for load tests and content checks. One
+//! glommio executor per core accepts on the same port (SO_REUSEPORT). The
+//! protocol side is `ServerSession`, a sans-IO state machine that answers a
+//! whole pipelined group from one read; faults are injected on request.
+//! Message dumps (`--dump`) are written with blocking file I/O: the sink is a
+//! test tool, and dumping is for content checks, not for speed.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use crossbeam_utils::CachePadded;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::ExecutorJoinHandle;
+use glommio::net::{TcpListener, TcpStream};
+
+/// Longest command line accepted (RFC 5321 allows 512 plus extension parameters).
+const MAX_COMMAND_BYTES: usize = 4096;
+/// A data line longer than this is passed through in pieces.
+const MAX_DATA_LINE_BYTES: usize = 64 * 1024;
+/// Advertised and enforced message size limit.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Recipients accepted per transaction.
+const MAX_RCPTS: usize = 1000;
+/// A client silent this long is disconnected.
+const SESSION_IDLE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub hostname: String,
+    /// Probability that a RCPT gets 450.
+    pub defer_rate: f64,
+    /// Probability that a RCPT gets 550.
+    pub reject_rate: f64,
+    /// Probability that a MAIL makes the sink drop the connection without a reply.
+    pub disconnect_rate: f64,
+    /// Delay before each batch of replies.
+    pub latency: Duration,
+    pub dump: Option<PathBuf>,
+    pub seed: u64,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions {
+            listen: "127.0.0.1:2525".parse().expect("valid address"),
+            shards: 1,
+            hostname: "sink.volley.test".into(),
+            defer_rate: 0.0,
+            reject_rate: 0.0,
+            disconnect_rate: 0.0,
+            latency: Duration::ZERO,
+            dump: None,
+            seed: 1,
+        }
+    }
+}
+
+/// Totals over all shards.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SinkCounts {
+    pub sessions: u64,
+    pub messages: u64,
+    pub recipients: u64,
+    pub bytes: u64,
+}
+
+impl std::fmt::Display for SinkCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sessions {} messages {} recipients {} bytes {}",
+            self.sessions, self.messages, self.recipients, self.bytes
+        )
+    }
+}
+
+/// Counters of one shard, written by that shard only.
+#[derive(Default)]
+struct ShardStats {
+    sessions: AtomicU64,
+    messages: AtomicU64,
+    recipients: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ShardStats {
+    fn add(&self, c: &AtomicU64, n: u64) {
+        // Single writer: a load and a store, no read-modify-write across cores.
+        c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+}
+
+/// A running sink.
+pub struct Sink {
+    addr: SocketAddr,
+    stats: Arc<Vec<CachePadded<ShardStats>>>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<ExecutorJoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start(opts: SinkOptions) -> anyhow::Result<Sink> {
+        if let Some(dir) = &opts.dump {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create dump folder {}", dir.display()))?;
+        }
+        let shards = opts.shards.max(1);
+        let stats: Arc<Vec<CachePadded<ShardStats>>> = Arc::new((0..shards).map(|_| CachePadded::default()).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        let mut addr = opts.listen;
+        for index in 0..shards {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut o = opts.clone();
+            o.listen = addr;
+            let (stats, stop) = (stats.clone(), stop.clone());
+            handles.push(crate::runtime::spawn_pinned(
+                "volley-sink",
+                index,
+                move || async move {
+                    match TcpListener::bind(o.listen) {
+                        Ok(listener) => {
+                            let _ = tx.send(listener.local_addr().map_err(|e| e.to_string()));
+                            serve(listener, index, o, stats, stop).await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                    }
+                },
+            )?);
+            let bound = rx
+                .recv()
+                .context("sink executor ended before binding")?
+                .map_err(|e| anyhow::anyhow!("sink cannot listen on {addr}: {e}"))?;
+            // Every shard binds the port the first one got (the first may have asked for port 0).
+            addr = bound;
+        }
+        Ok(Sink {
+            addr,
+            stats,
+            stop,
+            handles,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn counts(&self) -> SinkCounts {
+        Sink::totals(&self.stats)
+    }
+
+    /// Stops accepting, closes every session, and returns the totals.
+    pub fn stop(self) -> SinkCounts {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            let _ = h.join();
+        }
+        let stats = self.stats;
+        Sink::totals(&stats)
+    }
+
+    fn totals(stats: &[CachePadded<ShardStats>]) -> SinkCounts {
+        let mut c = SinkCounts::default();
+        for s in stats {
+            c.sessions += s.sessions.load(Ordering::Relaxed);
+            c.messages += s.messages.load(Ordering::Relaxed);
+            c.recipients += s.recipients.load(Ordering::Relaxed);
+            c.bytes += s.bytes.load(Ordering::Relaxed);
+        }
+        c
+    }
+}
+
+struct Ctx {
+    index: usize,
+    opts: SinkOptions,
+    stats: Arc<Vec<CachePadded<ShardStats>>>,
+    stop: Arc<AtomicBool>,
+    active: std::cell::Cell<usize>,
+    next_conn: std::cell::Cell<u64>,
+}
+
+async fn serve(
+    listener: TcpListener,
+    index: usize,
+    opts: SinkOptions,
+    stats: Arc<Vec<CachePadded<ShardStats>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let ctx = Rc::new(Ctx {
+        index,
+        opts,
+        stats,
+        stop,
+        active: Default::default(),
+        next_conn: Default::default(),
+    });
+    while !ctx.stop.load(Ordering::Relaxed) {
+        match glommio::timer::timeout(Duration::from_millis(100), async { listener.accept().await }).await {
+            Ok(stream) => {
+                ctx.active.set(ctx.active.get() + 1);
+                let ctx2 = ctx.clone();
+                glommio::spawn_local(async move {
+                    session(stream, &ctx2).await;
+                    ctx2.active.set(ctx2.active.get() - 1);
+                })
+                .detach();
+            }
+            Err(glommio::GlommioError::TimedOut(_)) => {}
+            Err(e) => {
+                tracing::warn!("sink accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    while ctx.active.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn session(mut stream: TcpStream, ctx: &Ctx) {
+    let stats = &ctx.stats[ctx.index];
+    stats.add(&stats.sessions, 1);
+    let conn = ctx.next_conn.get();
+    ctx.next_conn.set(conn + 1);
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(250)));
+    let seed = ctx.opts.seed ^ ((ctx.index as u64) << 48) ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut s = ServerSession::new(&ctx.opts, seed, ctx.opts.dump.is_some());
+    let mut out = Vec::with_capacity(4096);
+    s.greeting(&mut out);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    out.clear();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut idle = Duration::ZERO;
+    let mut dumped = 0u64;
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                idle += Duration::from_millis(250);
+                if ctx.stop.load(Ordering::Relaxed) || idle >= SESSION_IDLE {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => break,
+        };
+        idle = Duration::ZERO;
+        let action = s.input(&buf[..n], &mut out);
+        for m in s.received.drain(..) {
+            stats.add(&stats.messages, 1);
+            stats.add(&stats.recipients, m.rcpts.len() as u64);
+            stats.add(&stats.bytes, m.bytes as u64);
+            if let Some(dir) = &ctx.opts.dump {
+                let path = dir.join(format!("{}-{conn}-{dumped}.eml", ctx.index));
+                dumped += 1;
+                if let Err(e) = dump(&path, &m) {
+                    tracing::warn!("cannot write {}: {e}", path.display());
+                }
+            }
+        }
+        if action == Action::Drop {
+            break;
+        }
+        if !out.is_empty() {
+            if !ctx.opts.latency.is_zero() {
+                glommio::timer::sleep(ctx.opts.latency).await;
+            }
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if action == Action::Close {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+fn dump(path: &std::path::Path, m: &Received) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "X-Mail-From: <{}>\r", m.from)?;
+    for r in &m.rcpts {
+        writeln!(f, "X-Rcpt-To: <{r}>\r")?;
+    }
+    f.write_all(&m.body)?;
+    f.flush()
+}
+
+/// What the driver does after writing the replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    /// Write the replies, then close (QUIT, or an error that ends the session).
+    Close,
+    /// Close at once without writing (injected fault).
+    Drop,
+}
+
+/// A message the sink accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub from: String,
+    pub rcpts: Vec<String>,
+    /// The unstuffed data with CRLF line ends (only kept when dumping).
+    pub body: Vec<u8>,
+    pub bytes: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Command,
+    Data,
+}
+
+/// The server side of one SMTP session, without I/O.
+pub struct ServerSession {
+    hostname: String,
+    defer_rate: f64,
+    reject_rate: f64,
+    disconnect_rate: f64,
+    rng: fastrand::Rng,
+    keep_body: bool,
+    state: State,
+    greeted: bool,
+    mail: Option<String>,
+    rcpts: Vec<String>,
+    buf: Vec<u8>,
+    body: Vec<u8>,
+    body_bytes: usize,
+    mid_line: bool,
+    queued: u64,
+    /// Messages completed by the last `input`.
+    pub received: Vec<Received>,
+}
+
+impl ServerSession {
+    pub fn new(opts: &SinkOptions, seed: u64, keep_body: bool) -> ServerSession {
+        ServerSession {
+            hostname: opts.hostname.clone(),
+            defer_rate: opts.defer_rate,
+            reject_rate: opts.reject_rate,
+            disconnect_rate: opts.disconnect_rate,
+            rng: fastrand::Rng::with_seed(seed),
+            keep_body,
+            state: State::Command,
+            greeted: false,
+            mail: None,
+            rcpts: Vec::new(),
+            buf: Vec::new(),
+            body: Vec::new(),
+            body_bytes: 0,
+            mid_line: false,
+            queued: 0,
+            received: Vec::new(),
+        }
+    }
+
+    pub fn greeting(&self, out: &mut Vec<u8>) {
+        let _ = write!(out, "220 {} ESMTP volley-sink\r\n", self.hostname);
+    }
+
+    /// Consumes client bytes, appending every reply they call for to `out`.
+    pub fn input(&mut self, data: &[u8], out: &mut Vec<u8>) -> Action {
+        self.buf.extend_from_slice(data);
+        let mut start = 0;
+        let mut action = Action::Continue;
+        while action == Action::Continue {
+            let rest = &self.buf[start..];
+            let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                match self.state {
+                    State::Command if rest.len() > MAX_COMMAND_BYTES => {
+                        out.extend_from_slice(b"500 5.5.6 Error: command line too long\r\n");
+                        action = Action::Close;
+                    }
+                    State::Data if rest.len() > MAX_DATA_LINE_BYTES => {
+                        let chunk = rest.to_vec();
+                        let unstuffed = if !self.mid_line && chunk[0] == b'.' {
+                            &chunk[1..]
+                        } else {
+                            &chunk[..]
+                        };
+                        self.data_bytes(unstuffed);
+                        self.mid_line = true;
+                        start = self.buf.len();
+                    }
+                    _ => {}
+                }
+                break;
+            };
+            let line = rest[..=nl].to_vec();
+            start += nl + 1;
+            action = match self.state {
+                State::Command => self.command(&line, out),
+                State::Data => {
+                    self.data_line(&line, out);
+                    Action::Continue
+                }
+            };
+        }
+        self.buf.drain(..start.min(self.buf.len()));
+        action
+    }
+
+    fn data_bytes(&mut self, bytes: &[u8]) {
+        self.body_bytes += bytes.len();
+        if self.keep_body && self.body.len() < MAX_MESSAGE_BYTES {
+            self.body.extend_from_slice(bytes);
+        }
+    }
+
+    fn data_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        if !self.mid_line && (line == b".\r\n" || line == b".\n") {
+            self.state = State::Command;
+            if self.body_bytes > MAX_MESSAGE_BYTES {
+                out.extend_from_slice(b"552 5.3.4 Error: message too large\r\n");
+            } else {
+                self.queued += 1;
+                let _ = write!(
+                    out,
+                    "250 2.0.0 Ok: queued as {:08X}{:08X}\r\n",
+                    self.rng.u32(..),
+                    self.queued
+                );
+                self.received.push(Received {
+                    from: self.mail.take().unwrap_or_default(),
+                    rcpts: std::mem::take(&mut self.rcpts),
+                    body: std::mem::take(&mut self.body),
+                    bytes: self.body_bytes,
+                });
+            }
+            self.reset();
+            return;
+        }
+        let unstuffed = if !self.mid_line && line.first() == Some(&b'.') {
+            &line[1..]
+        } else {
+            line
+        };
+        self.data_bytes(unstuffed);
+        self.mid_line = false;
+    }
+
+    fn reset(&mut self) {
+        self.mail = None;
+        self.rcpts.clear();
+        self.body.clear();
+        self.body_bytes = 0;
+        self.mid_line = false;
+    }
+
+    fn command(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Action {
+        let line = String::from_utf8_lossy(raw);
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+        let reply = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(s.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" if arg.trim().is_empty() => reply(out, "501 5.5.4 Syntax: EHLO hostname"),
+            "EHLO" => {
+                self.greeted = true;
+                self.reset();
+                let mut s = String::new();
+                let _ = write!(
+                    s,
+                    "250-{}\r\n250-PIPELINING\r\n250-SIZE {MAX_MESSAGE_BYTES}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
+                    self.hostname
+                );
+                reply(out, &s);
+            }
+            "HELO" if arg.trim().is_empty() => reply(out, "501 5.5.4 Syntax: HELO hostname"),
+            "HELO" => {
+                self.greeted = true;
+                self.reset();
+                reply(out, &format!("250 {}", self.hostname));
+            }
+            "MAIL" => {
+                let Some(path) = strip_prefix_ci(arg, "FROM:").and_then(angle_path) else {
+                    reply(out, "501 5.5.4 Syntax: MAIL FROM:<address>");
+                    return Action::Continue;
+                };
+                if !self.greeted {
+                    reply(out, "503 5.5.1 Error: send HELO/EHLO first");
+                } else if self.mail.is_some() {
+                    reply(out, "503 5.5.1 Error: nested MAIL command");
+                } else if self.disconnect_rate > 0.0 && self.rng.f64() < self.disconnect_rate {
+                    return Action::Drop;
+                } else if size_param(arg).is_some_and(|n| n > MAX_MESSAGE_BYTES) {
+                    reply(out, "552 5.3.4 Message size exceeds fixed limit");
+                } else {
+                    self.mail = Some(path.0.to_string());
+                    reply(out, "250 2.1.0 Ok");
+                }
+            }
+            "RCPT" => {
+                let Some((path, _)) = strip_prefix_ci(arg, "TO:").and_then(angle_path) else {
+                    reply(out, "501 5.5.4 Syntax: RCPT TO:<address>");
+                    return Action::Continue;
+                };
+                if self.mail.is_none() {
+                    reply(out, "503 5.5.1 Error: need MAIL command");
+                } else if self.rcpts.len() >= MAX_RCPTS {
+                    reply(out, "452 4.5.3 Error: too many recipients");
+                } else if self.reject_rate > 0.0 && self.rng.f64() < self.reject_rate {
+                    reply(
+                        out,
+                        &format!("550 5.1.1 <{path}>: Recipient address rejected: User unknown"),
+                    );
+                } else if self.defer_rate > 0.0 && self.rng.f64() < self.defer_rate {
+                    reply(
+                        out,
+                        &format!("450 4.2.1 <{path}>: Recipient address rejected: try again later"),
+                    );
+                } else {
+                    self.rcpts.push(path.to_string());
+                    reply(out, "250 2.1.5 Ok");
+                }
+            }
+            "DATA" if !arg.is_empty() => reply(out, "501 5.5.4 Syntax: DATA"),
+            "DATA" if self.mail.is_none() => reply(out, "503 5.5.1 Error: need MAIL command"),
+            "DATA" if self.rcpts.is_empty() => reply(out, "554 5.5.1 Error: no valid recipients"),
+            "DATA" => {
+                self.state = State::Data;
+                reply(out, "354 End data with <CR><LF>.<CR><LF>");
+            }
+            "RSET" => {
+                self.reset();
+                reply(out, "250 2.0.0 Ok");
+            }
+            "NOOP" => reply(out, "250 2.0.0 Ok"),
+            "VRFY" => reply(out, "252 2.0.0 Cannot VRFY user, but will accept message"),
+            "HELP" => reply(out, "214 2.0.0 volley-sink: see RFC 5321"),
+            "QUIT" => {
+                reply(out, "221 2.0.0 Bye");
+                return Action::Close;
+            }
+            _ => reply(out, "500 5.5.2 Error: command not recognized"),
+        }
+        Action::Continue
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// `<path> params` → (path, params).
+fn angle_path(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start().strip_prefix('<')?;
+    let end = s.find('>')?;
+    Some((&s[..end], s[end + 1..].trim()))
+}
+
+fn size_param(arg: &str) -> Option<usize> {
+    arg.split_ascii_whitespace()
+        .find_map(|p| strip_prefix_ci(p, "SIZE="))
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(s: &mut ServerSession, input: &str) -> String {
+        let mut out = Vec::new();
+        s.input(input.as_bytes(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn pipelined_group_answered_in_one_go() {
+        let mut s = ServerSession::new(&SinkOptions::default(), 1, true);
+        assert!(run(&mut s, "EHLO c.test\r\n").contains("250-PIPELINING\r\n"));
+        let got = run(
+            &mut s,
+            "MAIL FROM:<a@b.test> SIZE=10\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            got,
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
+        let got = run(&mut s, "Subject: x\r\n\r\n..dot\r\n.\r\nMAIL FROM:<> \r\n");
+        assert!(got.starts_with("250 2.0.0 Ok: queued as "), "{got}");
+        assert!(got.ends_with("250 2.1.0 Ok\r\n"), "{got}");
+        assert_eq!(s.received.len(), 1);
+        assert_eq!(s.received[0].rcpts, vec!["x@y.test", "z@y.test"]);
+        assert_eq!(s.received[0].body, b"Subject: x\r\n\r\n.dot\r\n");
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let mut s = ServerSession::new(&SinkOptions::default(), 1, false);
+        assert!(run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("503"));
+        run(&mut s, "HELO c\r\n");
+        assert!(run(&mut s, "RCPT TO:<a@b>\r\n").starts_with("503"));
+        assert!(run(&mut s, "DATA\r\n").starts_with("503"));
+        run(&mut s, "MAIL FROM:<a@b>\r\n");
+        assert!(run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("503 5.5.1 Error: nested"));
+        assert!(run(&mut s, "DATA\r\n").starts_with("554"));
+        assert!(run(&mut s, "RCPT TO:a@b\r\n").starts_with("501"));
+        assert!(run(&mut s, "BOGUS\r\n").starts_with("500"));
+        assert!(run(&mut s, "VRFY x\r\n").starts_with("252"));
+        assert!(run(&mut s, "NOOP\r\n").starts_with("250"));
+        let mut out = Vec::new();
+        assert_eq!(s.input(b"QUIT\r\n", &mut out), Action::Close);
+        assert_eq!(out, b"221 2.0.0 Bye\r\n");
+    }
+
+    #[test]
+    fn faults() {
+        let opts = SinkOptions {
+            reject_rate: 1.0,
+            ..Default::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        run(&mut s, "EHLO c\r\nMAIL FROM:<a@b>\r\n");
+        assert!(run(&mut s, "RCPT TO:<x@y>\r\n").starts_with("550 5.1.1"));
+        let opts = SinkOptions {
+            defer_rate: 1.0,
+            ..Default::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        run(&mut s, "EHLO c\r\nMAIL FROM:<a@b>\r\n");
+        assert!(run(&mut s, "RCPT TO:<x@y>\r\n").starts_with("450 4.2.1"));
+        let opts = SinkOptions {
+            disconnect_rate: 1.0,
+            ..Default::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        let mut out = Vec::new();
+        assert_eq!(s.input(b"EHLO c\r\nMAIL FROM:<a@b>\r\n", &mut out), Action::Drop);
+    }
+
+    #[test]
+    fn long_data_lines_pass_through() {
+        let mut s = ServerSession::new(&SinkOptions::default(), 1, true);
+        run(&mut s, "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n");
+        let long = format!(".{}", "x".repeat(MAX_DATA_LINE_BYTES + 10));
+        let mut out = Vec::new();
+        s.input(long.as_bytes(), &mut out);
+        s.input(b"\r\n.\r\n", &mut out);
+        assert_eq!(s.received.len(), 1);
+        // The leading dot of the long line is unstuffed even though the line arrives in pieces.
+        assert_eq!(s.received[0].bytes, long.len() - 1 + 2);
+    }
+}

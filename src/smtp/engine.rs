@@ -1,0 +1,510 @@
+//! The SMTP client session as a pure state machine (sans-IO): it is fed reply
+//! bytes, hands out bytes to write, and returns each transaction with its
+//! replies. No sockets, clocks or runtime here; the driver owns those.
+//!
+//! With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out as one group,
+//! and the next transaction's group follows the message body and its final dot
+//! in the same write, so a message costs one round trip. Without it, each
+//! command waits for its reply (lock-step).
+
+use std::collections::VecDeque;
+use std::io::Write;
+
+use super::caps::Capabilities;
+use super::reply::{Reply, ReplyParser};
+
+/// What the engine needs to know of a transaction; the shard's type implements it.
+pub trait Envelope {
+    /// The reverse-path without angle brackets; empty for the null path `<>`.
+    fn reverse_path(&self) -> &str;
+    fn recipient_count(&self) -> usize;
+    fn recipient(&self, i: usize) -> &str;
+    /// The message as it goes on the wire: CRLF line ends, dot-stuffed, ending in `.\r\n`.
+    fn wire_body(&self) -> &[u8];
+    /// True when the message has bytes above 127 (sent with `BODY=8BITMIME` where offered).
+    fn eight_bit(&self) -> bool;
+}
+
+/// What the session is waiting for; the driver maps it to an RFC 5321 §4.5.3.2 timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Greeting,
+    Ehlo,
+    Mail,
+    Rcpt,
+    DataInit,
+    DataTerm,
+    Rset,
+    Quit,
+}
+
+/// The fate of one recipient in one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Delivered,
+    Bounced,
+    Deferred,
+}
+
+/// What decided a recipient's status: a server reply, or a local failure
+/// (connection lost, timeout, protocol error) with its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decider<'a> {
+    Reply(&'a Reply),
+    Failure(&'a str),
+}
+
+/// A finished transaction with every reply it got.
+#[derive(Debug)]
+pub struct TxnReport<T> {
+    pub txn: T,
+    pub mail: Option<Reply>,
+    pub rcpts: Vec<Option<Reply>>,
+    pub data: Option<Reply>,
+    pub dot: Option<Reply>,
+    /// Set when the transaction ended before all its replies came.
+    pub failure: Option<String>,
+}
+
+impl<T> TxnReport<T> {
+    /// The status of recipient `i` and what decided it.
+    pub fn verdict(&self, i: usize) -> (Status, Decider<'_>) {
+        fn by_reply(r: &Reply) -> (Status, Decider<'_>) {
+            let status = if r.is_permanent() {
+                Status::Bounced
+            } else {
+                Status::Deferred
+            };
+            (status, Decider::Reply(r))
+        }
+        let failure = || {
+            (
+                Status::Deferred,
+                Decider::Failure(self.failure.as_deref().unwrap_or("no reply")),
+            )
+        };
+        match &self.mail {
+            None => return failure(),
+            Some(r) if !r.is_positive() => return by_reply(r),
+            Some(_) => {}
+        }
+        match self.rcpts.get(i).and_then(Option::as_ref) {
+            None => return failure(),
+            Some(r) if !r.is_positive() => return by_reply(r),
+            Some(_) => {}
+        }
+        match &self.data {
+            None => return failure(),
+            Some(r) if r.code != 354 => return by_reply(r),
+            Some(_) => {}
+        }
+        match &self.dot {
+            None => failure(),
+            Some(r) if r.is_positive() => (Status::Delivered, Decider::Reply(r)),
+            Some(r) => by_reply(r),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.rcpts.iter().flatten().filter(|r| r.is_positive()).count()
+    }
+}
+
+#[derive(Debug)]
+pub enum Event<T> {
+    /// EHLO (or HELO) succeeded; transactions may be submitted.
+    Ready,
+    /// A transaction finished, well or not.
+    Done(TxnReport<T>),
+    /// A submitted transaction that never went on the wire (the session ended first).
+    Unsent(T),
+    /// The session could not be set up (greeting or EHLO/HELO refused, or lost before it was ready).
+    Failed { reason: String, reply: Option<Reply> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Greeting,
+    Ehlo,
+    Helo,
+    Ready,
+    Quitting,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    Mail(u64),
+    Rcpt(u64, usize),
+    Data(u64),
+    Dot(u64),
+    Rset,
+    Quit,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    Envelope,
+    Body,
+}
+
+struct Flight<T> {
+    seq: u64,
+    stage: Stage,
+    report: TxnReport<T>,
+}
+
+fn push_command(out: &mut Vec<u8>, expects: &mut VecDeque<Expect>, cmd: std::fmt::Arguments<'_>, expect: Expect) {
+    out.write_fmt(cmd).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(b"\r\n");
+    expects.push_back(expect);
+}
+
+/// At most one transaction awaiting its envelope replies and one awaiting its final dot.
+const MAX_FLIGHTS: usize = 2;
+
+pub struct Session<T> {
+    ehlo_name: String,
+    phase: Phase,
+    caps: Capabilities,
+    parser: ReplyParser,
+    replies: VecDeque<Reply>,
+    expects: VecDeque<Expect>,
+    out: Vec<u8>,
+    flights: VecDeque<Flight<T>>,
+    waiting: Option<T>,
+    events: VecDeque<Event<T>>,
+    next_seq: u64,
+    quit_requested: bool,
+}
+
+impl<T: Envelope> Session<T> {
+    pub fn new(ehlo_name: &str) -> Self {
+        Session {
+            ehlo_name: ehlo_name.to_string(),
+            phase: Phase::Greeting,
+            caps: Capabilities::default(),
+            parser: ReplyParser::new(),
+            replies: VecDeque::new(),
+            expects: VecDeque::from([Expect::Greeting]),
+            out: Vec::with_capacity(4096),
+            flights: VecDeque::new(),
+            waiting: None,
+            events: VecDeque::new(),
+            next_seq: 0,
+            quit_requested: false,
+        }
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+    /// Nothing submitted, nothing in flight, no reply awaited.
+    pub fn is_idle(&self) -> bool {
+        self.flights.is_empty() && self.waiting.is_none() && self.expects.is_empty()
+    }
+    /// True when a transaction handed in now would go out without delay.
+    pub fn wants_txn(&self) -> bool {
+        self.phase == Phase::Ready && !self.quit_requested && self.waiting.is_none() && self.flights.len() < MAX_FLIGHTS
+    }
+    /// Which reply the session waits for, if any.
+    pub fn waiting_for(&self) -> Option<Wait> {
+        self.expects.front().map(|e| match e {
+            Expect::Greeting => Wait::Greeting,
+            Expect::Ehlo | Expect::Helo => Wait::Ehlo,
+            Expect::Mail(_) => Wait::Mail,
+            Expect::Rcpt(..) => Wait::Rcpt,
+            Expect::Data(_) => Wait::DataInit,
+            Expect::Dot(_) => Wait::DataTerm,
+            Expect::Rset => Wait::Rset,
+            Expect::Quit => Wait::Quit,
+        })
+    }
+
+    /// Bytes to write to the server.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+    pub fn consume_output(&mut self, n: usize) {
+        self.out.drain(..n);
+    }
+    pub fn poll_event(&mut self) -> Option<Event<T>> {
+        self.events.pop_front()
+    }
+
+    /// Hands in a transaction; call only when `wants_txn()`.
+    pub fn submit(&mut self, txn: T) {
+        assert!(self.wants_txn(), "submit while the session cannot take a transaction");
+        debug_assert!(txn.recipient_count() > 0);
+        self.waiting = Some(txn);
+        self.pump();
+    }
+
+    /// Sends QUIT as soon as nothing is in flight.
+    pub fn quit(&mut self) {
+        self.quit_requested = true;
+        self.maybe_quit();
+    }
+
+    /// Feeds bytes read from the server.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let parsed = self.parser.feed(data, &mut self.replies);
+        while let Some(reply) = self.replies.pop_front() {
+            self.on_reply(reply);
+            if self.phase == Phase::Closed {
+                self.replies.clear();
+                return;
+            }
+        }
+        if let Err(e) = parsed {
+            self.connection_lost(&format!("protocol error: {e}"));
+        }
+    }
+
+    /// The connection broke, timed out or was closed: everything in flight fails with `reason`.
+    pub fn connection_lost(&mut self, reason: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if matches!(self.phase, Phase::Greeting | Phase::Ehlo | Phase::Helo) {
+            self.events.push_back(Event::Failed {
+                reason: reason.to_string(),
+                reply: None,
+            });
+        }
+        while let Some(mut flight) = self.flights.pop_front() {
+            flight.report.failure = Some(reason.to_string());
+            self.events.push_back(Event::Done(flight.report));
+        }
+        if let Some(txn) = self.waiting.take() {
+            self.events.push_back(Event::Unsent(txn));
+        }
+        self.expects.clear();
+        self.out.clear();
+        self.phase = Phase::Closed;
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        let Some(expect) = self.expects.pop_front() else {
+            return self.connection_lost(&format!("unexpected reply from server: {reply}"));
+        };
+        let closing = reply.code == 421;
+        let summary = if closing { Some(reply.to_string()) } else { None };
+        match expect {
+            Expect::Greeting if reply.code == 220 => {
+                push_command(
+                    &mut self.out,
+                    &mut self.expects,
+                    format_args!("EHLO {}", self.ehlo_name),
+                    Expect::Ehlo,
+                );
+                self.phase = Phase::Ehlo;
+            }
+            Expect::Greeting => return self.setup_failed("greeting", reply),
+            Expect::Ehlo if reply.is_positive() => {
+                self.caps = Capabilities::from_ehlo(&reply);
+                self.ready();
+            }
+            Expect::Ehlo if reply.is_permanent() => {
+                push_command(
+                    &mut self.out,
+                    &mut self.expects,
+                    format_args!("HELO {}", self.ehlo_name),
+                    Expect::Helo,
+                );
+                self.phase = Phase::Helo;
+            }
+            Expect::Ehlo => return self.setup_failed("EHLO", reply),
+            Expect::Helo if reply.is_positive() => {
+                self.caps = Capabilities::default();
+                self.ready();
+            }
+            Expect::Helo => return self.setup_failed("HELO", reply),
+            Expect::Mail(seq) => {
+                let ok = reply.is_positive();
+                let flight = self.flight(seq);
+                flight.report.mail = Some(reply);
+                if !self.caps.pipelining {
+                    if ok {
+                        let rcpt = format!("RCPT TO:<{}>", self.flight(seq).report.txn.recipient(0));
+                        push_command(
+                            &mut self.out,
+                            &mut self.expects,
+                            format_args!("{rcpt}"),
+                            Expect::Rcpt(seq, 0),
+                        );
+                    } else {
+                        self.finish(seq);
+                    }
+                }
+            }
+            Expect::Rcpt(seq, i) => {
+                let flight = self.flight(seq);
+                flight.report.rcpts[i] = Some(reply);
+                if !self.caps.pipelining {
+                    let flight = self.flight(seq);
+                    let n = flight.report.txn.recipient_count();
+                    if i + 1 < n {
+                        let rcpt = format!("RCPT TO:<{}>", flight.report.txn.recipient(i + 1));
+                        push_command(
+                            &mut self.out,
+                            &mut self.expects,
+                            format_args!("{rcpt}"),
+                            Expect::Rcpt(seq, i + 1),
+                        );
+                    } else if flight.report.accepted() > 0 {
+                        push_command(
+                            &mut self.out,
+                            &mut self.expects,
+                            format_args!("DATA"),
+                            Expect::Data(seq),
+                        );
+                    } else {
+                        self.finish(seq);
+                        push_command(&mut self.out, &mut self.expects, format_args!("RSET"), Expect::Rset);
+                    }
+                }
+            }
+            Expect::Data(seq) if reply.code == 354 => {
+                let flight = self.flight(seq);
+                let send_body =
+                    flight.report.mail.as_ref().is_some_and(Reply::is_positive) && flight.report.accepted() > 0;
+                flight.report.data = Some(reply);
+                flight.stage = Stage::Body;
+                let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
+                if send_body {
+                    self.out.extend_from_slice(self.flights[idx].report.txn.wire_body());
+                } else {
+                    // The server invited data it cannot deliver to anyone: end it empty.
+                    self.out.extend_from_slice(b".\r\n");
+                }
+                self.expects.push_back(Expect::Dot(seq));
+            }
+            Expect::Data(seq) => {
+                let flight = self.flight(seq);
+                let mail_ok = flight.report.mail.as_ref().is_some_and(Reply::is_positive);
+                flight.report.data = Some(reply);
+                self.finish(seq);
+                if mail_ok && !closing {
+                    push_command(&mut self.out, &mut self.expects, format_args!("RSET"), Expect::Rset);
+                }
+            }
+            Expect::Dot(seq) => {
+                self.flight(seq).report.dot = Some(reply);
+                self.finish(seq);
+            }
+            Expect::Rset => {}
+            Expect::Quit => {
+                self.phase = Phase::Closed;
+                return;
+            }
+        }
+        if let Some(summary) = summary {
+            return self.connection_lost(&format!("server closed the connection: {summary}"));
+        }
+        self.pump();
+        self.maybe_quit();
+    }
+
+    fn ready(&mut self) {
+        self.phase = Phase::Ready;
+        self.events.push_back(Event::Ready);
+    }
+
+    fn setup_failed(&mut self, stage: &str, reply: Reply) {
+        let reason = format!("{stage} refused: {reply}");
+        self.events.push_back(Event::Failed {
+            reason,
+            reply: Some(reply.clone()),
+        });
+        if reply.code == 421 {
+            self.expects.clear();
+            self.phase = Phase::Closed;
+        } else {
+            // RFC 5321 §3.1: after a 554 greeting the client should still say QUIT.
+            self.expects.clear();
+            push_command(&mut self.out, &mut self.expects, format_args!("QUIT"), Expect::Quit);
+            self.phase = Phase::Quitting;
+        }
+    }
+
+    fn flight(&mut self, seq: u64) -> &mut Flight<T> {
+        self.flights
+            .iter_mut()
+            .find(|f| f.seq == seq)
+            .expect("a reply is matched to a transaction in flight")
+    }
+
+    fn finish(&mut self, seq: u64) {
+        let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
+        let flight = self.flights.remove(idx).expect("flight exists");
+        self.events.push_back(Event::Done(flight.report));
+    }
+
+    /// Starts the waiting transaction when the protocol allows it.
+    fn pump(&mut self) {
+        if self.phase != Phase::Ready || self.waiting.is_none() {
+            return;
+        }
+        let can_start = if self.caps.pipelining {
+            self.flights.iter().all(|f| f.stage == Stage::Body)
+        } else {
+            self.flights.is_empty() && self.expects.is_empty()
+        };
+        if !can_start {
+            return;
+        }
+        let txn = self.waiting.take().expect("checked above");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let n = txn.recipient_count();
+        write!(self.out, "MAIL FROM:<{}>", txn.reverse_path()).expect("Vec write");
+        if self.caps.size.is_some() {
+            write!(self.out, " SIZE={}", txn.wire_body().len()).expect("Vec write");
+        }
+        if txn.eight_bit() && self.caps.eight_bit_mime {
+            self.out.extend_from_slice(b" BODY=8BITMIME");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.expects.push_back(Expect::Mail(seq));
+        if self.caps.pipelining {
+            for i in 0..n {
+                write!(self.out, "RCPT TO:<{}>\r\n", txn.recipient(i)).expect("Vec write");
+                self.expects.push_back(Expect::Rcpt(seq, i));
+            }
+            self.out.extend_from_slice(b"DATA\r\n");
+            self.expects.push_back(Expect::Data(seq));
+        }
+        self.flights.push_back(Flight {
+            seq,
+            stage: Stage::Envelope,
+            report: TxnReport {
+                txn,
+                mail: None,
+                rcpts: vec![None; n],
+                data: None,
+                dot: None,
+                failure: None,
+            },
+        });
+    }
+
+    fn maybe_quit(&mut self) {
+        if self.quit_requested && self.phase == Phase::Ready && self.is_idle() {
+            push_command(&mut self.out, &mut self.expects, format_args!("QUIT"), Expect::Quit);
+            self.phase = Phase::Quitting;
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! SMTP: reply parsing, capabilities and the client session engine (no I/O),
+//! and message preparation for the wire.
+
+pub mod caps;
+pub mod engine;
+pub mod reply;
+pub mod wire;
+
+pub use caps::Capabilities;
+pub use engine::{Decider, Envelope, Event, Session, Status, TxnReport, Wait};
+pub use reply::{Enhanced, Reply, ReplyError, ReplyParser};
+pub use wire::WireMessage;

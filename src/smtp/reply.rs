@@ -1,0 +1,297 @@
+//! Incremental SMTP reply parsing (RFC 5321 §4.2) with RFC 3463 enhanced codes.
+//! Owns only its partial-line buffer; it never blocks and never grows past
+//! `MAX_LINE_BYTES` per line or `MAX_LINES` per reply, whatever a server sends.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+/// Longest reply line accepted, CRLF included (RFC 5321 allows 512; servers send more).
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Most lines accepted in one multi-line reply.
+pub const MAX_LINES: usize = 128;
+/// Most bytes of reply text kept (the rest of a long multi-line reply is dropped).
+pub const MAX_TEXT_BYTES: usize = 8192;
+
+/// An RFC 3463 enhanced status code such as `5.1.1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Enhanced {
+    pub class: u8,
+    pub subject: u16,
+    pub detail: u16,
+}
+
+impl fmt::Display for Enhanced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+impl Enhanced {
+    /// Parses a leading `X.Y.Z` (followed by a space or the end) of reply text.
+    pub fn parse_prefix(text: &str) -> Option<Enhanced> {
+        let word = text.split(' ').next()?;
+        let mut parts = word.split('.');
+        let class = parts.next()?;
+        let subject = parts.next()?;
+        let detail = parts.next()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        let digits = |s: &str, max: usize| !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
+        let class_ok = class.len() == 1 && matches!(class.as_bytes()[0], b'2' | b'4' | b'5');
+        if !(class_ok && digits(subject, 3) && digits(detail, 3)) {
+            return None;
+        }
+        Some(Enhanced {
+            class: class.as_bytes()[0] - b'0',
+            subject: subject.parse().ok()?,
+            detail: detail.parse().ok()?,
+        })
+    }
+}
+
+/// One complete reply: its code, its enhanced code (taken from the first line
+/// when its class matches the code's), and the text of every line joined by `\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: Option<Enhanced>,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: &str) -> Reply {
+        let enhanced = Enhanced::parse_prefix(text).filter(|e| u16::from(e.class) == code / 100);
+        Reply {
+            code,
+            enhanced,
+            text: text.to_string(),
+        }
+    }
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+    pub fn is_intermediate(&self) -> bool {
+        (300..400).contains(&self.code)
+    }
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+    pub fn is_permanent(&self) -> bool {
+        (500..600).contains(&self.code)
+    }
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.text.split('\n')
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        for (i, line) in self.lines().enumerate() {
+            let sep = if i == 0 { " " } else { " / " };
+            write!(f, "{sep}{line}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("reply line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
+    #[error("reply of more than {MAX_LINES} lines")]
+    TooManyLines,
+    #[error("malformed reply line {0:?}")]
+    Malformed(String),
+    #[error("reply code changed within a multi-line reply ({0} then {1})")]
+    CodeMismatch(u16, u16),
+}
+
+/// Feeds on bytes as they arrive and yields complete replies.
+#[derive(Debug, Default)]
+pub struct ReplyParser {
+    partial: Vec<u8>,
+    current: Option<Reply>,
+    lines: usize,
+}
+
+impl ReplyParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True when no partial line or reply is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.partial.is_empty() && self.current.is_none()
+    }
+
+    /// Parses `input`, appending every reply it completes to `replies`.
+    /// After an error the parser must not be fed again (the connection is unusable).
+    pub fn feed(&mut self, mut input: &[u8], replies: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
+        while !input.is_empty() {
+            match input.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    let (chunk, rest) = input.split_at(pos + 1);
+                    input = rest;
+                    if self.partial.is_empty() {
+                        self.line(chunk, replies)?;
+                    } else {
+                        if self.partial.len() + chunk.len() > MAX_LINE_BYTES {
+                            return Err(ReplyError::LineTooLong);
+                        }
+                        let mut line = std::mem::take(&mut self.partial);
+                        line.extend_from_slice(chunk);
+                        self.line(&line, replies)?;
+                        line.clear();
+                        self.partial = line;
+                    }
+                }
+                None => {
+                    if self.partial.len() + input.len() > MAX_LINE_BYTES {
+                        return Err(ReplyError::LineTooLong);
+                    }
+                    self.partial.extend_from_slice(input);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, raw: &[u8], replies: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(ReplyError::LineTooLong);
+        }
+        let line = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let malformed = || ReplyError::Malformed(String::from_utf8_lossy(line).into_owned());
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&line[0]) {
+            return Err(malformed());
+        }
+        let code = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+        let (last, text) = match line.get(3) {
+            None => (true, &[][..]),
+            Some(b' ') => (true, &line[4..]),
+            Some(b'-') => (false, &line[4..]),
+            Some(_) => return Err(malformed()),
+        };
+        let text = String::from_utf8_lossy(text);
+        self.lines += 1;
+        if self.lines > MAX_LINES {
+            return Err(ReplyError::TooManyLines);
+        }
+        match &mut self.current {
+            None => self.current = Some(Reply::new(code, &text)),
+            Some(reply) => {
+                if reply.code != code {
+                    return Err(ReplyError::CodeMismatch(reply.code, code));
+                }
+                if reply.text.len() + text.len() < MAX_TEXT_BYTES {
+                    reply.text.push('\n');
+                    reply.text.push_str(&text);
+                }
+            }
+        }
+        if last {
+            self.lines = 0;
+            replies.push_back(self.current.take().expect("a reply is being built"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> Result<Vec<Reply>, ReplyError> {
+        let mut p = ReplyParser::new();
+        let mut out = VecDeque::new();
+        for c in chunks {
+            p.feed(c, &mut out)?;
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    #[test]
+    fn table() {
+        // (wire text, expected (code, enhanced, text) of each reply)
+        type Expected<'a> = &'a [(u16, Option<&'a str>, &'a str)];
+        let cases: &[(&[u8], Expected)] = &[
+            (b"220 mx.test ESMTP\r\n", &[(220, None, "mx.test ESMTP")]),
+            (b"250 2.1.0 Ok\r\n", &[(250, Some("2.1.0"), "2.1.0 Ok")]),
+            (
+                b"550 5.1.1 <a@b>: User unknown\r\n",
+                &[(550, Some("5.1.1"), "5.1.1 <a@b>: User unknown")],
+            ),
+            (
+                b"250-mx.test\r\n250-PIPELINING\r\n250 \r\n",
+                &[(250, None, "mx.test\nPIPELINING\n")],
+            ),
+            (b"250\r\n", &[(250, None, "")]),
+            (b"250 ok\n", &[(250, None, "ok")]),
+            (b"451 2.0.0 class mismatch\r\n", &[(451, None, "2.0.0 class mismatch")]),
+            (b"250 1.2.3 not enhanced\r\n", &[(250, None, "1.2.3 not enhanced")]),
+            (
+                b"250 Ok\r\n250 Ok\r\n354 go\r\n",
+                &[(250, None, "Ok"), (250, None, "Ok"), (354, None, "go")],
+            ),
+        ];
+        for (wire, want) in cases {
+            let got = parse_all(&[wire]).unwrap();
+            let got: Vec<_> = got
+                .iter()
+                .map(|r| (r.code, r.enhanced.map(|e| e.to_string()), r.text.clone()))
+                .collect();
+            let want: Vec<_> = want
+                .iter()
+                .map(|(c, e, t)| (*c, e.map(str::to_string), t.to_string()))
+                .collect();
+            assert_eq!(got, want, "wire {:?}", String::from_utf8_lossy(wire));
+        }
+    }
+
+    #[test]
+    fn split_anywhere() {
+        let wire = b"250-first\r\n250-second\r\n250 2.0.0 last\r\n";
+        for cut in 0..wire.len() {
+            let got = parse_all(&[&wire[..cut], &wire[cut..]]).unwrap();
+            assert_eq!(got.len(), 1, "cut at {cut}");
+            assert_eq!(got[0].text, "first\nsecond\n2.0.0 last");
+        }
+        let mut p = ReplyParser::new();
+        let mut out = VecDeque::new();
+        for b in wire.iter() {
+            p.feed(std::slice::from_ref(b), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn malformed_and_hostile() {
+        assert!(matches!(parse_all(&[b"hello\r\n"]), Err(ReplyError::Malformed(_))));
+        assert!(matches!(parse_all(&[b"25\r\n"]), Err(ReplyError::Malformed(_))));
+        assert!(matches!(parse_all(&[b"250x\r\n"]), Err(ReplyError::Malformed(_))));
+        assert!(matches!(parse_all(&[b"650 no\r\n"]), Err(ReplyError::Malformed(_))));
+        assert_eq!(
+            parse_all(&[b"250-a\r\n251 b\r\n"]),
+            Err(ReplyError::CodeMismatch(250, 251))
+        );
+        let long = vec![b'a'; MAX_LINE_BYTES + 1];
+        assert_eq!(parse_all(&[b"250 ", &long]), Err(ReplyError::LineTooLong));
+        let mut endless = Vec::new();
+        for _ in 0..=MAX_LINES {
+            endless.extend_from_slice(b"250-more\r\n");
+        }
+        assert_eq!(parse_all(&[&endless]), Err(ReplyError::TooManyLines));
+    }
+
+    #[test]
+    fn display_joins_lines() {
+        let r = parse_all(&[b"550-5.7.1 first\r\n550 5.7.1 second\r\n"]).unwrap();
+        assert_eq!(r[0].to_string(), "550 5.7.1 first / 5.7.1 second");
+        assert_eq!(r[0].enhanced.unwrap().to_string(), "5.7.1");
+    }
+}

@@ -1,0 +1,87 @@
+//! Message data for the DATA command: every line end made CRLF (a bare LF or
+//! a lone CR becomes CRLF), lines starting with `.` dot-stuffed (RFC 5321
+//! §4.5.2), and the final `.` line appended. Done once per message file per shard.
+
+/// A message ready for the wire, and what was learnt while preparing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireMessage {
+    /// CRLF line ends, dot-stuffed, ending with `.\r\n`.
+    pub bytes: Vec<u8>,
+    /// Some byte is above 127.
+    pub eight_bit: bool,
+    /// Longest line in octets, CRLF excluded (RFC 5321 §4.5.3.1.6 allows 998).
+    pub longest_line: usize,
+}
+
+impl WireMessage {
+    pub fn prepare(src: &[u8]) -> WireMessage {
+        let mut bytes = Vec::with_capacity(src.len() + src.len() / 32 + 8);
+        let mut eight_bit = false;
+        let mut longest_line = 0;
+        let mut rest = src;
+        while !rest.is_empty() {
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+                .unwrap_or(rest.len());
+            let line = &rest[..end];
+            if line.first() == Some(&b'.') {
+                bytes.push(b'.');
+            }
+            bytes.extend_from_slice(line);
+            bytes.extend_from_slice(b"\r\n");
+            eight_bit |= !line.is_ascii();
+            longest_line = longest_line.max(line.len());
+            rest = &rest[end..];
+            rest = match rest {
+                [b'\r', b'\n', tail @ ..] | [b'\r', tail @ ..] | [b'\n', tail @ ..] => tail,
+                _ => rest,
+            };
+        }
+        bytes.extend_from_slice(b".\r\n");
+        WireMessage {
+            bytes,
+            eight_bit,
+            longest_line,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b".\r\n"),
+            (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+            (b"a\nb\n", b"a\r\nb\r\n.\r\n"),
+            (b"a\nb", b"a\r\nb\r\n.\r\n"),
+            (b"a\rb\r\n", b"a\r\nb\r\n.\r\n"),
+            (b".\r\n", b"..\r\n.\r\n"),
+            (b"x\n.hidden\n..two\n", b"x\r\n..hidden\r\n...two\r\n.\r\n"),
+            (b"x\r\n.\r\ny\r\n", b"x\r\n..\r\ny\r\n.\r\n"),
+            (b"\n\n", b"\r\n\r\n.\r\n"),
+            (b"a.b\n", b"a.b\r\n.\r\n"),
+        ];
+        for (src, want) in cases {
+            let got = WireMessage::prepare(src);
+            assert_eq!(
+                String::from_utf8_lossy(&got.bytes),
+                String::from_utf8_lossy(want),
+                "source {:?}",
+                String::from_utf8_lossy(src)
+            );
+        }
+    }
+
+    #[test]
+    fn facts() {
+        let m = WireMessage::prepare("h\nsome caf\u{e9}\n".as_bytes());
+        assert!(m.eight_bit);
+        assert_eq!(m.longest_line, 10);
+        let m = WireMessage::prepare(b"plain\n");
+        assert!(!m.eight_bit);
+    }
+}

@@ -1,0 +1,286 @@
+//! Spool v1: memory-mapped JSON Lines job files and the message files they
+//! name. Jobs are parsed borrowing from the map (a string is copied only when
+//! JSON escapes had to be decoded) and refer to it by offsets, so a job can
+//! cross to a shard without copying its addresses. Validation lives here too:
+//! no address that could break the SMTP command line ever leaves this module.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+/// A read-only mapped file (spool or message). Empty files have no map.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> io::Result<MappedFile> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        // Safety: spool and message files are immutable once visible (the
+        // producer contract in the README); volley never writes through the map.
+        let map = if meta.len() == 0 {
+            None
+        } else {
+            Some(unsafe { Mmap::map(&file)? })
+        };
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// A string of a job: a place in the spool file's map, or owned when it held JSON escapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Span {
+    Map { off: usize, len: usize },
+    Owned(Box<str>),
+}
+
+impl Span {
+    fn from_cow(base: &[u8], s: Cow<'_, str>) -> Span {
+        match s {
+            Cow::Borrowed(b) => {
+                let off = b.as_ptr() as usize - base.as_ptr() as usize;
+                debug_assert!(off + b.len() <= base.len());
+                Span::Map { off, len: b.len() }
+            }
+            Cow::Owned(o) => Span::Owned(o.into_boxed_str()),
+        }
+    }
+
+    /// The string, given the map of the spool file it came from.
+    pub fn get<'a>(&'a self, map: &'a [u8]) -> &'a str {
+        match self {
+            // Every Map span was cut from a `&str` that serde_json checked, on char boundaries.
+            Span::Map { off, len } => {
+                std::str::from_utf8(&map[*off..*off + *len]).expect("span lies on UTF-8 the parser checked")
+            }
+            Span::Owned(s) => s,
+        }
+    }
+}
+
+/// Where a job's message is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobBody {
+    /// A path relative to the spool file's folder.
+    File(Span),
+    /// The message itself.
+    Inline(Span),
+}
+
+/// One parsed job line; its strings are spans into the spool map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: Option<Span>,
+    pub from: Span,
+    pub to: Vec<Span>,
+    pub body: JobBody,
+}
+
+/// A string that borrows from the input unless it holds escapes (serde's
+/// `borrow` on a `Cow` field does not reach into a `Vec`, so wrap it).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
+
+#[derive(Deserialize)]
+struct RawJob<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    from: Cow<'a, str>,
+    #[serde(borrow)]
+    to: Vec<BorrowedStr<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<Cow<'a, str>>,
+}
+
+/// Parses one line (without its newline) lying inside `map`. The error is
+/// the reason, for the caller to prefix with file and line.
+pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+    let raw: RawJob<'_> = serde_json::from_str(text).map_err(|e| format!("not a valid job: {e}"))?;
+    if raw.to.is_empty() {
+        return Err("\"to\" is empty".into());
+    }
+    if !raw.from.is_empty() {
+        validate_address(&raw.from).map_err(|why| format!("bad \"from\" address {:?}: {why}", raw.from))?;
+    }
+    let body = match (raw.message, raw.data) {
+        (Some(m), None) => JobBody::File(Span::from_cow(map, m)),
+        (None, Some(d)) => JobBody::Inline(Span::from_cow(map, d)),
+        (Some(_), Some(_)) => return Err("has both \"message\" and \"data\"; give one".into()),
+        (None, None) => return Err("has neither \"message\" nor \"data\"".into()),
+    };
+    Ok(Job {
+        id: raw.id.map(|s| Span::from_cow(map, s)),
+        from: Span::from_cow(map, raw.from),
+        to: raw.to.into_iter().map(|s| Span::from_cow(map, s.0)).collect(),
+        body,
+    })
+}
+
+/// Checks that an address can be written inside `<...>` on an SMTP command line.
+pub fn validate_address(addr: &str) -> Result<(), &'static str> {
+    if addr.len() > 254 {
+        return Err("longer than 254 octets");
+    }
+    for b in addr.bytes() {
+        match b {
+            b'\r' | b'\n' => return Err("contains CR or LF"),
+            b'<' | b'>' => return Err("contains < or >"),
+            b' ' => return Err("contains a space"),
+            0..=0x1f | 0x7f => return Err("contains a control character"),
+            0x80.. => return Err("contains 8-bit characters (SMTPUTF8 is not supported)"),
+            _ => {}
+        }
+    }
+    let Some(at) = addr.rfind('@') else {
+        return Err("has no @");
+    };
+    if at == 0 {
+        return Err("has an empty local part");
+    }
+    let domain = &addr[at + 1..];
+    if domain.is_empty() {
+        return Err("has an empty domain");
+    }
+    if domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+        return Err("has a malformed domain");
+    }
+    Ok(())
+}
+
+/// The domain of a validated address (after the last `@`).
+pub fn domain_of(addr: &str) -> &str {
+    addr.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// Resolves a job's `message` path against the spool file's folder; paths
+/// that are absolute or climb out of it with `..` are refused.
+pub fn message_path(spool: &Path, name: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(name);
+    if name.is_empty() {
+        return Err("\"message\" is empty".into());
+    }
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!("\"message\" path {name:?} must stay inside the spool folder"));
+    }
+    Ok(spool.parent().unwrap_or(Path::new(".")).join(rel))
+}
+
+/// Lines of a mapped file: (1-based line number, bytes without the line end).
+/// Blank lines are skipped.
+pub fn lines(map: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    map.split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| ((i + 1) as u32, l.strip_suffix(b"\r").unwrap_or(l)))
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn borrows_plain_strings_and_owns_escaped_ones() {
+        let map = br#"{"id":"j1","from":"b@x.test","to":["a@y.test","\u0063@y.test"],"message":"m.eml","extra":1}"#;
+        let job = parse_job(map, map).unwrap();
+        assert!(matches!(job.from, Span::Map { .. }));
+        assert_eq!(job.from.get(map), "b@x.test");
+        assert!(matches!(job.to[0], Span::Map { .. }));
+        assert_eq!(job.to[1], Span::Owned("c@y.test".into()));
+        assert_eq!(job.id.unwrap().get(map), "j1");
+        assert!(matches!(job.body, JobBody::File(ref s) if s.get(map) == "m.eml"));
+    }
+
+    #[test]
+    fn bad_lines_say_why() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "not a valid job"),
+            (r#"{"from":"a@b","to":[],"data":"x"}"#, "\"to\" is empty"),
+            (r#"{"to":["a@b"],"data":"x"}"#, "missing field `from`"),
+            (r#"{"from":"a@b","to":"a@b","data":"x"}"#, "invalid type"),
+            (r#"{"from":"a@b","to":["c@d"]}"#, "neither"),
+            (r#"{"from":"a@b","to":["c@d"],"data":"x","message":"m"}"#, "both"),
+            (r#"{"from":"a b@c","to":["c@d"],"data":"x"}"#, "bad \"from\" address"),
+        ];
+        for (line, want) in cases {
+            let err = parse_job(line.as_bytes(), line.as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{line}: {err}");
+        }
+        assert!(parse_job(b"\xff", b"\xff").unwrap_err().contains("not UTF-8"));
+    }
+
+    #[test]
+    fn null_reverse_path_is_allowed() {
+        let line = br#"{"from":"","to":["a@b.test"],"data":"x"}"#;
+        assert_eq!(parse_job(line, line).unwrap().from.get(line), "");
+    }
+
+    #[test]
+    fn addresses() {
+        let long = format!("{}@example.com", "a".repeat(250));
+        let bad: &[(&str, &str)] = &[
+            ("a\r\nRCPT TO:<x@y>@b", "CR or LF"),
+            ("a>b@c", "< or >"),
+            ("a b@c", "space"),
+            ("a\0b@c", "control"),
+            ("a\tb@c", "control"),
+            ("caf\u{e9}@c", "8-bit"),
+            ("nobody", "no @"),
+            ("@c", "empty local part"),
+            ("a@", "empty domain"),
+            ("a@b..c", "malformed domain"),
+            (&long, "254"),
+        ];
+        for (addr, want) in bad {
+            let err = validate_address(addr).unwrap_err();
+            assert!(err.contains(want), "{addr:?}: {err}");
+        }
+        assert!(validate_address("first.last+tag@sub.example.com").is_ok());
+        assert!(validate_address("\"quoted@local\"@example.com").is_ok());
+        assert_eq!(domain_of("\"quoted@local\"@Example.COM"), "Example.COM");
+    }
+
+    #[test]
+    fn message_paths_stay_inside() {
+        let spool = Path::new("/spool/in/a.jsonl");
+        assert_eq!(message_path(spool, "m/x.eml").unwrap(), Path::new("/spool/in/m/x.eml"));
+        assert!(message_path(spool, "../x.eml").is_err());
+        assert!(message_path(spool, "a/../../x.eml").is_err());
+        assert!(message_path(spool, "/etc/passwd").is_err());
+        assert!(message_path(spool, "").is_err());
+    }
+
+    #[test]
+    fn lines_numbers_and_blank_lines() {
+        let got: Vec<_> = lines(b"a\r\n\nb\n  \nc").collect();
+        assert_eq!(got, vec![(1, &b"a"[..]), (3, &b"b"[..]), (5, &b"c"[..])]);
+    }
+}
