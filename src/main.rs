@@ -97,7 +97,7 @@ struct SinkArgs {
     /// Probability that a RCPT is answered 550.
     #[arg(long, default_value_t = 0.0)]
     reject_rate: f64,
-    /// Probability that a MAIL makes the sink drop the connection without replying.
+    /// Probability that a MAIL makes the sink close the connection without answering it.
     #[arg(long, default_value_t = 0.0)]
     disconnect_rate: f64,
     /// Delay before each batch of replies, in milliseconds.

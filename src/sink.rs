@@ -40,7 +40,7 @@ pub struct SinkOptions {
     pub defer_rate: f64,
     /// Probability that a RCPT gets 550.
     pub reject_rate: f64,
-    /// Probability that a MAIL makes the sink drop the connection without a reply.
+    /// Probability that a MAIL makes the sink close the connection without answering it.
     pub disconnect_rate: f64,
     /// Delay before each batch of replies.
     pub latency: Duration,
@@ -274,9 +274,6 @@ async fn session(mut stream: TcpStream, ctx: &Ctx) {
                 }
             }
         }
-        if action == Action::Drop {
-            break;
-        }
         if !out.is_empty() {
             if !ctx.opts.latency.is_zero() {
                 glommio::timer::sleep(ctx.opts.latency).await;
@@ -286,7 +283,7 @@ async fn session(mut stream: TcpStream, ctx: &Ctx) {
             }
             out.clear();
         }
-        if action == Action::Close {
+        if action != Action::Continue {
             break;
         }
     }
@@ -309,7 +306,8 @@ pub enum Action {
     Continue,
     /// Write the replies, then close (QUIT, or an error that ends the session).
     Close,
-    /// Close at once without writing (injected fault).
+    /// Write the replies owed so far, then close without answering the last
+    /// command (injected fault; no accepted message loses its reply).
     Drop,
 }
 

@@ -1,0 +1,223 @@
+//! volley ↔ volley sink on loopback: every recipient ends with exactly one
+//! final outcome that matches what the sink saw, with and without faults.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{dumped_rcpts, finals, read_log, spool};
+use volley::config::Config;
+use volley::outcome::Outcome;
+use volley::send::{Progress, SendOptions, Summary, send};
+use volley::sink::{Sink, SinkOptions};
+
+fn config(route: &str, log: &std::path::Path) -> Config {
+    let mut c = Config {
+        shards: Some(2),
+        log: Some(log.to_path_buf()),
+        ..Config::default()
+    };
+    c.add_route(route).unwrap();
+    c.retry.initial = Duration::from_millis(20);
+    c.retry.max_delay = Duration::from_millis(200);
+    c.idle_timeout = Duration::from_millis(500);
+    c
+}
+
+fn run_send(spools: Vec<std::path::PathBuf>, config: Config) -> Summary {
+    send(SendOptions {
+        spools,
+        config,
+        progress: Progress::Off,
+    })
+    .expect("send completes")
+}
+
+#[test]
+fn clean_run_delivers_each_recipient_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let (path, all) = spool(dir.path(), "clean", 700, 3, 40);
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.max_connections_per_destination = 4;
+    cfg.max_messages_per_connection = 50;
+    let summary = run_send(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 2100);
+    assert_eq!(summary.recipients, 2100);
+    let f = finals(&read_log(&log));
+    assert_eq!(f.len(), 2100);
+    assert!(f.values().all(|r| r["outcome"] == "delivered" && r["code"] == 250));
+    assert_eq!(dumped_rcpts(&dump), all, "the sink got every recipient exactly once");
+    assert_eq!(counts.recipients, 2100);
+    // Recipients of one job and one domain share a transaction.
+    assert!(counts.messages < 2100, "{counts}");
+    let body = std::fs::read_dir(&dump).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(body).unwrap();
+    assert!(
+        text.ends_with("Subject: test\r\n\r\n.leading dot\r\nbody\r\n"),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        dump: Some(dump.clone()),
+        defer_rate: 0.2,
+        reject_rate: 0.1,
+        disconnect_rate: 0.05,
+        seed: 7,
+        ..Default::default()
+    })
+    .unwrap();
+    let (path, all) = spool(dir.path(), "faults", 1500, 2, 30);
+    let log = dir.path().join("log.jsonl");
+    let summary = run_send(vec![path], config(&format!("*={}", sink.addr()), &log));
+    sink.stop();
+    let records = read_log(&log);
+    let f = finals(&records);
+    assert_eq!(f.len(), all.len(), "every recipient has a final outcome");
+    let mut delivered: Vec<String> = f
+        .values()
+        .filter(|r| r["outcome"] == "delivered")
+        .map(|r| r["rcpt"].as_str().unwrap().to_string())
+        .collect();
+    delivered.sort();
+    assert_eq!(
+        dumped_rcpts(&dump),
+        delivered,
+        "the sink holds exactly the delivered recipients, once each"
+    );
+    let bounced: Vec<_> = f.values().filter(|r| r["outcome"] == "bounced").collect();
+    assert!(!bounced.is_empty());
+    assert!(bounced.iter().all(|r| r["code"] == 550 && r["enhanced"] == "5.1.1"));
+    assert_eq!(summary.count(Outcome::Bounced) as usize, bounced.len());
+    assert_eq!(
+        summary.count(Outcome::Delivered) + summary.count(Outcome::Bounced),
+        all.len() as u64
+    );
+    let deferrals: Vec<_> = records.iter().filter(|r| r["outcome"] == "deferred").collect();
+    assert!(deferrals.iter().any(|r| r["code"] == 450), "RCPT deferrals are logged");
+    assert!(
+        deferrals
+            .iter()
+            .any(|r| r["code"].is_null() && r["reply"].as_str().unwrap().contains("closed the connection")),
+        "dropped connections defer what was in flight"
+    );
+    // A deferred recipient is retried with a higher attempt number.
+    assert!(f.values().any(|r| r["attempt"].as_u64().unwrap() > 1));
+}
+
+#[test]
+fn unroutable_and_unreachable_destinations_expire_at_max_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = dir.path().join("m.eml");
+    std::fs::write(&msg, "x\n").unwrap();
+    let lines = [
+        r#"{"id":"a","from":"s@x.test","to":["r@nowhere.test"],"message":"m.eml"}"#,
+        r#"{"id":"b","from":"s@x.test","to":["r@down.test"],"message":"m.eml"}"#,
+    ];
+    let path = dir.path().join("s.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    // A port nobody listens on: bind, learn the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("down.test={dead}"), &log);
+    cfg.retry.max_age = Duration::from_millis(400);
+    let summary = run_send(vec![path], cfg);
+    assert_eq!(summary.count(Outcome::Expired), 2);
+    let records = read_log(&log);
+    let f = finals(&records);
+    let a = &f[&("a".to_string(), "r@nowhere.test".to_string())];
+    assert_eq!(a["outcome"], "expired");
+    assert!(
+        a["reply"].as_str().unwrap().contains("no route for nowhere.test"),
+        "{a}"
+    );
+    let b = &f[&("b".to_string(), "r@down.test".to_string())];
+    assert_eq!(b["outcome"], "expired");
+    assert!(b["reply"].as_str().unwrap().contains(&dead.to_string()), "{b}");
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["id"] == "b" && r["outcome"] == "deferred")
+            .count()
+            >= 2,
+        "retried before expiring"
+    );
+}
+
+#[test]
+fn bad_lines_are_rejected_with_file_and_line_and_the_rest_goes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("m.eml"), "x\n").unwrap();
+    let lines = [
+        r#"{"id":"ok1","from":"s@x.test","to":["a@d.test"],"message":"m.eml"}"#,
+        r#"this is not json"#,
+        r#"{"id":"inj","from":"s@x.test","to":["a@d.test>\r\nRCPT TO:<evil@d.test","b@d.test"],"message":"m.eml"}"#,
+        r#"{"id":"nomsg","from":"s@x.test","to":["c@d.test"],"message":"missing.eml"}"#,
+        r#"{"id":"escape","from":"s@x.test","to":["c@d.test"],"message":"../m.eml"}"#,
+        r#"{"id":"ok2","from":"","to":["d@d.test"],"data":"Subject: inline\r\n\r\nhi\r\n"}"#,
+    ];
+    let path = dir.path().join("bad.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let log = dir.path().join("log.jsonl");
+    let summary = run_send(vec![path], config(&format!("*={}", sink.addr()), &log));
+    let counts = sink.stop();
+    let f = finals(&read_log(&log));
+    let get = |id: &str, rcpt: &str| f[&(id.to_string(), rcpt.to_string())].clone();
+    assert_eq!(get("ok1", "a@d.test")["outcome"], "delivered");
+    assert_eq!(get("ok2", "d@d.test")["outcome"], "delivered");
+    assert_eq!(get("inj", "b@d.test")["outcome"], "delivered");
+    let inj = get("inj", "a@d.test>\r\nRCPT TO:<evil@d.test");
+    assert_eq!(inj["outcome"], "rejected");
+    assert!(
+        inj["reply"].as_str().unwrap().contains("bad.jsonl:3: bad recipient"),
+        "{inj}"
+    );
+    let notjson = get("bad.jsonl:2", "");
+    assert!(
+        notjson["reply"]
+            .as_str()
+            .unwrap()
+            .contains("bad.jsonl:2: not a valid job"),
+        "{notjson}"
+    );
+    assert!(
+        get("nomsg", "c@d.test")["reply"]
+            .as_str()
+            .unwrap()
+            .contains("bad.jsonl:4: message \"missing.eml\" cannot be read")
+    );
+    assert!(
+        get("escape", "c@d.test")["reply"]
+            .as_str()
+            .unwrap()
+            .contains("must stay inside the spool folder")
+    );
+    assert_eq!(summary.count(Outcome::Rejected), 4);
+    assert_eq!(summary.bad_lines, 3);
+    assert_eq!(summary.count(Outcome::Delivered), 3);
+    assert_eq!(counts.recipients, 3, "the injected address never reached the wire");
+}

@@ -1,0 +1,523 @@
+//! Transcripts of the client session engine: literal wire text in both
+//! directions, with the fate of each recipient. No sockets, no clocks.
+
+use volley::smtp::{Decider, Envelope, Event, Session, Status, WireMessage};
+
+#[derive(Debug)]
+struct Txn {
+    from: &'static str,
+    rcpts: Vec<&'static str>,
+    wire: WireMessage,
+}
+
+impl Envelope for Txn {
+    fn reverse_path(&self) -> &str {
+        self.from
+    }
+    fn recipient_count(&self) -> usize {
+        self.rcpts.len()
+    }
+    fn recipient(&self, i: usize) -> &str {
+        self.rcpts[i]
+    }
+    fn wire_body(&self) -> &[u8] {
+        &self.wire.bytes
+    }
+    fn eight_bit(&self) -> bool {
+        self.wire.eight_bit
+    }
+}
+
+fn txn(rcpts: &[&'static str], body: &str) -> Txn {
+    Txn {
+        from: "news@sender.test",
+        rcpts: rcpts.to_vec(),
+        wire: WireMessage::prepare(body.as_bytes()),
+    }
+}
+
+enum Step {
+    /// The client must have written exactly this.
+    C(&'static str),
+    /// The server sends this.
+    S(&'static str),
+    /// Hand the next transaction to the session.
+    Submit,
+    Quit,
+}
+use Step::*;
+
+#[derive(Debug, Default)]
+struct Seen {
+    ready: bool,
+    done: Vec<Vec<(Status, String)>>,
+    unsent: usize,
+    failed: Option<String>,
+}
+
+fn describe(d: Decider<'_>) -> String {
+    match d {
+        Decider::Reply(r) => r.code.to_string(),
+        Decider::Failure(f) => format!("failure: {f}"),
+    }
+}
+
+fn run(name: &str, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+    txns.reverse();
+    let mut s: Session<Txn> = Session::new("client.test");
+    let mut seen = Seen::default();
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            C(want) => {
+                assert_eq!(
+                    String::from_utf8_lossy(s.output()),
+                    *want,
+                    "{name}: step {i}: client output"
+                );
+                let n = s.output().len();
+                s.consume_output(n);
+            }
+            S(reply) => s.feed(reply.as_bytes()),
+            Submit => {
+                assert!(s.wants_txn(), "{name}: step {i}: session does not want a transaction");
+                s.submit(txns.pop().expect("a transaction to submit"));
+            }
+            Quit => s.quit(),
+        }
+        while let Some(e) = s.poll_event() {
+            match e {
+                Event::Ready => seen.ready = true,
+                Event::Done(r) => seen.done.push(
+                    (0..r.txn.rcpts.len())
+                        .map(|i| {
+                            let (st, d) = r.verdict(i);
+                            (st, describe(d))
+                        })
+                        .collect(),
+                ),
+                Event::Unsent(_) => seen.unsent += 1,
+                Event::Failed { reason, .. } => seen.failed = Some(reason),
+            }
+        }
+    }
+    assert!(
+        s.output().is_empty(),
+        "{name}: unchecked client output {:?}",
+        String::from_utf8_lossy(s.output())
+    );
+    (s, seen)
+}
+
+const GREET: Step = S("220 mx.test ESMTP\r\n");
+const EHLO: Step = C("EHLO client.test\r\n");
+const EHLO_PIPE: Step = S("250-mx.test\r\n250-PIPELINING\r\n250 \r\n");
+const EHLO_PLAIN: Step = S("250-mx.test\r\n250 8BITMIME\r\n");
+
+fn statuses(seen: &Seen) -> Vec<Vec<Status>> {
+    seen.done.iter().map(|t| t.iter().map(|(s, _)| *s).collect()).collect()
+}
+
+use Status::{Bounced as B, Deferred as D, Delivered as OK};
+
+#[test]
+fn pipelined_happy_path_and_quit() {
+    let (s, seen) = run(
+        "happy",
+        vec![txn(&["a@y.test", "b@y.test"], "Subject: hi\n\nbody\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"),
+            C("Subject: hi\r\n\r\nbody\r\n.\r\n"),
+            S("250 2.0.0 Ok: queued as X\r\n"),
+            Quit,
+            C("QUIT\r\n"),
+            S("221 2.0.0 Bye\r\n"),
+        ],
+    );
+    assert!(seen.ready);
+    assert_eq!(statuses(&seen), vec![vec![OK, OK]]);
+    assert_eq!(seen.done[0][0].1, "250");
+    assert!(s.is_closed());
+    assert!(s.capabilities().pipelining);
+}
+
+#[test]
+fn next_group_rides_with_the_body() {
+    let (_, seen) = run(
+        "ride",
+        vec![txn(&["a@y.test"], "one\n"), txn(&["b@z.test"], "two\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            // A second transaction waits while the first awaits its 354.
+            Submit,
+            C(""),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("one\r\n.\r\nMAIL FROM:<news@sender.test>\r\nRCPT TO:<b@z.test>\r\nDATA\r\n"),
+            S("250 Ok: queued\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("two\r\n.\r\n"),
+            S("250 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK], vec![OK]]);
+}
+
+#[test]
+fn helo_fallback_then_lock_step() {
+    let (s, seen) = run(
+        "helo",
+        vec![txn(&["a@y.test", "b@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            S("502 5.5.2 Error: command not recognized\r\n"),
+            C("HELO client.test\r\n"),
+            S("250 mx.test\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("RCPT TO:<a@y.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("RCPT TO:<b@y.test>\r\n"),
+            S("550 5.1.1 unknown\r\n"),
+            C("DATA\r\n"),
+            S("354 go\r\n"),
+            C("x\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert!(!s.capabilities().pipelining);
+    assert_eq!(statuses(&seen), vec![vec![OK, B]]);
+}
+
+#[test]
+fn lock_step_waits_for_the_dot_before_the_next_mail() {
+    let (_, seen) = run(
+        "lockstep",
+        vec![txn(&["a@y.test"], "one\n"), txn(&["b@y.test"], "two\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PLAIN,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("RCPT TO:<a@y.test>\r\n"),
+            Submit,
+            S("250 Ok\r\n"),
+            C("DATA\r\n"),
+            S("354 go\r\n"),
+            C("one\r\n.\r\n"),
+            S("250 Ok\r\n"),
+            C("MAIL FROM:<news@sender.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("RCPT TO:<b@y.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("DATA\r\n"),
+            S("354 go\r\n"),
+            C("two\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK], vec![OK]]);
+}
+
+#[test]
+fn partial_rcpt_rejection_bounces_and_defers_only_those() {
+    let (_, seen) = run(
+        "partial",
+        vec![txn(&["a@y.test", "b@y.test", "c@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C(
+                "MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n",
+            ),
+            S("250 Ok\r\n250 Ok\r\n550 5.1.1 no such user\r\n450 4.2.1 busy\r\n354 go\r\n"),
+            C("x\r\n.\r\n"),
+            S("250 2.0.0 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK, B, D]]);
+    assert_eq!(seen.done[0][1].1, "550");
+    assert_eq!(seen.done[0][2].1, "450");
+}
+
+#[test]
+fn all_rcpts_rejected_means_rset_not_data() {
+    // Lock-step: DATA is never sent.
+    let (_, seen) = run(
+        "all-rejected-lockstep",
+        vec![txn(&["a@y.test"], "x\n"), txn(&["b@y.test"], "y\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PLAIN,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\n"),
+            S("250 Ok\r\n"),
+            C("RCPT TO:<a@y.test>\r\n"),
+            S("550 5.1.1 no\r\n"),
+            C("RSET\r\n"),
+            Submit,
+            C(""),
+            S("250 Ok\r\n"),
+            C("MAIL FROM:<news@sender.test>\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B]]);
+    // Pipelined: DATA was already sent; the server refuses it and the client resets.
+    let (_, seen) = run(
+        "all-rejected-pipelined",
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n550 5.1.1 no\r\n554 5.5.1 Error: no valid recipients\r\n"),
+            C("RSET\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B]]);
+    assert_eq!(seen.done[0][0].1, "550");
+}
+
+#[test]
+fn mail_refused_in_a_group_decides_every_recipient() {
+    let (_, seen) = run(
+        "mail-refused",
+        vec![txn(&["a@y.test", "b@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+            S("553 5.7.1 sender rejected\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B, B]]);
+    assert_eq!(seen.done[0][1].1, "553");
+}
+
+#[test]
+fn a_421_mid_group_defers_what_is_in_flight_and_closes() {
+    let (s, seen) = run(
+        "421",
+        vec![txn(&["a@y.test", "b@y.test"], "x\n"), txn(&["c@y.test"], "y\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+            Submit,
+            S("250 Ok\r\n421 4.3.2 shutting down\r\n"),
+        ],
+    );
+    assert!(s.is_closed());
+    assert_eq!(statuses(&seen), vec![vec![D, D]]);
+    assert_eq!(seen.done[0][0].1, "421");
+    assert!(
+        seen.done[0][1]
+            .1
+            .starts_with("failure: server closed the connection: 421"),
+        "{:?}",
+        seen.done
+    );
+    assert_eq!(seen.unsent, 1, "the waiting transaction goes back unsent");
+}
+
+#[test]
+fn transient_and_permanent_data_replies() {
+    let (_, seen) = run(
+        "data-4xx",
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n451 4.3.0 try later\r\n"),
+            C("RSET\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![D]]);
+    let (_, seen) = run(
+        "dot-5xx",
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("x\r\n.\r\n"),
+            S("554 5.7.1 spam\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B]]);
+}
+
+#[test]
+fn a_250_instead_of_354_is_not_taken_as_delivery() {
+    let (_, seen) = run(
+        "250-to-data",
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n250 Ok\r\n"),
+            C("RSET\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![D]]);
+}
+
+#[test]
+fn multi_line_replies_split_across_reads() {
+    let (s, seen) = run(
+        "multiline",
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            S("220-mx.test first line\r\n220-"),
+            S("second\r\n220 third\r\n"),
+            EHLO,
+            S("250-mx.test\r\n250-SI"),
+            S("ZE 1000\r\n250-8BITMIME\r\n250 PIPELINING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=6\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250-first\r\n250 second\r\n354 go\r\n"),
+            C("x\r\n.\r\n"),
+            S("250-2.0.0 Ok\r\n250 2.0.0 queued\r\n"),
+        ],
+    );
+    assert_eq!(s.capabilities().size, Some(1000));
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn eight_bit_message_says_body_8bitmime() {
+    let (_, seen) = run(
+        "8bit",
+        vec![txn(&["a@y.test"], "caf\u{e9}\n")],
+        &[
+            GREET,
+            EHLO,
+            S("250-mx.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> BODY=8BITMIME\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("caf\u{e9}\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn dot_stuffing_and_bare_lf_on_the_wire() {
+    let (_, seen) = run(
+        "dots",
+        vec![txn(&["a@y.test"], "a\n.\n..b\r\nc\rlast")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("a\r\n..\r\n...b\r\nc\r\nlast\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn malformed_and_over_long_replies_defer_and_close() {
+    for (name, bad) in [
+        ("garbage", "this is not smtp\r\n".to_string()),
+        ("too-long", format!("250 {}\r\n", "x".repeat(10_000))),
+        ("code-change", "250-a\r\n550 b\r\n".to_string()),
+    ] {
+        let mut s: Session<Txn> = Session::new("client.test");
+        s.feed(b"220 mx\r\n");
+        s.feed(b"250-mx\r\n250 PIPELINING\r\n");
+        s.submit(txn(&["a@y.test"], "x\n"));
+        s.feed(bad.as_bytes());
+        assert!(s.is_closed(), "{name}");
+        let mut got = None;
+        while let Some(e) = s.poll_event() {
+            if let Event::Done(r) = e {
+                let (st, d) = r.verdict(0);
+                got = Some((st, describe(d)));
+            }
+        }
+        let (st, why) = got.expect("the transaction is reported");
+        assert_eq!(st, D, "{name}");
+        assert!(why.contains("protocol error"), "{name}: {why}");
+    }
+}
+
+#[test]
+fn greeting_refusals() {
+    let (s, seen) = run(
+        "554",
+        vec![],
+        &[S("554 5.3.2 no service\r\n"), C("QUIT\r\n"), S("221 bye\r\n")],
+    );
+    assert!(s.is_closed());
+    assert!(seen.failed.unwrap().contains("554"));
+    let (s, seen) = run("421", vec![], &[S("421 4.3.2 busy\r\n")]);
+    assert!(s.is_closed());
+    assert!(seen.failed.unwrap().contains("greeting refused: 421"));
+    let (s, seen) = run("ehlo-4xx", vec![], &[GREET, EHLO, S("421 4.3.2 bye\r\n")]);
+    assert!(s.is_closed() && !seen.ready && seen.failed.is_some());
+}
+
+#[test]
+fn connection_lost_reports_in_flight_and_returns_waiting() {
+    let mut s: Session<Txn> = Session::new("client.test");
+    s.feed(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n");
+    s.submit(txn(&["a@y.test"], "x\n"));
+    s.submit(txn(&["b@y.test"], "x\n"));
+    s.connection_lost("mx.test closed the connection");
+    let mut done = 0;
+    let mut unsent = 0;
+    while let Some(e) = s.poll_event() {
+        match e {
+            Event::Done(r) => {
+                done += 1;
+                assert_eq!(r.verdict(0), (D, Decider::Failure("mx.test closed the connection")));
+            }
+            Event::Unsent(_) => unsent += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((done, unsent), (1, 1));
+    assert!(s.output().is_empty());
+}
+
+#[test]
+fn unexpected_reply_closes() {
+    let (s, _) = run("unexpected", vec![], &[GREET, EHLO, EHLO_PIPE, S("250 surprise\r\n")]);
+    assert!(s.is_closed());
+}
