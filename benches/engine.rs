@@ -1,1 +1,90 @@
-fn main() {}
+//! Micro-benchmarks of the per-message CPU path: reply parsing, wire
+//! preparation (CRLF + dot-stuffing), and one pipelined transaction through
+//! the session engine. `cargo bench`.
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use volley::generator::message;
+use volley::smtp::{Envelope, Event, ReplyParser, Session, WireMessage};
+
+fn replies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reply_parser");
+    let group =
+        b"250 2.0.0 Ok: queued as 4F2A1B\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n";
+    g.throughput(Throughput::Bytes(group.len() as u64));
+    g.bench_function("pipelined_group_of_4", |b| {
+        let mut p = ReplyParser::new();
+        let mut out = VecDeque::new();
+        b.iter(|| {
+            p.feed(black_box(group), &mut out).unwrap();
+            out.clear();
+        })
+    });
+    let ehlo = b"250-mx.example.com\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-ETRN\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 CHUNKING\r\n";
+    g.bench_function("ehlo_9_lines", |b| {
+        let mut p = ReplyParser::new();
+        let mut out = VecDeque::new();
+        b.iter(|| {
+            p.feed(black_box(ehlo), &mut out).unwrap();
+            out.clear();
+        })
+    });
+    g.finish();
+}
+
+fn wire(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wire_prepare");
+    for size in [1500usize, 100 * 1024] {
+        let m = message(size);
+        g.throughput(Throughput::Bytes(m.len() as u64));
+        g.bench_function(format!("{size}_bytes"), |b| {
+            b.iter(|| WireMessage::prepare(black_box(&m)))
+        });
+    }
+    g.finish();
+}
+
+struct Txn(WireMessage);
+impl Envelope for Txn {
+    fn reverse_path(&self) -> &str {
+        "bounces@news.example.com"
+    }
+    fn recipient_count(&self) -> usize {
+        1
+    }
+    fn recipient(&self, _: usize) -> &str {
+        "alice@example.org"
+    }
+    fn wire_body(&self) -> &[u8] {
+        &self.0.bytes
+    }
+    fn eight_bit(&self) -> bool {
+        false
+    }
+}
+
+fn session(c: &mut Criterion) {
+    let body = WireMessage::prepare(&message(1500));
+    c.bench_function("session_pipelined_transaction", |b| {
+        let mut s: Session<Txn> = Session::new("bench.test");
+        s.feed(b"220 mx ESMTP\r\n250-mx\r\n250 PIPELINING\r\n");
+        while s.poll_event().is_some() {}
+        let n = s.output().len();
+        s.consume_output(n);
+        b.iter(|| {
+            s.submit(Txn(body.clone()));
+            s.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+            s.feed(b"250 2.0.0 Ok: queued\r\n");
+            let n = s.output().len();
+            s.consume_output(n);
+            while let Some(e) = s.poll_event() {
+                assert!(matches!(e, Event::Done(_)));
+            }
+        })
+    });
+}
+
+criterion_group!(benches, replies, wire, session);
+criterion_main!(benches);

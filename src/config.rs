@@ -267,6 +267,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_and_states_the_defaults() {
+        let cfg: Config = toml::from_str(include_str!("../deploy/volley.example.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(cfg.max_connections_per_destination, d.max_connections_per_destination);
+        assert_eq!(cfg.max_messages_per_connection, d.max_messages_per_connection);
+        assert_eq!(cfg.max_rcpts_per_txn, d.max_rcpts_per_txn);
+        assert_eq!(cfg.max_queued_recipients_per_shard, d.max_queued_recipients_per_shard);
+        assert_eq!(cfg.idle_timeout, d.idle_timeout);
+        assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
+        assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
+        assert_eq!(cfg.routes.len(), 2);
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("max_conections = 3").unwrap_err();
         assert!(err.to_string().contains("max_conections"), "{err}");

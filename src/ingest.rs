@@ -16,8 +16,8 @@ use crate::spool::{self, JobBody, MappedFile, Span};
 
 /// Jobs per batch sent to a shard.
 pub const BATCH_ITEMS: usize = 256;
-/// Bad lines reported on stderr before the rest are only counted and logged.
-const MAX_REPORTED_BAD_LINES: u64 = 20;
+/// Rejections reported on stderr before the rest are only counted and logged.
+const MAX_REPORTED: u64 = 20;
 
 /// Messages from ingest to a shard.
 pub enum ToShard {
@@ -87,6 +87,7 @@ pub struct Ingest {
     recorder: Recorder,
     recipients: u64,
     bad_lines: u64,
+    reported: u64,
 }
 
 impl Ingest {
@@ -101,6 +102,7 @@ impl Ingest {
             recorder: Recorder::new(log),
             recipients: 0,
             bad_lines: 0,
+            reported: 0,
         }
     }
 
@@ -126,9 +128,7 @@ impl Ingest {
                     Err(reason) => {
                         self.bad_lines += 1;
                         let reason = format!("{}:{line_no}: {reason}", file.path().display());
-                        if self.bad_lines <= MAX_REPORTED_BAD_LINES {
-                            tracing::warn!("rejected {reason}");
-                        }
+                        self.warn(&reason);
                         self.reject(JobId::Line(&name, line_no), None, &reason);
                     }
                 }
@@ -141,8 +141,8 @@ impl Ingest {
             self.send_batch(shard)?;
         }
         self.flush_outcomes()?;
-        if self.bad_lines > MAX_REPORTED_BAD_LINES {
-            tracing::warn!("{} lines rejected in all (the delivery log has each)", self.bad_lines);
+        if self.reported > MAX_REPORTED {
+            tracing::warn!("{} rejections in all (the delivery log has each)", self.reported);
         }
         self.reports
             .send(Report::IngestDone {
@@ -173,9 +173,7 @@ impl Ingest {
             Ok(b) => b,
             Err(reason) => {
                 let reason = format!("{}:{line}: {reason}", file.path().display());
-                if self.bad_lines < MAX_REPORTED_BAD_LINES {
-                    tracing::warn!("rejected {reason}");
-                }
+                self.warn(&reason);
                 self.bad_lines += 1;
                 for rcpt in &job.to {
                     self.reject(id, Some(rcpt.get(map)), &reason);
@@ -189,6 +187,7 @@ impl Ingest {
             let addr = rcpt.get(map);
             if let Err(why) = spool::validate_address(addr) {
                 let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
+                self.warn(&reason);
                 self.reject(id, Some(addr), &reason);
                 continue;
             }
@@ -248,6 +247,13 @@ impl Ingest {
         };
         self.messages.insert(path, result.clone());
         Ok(result)
+    }
+
+    fn warn(&mut self, reason: &str) {
+        self.reported += 1;
+        if self.reported <= MAX_REPORTED {
+            tracing::warn!("rejected {reason}");
+        }
     }
 
     fn reject(&mut self, id: JobId<'_>, rcpt: Option<&str>, reason: &str) {

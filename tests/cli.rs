@@ -1,0 +1,173 @@
+//! The `volley` binary as a user runs it: exit codes, summaries, errors.
+
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn volley() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_volley"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("volley runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn demo_delivers_everything_and_says_so() {
+    let out = run(volley().args(["demo", "--recipients", "3000", "--domains", "50"]));
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("3000 recipients in"), "{stdout}");
+    assert!(stdout.contains("demo ok: all 3000 recipients delivered"), "{stdout}");
+    assert!(stdout.contains("sink: sessions"), "{stdout}");
+}
+
+#[test]
+fn gen_sink_send_as_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("g.jsonl");
+    let out = run(volley()
+        .args([
+            "gen",
+            "--jobs",
+            "400",
+            "--domains",
+            "20",
+            "--rcpts-per-job",
+            "2",
+            "--out",
+        ])
+        .arg(&spool));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.path().join("g.eml").exists());
+    assert!(!dir.path().join("g.jsonl.tmp").exists());
+    let port = free_port();
+    let sink = volley()
+        .args([
+            "sink",
+            "--shards",
+            "1",
+            "--max-messages",
+            "800",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = dir.path().join("log.jsonl");
+    let out = run(volley()
+        .args([
+            "send",
+            "--quiet",
+            "--shards",
+            "2",
+            "--route",
+            &format!("*=127.0.0.1:{port}"),
+            "--log",
+        ])
+        .arg(&log)
+        .arg(&spool));
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(summary.starts_with("800 recipients in"), "{summary}");
+    assert!(
+        summary.contains("800 delivered, 0 bounced, 0 expired, 0 rejected"),
+        "{summary}"
+    );
+    assert!(summary.contains("top reply codes: 250 ×800"), "{summary}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 800);
+    // Each job's two recipients are in different domains: 800 messages, and the sink exits after them.
+    let sink = sink.wait_with_output().unwrap();
+    assert!(sink.status.success());
+    assert!(
+        text(&sink.stdout).contains("messages 800 recipients 800"),
+        "{}",
+        text(&sink.stdout)
+    );
+}
+
+#[test]
+fn expired_recipients_make_send_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("x.jsonl");
+    std::fs::write(
+        &spool,
+        "{\"from\":\"a@b.test\",\"to\":[\"c@nowhere.test\"],\"data\":\"x\"}\n",
+    )
+    .unwrap();
+    let out = run(volley()
+        .args(["send", "--quiet", "--max-age", "300ms", "--retry-initial", "50ms"])
+        .arg(&spool));
+    assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 expired"));
+}
+
+#[test]
+fn errors_name_what_and_where() {
+    let out = run(volley().args(["send", "/nonexistent/spool.jsonl"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot read spool file /nonexistent/spool.jsonl"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("v.toml");
+    std::fs::write(&cfg, "max_conections = 3\n").unwrap();
+    let spool = dir.path().join("s.jsonl");
+    std::fs::write(&spool, "").unwrap();
+    let out = run(volley().args(["send", "--config"]).arg(&cfg).arg(&spool));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("v.toml") && err.contains("max_conections"), "{err}");
+
+    let out = run(volley().args(["send", "--route", "example.com"]).arg(&spool));
+    assert!(
+        text(&out.stderr).contains("--route needs DOMAIN=HOST:PORT"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(volley().args(["sink", "--reject-rate", "1.5"]));
+    assert!(text(&out.stderr).contains("--reject-rate must be between 0 and 1"));
+}
+
+#[test]
+fn bad_lines_are_reported_on_stderr_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &spool,
+        "{\"from\":\"a@b.test\",\"to\":[\"no-at-sign\"],\"data\":\"x\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = run(volley().args(["send", "--quiet"]).arg(&spool));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.jsonl:2: not a valid job"), "{err}");
+    assert!(
+        err.contains("bad.jsonl:1: bad recipient \"no-at-sign\": has no @"),
+        "{err}"
+    );
+    assert!(
+        text(&out.stdout).contains("2 rejected (1 bad lines)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
