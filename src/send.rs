@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{Config, Routes};
 use crate::ingest::{Ingest, Report};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, OutcomeBatch};
 use crate::shard::{self, Control, ShardParams};
 use crate::spool::MappedFile;
 
@@ -93,6 +93,21 @@ pub struct SendOptions {
     pub spools: Vec<PathBuf>,
     pub config: Config,
     pub progress: Progress,
+}
+
+/// Adds a batch to the summary and its lines to the delivery log.
+fn absorb(summary: &mut Summary, log: Option<&mut BufWriter<File>>, batch: OutcomeBatch) -> anyhow::Result<()> {
+    if let Some(w) = log {
+        w.write_all(&batch.log).context("cannot write the delivery log")?;
+    }
+    for (a, b) in summary.counts.iter_mut().zip(batch.counts) {
+        *a += b;
+    }
+    for (code, n) in batch.codes {
+        *summary.codes.entry(code).or_default() += n;
+    }
+    summary.messages += batch.messages;
+    Ok(())
 }
 
 pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
@@ -176,18 +191,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             break;
         }
         match report_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Report::Outcomes(batch)) => {
-                if let Some(w) = log.as_mut() {
-                    w.write_all(&batch.log).context("cannot write the delivery log")?;
-                }
-                for (a, b) in summary.counts.iter_mut().zip(batch.counts) {
-                    *a += b;
-                }
-                for (code, n) in batch.codes {
-                    *summary.codes.entry(code).or_default() += n;
-                }
-                summary.messages += batch.messages;
-            }
+            Ok(Report::Outcomes(batch)) => absorb(&mut summary, log.as_mut(), batch)?,
             Ok(Report::Ingested { recipients }) => ingested = recipients,
             Ok(Report::IngestDone { recipients, bad_lines }) => {
                 ingested = recipients;
@@ -238,9 +242,9 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
     }
     // Shards flush their last outcomes (QUIT replies do not add any, but be complete).
-    while let Ok(Report::Outcomes(batch)) = report_rx.try_recv() {
-        if let Some(w) = log.as_mut() {
-            w.write_all(&batch.log).context("cannot write the delivery log")?;
+    while let Ok(report) = report_rx.try_recv() {
+        if let Report::Outcomes(batch) = report {
+            absorb(&mut summary, log.as_mut(), batch)?;
         }
     }
     if let Some(bar) = bar {

@@ -30,6 +30,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 const FLUSH_BYTES: usize = 256 * 1024;
 /// Inbox messages taken before the shard lets its connections run.
 const INBOX_CHUNK: usize = 16;
+/// Inbox polling period while work arrives, and once the shard has been idle a while.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+const IDLE_POLL: Duration = Duration::from_millis(20);
 /// Cache entries added between sweeps of unused domains and messages.
 const SWEEP_EVERY: usize = 4096;
 
@@ -210,6 +213,7 @@ async fn run(p: ShardParams) {
     let retry_task = glommio::spawn_local(retry_loop(shard.clone()));
     let mut unsent: Option<OutcomeBatch> = None;
     let mut last_flush = Instant::now();
+    let mut idle_rounds = 0u32;
     loop {
         match p.control.try_recv() {
             Ok(Control::Stop) | Err(TryRecvError::Disconnected) => break,
@@ -230,8 +234,12 @@ async fn run(p: ShardParams) {
             last_flush = Instant::now();
         }
         if taken == 0 {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
+            // Poll the inbox every millisecond while work flows, every 20 once idle for a while.
+            idle_rounds += 1;
+            let nap = if idle_rounds > 1000 { IDLE_POLL } else { BUSY_POLL };
+            glommio::timer::sleep(nap).await;
         } else {
+            idle_rounds = 0;
             futures_lite::future::yield_now().await;
         }
     }
@@ -341,6 +349,12 @@ impl Shard {
     }
 
     fn domain(&self, name: &str) -> Rc<Domain> {
+        // Most domains arrive lower-case: look those up without allocating.
+        if !name.bytes().any(|b| b.is_ascii_uppercase())
+            && let Some(d) = self.domains.borrow().get(name)
+        {
+            return d.clone();
+        }
         let lower = name.to_ascii_lowercase();
         if let Some(d) = self.domains.borrow().get(lower.as_str()) {
             return d.clone();
