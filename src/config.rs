@@ -30,8 +30,11 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub timeouts: Timeouts,
     pub retry: Retry,
-    /// Domain (or `*`) → `HOST:PORT`.
+    /// Domain (or `*`) → `HOST:PORT`; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, String>,
+    /// Port of the MX hosts (25; other values are for tests and labs).
+    pub mx_port: u16,
+    pub dns: DnsConfig,
     /// Delivery log (JSON Lines).
     pub log: Option<PathBuf>,
 }
@@ -49,8 +52,49 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             retry: Retry::default(),
             routes: BTreeMap::new(),
+            mx_port: 25,
+            dns: DnsConfig::default(),
             log: None,
         }
+    }
+}
+
+/// MX resolution: which nameservers, and how long answers are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers as `IP:PORT`; empty means those of /etc/resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    /// Per query attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Answers are kept at least this long, whatever their TTL…
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    /// …and at most this long.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How long "no such domain" and null MX answers are kept.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(5),
+            min_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl DnsConfig {
+    /// How long to keep an answer whose TTL is `ttl`.
+    pub fn keep(&self, ttl: Duration) -> Duration {
+        ttl.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
     }
 }
 
@@ -197,6 +241,8 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub label: String,
+    /// The host part of the label (a name or an address), for TLS.
+    pub host: String,
     pub addr: SocketAddr,
 }
 
@@ -216,8 +262,10 @@ impl Routes {
                 .with_context(|| format!("route {domain}={target}: cannot resolve {target:?} (want HOST:PORT)"))?
                 .next()
                 .with_context(|| format!("route {domain}={target}: {target:?} has no address"))?;
+            let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
             let t = Target {
                 label: target.clone(),
+                host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
                 addr,
             };
             if domain == "*" {
@@ -234,6 +282,11 @@ impl Routes {
     /// The target of a lower-cased domain.
     pub fn lookup(&self, domain: &str) -> Option<&Target> {
         self.exact.get(domain).or(self.wildcard.as_ref())
+    }
+
+    /// True when every domain has a route, so no MX lookup is ever needed.
+    pub fn covers_all(&self) -> bool {
+        self.wildcard.is_some()
     }
 }
 
@@ -277,7 +330,9 @@ mod tests {
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
-        assert_eq!(cfg.routes.len(), 2);
+        assert_eq!(cfg.routes.len(), 1);
+        assert_eq!(cfg.mx_port, d.mx_port);
+        assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
     }
 
     #[test]
@@ -293,6 +348,14 @@ mod tests {
         cfg.add_route("a.test=no-port").unwrap();
         let err = Routes::resolve(&cfg.routes).unwrap_err();
         assert!(format!("{err:#}").contains("a.test=no-port"), "{err:#}");
+    }
+
+    #[test]
+    fn dns_answers_are_kept_between_the_floor_and_the_ceiling() {
+        let d = DnsConfig::default();
+        assert_eq!(d.keep(Duration::from_secs(5)), Duration::from_secs(30));
+        assert_eq!(d.keep(Duration::from_secs(600)), Duration::from_secs(600));
+        assert_eq!(d.keep(Duration::from_secs(86400)), Duration::from_secs(3600));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod generator;
 pub mod ingest;
 pub mod outcome;

@@ -54,6 +54,9 @@ struct SendArgs {
     /// DOMAIN=HOST:PORT (repeatable; `*` matches every domain).
     #[arg(long = "route", value_name = "DOMAIN=HOST:PORT")]
     routes: Vec<String>,
+    /// Nameserver for MX lookups as IP:PORT (repeatable; default: those of /etc/resolv.conf).
+    #[arg(long = "dns", value_name = "IP:PORT")]
+    dns: Vec<std::net::SocketAddr>,
     /// Executors, one per core (default: the cores available).
     #[arg(long)]
     shards: Option<usize>,
@@ -187,6 +190,9 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     };
     for r in &a.routes {
         config.add_route(r)?;
+    }
+    if !a.dns.is_empty() {
+        config.dns.servers = a.dns;
     }
     config.shards = a.shards.or(config.shards);
     config.log = a.log.or(config.log);

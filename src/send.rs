@@ -14,6 +14,7 @@ use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{Config, Routes};
+use crate::dns::NetThread;
 use crate::ingest::{Ingest, Report};
 use crate::outcome::{Outcome, OutcomeBatch};
 use crate::shard::{self, Control, ShardParams};
@@ -126,6 +127,13 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let routes = Arc::new(Routes::resolve(&cfg.routes)?);
+    // MX lookups need the resolver thread; with a route for every domain there are none.
+    let net_thread = if routes.covers_all() {
+        None
+    } else {
+        Some(NetThread::start(&cfg.dns)?)
+    };
+    let net = net_thread.as_ref().map(NetThread::net);
     let mut log = match &cfg.log {
         Some(p) => Some(BufWriter::with_capacity(
             256 * 1024,
@@ -153,6 +161,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             shards,
             cfg: cfg.clone(),
             routes: routes.clone(),
+            net: net.clone(),
             ehlo_name: ehlo_name.clone(),
             log: log.is_some(),
             inbox: rx,
@@ -253,6 +262,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     if let Some(mut w) = log {
         w.flush().context("cannot write the delivery log")?;
     }
+    drop(net_thread);
     match ingest.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

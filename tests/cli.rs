@@ -110,8 +110,18 @@ fn expired_recipients_make_send_exit_3() {
         "{\"from\":\"a@b.test\",\"to\":[\"c@nowhere.test\"],\"data\":\"x\"}\n",
     )
     .unwrap();
+    let dead = format!("nowhere.test=127.0.0.1:{}", free_port());
     let out = run(volley()
-        .args(["send", "--quiet", "--max-age", "300ms", "--retry-initial", "50ms"])
+        .args([
+            "send",
+            "--quiet",
+            "--max-age",
+            "300ms",
+            "--retry-initial",
+            "50ms",
+            "--route",
+            &dead,
+        ])
         .arg(&spool));
     assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stdout).contains("1 expired"));

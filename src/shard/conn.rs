@@ -10,21 +10,32 @@ use std::time::Instant;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::{Dest, Shard, Txn};
+use super::{Candidate, Dest, Shard, Txn};
 use crate::smtp::{Event, Session};
 
 /// Bytes read from the socket at a time.
 const READ_BUF_BYTES: usize = 16 * 1024;
 
 pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
-    let result = drive(&shard, &dest).await;
-    dest.open.set(dest.open.get() - 1);
-    match result {
-        Ok(()) => {}
-        Err(reason) => {
-            tracing::debug!("connection to {} failed: {reason}", dest.label);
-            shard.destination_failed(&dest, &reason);
+    // Try the hosts in order (MX preference, then each address) until one
+    // gets as far as EHLO; only when none does is the destination at fault.
+    let hosts = dest.hosts.borrow().clone();
+    let mut failure = Some(format!("{}: no host to connect to", dest.label));
+    for host in hosts.iter() {
+        match drive(&shard, &dest, host).await {
+            Ok(()) => {
+                failure = None;
+                break;
+            }
+            Err(reason) => {
+                tracing::debug!("{reason}");
+                failure = Some(reason);
+            }
         }
+    }
+    dest.open.set(dest.open.get() - 1);
+    if let Some(reason) = failure {
+        shard.destination_failed(&dest, &reason);
     }
     if !dest.queue.borrow().is_empty() {
         shard.kick(&dest);
@@ -33,14 +44,14 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
 
 /// Runs the connection to its end. `Err` means it never got ready (connect,
 /// greeting or EHLO failed): the destination's problem, not a transaction's.
-async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>) -> Result<(), String> {
+async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(), String> {
     let cfg = &shard.cfg;
-    let mut stream = TcpStream::connect_timeout(dest.addr, cfg.timeouts.connect)
+    let peer = format!("{} [{}]", host.name, host.addr);
+    let mut stream = TcpStream::connect_timeout(host.addr, cfg.timeouts.connect)
         .await
-        .map_err(|e| format!("connect to {} failed: {e}", dest.label))?;
+        .map_err(|e| format!("connect to {peer} failed: {e}"))?;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(cfg.timeouts.data_block));
-    let ip = dest.addr.ip();
     let mut session: Session<Txn> = Session::new(&shard.ehlo_name);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     let mut submitted = 0usize;
@@ -54,9 +65,9 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>) -> Result<(), String> {
                     dest.ready.set(dest.ready.get() + 1);
                     shard.destination_up(dest);
                 }
-                Event::Done(report) => shard.complete(report, dest, ip),
+                Event::Done(report) => shard.complete(report, host),
                 Event::Unsent(txn) => dest.queue.borrow_mut().push_front(txn),
-                Event::Failed { reason, .. } => setup_error = Some(format!("{}: {reason}", dest.label)),
+                Event::Failed { reason, .. } => setup_error = Some(format!("{peer}: {reason}")),
             }
         }
         if session.is_closed() {
@@ -77,7 +88,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>) -> Result<(), String> {
         }
         if !session.output().is_empty() {
             if let Err(e) = stream.write_all(session.output()).await {
-                session.connection_lost(&format!("write to {} failed: {e}", dest.label));
+                session.connection_lost(&format!("write to {} failed: {e}", peer));
                 continue;
             }
             let n = session.output().len();
@@ -95,14 +106,14 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>) -> Result<(), String> {
         };
         let _ = stream.set_read_timeout(Some(cfg.timeouts.for_wait(wait)));
         match stream.read(&mut buf).await {
-            Ok(0) => session.connection_lost(&format!("{} closed the connection", dest.label)),
+            Ok(0) => session.connection_lost(&format!("{} closed the connection", peer)),
             Ok(n) => session.feed(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(&format!(
                 "timed out after {}s waiting for {} to answer {wait:?}",
                 cfg.timeouts.for_wait(wait).as_secs(),
-                dest.label
+                peer
             )),
-            Err(e) => session.connection_lost(&format!("read from {} failed: {e}", dest.label)),
+            Err(e) => session.connection_lost(&format!("read from {} failed: {e}", peer)),
         }
     }
     if was_ready {

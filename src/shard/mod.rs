@@ -19,9 +19,10 @@ use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
 use crate::config::{Config, Routes, Target};
+use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
-use crate::smtp::{Decider, Envelope, Status, TxnReport, WireMessage};
+use crate::smtp::{Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
 use crate::spool::{self, MappedFile, Span};
 
 /// How often a shard hands its outcomes to the collector.
@@ -46,6 +47,8 @@ pub struct ShardParams {
     pub shards: usize,
     pub cfg: Arc<Config>,
     pub routes: Arc<Routes>,
+    /// The resolver; `None` when every domain has a route.
+    pub net: Option<Net>,
     pub ehlo_name: String,
     pub log: bool,
     pub inbox: Receiver<ToShard>,
@@ -72,13 +75,40 @@ struct LocalFile {
 
 pub(crate) struct Domain {
     name: Rc<str>,
-    dest: Option<Rc<Dest>>,
+    route: RefCell<DomainRoute>,
 }
 
-/// Where mail goes (for now a route's HOST:PORT) and the connections to it.
+/// Where a domain's mail goes, as far as the shard knows.
+enum DomainRoute {
+    /// A configured route: no lookup.
+    Fixed(Rc<Dest>),
+    /// Not looked up yet, or the last answer expired or failed.
+    Unknown,
+    /// A lookup is under way; these transactions wait for it.
+    Resolving(Vec<Txn>),
+    /// The MX host set, until the answer's (clamped) TTL runs out.
+    Known { dest: Rc<Dest>, until: Instant },
+    /// The domain takes no mail (NXDOMAIN, null MX): bounce until `until`.
+    Refused {
+        enhanced: Enhanced,
+        reason: Rc<str>,
+        until: Instant,
+    },
+}
+
+/// A host to connect to: its name (for the log and TLS) and one of its addresses.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    name: Rc<str>,
+    addr: SocketAddr,
+}
+
+/// Where mail goes: a route's HOST:PORT or a domain's MX host set, and the
+/// connections to it. Domains with the same route or MX set share one.
 pub(crate) struct Dest {
     label: Rc<str>,
-    addr: SocketAddr,
+    /// In the order to try (MX preference, then each host's addresses).
+    hosts: RefCell<Rc<[Candidate]>>,
     queue: RefCell<VecDeque<Txn>>,
     /// Connections open or opening.
     open: Cell<usize>,
@@ -175,13 +205,14 @@ impl<'a> From<Decider<'a>> for Said<'a> {
 pub(crate) struct Shard {
     cfg: Arc<Config>,
     routes: Arc<Routes>,
+    net: Option<Net>,
     ehlo_name: String,
     conn_limit: usize,
     files: RefCell<HashMap<u32, Rc<LocalFile>>>,
     raw_messages: RefCell<HashMap<u32, Arc<MappedFile>>>,
     prepared: RefCell<HashMap<u32, Weak<WireMessage>>>,
     domains: RefCell<HashMap<Box<str>, Rc<Domain>>>,
-    dests: RefCell<HashMap<SocketAddr, Rc<Dest>>>,
+    dests: RefCell<HashMap<Rc<str>, Rc<Dest>>>,
     retries: RefCell<BinaryHeap<Due>>,
     retry_seq: Cell<u64>,
     recorder: RefCell<Recorder>,
@@ -197,6 +228,7 @@ async fn run(p: ShardParams) {
         conn_limit: connection_share(p.cfg.max_connections_per_destination, p.shards, p.index),
         cfg: p.cfg.clone(),
         routes: p.routes.clone(),
+        net: p.net.clone(),
         ehlo_name: p.ehlo_name.clone(),
         files: RefCell::default(),
         raw_messages: RefCell::default(),
@@ -292,6 +324,11 @@ async fn retry_loop(shard: Rc<Shard>) {
     }
 }
 
+async fn resolve(shard: Rc<Shard>, net: Net, domain: Rc<Domain>) {
+    let answer = net.resolve_mx(&domain.name).await;
+    shard.resolved(&domain, answer);
+}
+
 impl Shard {
     fn accept(self: &Rc<Self>, msg: ToShard) {
         match msg {
@@ -359,35 +396,66 @@ impl Shard {
         if let Some(d) = self.domains.borrow().get(lower.as_str()) {
             return d.clone();
         }
-        let dest = self.routes.lookup(&lower).map(|t| self.dest(t));
+        let route = match self.routes.lookup(&lower) {
+            Some(t) => DomainRoute::Fixed(self.route_dest(t)),
+            None => DomainRoute::Unknown,
+        };
         let d = Rc::new(Domain {
             name: Rc::from(lower.as_str()),
-            dest,
+            route: RefCell::new(route),
         });
         self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
         self.inserted();
         d
     }
 
-    fn dest(&self, target: &Target) -> Rc<Dest> {
-        self.dests
-            .borrow_mut()
-            .entry(target.addr)
-            .or_insert_with(|| {
-                Rc::new(Dest {
-                    label: Rc::from(target.label.as_str()),
-                    addr: target.addr,
-                    queue: RefCell::default(),
-                    open: Cell::new(0),
-                    ready: Cell::new(0),
-                    parked: Cell::new(0),
-                    wake: Event::new(),
-                    down_until: Cell::new(None),
-                    failures: Cell::new(0),
-                    last_error: RefCell::default(),
+    fn route_dest(&self, target: &Target) -> Rc<Dest> {
+        let hosts = [Candidate {
+            name: Rc::from(target.host.as_str()),
+            addr: target.addr,
+        }];
+        self.dest(&target.label, hosts.into())
+    }
+
+    /// The destination of an MX host set; the latest answer sets its host order.
+    fn mx_dest(&self, hosts: &[MxHost]) -> Rc<Dest> {
+        let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        names.sort_unstable();
+        let label = format!("{}:{}", names.join(","), self.cfg.mx_port);
+        let candidates: Rc<[Candidate]> = hosts
+            .iter()
+            .flat_map(|h| {
+                let name: Rc<str> = Rc::from(h.name.as_str());
+                h.addrs.iter().map(move |ip| Candidate {
+                    name: name.clone(),
+                    addr: SocketAddr::new(*ip, self.cfg.mx_port),
                 })
             })
-            .clone()
+            .collect();
+        let dest = self.dest(&label, candidates.clone());
+        *dest.hosts.borrow_mut() = candidates;
+        dest
+    }
+
+    fn dest(&self, label: &str, hosts: Rc<[Candidate]>) -> Rc<Dest> {
+        if let Some(d) = self.dests.borrow().get(label) {
+            return d.clone();
+        }
+        let label: Rc<str> = Rc::from(label);
+        let d = Rc::new(Dest {
+            label: label.clone(),
+            hosts: RefCell::new(hosts),
+            queue: RefCell::default(),
+            open: Cell::new(0),
+            ready: Cell::new(0),
+            parked: Cell::new(0),
+            wake: Event::new(),
+            down_until: Cell::new(None),
+            failures: Cell::new(0),
+            last_error: RefCell::default(),
+        });
+        self.dests.borrow_mut().insert(label, d.clone());
+        d
     }
 
     /// Forgets domains and prepared messages that no transaction uses any more.
@@ -400,17 +468,44 @@ impl Shard {
         }
     }
 
-    /// Queues a transaction on its destination, or defers it when it has none or that is down.
+    /// Sends a transaction on its way: onto its destination's queue, into the
+    /// wait for its domain's MX lookup, or straight to its outcome when the
+    /// domain takes no mail or its destination is backed off.
     fn dispatch(self: &Rc<Self>, txn: Txn) {
-        let Some(dest) = txn.domain.dest.clone() else {
-            let reason = format!(
-                "no route for {}: MX resolution is not supported yet; add --route {}=HOST:PORT or a [routes] entry",
-                txn.domain.name, txn.domain.name
-            );
-            return self.defer(txn, &reason, None);
+        let domain = txn.domain.clone();
+        let now = Instant::now();
+        let mut route = domain.route.borrow_mut();
+        let dest = match &mut *route {
+            DomainRoute::Fixed(d) => d.clone(),
+            DomainRoute::Known { dest, until } if now < *until => dest.clone(),
+            DomainRoute::Refused {
+                enhanced,
+                reason,
+                until,
+            } if now < *until => {
+                let (enhanced, reason) = (*enhanced, reason.clone());
+                drop(route);
+                return self.bounce(txn, enhanced, &reason);
+            }
+            DomainRoute::Resolving(waiting) => {
+                waiting.push(txn);
+                return;
+            }
+            _ => {
+                let Some(net) = self.net.clone() else {
+                    drop(route);
+                    let reason = format!("no route for {} and no resolver", domain.name);
+                    return self.defer(txn, &reason, None);
+                };
+                *route = DomainRoute::Resolving(vec![txn]);
+                drop(route);
+                glommio::spawn_local(resolve(self.clone(), net, domain)).detach();
+                return;
+            }
         };
+        drop(route);
         if let Some(until) = dest.down_until.get()
-            && Instant::now() < until
+            && now < until
         {
             let reason = format!(
                 "delivery to {} temporarily suspended: {}",
@@ -421,6 +516,71 @@ impl Shard {
         }
         dest.queue.borrow_mut().push_back(txn);
         self.kick(&dest);
+    }
+
+    /// Takes an MX answer for a domain and releases the transactions that waited for it.
+    fn resolved(self: &Rc<Self>, domain: &Domain, answer: MxAnswer) {
+        let now = Instant::now();
+        let dns = &self.cfg.dns;
+        let (next, temporary) = match answer {
+            MxAnswer::Hosts { hosts, ttl } => (
+                DomainRoute::Known {
+                    dest: self.mx_dest(&hosts),
+                    until: now + dns.keep(ttl),
+                },
+                None,
+            ),
+            MxAnswer::NullMx => (
+                DomainRoute::Refused {
+                    enhanced: Enhanced {
+                        class: 5,
+                        subject: 1,
+                        detail: 10,
+                    },
+                    reason: Rc::from(format!(
+                        "{}: the domain accepts no mail (null MX, RFC 7505)",
+                        domain.name
+                    )),
+                    until: now + dns.negative_ttl,
+                },
+                None,
+            ),
+            MxAnswer::NoSuchDomain(why) => (
+                DomainRoute::Refused {
+                    enhanced: Enhanced {
+                        class: 5,
+                        subject: 1,
+                        detail: 2,
+                    },
+                    reason: Rc::from(why),
+                    until: now + dns.negative_ttl,
+                },
+                None,
+            ),
+            MxAnswer::Temporary(why) => (DomainRoute::Unknown, Some(why)),
+        };
+        let waiting = match std::mem::replace(&mut *domain.route.borrow_mut(), next) {
+            DomainRoute::Resolving(w) => w,
+            _ => Vec::new(),
+        };
+        for txn in waiting {
+            match &temporary {
+                Some(why) => self.defer(txn, why, None),
+                None => self.dispatch(txn),
+            }
+        }
+    }
+
+    /// Bounces every recipient of a transaction for a local, permanent reason.
+    fn bounce(&self, txn: Txn, enhanced: Enhanced, reason: &str) {
+        for i in 0..txn.rcpts.len() {
+            let said = Said {
+                code: None,
+                enhanced: Some(enhanced),
+                text: reason,
+            };
+            self.record(&txn, i, Outcome::Bounced, said, None, None, None);
+        }
     }
 
     /// Wakes a parked connection, or opens another while the queue outgrows the parked ones.
@@ -458,7 +618,7 @@ impl Shard {
     }
 
     /// Settles every recipient of a finished transaction.
-    fn complete(self: &Rc<Self>, report: TxnReport<Txn>, dest: &Dest, ip: IpAddr) {
+    fn complete(self: &Rc<Self>, report: TxnReport<Txn>, host: &Candidate) {
         let now = Instant::now();
         let txn = &report.txn;
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
@@ -479,7 +639,15 @@ impl Shard {
                     Outcome::Deferred
                 }
             };
-            self.record(txn, i, outcome, decider.into(), Some(&dest.label), Some(ip), latency_ms);
+            self.record(
+                txn,
+                i,
+                outcome,
+                decider.into(),
+                Some(&host.name),
+                Some(host.addr.ip()),
+                latency_ms,
+            );
         }
         if delivered {
             self.recorder.borrow_mut().message_delivered();

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: spools, delivery logs, sink dumps.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

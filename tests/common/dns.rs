@@ -1,0 +1,61 @@
+//! A DNS server for tests: hickory-server answering for the zone `test.` on
+//! a loopback UDP port, from records given as (name, value) pairs.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use hickory_server::Server;
+use hickory_server::net::runtime::TokioRuntimeProvider;
+use hickory_server::proto::rr::rdata::{A, MX, SOA};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+pub enum Rr {
+    Mx(&'static str, u16, &'static str),
+    A(&'static str, Ipv4Addr),
+}
+
+fn name(s: &str) -> Name {
+    Name::from_ascii(if s.ends_with('.') {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    })
+    .unwrap()
+}
+
+/// Serves the records until the process ends; returns the server's address.
+pub fn serve(records: Vec<Rr>) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let origin = name("test.");
+            let mut zone =
+                InMemoryZoneHandler::<TokioRuntimeProvider>::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+            let soa = SOA::new(name("ns.test."), name("admin.test."), 1, 3600, 600, 86400, 60);
+            zone.upsert_mut(Record::from_rdata(origin.clone(), 3600, RData::SOA(soa)), 1);
+            for r in records {
+                let rec = match r {
+                    Rr::Mx(owner, pref, exchange) => {
+                        Record::from_rdata(name(owner), 300, RData::MX(MX::new(pref, name(exchange))))
+                    }
+                    Rr::A(owner, ip) => Record::from_rdata(name(owner), 300, RData::A(A(ip))),
+                };
+                assert!(zone.upsert_mut(rec, 1));
+            }
+            let mut catalog = Catalog::new();
+            catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
+            let mut server = Server::new(catalog);
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            tx.send(socket.local_addr().unwrap()).unwrap();
+            server.register_socket(socket);
+            let _ = server.block_until_done().await;
+        });
+    });
+    rx.recv().unwrap()
+}

@@ -1,0 +1,185 @@
+//! MX resolution against a real DNS server (hickory-server on loopback):
+//! preferences, implicit MX, null MX, NXDOMAIN, a dead first MX, failures,
+//! and domains that share an MX set sharing connections.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use common::dns::{Rr, serve};
+use common::{finals, read_log};
+use volley::config::Config;
+use volley::outcome::Outcome;
+use volley::send::{Progress, SendOptions, Summary, send};
+use volley::sink::{Sink, SinkOptions};
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+fn zone() -> Vec<Rr> {
+    vec![
+        Rr::Mx("pref.test", 20, "mx2.pref.test"),
+        Rr::Mx("pref.test", 10, "mx1.pref.test"),
+        Rr::A("mx1.pref.test", ip(2)),
+        Rr::A("mx2.pref.test", ip(3)),
+        Rr::A("implicit.test", ip(4)),
+        Rr::Mx("nullmx.test", 0, "."),
+        Rr::Mx("firstdead.test", 10, "dead.firstdead.test"),
+        Rr::Mx("firstdead.test", 20, "live.firstdead.test"),
+        Rr::A("dead.firstdead.test", ip(9)),
+        Rr::A("live.firstdead.test", ip(5)),
+        Rr::Mx("shared1.test", 10, "mx1.pref.test"),
+        Rr::Mx("shared2.test", 10, "mx1.pref.test"),
+    ]
+}
+
+/// A sink on each of `lasts` (127.0.0.N), all on one port; returns (sinks, port).
+fn sinks(lasts: &[u8]) -> (Vec<Sink>, u16) {
+    let first = Sink::start(SinkOptions {
+        listen: format!("{}:0", ip(lasts[0])).parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let port = first.addr().port();
+    let mut all = vec![first];
+    for &l in &lasts[1..] {
+        all.push(
+            Sink::start(SinkOptions {
+                listen: format!("{}:{port}", ip(l)).parse().unwrap(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+    }
+    (all, port)
+}
+
+fn send_to(
+    dns: std::net::SocketAddr,
+    port: u16,
+    lines: &[String],
+    tune: impl FnOnce(&mut Config),
+) -> (Summary, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("s.jsonl");
+    std::fs::write(&spool, lines.join("\n") + "\n").unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = Config {
+        shards: Some(1),
+        log: Some(log.clone()),
+        mx_port: port,
+        ..Config::default()
+    };
+    cfg.dns.servers = vec![dns];
+    cfg.dns.timeout = Duration::from_millis(500);
+    cfg.retry.initial = Duration::from_millis(50);
+    cfg.idle_timeout = Duration::from_millis(300);
+    cfg.timeouts.connect = Duration::from_secs(2);
+    tune(&mut cfg);
+    let summary = send(SendOptions {
+        spools: vec![spool],
+        config: cfg,
+        progress: Progress::Off,
+    })
+    .unwrap();
+    (summary, read_log(&log))
+}
+
+fn job(id: &str, rcpts: &[&str]) -> String {
+    serde_json::json!({"id": id, "from": "news@sender.test", "to": rcpts, "data": "Subject: mx\n\nhi\n"}).to_string()
+}
+
+#[test]
+fn mx_preference_implicit_mx_and_a_dead_first_mx() {
+    let dns = serve(zone());
+    let (sinks, port) = sinks(&[2, 3, 4, 5]);
+    let (summary, log) = send_to(
+        dns,
+        port,
+        &[
+            job("p", &["a@pref.test", "b@PREF.test"]),
+            job("i", &["c@implicit.test"]),
+            job("d", &["e@firstdead.test"]),
+        ],
+        |_| {},
+    );
+    assert_eq!(summary.count(Outcome::Delivered), 4, "{log:?}");
+    let counts: Vec<u64> = sinks.into_iter().map(|s| s.stop().recipients).collect();
+    assert_eq!(
+        counts,
+        vec![2, 0, 1, 1],
+        "pref 10 wins over 20; the implicit MX is the domain; the live MX after the dead one"
+    );
+    let f = finals(&log);
+    let p = &f[&("p".to_string(), "a@pref.test".to_string())];
+    assert_eq!(p["mx"], "mx1.pref.test");
+    assert_eq!(p["ip"], "127.0.0.2");
+    let d = &f[&("d".to_string(), "e@firstdead.test".to_string())];
+    assert_eq!(d["mx"], "live.firstdead.test");
+    assert_eq!(d["attempt"], 1, "the dead MX costs no deferral");
+}
+
+#[test]
+fn null_mx_and_nxdomain_bounce_and_a_refused_lookup_defers() {
+    let dns = serve(zone());
+    let (summary, log) = send_to(
+        dns,
+        1,
+        &[
+            job("n", &["a@nullmx.test"]),
+            job("x", &["b@nonexistent.test"]),
+            job("s", &["c@outside.example"]),
+        ],
+        |c| c.retry.max_age = Duration::from_millis(400),
+    );
+    let f = finals(&log);
+    let n = &f[&("n".to_string(), "a@nullmx.test".to_string())];
+    assert_eq!(
+        (n["outcome"].as_str(), n["enhanced"].as_str()),
+        (Some("bounced"), Some("5.1.10")),
+        "{n}"
+    );
+    assert!(n["reply"].as_str().unwrap().contains("null MX"));
+    let x = &f[&("x".to_string(), "b@nonexistent.test".to_string())];
+    assert_eq!(
+        (x["outcome"].as_str(), x["enhanced"].as_str()),
+        (Some("bounced"), Some("5.1.2")),
+        "{x}"
+    );
+    // Our server is not authoritative for outside.example: it refuses, which is temporary.
+    let s = &f[&("s".to_string(), "c@outside.example".to_string())];
+    assert_eq!(s["outcome"], "expired", "{s}");
+    assert!(
+        s["reply"]
+            .as_str()
+            .unwrap()
+            .contains("MX lookup for outside.example failed"),
+        "{s}"
+    );
+    assert!(
+        log.iter()
+            .filter(|r| r["id"] == "s" && r["outcome"] == "deferred")
+            .count()
+            >= 1
+    );
+    assert_eq!(summary.count(Outcome::Bounced), 2);
+}
+
+#[test]
+fn domains_with_the_same_mx_set_share_a_connection() {
+    let dns = serve(zone());
+    let (sinks, port) = sinks(&[2]);
+    let lines: Vec<String> = (0..40)
+        .map(|i| job(&format!("j{i}"), &[&format!("u{i}@shared{}.test", 1 + i % 2)]))
+        .collect();
+    let (summary, _) = send_to(dns, port, &lines, |c| c.max_connections_per_destination = 1);
+    assert_eq!(summary.count(Outcome::Delivered), 40);
+    let counts = sinks.into_iter().next().unwrap().stop();
+    assert_eq!(
+        counts.sessions, 1,
+        "shared1.test and shared2.test went over one connection: {counts}"
+    );
+    assert_eq!(counts.messages, 40);
+}
