@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use volley::generator::message;
-use volley::smtp::{Envelope, Event, ReplyParser, Session, WireMessage};
+use volley::smtp::{Envelope, Event, ReplyParser, Session, TlsMode, WireMessage};
 
 fn replies(c: &mut Criterion) {
     let mut g = c.benchmark_group("reply_parser");
@@ -68,7 +68,7 @@ impl Envelope for Txn {
 fn session(c: &mut Criterion) {
     let body = WireMessage::prepare(&message(1500));
     c.bench_function("session_pipelined_transaction", |b| {
-        let mut s: Session<Txn> = Session::new("bench.test");
+        let mut s: Session<Txn> = Session::new("bench.test", TlsMode::Off);
         s.feed(b"220 mx ESMTP\r\n250-mx\r\n250 PIPELINING\r\n");
         while s.poll_event().is_some() {}
         let n = s.output().len();

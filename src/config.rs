@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::smtp::Wait;
+use crate::tls::TlsPolicy;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,6 +35,15 @@ pub struct Config {
     pub routes: BTreeMap<String, String>,
     /// Port of the MX hosts (25; other values are for tests and labs).
     pub mx_port: u16,
+    /// TLS policy for every domain without its own in `tls_policy`.
+    pub tls: TlsPolicy,
+    /// TLS policy per domain.
+    pub tls_policy: BTreeMap<String, TlsPolicy>,
+    /// Extra trust roots (PEM) for the `verify` policy, beside the system store.
+    pub ca_file: Option<PathBuf>,
+    /// After a failed handshake under `opportunistic`, a host gets plaintext for this long.
+    #[serde(with = "humantime_serde")]
+    pub tls_fallback: Duration,
     pub dns: DnsConfig,
     /// Delivery log (JSON Lines).
     pub log: Option<PathBuf>,
@@ -53,6 +63,10 @@ impl Default for Config {
             retry: Retry::default(),
             routes: BTreeMap::new(),
             mx_port: 25,
+            tls: TlsPolicy::default(),
+            tls_policy: BTreeMap::new(),
+            ca_file: None,
+            tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
             log: None,
         }
@@ -121,6 +135,9 @@ pub struct Timeouts {
     pub data_term: Duration,
     #[serde(with = "humantime_serde")]
     pub quit: Duration,
+    /// For the TLS handshake after STARTTLS.
+    #[serde(with = "humantime_serde")]
+    pub starttls: Duration,
 }
 
 impl Default for Timeouts {
@@ -136,6 +153,7 @@ impl Default for Timeouts {
             data_block: m(3),
             data_term: m(10),
             quit: Duration::from_secs(30),
+            starttls: Duration::from_secs(30),
         }
     }
 }
@@ -144,7 +162,7 @@ impl Timeouts {
     pub fn for_wait(&self, wait: Wait) -> Duration {
         match wait {
             Wait::Greeting => self.greeting,
-            Wait::Ehlo => self.ehlo,
+            Wait::Ehlo | Wait::StartTls => self.ehlo,
             Wait::Mail | Wait::Rset => self.mail,
             Wait::Rcpt => self.rcpt,
             Wait::DataInit => self.data_init,
@@ -207,6 +225,11 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "localhost".into())
         })
+    }
+
+    /// The TLS policy of a lower-cased domain.
+    pub fn tls_policy_of(&self, domain: &str) -> TlsPolicy {
+        self.tls_policy.get(domain).copied().unwrap_or(self.tls)
     }
 
     /// Adds a `DOMAIN=HOST:PORT` route from the command line (it overrides the file's).
@@ -332,6 +355,8 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.mx_port, d.mx_port);
+        assert_eq!((cfg.tls, cfg.tls_fallback), (d.tls, d.tls_fallback));
+        assert_eq!(cfg.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
     }
 

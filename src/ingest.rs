@@ -271,6 +271,7 @@ impl Ingest {
             ip: None,
             attempt: 0,
             latency_ms: None,
+            tls: None,
         });
     }
 

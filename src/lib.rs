@@ -14,3 +14,4 @@ pub mod shard;
 pub mod sink;
 pub mod smtp;
 pub mod spool;
+pub mod tls;

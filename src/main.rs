@@ -82,6 +82,12 @@ struct SendArgs {
     /// Name to send in EHLO/HELO (default: this host's name).
     #[arg(long)]
     ehlo_name: Option<String>,
+    /// TLS policy for every domain: disabled, opportunistic (default), required or verify.
+    #[arg(long)]
+    tls: Option<volley::tls::TlsPolicy>,
+    /// Extra trust roots (PEM) for the verify policy, beside the system store.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// No progress bar or progress lines.
     #[arg(long)]
     quiet: bool,
@@ -118,9 +124,21 @@ struct SinkArgs {
     /// Seed of the fault injection.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Name in the greeting and EHLO reply.
+    /// Name in the greeting and EHLO reply (and of the self-signed certificate).
     #[arg(long, default_value = "sink.volley.test")]
     hostname: String,
+    /// Offer STARTTLS (with a self-signed certificate unless --cert/--key are given).
+    #[arg(long)]
+    tls: bool,
+    /// Certificate chain (PEM) for --tls.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Offer STARTTLS, answer 220, then close instead of the handshake.
+    #[arg(long)]
+    tls_fault: bool,
 }
 
 #[derive(Args)]
@@ -197,6 +215,10 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     config.shards = a.shards.or(config.shards);
     config.log = a.log.or(config.log);
     config.ehlo_name = a.ehlo_name.or(config.ehlo_name);
+    config.ca_file = a.ca_file.or(config.ca_file);
+    if let Some(t) = a.tls {
+        config.tls = t;
+    }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;
     }
@@ -237,6 +259,12 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!((0.0..=1.0).contains(&p), "{name} must be between 0 and 1, got {p}");
     }
     let shards = a.shards.unwrap_or_else(|| Config::default().shards());
+    let tls = if a.tls || a.cert.is_some() {
+        let pair = a.cert.as_deref().zip(a.key.as_deref());
+        Some(volley::tls::server_config(pair, &a.hostname)?)
+    } else {
+        None
+    };
     let sink = Sink::start(SinkOptions {
         listen: a.listen,
         shards,
@@ -247,6 +275,8 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         latency: Duration::from_millis(a.latency_ms),
         dump: a.dump,
         seed: a.seed,
+        tls,
+        tls_fault: a.tls_fault,
     })?;
     eprintln!("volley sink listening on {} ({shards} shards)", sink.addr());
     let stop = Arc::new(AtomicBool::new(false));

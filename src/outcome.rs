@@ -96,6 +96,8 @@ pub struct LogRecord<'a> {
     pub ip: Option<IpAddr>,
     pub attempt: u32,
     pub latency_ms: Option<u64>,
+    /// TLS version and cipher of the connection, when TLS was negotiated.
+    pub tls: Option<&'a str>,
 }
 
 /// What one producer sends the collector at a time.
@@ -201,6 +203,7 @@ mod tests {
             ip: Some("127.0.0.1".parse().unwrap()),
             attempt: 1,
             latency_ms: Some(3),
+            tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
         });
         let b = r.take().unwrap();
         let line = String::from_utf8(b.log.clone()).unwrap();
@@ -208,7 +211,7 @@ mod tests {
             line,
             "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"id\":\"a.jsonl:7\",\"rcpt\":\"x@d.test\",\"domain\":\"d.test\",\
 \"outcome\":\"bounced\",\"code\":550,\"enhanced\":\"5.1.1\",\"reply\":\"5.1.1 no such user\",\"mx\":\"127.0.0.1:25\",\
-\"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3}\n"
+\"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3,\"tls\":\"TLSv1.3 TLS13_AES_128_GCM_SHA256\"}\n"
         );
         assert_eq!(b.finals(), 1);
         assert_eq!(b.codes, vec![(550, 1)]);

@@ -19,6 +19,7 @@ use crate::ingest::{Ingest, Report};
 use crate::outcome::{Outcome, OutcomeBatch};
 use crate::shard::{self, Control, ShardParams};
 use crate::spool::MappedFile;
+use crate::tls::TlsClient;
 
 /// Batches of work waiting in each shard's inbox.
 const INBOX_BATCHES: usize = 16;
@@ -134,6 +135,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         Some(NetThread::start(&cfg.dns)?)
     };
     let net = net_thread.as_ref().map(NetThread::net);
+    let tls = TlsClient::new(cfg.ca_file.as_deref())?;
     let mut log = match &cfg.log {
         Some(p) => Some(BufWriter::with_capacity(
             256 * 1024,
@@ -162,6 +164,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             cfg: cfg.clone(),
             routes: routes.clone(),
             net: net.clone(),
+            tls: tls.clone(),
             ehlo_name: ehlo_name.clone(),
             log: log.is_some(),
             inbox: rx,

@@ -20,6 +20,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::ExecutorJoinHandle;
 use glommio::net::{TcpListener, TcpStream};
 
+use crate::tls::MaybeTls;
+
 /// Longest command line accepted (RFC 5321 allows 512 plus extension parameters).
 const MAX_COMMAND_BYTES: usize = 4096;
 /// A data line longer than this is passed through in pieces.
@@ -46,6 +48,10 @@ pub struct SinkOptions {
     pub latency: Duration,
     pub dump: Option<PathBuf>,
     pub seed: u64,
+    /// Offer STARTTLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Offer STARTTLS, answer 220, then close instead of the handshake (fault injection).
+    pub tls_fault: bool,
 }
 
 impl Default for SinkOptions {
@@ -60,6 +66,8 @@ impl Default for SinkOptions {
             latency: Duration::ZERO,
             dump: None,
             seed: 1,
+            tls: None,
+            tls_fault: false,
         }
     }
 }
@@ -68,6 +76,8 @@ impl Default for SinkOptions {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SinkCounts {
     pub sessions: u64,
+    /// Sessions that completed a TLS handshake.
+    pub tls_sessions: u64,
     pub messages: u64,
     pub recipients: u64,
     pub bytes: u64,
@@ -77,8 +87,8 @@ impl std::fmt::Display for SinkCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sessions {} messages {} recipients {} bytes {}",
-            self.sessions, self.messages, self.recipients, self.bytes
+            "sessions {} tls {} messages {} recipients {} bytes {}",
+            self.sessions, self.tls_sessions, self.messages, self.recipients, self.bytes
         )
     }
 }
@@ -87,6 +97,7 @@ impl std::fmt::Display for SinkCounts {
 #[derive(Default)]
 struct ShardStats {
     sessions: AtomicU64,
+    tls_sessions: AtomicU64,
     messages: AtomicU64,
     recipients: AtomicU64,
     bytes: AtomicU64,
@@ -174,6 +185,7 @@ impl Sink {
         let mut c = SinkCounts::default();
         for s in stats {
             c.sessions += s.sessions.load(Ordering::Relaxed);
+            c.tls_sessions += s.tls_sessions.load(Ordering::Relaxed);
             c.messages += s.messages.load(Ordering::Relaxed);
             c.recipients += s.recipients.load(Ordering::Relaxed);
             c.bytes += s.bytes.load(Ordering::Relaxed);
@@ -229,13 +241,16 @@ async fn serve(
     }
 }
 
-async fn session(mut stream: TcpStream, ctx: &Ctx) {
+type Stream = MaybeTls<futures_rustls::server::TlsStream<TcpStream>>;
+
+async fn session(tcp: TcpStream, ctx: &Ctx) {
     let stats = &ctx.stats[ctx.index];
     stats.add(&stats.sessions, 1);
     let conn = ctx.next_conn.get();
     ctx.next_conn.set(conn + 1);
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(250)));
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(250)));
+    let mut stream: Stream = MaybeTls::Plain(tcp);
     let seed = ctx.opts.seed ^ ((ctx.index as u64) << 48) ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut s = ServerSession::new(&ctx.opts, seed, ctx.opts.dump.is_some());
     let mut out = Vec::with_capacity(4096);
@@ -283,11 +298,31 @@ async fn session(mut stream: TcpStream, ctx: &Ctx) {
             }
             out.clear();
         }
-        if action != Action::Continue {
-            break;
+        match action {
+            Action::Continue => {}
+            Action::StartTls => {
+                let (Some(config), false) = (&ctx.opts.tls, ctx.opts.tls_fault) else {
+                    // The fault: STARTTLS accepted, then no handshake.
+                    let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
+                    return;
+                };
+                let MaybeTls::Plain(tcp) = stream else { return };
+                match futures_rustls::TlsAcceptor::from(config.clone()).accept(tcp).await {
+                    Ok(tls) => {
+                        stats.add(&stats.tls_sessions, 1);
+                        stream = MaybeTls::Tls(Box::new(tls));
+                        s.tls_started();
+                    }
+                    Err(e) => {
+                        tracing::debug!("sink TLS handshake failed: {e}");
+                        return;
+                    }
+                }
+            }
+            Action::Close | Action::Drop => break,
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
 }
 
 fn dump(path: &std::path::Path, m: &Received) -> std::io::Result<()> {
@@ -309,6 +344,8 @@ pub enum Action {
     /// Write the replies owed so far, then close without answering the last
     /// command (injected fault; no accepted message loses its reply).
     Drop,
+    /// Write the 220 to STARTTLS, then run the TLS handshake.
+    StartTls,
 }
 
 /// A message the sink accepted.
@@ -335,6 +372,8 @@ pub struct ServerSession {
     disconnect_rate: f64,
     rng: fastrand::Rng,
     keep_body: bool,
+    tls_offered: bool,
+    secure: bool,
     state: State,
     greeted: bool,
     mail: Option<String>,
@@ -357,6 +396,8 @@ impl ServerSession {
             disconnect_rate: opts.disconnect_rate,
             rng: fastrand::Rng::with_seed(seed),
             keep_body,
+            tls_offered: opts.tls.is_some() || opts.tls_fault,
+            secure: false,
             state: State::Command,
             greeted: false,
             mail: None,
@@ -368,6 +409,15 @@ impl ServerSession {
             queued: 0,
             received: Vec::new(),
         }
+    }
+
+    /// TLS is up: forget the plaintext session, including anything the client
+    /// pipelined after STARTTLS (RFC 3207 §4.2); the client must EHLO again.
+    pub fn tls_started(&mut self) {
+        self.buf.clear();
+        self.reset();
+        self.greeted = false;
+        self.secure = true;
     }
 
     pub fn greeting(&self, out: &mut Vec<u8>) {
@@ -479,9 +529,13 @@ impl ServerSession {
                 let mut s = String::new();
                 let _ = write!(
                     s,
-                    "250-{}\r\n250-PIPELINING\r\n250-SIZE {MAX_MESSAGE_BYTES}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
+                    "250-{}\r\n250-PIPELINING\r\n250-SIZE {MAX_MESSAGE_BYTES}\r\n250-8BITMIME\r\n",
                     self.hostname
                 );
+                if self.tls_offered && !self.secure {
+                    s.push_str("250-STARTTLS\r\n");
+                }
+                s.push_str("250 ENHANCEDSTATUSCODES");
                 reply(out, &s);
             }
             "HELO" if arg.trim().is_empty() => reply(out, "501 5.5.4 Syntax: HELO hostname"),
@@ -542,6 +596,13 @@ impl ServerSession {
             "RSET" => {
                 self.reset();
                 reply(out, "250 2.0.0 Ok");
+            }
+            "STARTTLS" if !self.tls_offered => reply(out, "502 5.5.1 Error: command not implemented"),
+            "STARTTLS" if self.secure => reply(out, "554 5.5.1 Error: TLS already active"),
+            "STARTTLS" if !arg.is_empty() => reply(out, "501 5.5.4 Syntax: STARTTLS"),
+            "STARTTLS" => {
+                reply(out, "220 2.0.0 Ready to start TLS");
+                return Action::StartTls;
             }
             "NOOP" => reply(out, "250 2.0.0 Ok"),
             "VRFY" => reply(out, "252 2.0.0 Cannot VRFY user, but will accept message"),

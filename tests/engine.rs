@@ -1,7 +1,7 @@
 //! Transcripts of the client session engine: literal wire text in both
 //! directions, with the fate of each recipient. No sockets, no clocks.
 
-use volley::smtp::{Decider, Envelope, Event, Session, Status, WireMessage};
+use volley::smtp::{Decider, Envelope, Event, Session, Status, TlsMode, WireMessage};
 
 #[derive(Debug)]
 struct Txn {
@@ -44,6 +44,8 @@ enum Step {
     /// Hand the next transaction to the session.
     Submit,
     Quit,
+    /// The driver finished the TLS handshake.
+    TlsUp,
 }
 use Step::*;
 
@@ -53,6 +55,7 @@ struct Seen {
     done: Vec<Vec<(Status, String)>>,
     unsent: usize,
     failed: Option<String>,
+    starttls: usize,
 }
 
 fn describe(d: Decider<'_>) -> String {
@@ -62,9 +65,13 @@ fn describe(d: Decider<'_>) -> String {
     }
 }
 
-fn run(name: &str, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+fn run(name: &str, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+    run_tls(name, TlsMode::Off, txns, steps)
+}
+
+fn run_tls(name: &str, mode: TlsMode, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
     txns.reverse();
-    let mut s: Session<Txn> = Session::new("client.test");
+    let mut s: Session<Txn> = Session::new("client.test", mode);
     let mut seen = Seen::default();
     for (i, step) in steps.iter().enumerate() {
         match step {
@@ -83,6 +90,7 @@ fn run(name: &str, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
                 s.submit(txns.pop().expect("a transaction to submit"));
             }
             Quit => s.quit(),
+            TlsUp => s.tls_established(),
         }
         while let Some(e) = s.poll_event() {
             match e {
@@ -97,6 +105,7 @@ fn run(name: &str, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
                 ),
                 Event::Unsent(_) => seen.unsent += 1,
                 Event::Failed { reason, .. } => seen.failed = Some(reason),
+                Event::StartTls => seen.starttls += 1,
             }
         }
     }
@@ -458,7 +467,7 @@ fn malformed_and_over_long_replies_defer_and_close() {
         ("too-long", format!("250 {}\r\n", "x".repeat(10_000))),
         ("code-change", "250-a\r\n550 b\r\n".to_string()),
     ] {
-        let mut s: Session<Txn> = Session::new("client.test");
+        let mut s: Session<Txn> = Session::new("client.test", TlsMode::Off);
         s.feed(b"220 mx\r\n");
         s.feed(b"250-mx\r\n250 PIPELINING\r\n");
         s.submit(txn(&["a@y.test"], "x\n"));
@@ -495,7 +504,7 @@ fn greeting_refusals() {
 
 #[test]
 fn connection_lost_reports_in_flight_and_returns_waiting() {
-    let mut s: Session<Txn> = Session::new("client.test");
+    let mut s: Session<Txn> = Session::new("client.test", TlsMode::Off);
     s.feed(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n");
     s.submit(txn(&["a@y.test"], "x\n"));
     s.submit(txn(&["b@y.test"], "x\n"));
@@ -520,4 +529,97 @@ fn connection_lost_reports_in_flight_and_returns_waiting() {
 fn unexpected_reply_closes() {
     let (s, _) = run("unexpected", vec![], &[GREET, EHLO, EHLO_PIPE, S("250 surprise\r\n")]);
     assert!(s.is_closed());
+}
+
+const EHLO_TLS: Step = S("250-mx.test\r\n250-STARTTLS\r\n250 PIPELINING\r\n");
+
+#[test]
+fn starttls_discards_injected_plaintext_and_says_ehlo_again() {
+    let (s, seen) = run_tls(
+        "starttls",
+        TlsMode::Offer,
+        vec![txn(&["a@y.test"], "x\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_TLS,
+            C("STARTTLS\r\n"),
+            // A man in the middle appends a reply after the 220: it must be ignored.
+            S("220 2.0.0 Ready to start TLS\r\n250-injected\r\n250 PIPELINING\r\n"),
+            C(""),
+            TlsUp,
+            EHLO,
+            S("250-mx.test\r\n250 PIPELINING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("x\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(seen.starttls, 1);
+    assert!(s.is_secure());
+    assert!(!s.capabilities().starttls, "capabilities come from the EHLO after TLS");
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn tls_policies_when_starttls_is_missing_or_refused() {
+    // Required, not offered: no mail in plaintext, QUIT.
+    let (s, seen) = run_tls(
+        "require-missing",
+        TlsMode::Require,
+        vec![],
+        &[GREET, EHLO, EHLO_PIPE, C("QUIT\r\n"), S("221 bye\r\n")],
+    );
+    assert!(s.is_closed() && !seen.ready);
+    assert!(seen.failed.unwrap().contains("does not offer STARTTLS"));
+    // Required, refused.
+    let (_, seen) = run_tls(
+        "require-refused",
+        TlsMode::Require,
+        vec![],
+        &[
+            GREET,
+            EHLO,
+            EHLO_TLS,
+            C("STARTTLS\r\n"),
+            S("454 4.7.0 TLS not available\r\n"),
+            C("QUIT\r\n"),
+        ],
+    );
+    assert!(!seen.ready);
+    assert!(seen.failed.unwrap().contains("454"));
+    // Opportunistic, refused: carry on in plaintext.
+    let (s, seen) = run_tls(
+        "offer-refused",
+        TlsMode::Offer,
+        vec![],
+        &[
+            GREET,
+            EHLO,
+            EHLO_TLS,
+            C("STARTTLS\r\n"),
+            S("454 4.7.0 TLS not available\r\n"),
+        ],
+    );
+    assert!(seen.ready && !s.is_secure());
+    // Off: never asks.
+    let (_, seen) = run_tls("off", TlsMode::Off, vec![], &[GREET, EHLO, EHLO_TLS]);
+    assert!(seen.ready && seen.starttls == 0);
+    // Required with a HELO-only server.
+    let (_, seen) = run_tls(
+        "require-helo",
+        TlsMode::Require,
+        vec![],
+        &[
+            GREET,
+            EHLO,
+            S("500 no\r\n"),
+            C("HELO client.test\r\n"),
+            S("250 mx\r\n"),
+            C("QUIT\r\n"),
+        ],
+    );
+    assert!(!seen.ready && seen.failed.unwrap().contains("HELO only"));
 }

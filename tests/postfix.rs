@@ -15,6 +15,7 @@ use common::{finals, read_log};
 use volley::config::Config;
 use volley::outcome::Outcome;
 use volley::send::{Progress, SendOptions, send};
+use volley::tls::TlsPolicy;
 
 /// Bodies that exercise the wire encoding: dots, bare LF, lone CR, long lines, 8-bit, no final newline.
 fn tricky_bodies() -> Vec<String> {
@@ -169,7 +170,7 @@ fn log_len() -> u64 {
     std::fs::metadata(STRICT_LOG).map(|m| m.len()).unwrap_or(0)
 }
 
-fn strict_run(port: u16, name: &str) {
+fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
     strict_postfix();
     let dir = tempfile::tempdir().unwrap();
     let bodies = tricky_bodies();
@@ -191,6 +192,7 @@ fn strict_run(port: u16, name: &str) {
     let before = log_len();
     let mut cfg = config(format!("*=127.0.0.1:{port}"), &log);
     cfg.max_connections_per_destination = 4;
+    cfg.tls = tls;
     let summary = send(SendOptions {
         spools: vec![spool],
         config: cfg,
@@ -201,6 +203,15 @@ fn strict_run(port: u16, name: &str) {
     let not_delivered: Vec<_> = f.values().filter(|r| r["outcome"] != "delivered").collect();
     assert!(not_delivered.is_empty(), "{name}: {not_delivered:?}");
     assert_eq!(summary.count(Outcome::Delivered), 360);
+    let with_tls = f
+        .values()
+        .filter(|r| r["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1.")))
+        .count();
+    assert_eq!(
+        with_tls,
+        if tls == TlsPolicy::Disabled { 0 } else { 360 },
+        "{name}: TLS on every delivery or none"
+    );
     assert_eq!(
         summary.count(Outcome::Deferred),
         0,
@@ -220,10 +231,15 @@ fn strict_run(port: u16, name: &str) {
 
 #[test]
 fn strict_postfix_smtpd_accepts_volley_pipelining() {
-    strict_run(10025, "pipelined");
+    strict_run(10025, "pipelined", TlsPolicy::Disabled);
+}
+
+#[test]
+fn strict_postfix_smtpd_with_starttls_required() {
+    strict_run(10025, "starttls", TlsPolicy::Required);
 }
 
 #[test]
 fn strict_postfix_smtpd_without_pipelining_gets_lock_step() {
-    strict_run(10026, "lockstep");
+    strict_run(10026, "lockstep", TlsPolicy::Opportunistic);
 }

@@ -1,20 +1,32 @@
 //! The I/O driver of one SMTP connection: moves bytes between a glommio
-//! socket and the session engine, applies the RFC 5321 timeouts, feeds the
-//! engine transactions from its destination's queue, and parks the
-//! connection while the queue is empty (QUIT after `idle_timeout`).
+//! socket and the session engine, runs the TLS handshake when the engine
+//! asks for it (STARTTLS), applies the RFC 5321 timeouts, feeds the engine
+//! transactions from its destination's queue, and parks the connection while
+//! the queue is empty (QUIT after `idle_timeout`).
 
 use std::io;
 use std::rc::Rc;
 use std::time::Instant;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_rustls::client::TlsStream;
 use glommio::net::TcpStream;
 
 use super::{Candidate, Dest, Shard, Txn};
-use crate::smtp::{Event, Session};
+use crate::smtp::{Event, Session, TlsMode};
+use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
 
 /// Bytes read from the socket at a time.
 const READ_BUF_BYTES: usize = 16 * 1024;
+
+type Stream = MaybeTls<TlsStream<TcpStream>>;
+
+/// Why a connection never got ready to send.
+struct SetupError {
+    reason: String,
+    /// The TLS handshake failed (opportunistic TLS then retries in plaintext).
+    tls: bool,
+}
 
 pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     // Try the hosts in order (MX preference, then each address) until one
@@ -22,14 +34,29 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     let hosts = dest.hosts.borrow().clone();
     let mut failure = Some(format!("{}: no host to connect to", dest.label));
     for host in hosts.iter() {
-        match drive(&shard, &dest, host).await {
+        let mode = match dest.tls {
+            TlsPolicy::Disabled => TlsMode::Off,
+            TlsPolicy::Opportunistic if shard.tls_broken(host.addr) => TlsMode::Off,
+            TlsPolicy::Opportunistic => TlsMode::Offer,
+            TlsPolicy::Required | TlsPolicy::Verify => TlsMode::Require,
+        };
+        let mut result = drive(&shard, &dest, host, mode).await;
+        if let Err(e) = &result
+            && e.tls
+            && dest.tls == TlsPolicy::Opportunistic
+        {
+            tracing::debug!("{}; retrying in plaintext", e.reason);
+            shard.remember_tls_broken(host.addr);
+            result = drive(&shard, &dest, host, TlsMode::Off).await;
+        }
+        match result {
             Ok(()) => {
                 failure = None;
                 break;
             }
-            Err(reason) => {
-                tracing::debug!("{reason}");
-                failure = Some(reason);
+            Err(e) => {
+                tracing::debug!("{}", e.reason);
+                failure = Some(e.reason);
             }
         }
     }
@@ -42,17 +69,20 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     }
 }
 
-/// Runs the connection to its end. `Err` means it never got ready (connect,
-/// greeting or EHLO failed): the destination's problem, not a transaction's.
-async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(), String> {
+/// Runs one connection to `host` to its end. `Err` means it never got ready
+/// (connect, greeting, EHLO or TLS failed): the host's problem, not a transaction's.
+async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMode) -> Result<(), SetupError> {
     let cfg = &shard.cfg;
     let peer = format!("{} [{}]", host.name, host.addr);
-    let mut stream = TcpStream::connect_timeout(host.addr, cfg.timeouts.connect)
+    let setup = |reason: String| SetupError { reason, tls: false };
+    let tcp = TcpStream::connect_timeout(host.addr, cfg.timeouts.connect)
         .await
-        .map_err(|e| format!("connect to {peer} failed: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(cfg.timeouts.data_block));
-    let mut session: Session<Txn> = Session::new(&shard.ehlo_name);
+        .map_err(|e| setup(format!("connect to {peer} failed: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_write_timeout(Some(cfg.timeouts.data_block));
+    let mut stream: Option<Stream> = Some(MaybeTls::Plain(tcp));
+    let mut tls: Option<String> = None;
+    let mut session: Session<Txn> = Session::new(&shard.ehlo_name, mode);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     let mut submitted = 0usize;
     let mut setup_error = None;
@@ -65,7 +95,18 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(
                     dest.ready.set(dest.ready.get() + 1);
                     shard.destination_up(dest);
                 }
-                Event::Done(report) => shard.complete(report, host),
+                Event::StartTls => match starttls(shard, dest, host, stream.take()).await {
+                    Ok(upgraded) => {
+                        tls = Some(upgraded.describe());
+                        stream = Some(MaybeTls::Tls(Box::new(upgraded)));
+                        session.tls_established();
+                    }
+                    Err(reason) => {
+                        let reason = format!("{peer}: TLS handshake failed: {reason}");
+                        return Err(SetupError { reason, tls: true });
+                    }
+                },
+                Event::Done(report) => shard.complete(report, host, tls.as_deref()),
                 Event::Unsent(txn) => dest.queue.borrow_mut().push_front(txn),
                 Event::Failed { reason, .. } => setup_error = Some(format!("{peer}: {reason}")),
             }
@@ -73,6 +114,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(
         if session.is_closed() {
             break;
         }
+        let io = stream.as_mut().expect("the stream is back after STARTTLS");
         if session.is_ready() {
             while session.wants_txn() && submitted < cfg.max_messages_per_connection {
                 let Some(mut txn) = dest.queue.borrow_mut().pop_front() else {
@@ -87,8 +129,8 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(
             }
         }
         if !session.output().is_empty() {
-            if let Err(e) = stream.write_all(session.output()).await {
-                session.connection_lost(&format!("write to {} failed: {e}", peer));
+            if let Err(e) = io.write_all(session.output()).await {
+                session.connection_lost(&format!("write to {peer} failed: {e}"));
                 continue;
             }
             let n = session.output().len();
@@ -104,25 +146,48 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate) -> Result<(
             // Not ready, not waiting: the session is over.
             break;
         };
-        let _ = stream.set_read_timeout(Some(cfg.timeouts.for_wait(wait)));
-        match stream.read(&mut buf).await {
-            Ok(0) => session.connection_lost(&format!("{} closed the connection", peer)),
+        let limit = cfg.timeouts.for_wait(wait);
+        let _ = io.tcp().set_read_timeout(Some(limit));
+        match io.read(&mut buf).await {
+            Ok(0) => session.connection_lost(&format!("{peer} closed the connection")),
             Ok(n) => session.feed(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(&format!(
-                "timed out after {}s waiting for {} to answer {wait:?}",
-                cfg.timeouts.for_wait(wait).as_secs(),
-                peer
+                "timed out after {}s waiting for {peer} to answer {wait:?}",
+                limit.as_secs()
             )),
-            Err(e) => session.connection_lost(&format!("read from {} failed: {e}", peer)),
+            Err(e) => session.connection_lost(&format!("read from {peer} failed: {e}")),
         }
     }
     if was_ready {
         dest.ready.set(dest.ready.get() - 1);
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    if let Some(s) = stream {
+        let _ = s.tcp().shutdown(std::net::Shutdown::Both).await;
+    }
     match setup_error {
-        Some(reason) if !was_ready => Err(reason),
+        Some(reason) if !was_ready => Err(setup(reason)),
         _ => Ok(()),
+    }
+}
+
+/// The TLS handshake after the server's 220 to STARTTLS.
+async fn starttls(
+    shard: &Shard,
+    dest: &Dest,
+    host: &Candidate,
+    stream: Option<Stream>,
+) -> Result<TlsStream<TcpStream>, String> {
+    let Some(MaybeTls::Plain(tcp)) = stream else {
+        return Err("STARTTLS on a connection that is already TLS".into());
+    };
+    let name = server_name(&host.name).map_err(|e| e.to_string())?;
+    let connector = shard.tls.connector(dest.tls);
+    let limit = shard.cfg.timeouts.starttls;
+    let handshake = async { connector.connect(name, tcp).await.map_err(glommio::GlommioError::from) };
+    match glommio::timer::timeout(limit, handshake).await {
+        Ok(s) => Ok(s),
+        Err(glommio::GlommioError::TimedOut(_)) => Err(format!("no handshake within {}s", limit.as_secs())),
+        Err(e) => Err(e.to_string()),
     }
 }
 

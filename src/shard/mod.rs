@@ -24,6 +24,7 @@ use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
 use crate::smtp::{Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
 use crate::spool::{self, MappedFile, Span};
+use crate::tls::{TlsClient, TlsPolicy};
 
 /// How often a shard hands its outcomes to the collector.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
@@ -49,6 +50,7 @@ pub struct ShardParams {
     pub routes: Arc<Routes>,
     /// The resolver; `None` when every domain has a route.
     pub net: Option<Net>,
+    pub tls: TlsClient,
     pub ehlo_name: String,
     pub log: bool,
     pub inbox: Receiver<ToShard>,
@@ -107,6 +109,7 @@ pub(crate) struct Candidate {
 /// connections to it. Domains with the same route or MX set share one.
 pub(crate) struct Dest {
     label: Rc<str>,
+    tls: TlsPolicy,
     /// In the order to try (MX preference, then each host's addresses).
     hosts: RefCell<Rc<[Candidate]>>,
     queue: RefCell<VecDeque<Txn>>,
@@ -202,12 +205,24 @@ impl<'a> From<Decider<'a>> for Said<'a> {
     }
 }
 
+/// Where and how an attempt went, for the log.
+#[derive(Default)]
+struct At<'a> {
+    mx: Option<&'a str>,
+    ip: Option<IpAddr>,
+    latency_ms: Option<u64>,
+    tls: Option<&'a str>,
+}
+
 pub(crate) struct Shard {
     cfg: Arc<Config>,
     routes: Arc<Routes>,
     net: Option<Net>,
+    tls: TlsClient,
     ehlo_name: String,
     conn_limit: usize,
+    /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
+    no_tls_until: RefCell<HashMap<SocketAddr, Instant>>,
     files: RefCell<HashMap<u32, Rc<LocalFile>>>,
     raw_messages: RefCell<HashMap<u32, Arc<MappedFile>>>,
     prepared: RefCell<HashMap<u32, Weak<WireMessage>>>,
@@ -229,6 +244,8 @@ async fn run(p: ShardParams) {
         cfg: p.cfg.clone(),
         routes: p.routes.clone(),
         net: p.net.clone(),
+        tls: p.tls.clone(),
+        no_tls_until: RefCell::default(),
         ehlo_name: p.ehlo_name.clone(),
         files: RefCell::default(),
         raw_messages: RefCell::default(),
@@ -397,7 +414,7 @@ impl Shard {
             return d.clone();
         }
         let route = match self.routes.lookup(&lower) {
-            Some(t) => DomainRoute::Fixed(self.route_dest(t)),
+            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.cfg.tls_policy_of(&lower))),
             None => DomainRoute::Unknown,
         };
         let d = Rc::new(Domain {
@@ -409,16 +426,16 @@ impl Shard {
         d
     }
 
-    fn route_dest(&self, target: &Target) -> Rc<Dest> {
+    fn route_dest(&self, target: &Target, tls: TlsPolicy) -> Rc<Dest> {
         let hosts = [Candidate {
             name: Rc::from(target.host.as_str()),
             addr: target.addr,
         }];
-        self.dest(&target.label, hosts.into())
+        self.dest(&target.label, tls, hosts.into())
     }
 
     /// The destination of an MX host set; the latest answer sets its host order.
-    fn mx_dest(&self, hosts: &[MxHost]) -> Rc<Dest> {
+    fn mx_dest(&self, hosts: &[MxHost], tls: TlsPolicy) -> Rc<Dest> {
         let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
         names.sort_unstable();
         let label = format!("{}:{}", names.join(","), self.cfg.mx_port);
@@ -432,18 +449,21 @@ impl Shard {
                 })
             })
             .collect();
-        let dest = self.dest(&label, candidates.clone());
+        let dest = self.dest(&label, tls, candidates.clone());
         *dest.hosts.borrow_mut() = candidates;
         dest
     }
 
-    fn dest(&self, label: &str, hosts: Rc<[Candidate]>) -> Rc<Dest> {
-        if let Some(d) = self.dests.borrow().get(label) {
+    /// The destination `label` under TLS policy `tls` (domains with different
+    /// policies never share a connection).
+    fn dest(&self, label: &str, tls: TlsPolicy, hosts: Rc<[Candidate]>) -> Rc<Dest> {
+        let key = format!("{label} tls={tls}");
+        if let Some(d) = self.dests.borrow().get(key.as_str()) {
             return d.clone();
         }
-        let label: Rc<str> = Rc::from(label);
         let d = Rc::new(Dest {
-            label: label.clone(),
+            label: Rc::from(label),
+            tls,
             hosts: RefCell::new(hosts),
             queue: RefCell::default(),
             open: Cell::new(0),
@@ -454,7 +474,7 @@ impl Shard {
             failures: Cell::new(0),
             last_error: RefCell::default(),
         });
-        self.dests.borrow_mut().insert(label, d.clone());
+        self.dests.borrow_mut().insert(Rc::from(key), d.clone());
         d
     }
 
@@ -525,7 +545,7 @@ impl Shard {
         let (next, temporary) = match answer {
             MxAnswer::Hosts { hosts, ttl } => (
                 DomainRoute::Known {
-                    dest: self.mx_dest(&hosts),
+                    dest: self.mx_dest(&hosts, self.cfg.tls_policy_of(&domain.name)),
                     until: now + dns.keep(ttl),
                 },
                 None,
@@ -579,7 +599,7 @@ impl Shard {
                 enhanced: Some(enhanced),
                 text: reason,
             };
-            self.record(&txn, i, Outcome::Bounced, said, None, None, None);
+            self.record(&txn, i, Outcome::Bounced, said, At::default());
         }
     }
 
@@ -612,13 +632,32 @@ impl Shard {
         }
     }
 
+    /// Whether `addr` recently failed a TLS handshake (opportunistic policy).
+    fn tls_broken(&self, addr: SocketAddr) -> bool {
+        let mut map = self.no_tls_until.borrow_mut();
+        match map.get(&addr) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                map.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_tls_broken(&self, addr: SocketAddr) {
+        self.no_tls_until
+            .borrow_mut()
+            .insert(addr, Instant::now() + self.cfg.tls_fallback);
+    }
+
     fn destination_up(&self, dest: &Dest) {
         dest.failures.set(0);
         dest.down_until.set(None);
     }
 
     /// Settles every recipient of a finished transaction.
-    fn complete(self: &Rc<Self>, report: TxnReport<Txn>, host: &Candidate) {
+    fn complete(self: &Rc<Self>, report: TxnReport<Txn>, host: &Candidate, tls: Option<&str>) {
         let now = Instant::now();
         let txn = &report.txn;
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
@@ -639,15 +678,13 @@ impl Shard {
                     Outcome::Deferred
                 }
             };
-            self.record(
-                txn,
-                i,
-                outcome,
-                decider.into(),
-                Some(&host.name),
-                Some(host.addr.ip()),
+            let at = At {
+                mx: Some(&host.name),
+                ip: Some(host.addr.ip()),
                 latency_ms,
-            );
+                tls,
+            };
+            self.record(txn, i, outcome, decider.into(), at);
         }
         if delivered {
             self.recorder.borrow_mut().message_delivered();
@@ -672,7 +709,11 @@ impl Shard {
             text: reason,
         };
         for i in 0..txn.rcpts.len() {
-            self.record(&txn, i, outcome, said(), dest.map(|d| &*d.label), None, None);
+            let at = At {
+                mx: dest.map(|d| &*d.label),
+                ..At::default()
+            };
+            self.record(&txn, i, outcome, said(), at);
         }
         if !expired {
             self.schedule_retry(txn);
@@ -688,17 +729,7 @@ impl Shard {
         self.retries.borrow_mut().push(Due { at: due, seq, txn });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &self,
-        txn: &Txn,
-        i: usize,
-        outcome: Outcome,
-        said: Said<'_>,
-        mx: Option<&str>,
-        ip: Option<IpAddr>,
-        latency_ms: Option<u64>,
-    ) {
+    fn record(&self, txn: &Txn, i: usize, outcome: Outcome, said: Said<'_>, at: At<'_>) {
         let map = txn.file.file.bytes();
         if outcome.is_final() {
             self.held.set(self.held.get() - 1);
@@ -715,10 +746,11 @@ impl Shard {
             code: said.code,
             enhanced: said.enhanced,
             reply: Some(said.text),
-            mx,
-            ip,
+            mx: at.mx,
+            ip: at.ip,
             attempt: txn.attempt,
-            latency_ms,
+            latency_ms: at.latency_ms,
+            tls: at.tls,
         });
     }
 

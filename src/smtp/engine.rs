@@ -30,6 +30,7 @@ pub trait Envelope {
 pub enum Wait {
     Greeting,
     Ehlo,
+    StartTls,
     Mail,
     Rcpt,
     DataInit,
@@ -110,10 +111,24 @@ impl<T> TxnReport<T> {
     }
 }
 
+/// What the session does about STARTTLS (RFC 3207).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Never send STARTTLS.
+    Off,
+    /// Send STARTTLS when the server offers it; go on in plaintext otherwise.
+    Offer,
+    /// Send STARTTLS or give up: never send mail in plaintext.
+    Require,
+}
+
 #[derive(Debug)]
 pub enum Event<T> {
     /// EHLO (or HELO) succeeded; transactions may be submitted.
     Ready,
+    /// The server agreed to STARTTLS: the driver must run the TLS handshake
+    /// on the connection, then call `tls_established` (or `connection_lost`).
+    StartTls,
     /// A transaction finished, well or not.
     Done(TxnReport<T>),
     /// A submitted transaction that never went on the wire (the session ended first).
@@ -127,6 +142,8 @@ enum Phase {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
+    Handshake,
     Ready,
     Quitting,
     Closed,
@@ -137,6 +154,7 @@ enum Expect {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
     Mail(u64),
     Rcpt(u64, usize),
     Data(u64),
@@ -168,6 +186,9 @@ const MAX_FLIGHTS: usize = 2;
 
 pub struct Session<T> {
     ehlo_name: String,
+    tls: TlsMode,
+    /// TLS is up (after STARTTLS and the handshake).
+    secure: bool,
     phase: Phase,
     caps: Capabilities,
     parser: ReplyParser,
@@ -182,9 +203,11 @@ pub struct Session<T> {
 }
 
 impl<T: Envelope> Session<T> {
-    pub fn new(ehlo_name: &str) -> Self {
+    pub fn new(ehlo_name: &str, tls: TlsMode) -> Self {
         Session {
             ehlo_name: ehlo_name.to_string(),
+            tls,
+            secure: false,
             phase: Phase::Greeting,
             caps: Capabilities::default(),
             parser: ReplyParser::new(),
@@ -208,6 +231,10 @@ impl<T: Envelope> Session<T> {
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
     }
+    /// TLS was negotiated with STARTTLS.
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
     /// Nothing submitted, nothing in flight, no reply awaited.
     pub fn is_idle(&self) -> bool {
         self.flights.is_empty() && self.waiting.is_none() && self.expects.is_empty()
@@ -221,6 +248,7 @@ impl<T: Envelope> Session<T> {
         self.expects.front().map(|e| match e {
             Expect::Greeting => Wait::Greeting,
             Expect::Ehlo | Expect::Helo => Wait::Ehlo,
+            Expect::StartTls => Wait::StartTls,
             Expect::Mail(_) => Wait::Mail,
             Expect::Rcpt(..) => Wait::Rcpt,
             Expect::Data(_) => Wait::DataInit,
@@ -267,6 +295,13 @@ impl<T: Envelope> Session<T> {
                 self.replies.clear();
                 return;
             }
+            if self.phase == Phase::Handshake {
+                // RFC 3207 §5: whatever came after the 220 in plaintext is
+                // discarded unread, or a man in the middle could inject replies.
+                self.replies.clear();
+                self.parser = ReplyParser::new();
+                return;
+            }
         }
         if let Err(e) = parsed {
             self.connection_lost(&format!("protocol error: {e}"));
@@ -278,7 +313,10 @@ impl<T: Envelope> Session<T> {
         if self.phase == Phase::Closed {
             return;
         }
-        if matches!(self.phase, Phase::Greeting | Phase::Ehlo | Phase::Helo) {
+        if matches!(
+            self.phase,
+            Phase::Greeting | Phase::Ehlo | Phase::Helo | Phase::StartTls | Phase::Handshake
+        ) {
             self.events.push_back(Event::Failed {
                 reason: reason.to_string(),
                 reply: None,
@@ -315,7 +353,19 @@ impl<T: Envelope> Session<T> {
             Expect::Greeting => return self.setup_failed("greeting", reply),
             Expect::Ehlo if reply.is_positive() => {
                 self.caps = Capabilities::from_ehlo(&reply);
-                self.ready();
+                if !self.secure && self.tls != TlsMode::Off && self.caps.starttls {
+                    push_command(
+                        &mut self.out,
+                        &mut self.expects,
+                        format_args!("STARTTLS"),
+                        Expect::StartTls,
+                    );
+                    self.phase = Phase::StartTls;
+                } else if !self.secure && self.tls == TlsMode::Require {
+                    return self.give_up("TLS is required and the server does not offer STARTTLS");
+                } else {
+                    self.ready();
+                }
             }
             Expect::Ehlo if reply.is_permanent() => {
                 push_command(
@@ -327,11 +377,23 @@ impl<T: Envelope> Session<T> {
                 self.phase = Phase::Helo;
             }
             Expect::Ehlo => return self.setup_failed("EHLO", reply),
+            Expect::Helo if reply.is_positive() && self.tls == TlsMode::Require => {
+                return self.give_up("TLS is required and the server speaks HELO only, without STARTTLS");
+            }
             Expect::Helo if reply.is_positive() => {
                 self.caps = Capabilities::default();
                 self.ready();
             }
             Expect::Helo => return self.setup_failed("HELO", reply),
+            Expect::StartTls if reply.code == 220 => {
+                self.phase = Phase::Handshake;
+                self.events.push_back(Event::StartTls);
+                return;
+            }
+            Expect::StartTls if self.tls == TlsMode::Require => return self.setup_failed("STARTTLS", reply),
+            // Opportunistic: a refused STARTTLS leaves the session in plaintext.
+            Expect::StartTls if !closing => self.ready(),
+            Expect::StartTls => return self.setup_failed("STARTTLS", reply),
             Expect::Mail(seq) => {
                 let ok = reply.is_positive();
                 let flight = self.flight(seq);
@@ -418,6 +480,20 @@ impl<T: Envelope> Session<T> {
         self.maybe_quit();
     }
 
+    /// The TLS handshake succeeded: start over with EHLO, as RFC 3207 §4.2 requires.
+    pub fn tls_established(&mut self) {
+        assert_eq!(self.phase, Phase::Handshake, "tls_established without STARTTLS");
+        self.secure = true;
+        self.caps = Capabilities::default();
+        push_command(
+            &mut self.out,
+            &mut self.expects,
+            format_args!("EHLO {}", self.ehlo_name),
+            Expect::Ehlo,
+        );
+        self.phase = Phase::Ehlo;
+    }
+
     fn ready(&mut self) {
         self.phase = Phase::Ready;
         self.events.push_back(Event::Ready);
@@ -438,6 +514,17 @@ impl<T: Envelope> Session<T> {
             push_command(&mut self.out, &mut self.expects, format_args!("QUIT"), Expect::Quit);
             self.phase = Phase::Quitting;
         }
+    }
+
+    /// Ends a session that cannot be used as policy wants, politely.
+    fn give_up(&mut self, reason: &str) {
+        self.events.push_back(Event::Failed {
+            reason: reason.to_string(),
+            reply: None,
+        });
+        self.expects.clear();
+        push_command(&mut self.out, &mut self.expects, format_args!("QUIT"), Expect::Quit);
+        self.phase = Phase::Quitting;
     }
 
     fn flight(&mut self, seq: u64) -> &mut Flight<T> {
