@@ -3,7 +3,7 @@
 //! mechanisms that apply it live in the shard and the driver.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub struct Config {
     pub tls: TlsPolicy,
     /// TLS policy per domain.
     pub tls_policy: BTreeMap<String, TlsPolicy>,
+    /// Local addresses to send from, in rotation (empty: the kernel chooses).
+    pub source_addresses: Vec<SourceAddress>,
+    /// Source addresses per domain, instead of `source_addresses`.
+    pub domain_source_addresses: BTreeMap<String, Vec<SourceAddress>>,
     /// Extra trust roots (PEM) for the `verify` policy, beside the system store.
     pub ca_file: Option<PathBuf>,
     /// After a failed handshake under `opportunistic`, a host gets plaintext for this long.
@@ -65,10 +69,50 @@ impl Default for Config {
             mx_port: 25,
             tls: TlsPolicy::default(),
             tls_policy: BTreeMap::new(),
+            source_addresses: Vec::new(),
+            domain_source_addresses: BTreeMap::new(),
             ca_file: None,
             tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
             log: None,
+        }
+    }
+}
+
+/// A local address to send from, with the EHLO name that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceAddress {
+    pub address: IpAddr,
+    /// Default: the global `ehlo_name`.
+    pub ehlo_name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for SourceAddress {
+    /// `"192.0.2.7"` or `{ address = "192.0.2.7", ehlo_name = "mta7.example.com" }`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            address: IpAddr,
+            ehlo_name: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Bare(IpAddr),
+            Full(Full),
+        }
+        match Either::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("a source address is \"IP\" or { address = \"IP\", ehlo_name = \"NAME\" }")
+        })? {
+            Either::Bare(address) => Ok(SourceAddress {
+                address,
+                ehlo_name: None,
+            }),
+            Either::Full(f) => Ok(SourceAddress {
+                address: f.address,
+                ehlo_name: f.ehlo_name,
+            }),
         }
     }
 }
@@ -227,6 +271,18 @@ impl Config {
         })
     }
 
+    /// The source addresses of a lower-cased domain (empty: the kernel chooses).
+    pub fn sources_of(&self, domain: &str) -> &[SourceAddress] {
+        self.domain_source_addresses
+            .get(domain)
+            .unwrap_or(&self.source_addresses)
+    }
+
+    /// True when some connection must be bound to a source address.
+    pub fn binds_sources(&self) -> bool {
+        !self.source_addresses.is_empty() || self.domain_source_addresses.values().any(|v| !v.is_empty())
+    }
+
     /// The TLS policy of a lower-cased domain.
     pub fn tls_policy_of(&self, domain: &str) -> TlsPolicy {
         self.tls_policy.get(domain).copied().unwrap_or(self.tls)
@@ -358,6 +414,27 @@ mod tests {
         assert_eq!((cfg.tls, cfg.tls_fallback), (d.tls, d.tls_fallback));
         assert_eq!(cfg.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
+    }
+
+    #[test]
+    fn source_addresses_bare_or_with_a_name() {
+        let cfg: Config = toml::from_str(
+            r#"
+            source_addresses = ["127.0.0.2", { address = "127.0.0.3", ehlo_name = "mta3.test" }]
+            [domain_source_addresses]
+            "big.example" = ["::1"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.sources_of("other.test").len(), 2);
+        assert_eq!(cfg.sources_of("other.test")[1].ehlo_name.as_deref(), Some("mta3.test"));
+        assert_eq!(
+            cfg.sources_of("big.example")[0].address,
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert!(cfg.binds_sources());
+        let err = toml::from_str::<Config>(r#"source_addresses = ["not-an-ip"]"#).unwrap_err();
+        assert!(err.to_string().contains("a source address is"), "{err}");
     }
 
     #[test]

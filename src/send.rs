@@ -128,8 +128,9 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let routes = Arc::new(Routes::resolve(&cfg.routes)?);
-    // MX lookups need the resolver thread; with a route for every domain there are none.
-    let net_thread = if routes.covers_all() {
+    // MX lookups and bound connects need the side thread; with a route for
+    // every domain and no source address there are none.
+    let net_thread = if routes.covers_all() && !cfg.binds_sources() {
         None
     } else {
         Some(NetThread::start(&cfg.dns)?)

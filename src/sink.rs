@@ -250,6 +250,7 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
     ctx.next_conn.set(conn + 1);
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_read_timeout(Some(Duration::from_millis(250)));
+    let peer = tcp.peer_addr().ok();
     let mut stream: Stream = MaybeTls::Plain(tcp);
     let seed = ctx.opts.seed ^ ((ctx.index as u64) << 48) ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut s = ServerSession::new(&ctx.opts, seed, ctx.opts.dump.is_some());
@@ -284,7 +285,7 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
             if let Some(dir) = &ctx.opts.dump {
                 let path = dir.join(format!("{}-{conn}-{dumped}.eml", ctx.index));
                 dumped += 1;
-                if let Err(e) = dump(&path, &m) {
+                if let Err(e) = dump(&path, &m, peer) {
                     tracing::warn!("cannot write {}: {e}", path.display());
                 }
             }
@@ -325,8 +326,12 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
     let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
 }
 
-fn dump(path: &std::path::Path, m: &Received) -> std::io::Result<()> {
+fn dump(path: &std::path::Path, m: &Received, peer: Option<SocketAddr>) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    if let Some(p) = peer {
+        writeln!(f, "X-Peer: {}\r", p.ip())?;
+    }
+    writeln!(f, "X-Helo: {}\r", m.helo)?;
     writeln!(f, "X-Mail-From: <{}>\r", m.from)?;
     for r in &m.rcpts {
         writeln!(f, "X-Rcpt-To: <{r}>\r")?;
@@ -351,6 +356,8 @@ pub enum Action {
 /// A message the sink accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
+    /// The name the client gave in EHLO/HELO.
+    pub helo: String,
     pub from: String,
     pub rcpts: Vec<String>,
     /// The unstuffed data with CRLF line ends (only kept when dumping).
@@ -376,6 +383,7 @@ pub struct ServerSession {
     secure: bool,
     state: State,
     greeted: bool,
+    helo: String,
     mail: Option<String>,
     rcpts: Vec<String>,
     buf: Vec<u8>,
@@ -400,6 +408,7 @@ impl ServerSession {
             secure: false,
             state: State::Command,
             greeted: false,
+            helo: String::new(),
             mail: None,
             rcpts: Vec::new(),
             buf: Vec::new(),
@@ -487,6 +496,7 @@ impl ServerSession {
                     self.queued
                 );
                 self.received.push(Received {
+                    helo: self.helo.clone(),
                     from: self.mail.take().unwrap_or_default(),
                     rcpts: std::mem::take(&mut self.rcpts),
                     body: std::mem::take(&mut self.body),
@@ -525,6 +535,7 @@ impl ServerSession {
             "EHLO" if arg.trim().is_empty() => reply(out, "501 5.5.4 Syntax: EHLO hostname"),
             "EHLO" => {
                 self.greeted = true;
+                self.helo = arg.trim().to_string();
                 self.reset();
                 let mut s = String::new();
                 let _ = write!(
@@ -541,6 +552,7 @@ impl ServerSession {
             "HELO" if arg.trim().is_empty() => reply(out, "501 5.5.4 Syntax: HELO hostname"),
             "HELO" => {
                 self.greeted = true;
+                self.helo = arg.trim().to_string();
                 self.reset();
                 reply(out, &format!("250 {}", self.hostname));
             }

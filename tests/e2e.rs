@@ -215,3 +215,47 @@ fn bad_lines_are_rejected_with_file_and_line_and_the_rest_goes_out() {
     assert_eq!(summary.count(Outcome::Delivered), 3);
     assert_eq!(counts.recipients, 3, "the injected address never reached the wire");
 }
+
+#[test]
+fn connections_rotate_over_source_addresses_with_their_ehlo_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let (path, all) = spool(dir.path(), "src", 60, 1, 3);
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.max_messages_per_connection = 5;
+    cfg.max_connections_per_destination = 2;
+    cfg.source_addresses = toml::from_str::<Config>(
+        r#"source_addresses = [{ address = "127.0.0.2", ehlo_name = "mta2.sender.test" }, "127.0.0.3"]"#,
+    )
+    .unwrap()
+    .source_addresses;
+    cfg.ehlo_name = Some("default.sender.test".into());
+    let summary = run_send(vec![path], cfg);
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), all.len() as u64);
+    let peers = common::dumped_peers(&dump);
+    assert_eq!(peers.len(), all.len());
+    let from2 = peers.iter().filter(|(ip, _)| ip == "127.0.0.2").count();
+    let from3 = peers.iter().filter(|(ip, _)| ip == "127.0.0.3").count();
+    assert_eq!(
+        from2 + from3,
+        all.len(),
+        "every connection came from a source address: {peers:?}"
+    );
+    assert!(from2 > 0 && from3 > 0, "both addresses were used: {from2} and {from3}");
+    for (ip, helo) in &peers {
+        let want = if ip == "127.0.0.2" {
+            "mta2.sender.test"
+        } else {
+            "default.sender.test"
+        };
+        assert_eq!(helo, want, "EHLO name of a connection from {ip}");
+    }
+}

@@ -13,6 +13,7 @@ use futures_rustls::client::TlsStream;
 use glommio::net::TcpStream;
 
 use super::{Candidate, Dest, Shard, Txn};
+use crate::config::SourceAddress;
 use crate::smtp::{Event, Session, TlsMode};
 use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
 
@@ -75,14 +76,18 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
     let cfg = &shard.cfg;
     let peer = format!("{} [{}]", host.name, host.addr);
     let setup = |reason: String| SetupError { reason, tls: false };
-    let tcp = TcpStream::connect_timeout(host.addr, cfg.timeouts.connect)
+    let source = pick_source(dest);
+    let tcp = connect(shard, host, source.as_ref().map(|s| s.address))
         .await
         .map_err(|e| setup(format!("connect to {peer} failed: {e}")))?;
+    let ehlo_name = source
+        .and_then(|s| s.ehlo_name)
+        .unwrap_or_else(|| shard.ehlo_name.clone());
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_write_timeout(Some(cfg.timeouts.data_block));
     let mut stream: Option<Stream> = Some(MaybeTls::Plain(tcp));
     let mut tls: Option<String> = None;
-    let mut session: Session<Txn> = Session::new(&shard.ehlo_name, mode);
+    let mut session: Session<Txn> = Session::new(&ehlo_name, mode);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     let mut submitted = 0usize;
     let mut setup_error = None;
@@ -167,6 +172,30 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
     match setup_error {
         Some(reason) if !was_ready => Err(setup(reason)),
         _ => Ok(()),
+    }
+}
+
+/// The next source address of the destination's rotation, if it has any.
+fn pick_source(dest: &Dest) -> Option<SourceAddress> {
+    if dest.sources.is_empty() {
+        return None;
+    }
+    let n = dest.next_source.get();
+    dest.next_source.set(n.wrapping_add(1));
+    Some(dest.sources[n % dest.sources.len()].clone())
+}
+
+/// Connects to `host`, from `source` when given. glommio cannot bind before
+/// connecting, so a bound socket is connected on the side thread and handed over.
+async fn connect(shard: &Shard, host: &Candidate, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let timeout = shard.cfg.timeouts.connect;
+    match (source, &shard.net) {
+        (None, _) => Ok(TcpStream::connect_timeout(host.addr, timeout).await?),
+        (Some(ip), Some(net)) => {
+            let std = net.connect_from(ip, host.addr, timeout).await?;
+            Ok(TcpStream::from(socket2::Socket::from(std)))
+        }
+        (Some(_), None) => Err(io::Error::other("source addresses need the side thread")),
     }
 }
 

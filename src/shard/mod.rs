@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
-use crate::config::{Config, Routes, Target};
+use crate::config::{Config, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
@@ -110,6 +110,9 @@ pub(crate) struct Candidate {
 pub(crate) struct Dest {
     label: Rc<str>,
     tls: TlsPolicy,
+    /// Local addresses its connections are bound to, in rotation (empty: any).
+    sources: Rc<[SourceAddress]>,
+    next_source: Cell<usize>,
     /// In the order to try (MX preference, then each host's addresses).
     hosts: RefCell<Rc<[Candidate]>>,
     queue: RefCell<VecDeque<Txn>>,
@@ -205,6 +208,12 @@ impl<'a> From<Decider<'a>> for Said<'a> {
     }
 }
 
+/// What connections to a destination must be like.
+struct ConnPolicy {
+    tls: TlsPolicy,
+    sources: Rc<[SourceAddress]>,
+}
+
 /// Where and how an attempt went, for the log.
 #[derive(Default)]
 struct At<'a> {
@@ -215,6 +224,8 @@ struct At<'a> {
 }
 
 pub(crate) struct Shard {
+    /// This shard's number (0-based).
+    index: usize,
     cfg: Arc<Config>,
     routes: Arc<Routes>,
     net: Option<Net>,
@@ -240,6 +251,7 @@ pub(crate) struct Shard {
 async fn run(p: ShardParams) {
     let _alive = p.alive.clone();
     let shard = Rc::new(Shard {
+        index: p.index,
         conn_limit: connection_share(p.cfg.max_connections_per_destination, p.shards, p.index),
         cfg: p.cfg.clone(),
         routes: p.routes.clone(),
@@ -414,7 +426,7 @@ impl Shard {
             return d.clone();
         }
         let route = match self.routes.lookup(&lower) {
-            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.cfg.tls_policy_of(&lower))),
+            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.policy_of(&lower))),
             None => DomainRoute::Unknown,
         };
         let d = Rc::new(Domain {
@@ -426,16 +438,24 @@ impl Shard {
         d
     }
 
-    fn route_dest(&self, target: &Target, tls: TlsPolicy) -> Rc<Dest> {
+    /// What a domain's connections must be like: its TLS policy and source addresses.
+    fn policy_of(&self, domain: &str) -> ConnPolicy {
+        ConnPolicy {
+            tls: self.cfg.tls_policy_of(domain),
+            sources: self.cfg.sources_of(domain).into(),
+        }
+    }
+
+    fn route_dest(&self, target: &Target, policy: ConnPolicy) -> Rc<Dest> {
         let hosts = [Candidate {
             name: Rc::from(target.host.as_str()),
             addr: target.addr,
         }];
-        self.dest(&target.label, tls, hosts.into())
+        self.dest(&target.label, policy, hosts.into())
     }
 
     /// The destination of an MX host set; the latest answer sets its host order.
-    fn mx_dest(&self, hosts: &[MxHost], tls: TlsPolicy) -> Rc<Dest> {
+    fn mx_dest(&self, hosts: &[MxHost], policy: ConnPolicy) -> Rc<Dest> {
         let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
         names.sort_unstable();
         let label = format!("{}:{}", names.join(","), self.cfg.mx_port);
@@ -449,21 +469,24 @@ impl Shard {
                 })
             })
             .collect();
-        let dest = self.dest(&label, tls, candidates.clone());
+        let dest = self.dest(&label, policy, candidates.clone());
         *dest.hosts.borrow_mut() = candidates;
         dest
     }
 
-    /// The destination `label` under TLS policy `tls` (domains with different
-    /// policies never share a connection).
-    fn dest(&self, label: &str, tls: TlsPolicy, hosts: Rc<[Candidate]>) -> Rc<Dest> {
-        let key = format!("{label} tls={tls}");
+    /// The destination `label` under `policy` (domains with different TLS
+    /// policies or source addresses never share a connection).
+    fn dest(&self, label: &str, policy: ConnPolicy, hosts: Rc<[Candidate]>) -> Rc<Dest> {
+        let sources: Vec<String> = policy.sources.iter().map(|s| s.address.to_string()).collect();
+        let key = format!("{label} tls={} from={}", policy.tls, sources.join(","));
         if let Some(d) = self.dests.borrow().get(key.as_str()) {
             return d.clone();
         }
         let d = Rc::new(Dest {
             label: Rc::from(label),
-            tls,
+            tls: policy.tls,
+            sources: policy.sources,
+            next_source: Cell::new(self.index),
             hosts: RefCell::new(hosts),
             queue: RefCell::default(),
             open: Cell::new(0),
@@ -545,7 +568,7 @@ impl Shard {
         let (next, temporary) = match answer {
             MxAnswer::Hosts { hosts, ttl } => (
                 DomainRoute::Known {
-                    dest: self.mx_dest(&hosts, self.cfg.tls_policy_of(&domain.name)),
+                    dest: self.mx_dest(&hosts, self.policy_of(&domain.name)),
                     until: now + dns.keep(ttl),
                 },
                 None,

@@ -43,7 +43,7 @@ pub fn dumped_rcpts(dir: &Path) -> Vec<String> {
         for l in text.lines() {
             match l.strip_prefix("X-Rcpt-To: <") {
                 Some(r) => out.push(r.trim_end_matches(['\r', '>']).to_string()),
-                None if l.starts_with("X-Mail-From:") => {}
+                None if l.starts_with("X-Mail-From:") || l.starts_with("X-Peer:") || l.starts_with("X-Helo:") => {}
                 None => break,
             }
         }
@@ -76,4 +76,20 @@ pub fn spool(dir: &Path, name: &str, jobs: usize, per_job: usize, domains: usize
     std::fs::write(&path, text).unwrap();
     all.sort();
     (path, all)
+}
+
+/// (peer address, EHLO name) of every message the sink dumped.
+pub fn dumped_peers(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim_end_matches('\r').to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("X-Peer: "), field("X-Helo: ")));
+    }
+    out
 }
