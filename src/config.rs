@@ -5,12 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::smtp::Wait;
+use crate::smtp::{Credentials, Wait};
 use crate::tls::TlsPolicy;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -31,8 +32,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub timeouts: Timeouts,
     pub retry: Retry,
-    /// Domain (or `*`) → `HOST:PORT`; a routed domain skips MX lookup.
-    pub routes: BTreeMap<String, String>,
+    /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
+    pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
     pub mx_port: u16,
     /// TLS policy for every domain without its own in `tls_policy`.
@@ -77,6 +78,37 @@ impl Default for Config {
             log: None,
         }
     }
+}
+
+/// Where a route sends: `"HOST:PORT"`, or a relay (smarthost) table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RouteSpec {
+    Target(String),
+    Relay(RelaySpec),
+}
+
+/// `{ host = "smtp.relay.example:587", auth = { user = "u", password_file = "/etc/volley/relay.pass" } }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySpec {
+    pub host: String,
+    pub auth: Option<AuthSpec>,
+    /// TLS from the first byte (port 465); default: true on port 465.
+    pub implicit_tls: Option<bool>,
+    /// Allow AUTH without TLS.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+    /// TLS policy for this relay (default: the domain's).
+    pub tls: Option<TlsPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSpec {
+    pub user: String,
+    /// A file holding the password (a final newline is ignored).
+    pub password_file: PathBuf,
 }
 
 /// A local address to send from, with the EHLO name that goes with it.
@@ -293,7 +325,8 @@ impl Config {
         let Some((domain, target)) = spec.split_once('=') else {
             bail!("--route needs DOMAIN=HOST:PORT, got {spec:?}");
         };
-        self.routes.insert(domain.trim().to_string(), target.trim().to_string());
+        self.routes
+            .insert(domain.trim().to_string(), RouteSpec::Target(target.trim().to_string()));
         Ok(())
     }
 
@@ -323,6 +356,15 @@ pub struct Target {
     /// The host part of the label (a name or an address), for TLS.
     pub host: String,
     pub addr: SocketAddr,
+    pub relay: Option<Arc<Relay>>,
+}
+
+/// How to talk to a relay (smarthost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    pub credentials: Option<Credentials>,
+    pub implicit_tls: bool,
+    pub tls: Option<TlsPolicy>,
 }
 
 /// Routes with their targets resolved (once, at start-up, off the executors).
@@ -333,19 +375,50 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn resolve(routes: &BTreeMap<String, String>) -> anyhow::Result<Routes> {
+    pub fn resolve(routes: &BTreeMap<String, RouteSpec>) -> anyhow::Result<Routes> {
         let mut out = Routes::default();
-        for (domain, target) in routes {
+        for (domain, spec) in routes {
+            let (target, relay) = match spec {
+                RouteSpec::Target(t) => (t, None),
+                RouteSpec::Relay(r) => (&r.host, Some(r)),
+            };
             let addr = target
                 .to_socket_addrs()
                 .with_context(|| format!("route {domain}={target}: cannot resolve {target:?} (want HOST:PORT)"))?
                 .next()
                 .with_context(|| format!("route {domain}={target}: {target:?} has no address"))?;
+            let relay = match relay {
+                None => None,
+                Some(r) => {
+                    let credentials = match &r.auth {
+                        None => None,
+                        Some(a) => {
+                            let password = std::fs::read_to_string(&a.password_file).with_context(|| {
+                                format!(
+                                    "route {domain}: cannot read password_file {}",
+                                    a.password_file.display()
+                                )
+                            })?;
+                            Some(Credentials {
+                                user: a.user.clone(),
+                                password: password.trim_end_matches(['\r', '\n']).to_string(),
+                                allow_plaintext: r.allow_plaintext_auth,
+                            })
+                        }
+                    };
+                    Some(Arc::new(Relay {
+                        credentials,
+                        implicit_tls: r.implicit_tls.unwrap_or(addr.port() == 465),
+                        tls: r.tls,
+                    }))
+                }
+            };
             let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
             let t = Target {
                 label: target.clone(),
                 host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
                 addr,
+                relay,
             };
             if domain == "*" {
                 out.wildcard = Some(t);
@@ -435,6 +508,30 @@ mod tests {
         assert!(cfg.binds_sources());
         let err = toml::from_str::<Config>(r#"source_addresses = ["not-an-ip"]"#).unwrap_err();
         assert!(err.to_string().contains("a source address is"), "{err}");
+    }
+
+    #[test]
+    fn relay_routes_read_their_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "s3cret\n").unwrap();
+        let text = format!(
+            "[routes]\n\"*\" = {{ host = \"127.0.0.1:465\", auth = {{ user = \"u\", password_file = {:?} }} }}\n",
+            pass.display().to_string()
+        );
+        let cfg: Config = toml::from_str(&text).unwrap();
+        let routes = Routes::resolve(&cfg.routes).unwrap();
+        let relay = routes.lookup("any.test").unwrap().relay.clone().unwrap();
+        assert!(relay.implicit_tls, "port 465 means implicit TLS");
+        let c = relay.credentials.clone().unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.as_str(), c.allow_plaintext),
+            ("u", "s3cret", false)
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "the password is not printed");
+        std::fs::remove_file(&pass).unwrap();
+        let err = Routes::resolve(&cfg.routes).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot read password_file"), "{err:#}");
     }
 
     #[test]

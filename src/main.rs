@@ -139,6 +139,12 @@ struct SinkArgs {
     /// Offer STARTTLS, answer 220, then close instead of the handshake.
     #[arg(long)]
     tls_fault: bool,
+    /// TLS from the first byte, as on port 465 (implies --tls).
+    #[arg(long)]
+    implicit_tls: bool,
+    /// Require AUTH PLAIN or LOGIN with USER:PASSWORD before MAIL.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    auth: Option<String>,
 }
 
 #[derive(Args)]
@@ -259,7 +265,14 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!((0.0..=1.0).contains(&p), "{name} must be between 0 and 1, got {p}");
     }
     let shards = a.shards.unwrap_or_else(|| Config::default().shards());
-    let tls = if a.tls || a.cert.is_some() {
+    let auth = match &a.auth {
+        Some(s) => {
+            let (u, p) = s.split_once(':').context("--auth needs USER:PASSWORD")?;
+            Some((u.to_string(), p.to_string()))
+        }
+        None => None,
+    };
+    let tls = if a.tls || a.cert.is_some() || a.implicit_tls {
         let pair = a.cert.as_deref().zip(a.key.as_deref());
         Some(volley::tls::server_config(pair, &a.hostname)?)
     } else {
@@ -277,6 +290,8 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         tls,
         tls_fault: a.tls_fault,
+        implicit_tls: a.implicit_tls,
+        auth,
     })?;
     eprintln!("volley sink listening on {} ({shards} shards)", sink.addr());
     let stop = Arc::new(AtomicBool::new(false));

@@ -52,6 +52,10 @@ pub struct SinkOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Offer STARTTLS, answer 220, then close instead of the handshake (fault injection).
     pub tls_fault: bool,
+    /// TLS from the first byte (port 465 style) with `tls`.
+    pub implicit_tls: bool,
+    /// Require AUTH (PLAIN or LOGIN) with this user and password before MAIL.
+    pub auth: Option<(String, String)>,
 }
 
 impl Default for SinkOptions {
@@ -68,6 +72,8 @@ impl Default for SinkOptions {
             seed: 1,
             tls: None,
             tls_fault: false,
+            implicit_tls: false,
+            auth: None,
         }
     }
 }
@@ -254,6 +260,22 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
     let mut stream: Stream = MaybeTls::Plain(tcp);
     let seed = ctx.opts.seed ^ ((ctx.index as u64) << 48) ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut s = ServerSession::new(&ctx.opts, seed, ctx.opts.dump.is_some());
+    if ctx.opts.implicit_tls
+        && let Some(config) = &ctx.opts.tls
+    {
+        let MaybeTls::Plain(tcp) = stream else { return };
+        match futures_rustls::TlsAcceptor::from(config.clone()).accept(tcp).await {
+            Ok(tls) => {
+                stats.add(&stats.tls_sessions, 1);
+                stream = MaybeTls::Tls(Box::new(tls));
+                s.tls_started();
+            }
+            Err(e) => {
+                tracing::debug!("sink TLS handshake failed: {e}");
+                return;
+            }
+        }
+    }
     let mut out = Vec::with_capacity(4096);
     s.greeting(&mut out);
     if stream.write_all(&out).await.is_err() {
@@ -381,6 +403,9 @@ pub struct ServerSession {
     keep_body: bool,
     tls_offered: bool,
     secure: bool,
+    auth: Option<(String, String)>,
+    authed: bool,
+    sasl: Sasl,
     state: State,
     greeted: bool,
     helo: String,
@@ -404,8 +429,11 @@ impl ServerSession {
             disconnect_rate: opts.disconnect_rate,
             rng: fastrand::Rng::with_seed(seed),
             keep_body,
-            tls_offered: opts.tls.is_some() || opts.tls_fault,
+            tls_offered: (opts.tls.is_some() || opts.tls_fault) && !opts.implicit_tls,
             secure: false,
+            auth: opts.auth.clone(),
+            authed: false,
+            sasl: Sasl::Idle,
             state: State::Command,
             greeted: false,
             helo: String::new(),
@@ -426,6 +454,7 @@ impl ServerSession {
         self.buf.clear();
         self.reset();
         self.greeted = false;
+        self.authed = false;
         self.secure = true;
     }
 
@@ -526,6 +555,10 @@ impl ServerSession {
     fn command(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Action {
         let line = String::from_utf8_lossy(raw);
         let line = line.trim_end_matches(['\r', '\n']);
+        if self.sasl != Sasl::Idle {
+            self.sasl_response(line, out);
+            return Action::Continue;
+        }
         let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
         let reply = |out: &mut Vec<u8>, s: &str| {
             out.extend_from_slice(s.as_bytes());
@@ -546,6 +579,9 @@ impl ServerSession {
                 if self.tls_offered && !self.secure {
                     s.push_str("250-STARTTLS\r\n");
                 }
+                if self.auth.is_some() {
+                    s.push_str("250-AUTH PLAIN LOGIN\r\n");
+                }
                 s.push_str("250 ENHANCEDSTATUSCODES");
                 reply(out, &s);
             }
@@ -563,6 +599,8 @@ impl ServerSession {
                 };
                 if !self.greeted {
                     reply(out, "503 5.5.1 Error: send HELO/EHLO first");
+                } else if self.auth.is_some() && !self.authed {
+                    reply(out, "530 5.7.0 Authentication required");
                 } else if self.mail.is_some() {
                     reply(out, "503 5.5.1 Error: nested MAIL command");
                 } else if self.disconnect_rate > 0.0 && self.rng.f64() < self.disconnect_rate {
@@ -616,6 +654,24 @@ impl ServerSession {
                 reply(out, "220 2.0.0 Ready to start TLS");
                 return Action::StartTls;
             }
+            "AUTH" if self.auth.is_none() => reply(out, "502 5.5.1 Error: authentication not enabled"),
+            "AUTH" if self.authed => reply(out, "503 5.5.1 Error: already authenticated"),
+            "AUTH" if self.mail.is_some() => reply(out, "503 5.5.1 Error: MAIL transaction in progress"),
+            "AUTH" => {
+                let mut words = arg.split_ascii_whitespace();
+                match (words.next().map(str::to_ascii_uppercase).as_deref(), words.next()) {
+                    (Some("PLAIN"), Some(initial)) => self.check_plain(initial, out),
+                    (Some("PLAIN"), None) => {
+                        self.sasl = Sasl::Plain;
+                        reply(out, "334 ");
+                    }
+                    (Some("LOGIN"), None) => {
+                        self.sasl = Sasl::LoginUser;
+                        reply(out, "334 VXNlcm5hbWU6");
+                    }
+                    _ => reply(out, "504 5.5.4 Unrecognized authentication type"),
+                }
+            }
             "NOOP" => reply(out, "250 2.0.0 Ok"),
             "VRFY" => reply(out, "252 2.0.0 Cannot VRFY user, but will accept message"),
             "HELP" => reply(out, "214 2.0.0 volley-sink: see RFC 5321"),
@@ -627,6 +683,67 @@ impl ServerSession {
         }
         Action::Continue
     }
+}
+
+/// Where a SASL exchange (RFC 4954) stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sasl {
+    Idle,
+    Plain,
+    LoginUser,
+    LoginPassword(String),
+}
+
+impl ServerSession {
+    fn sasl_response(&mut self, line: &str, out: &mut Vec<u8>) {
+        if line == "*" {
+            self.sasl = Sasl::Idle;
+            out.extend_from_slice(b"501 5.7.0 Authentication cancelled\r\n");
+            return;
+        }
+        match std::mem::replace(&mut self.sasl, Sasl::Idle) {
+            Sasl::Plain => self.check_plain(line, out),
+            Sasl::LoginUser => match decode(line) {
+                Some(user) => {
+                    self.sasl = Sasl::LoginPassword(user);
+                    out.extend_from_slice(b"334 UGFzc3dvcmQ6\r\n");
+                }
+                None => out.extend_from_slice(b"501 5.5.2 Error: bad base64\r\n"),
+            },
+            Sasl::LoginPassword(user) => match decode(line) {
+                Some(password) => self.verdict(&user, &password, out),
+                None => out.extend_from_slice(b"501 5.5.2 Error: bad base64\r\n"),
+            },
+            Sasl::Idle => {}
+        }
+    }
+
+    fn check_plain(&mut self, token: &str, out: &mut Vec<u8>) {
+        let parts: Option<Vec<String>> = decode(token).map(|t| t.split('\0').map(str::to_string).collect());
+        match parts.as_deref() {
+            Some([_authzid, user, password]) => {
+                let (user, password) = (user.clone(), password.clone());
+                self.verdict(&user, &password, out);
+            }
+            _ => out.extend_from_slice(b"501 5.5.2 Error: malformed AUTH PLAIN token\r\n"),
+        }
+    }
+
+    fn verdict(&mut self, user: &str, password: &str, out: &mut Vec<u8>) {
+        let ok = self.auth.as_ref().is_some_and(|(u, p)| u == user && p == password);
+        self.authed = ok;
+        out.extend_from_slice(if ok {
+            b"235 2.7.0 Authentication successful\r\n"
+        } else {
+            b"535 5.7.8 Error: authentication failed\r\n"
+        });
+    }
+}
+
+fn decode(b64: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -719,6 +836,26 @@ mod tests {
         let mut s = ServerSession::new(&opts, 1, false);
         let mut out = Vec::new();
         assert_eq!(s.input(b"EHLO c\r\nMAIL FROM:<a@b>\r\n", &mut out), Action::Drop);
+    }
+
+    #[test]
+    fn auth_plain_and_login() {
+        let opts = SinkOptions {
+            auth: Some(("u".into(), "p".into())),
+            ..Default::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        assert!(run(&mut s, "EHLO c\r\n").contains("250-AUTH PLAIN LOGIN\r\n"));
+        assert!(run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("530 5.7.0"));
+        // "\0u\0wrong" then "\0u\0p"
+        assert!(run(&mut s, "AUTH PLAIN AHUAd3Jvbmc=\r\n").starts_with("535 5.7.8"));
+        assert!(run(&mut s, "AUTH PLAIN AHUAcA==\r\n").starts_with("235 2.7.0"));
+        assert!(run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("250"));
+        let mut s = ServerSession::new(&opts, 1, false);
+        run(&mut s, "EHLO c\r\n");
+        assert_eq!(run(&mut s, "AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(run(&mut s, "dQ==\r\n"), "334 UGFzc3dvcmQ6\r\n");
+        assert!(run(&mut s, "cA==\r\n").starts_with("235"));
     }
 
     #[test]

@@ -623,3 +623,109 @@ fn tls_policies_when_starttls_is_missing_or_refused() {
     );
     assert!(!seen.ready && seen.failed.unwrap().contains("HELO only"));
 }
+
+fn creds(allow_plaintext: bool) -> volley::smtp::Credentials {
+    volley::smtp::Credentials {
+        user: "u".into(),
+        password: "p".into(),
+        allow_plaintext,
+    }
+}
+
+/// A session with credentials, fed the steps; returns what it saw.
+fn run_auth(name: &str, secure: bool, allow_plaintext: bool, steps: &[Step]) -> (Session<Txn>, Seen) {
+    let mut s: Session<Txn> = Session::new("client.test", TlsMode::Off).with_auth(creds(allow_plaintext));
+    if secure {
+        s = s.implicit_tls();
+    }
+    let mut seen = Seen::default();
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            C(want) => {
+                assert_eq!(String::from_utf8_lossy(s.output()), *want, "{name}: step {i}");
+                let n = s.output().len();
+                s.consume_output(n);
+            }
+            S(reply) => s.feed(reply.as_bytes()),
+            _ => unreachable!("only C and S here"),
+        }
+        while let Some(e) = s.poll_event() {
+            match e {
+                Event::Ready => seen.ready = true,
+                Event::Failed { reason, .. } => seen.failed = Some(reason),
+                _ => {}
+            }
+        }
+    }
+    (s, seen)
+}
+
+#[test]
+fn auth_plain_login_and_refusal() {
+    // PLAIN preferred; "\0u\0p" is AHUAcA==.
+    let (s, seen) = run_auth(
+        "plain",
+        true,
+        false,
+        &[
+            GREET,
+            EHLO,
+            S("250-relay\r\n250 AUTH LOGIN PLAIN\r\n"),
+            C("AUTH PLAIN AHUAcA==\r\n"),
+            S("235 2.7.0 ok\r\n"),
+        ],
+    );
+    assert!(seen.ready && s.is_secure());
+    let (_, seen) = run_auth(
+        "login",
+        true,
+        false,
+        &[
+            GREET,
+            EHLO,
+            S("250-relay\r\n250 AUTH LOGIN\r\n"),
+            C("AUTH LOGIN\r\n"),
+            S("334 VXNlcm5hbWU6\r\n"),
+            C("dQ==\r\n"),
+            S("334 UGFzc3dvcmQ6\r\n"),
+            C("cA==\r\n"),
+            S("235 2.7.0 ok\r\n"),
+        ],
+    );
+    assert!(seen.ready);
+    let (_, seen) = run_auth(
+        "refused",
+        true,
+        false,
+        &[
+            GREET,
+            EHLO,
+            S("250-relay\r\n250 AUTH PLAIN\r\n"),
+            C("AUTH PLAIN AHUAcA==\r\n"),
+            S("535 5.7.8 no\r\n"),
+            C("QUIT\r\n"),
+        ],
+    );
+    assert!(!seen.ready && seen.failed.unwrap().contains("535"));
+    // No TLS, no plaintext AUTH allowed: never sends the password.
+    let (_, seen) = run_auth(
+        "no-tls",
+        false,
+        false,
+        &[GREET, EHLO, S("250-relay\r\n250 AUTH PLAIN\r\n"), C("QUIT\r\n")],
+    );
+    assert!(seen.failed.unwrap().contains("AUTH needs TLS"));
+    let (_, seen) = run_auth(
+        "plaintext-allowed",
+        false,
+        true,
+        &[
+            GREET,
+            EHLO,
+            S("250-relay\r\n250 AUTH PLAIN\r\n"),
+            C("AUTH PLAIN AHUAcA==\r\n"),
+            S("235 ok\r\n"),
+        ],
+    );
+    assert!(seen.ready);
+}

@@ -27,15 +27,19 @@ struct SetupError {
     reason: String,
     /// The TLS handshake failed (opportunistic TLS then retries in plaintext).
     tls: bool,
+    /// The relay refused our credentials: pause the destination.
+    auth: bool,
 }
 
 pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     // Try the hosts in order (MX preference, then each address) until one
     // gets as far as EHLO; only when none does is the destination at fault.
     let hosts = dest.hosts.borrow().clone();
-    let mut failure = Some(format!("{}: no host to connect to", dest.label));
+    let mut failure = Some((format!("{}: no host to connect to", dest.label), false));
     for host in hosts.iter() {
+        let implicit = dest.relay.as_ref().is_some_and(|r| r.implicit_tls);
         let mode = match dest.tls {
+            _ if implicit => TlsMode::Off,
             TlsPolicy::Disabled => TlsMode::Off,
             TlsPolicy::Opportunistic if shard.tls_broken(host.addr) => TlsMode::Off,
             TlsPolicy::Opportunistic => TlsMode::Offer,
@@ -57,13 +61,14 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
             }
             Err(e) => {
                 tracing::debug!("{}", e.reason);
-                failure = Some(e.reason);
+                failure = Some((e.reason, e.auth));
             }
         }
     }
     dest.open.set(dest.open.get() - 1);
-    if let Some(reason) = failure {
-        shard.destination_failed(&dest, &reason);
+    if let Some((reason, auth)) = failure {
+        let pause = auth.then_some(shard.cfg.retry.max_delay);
+        shard.destination_failed(&dest, &reason, pause);
     }
     if !dest.queue.borrow().is_empty() {
         shard.kick(&dest);
@@ -75,7 +80,11 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
 async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMode) -> Result<(), SetupError> {
     let cfg = &shard.cfg;
     let peer = format!("{} [{}]", host.name, host.addr);
-    let setup = |reason: String| SetupError { reason, tls: false };
+    let setup = |reason: String| SetupError {
+        reason,
+        tls: false,
+        auth: false,
+    };
     let source = pick_source(dest);
     let tcp = connect(shard, host, source.as_ref().map(|s| s.address))
         .await
@@ -88,6 +97,25 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
     let mut stream: Option<Stream> = Some(MaybeTls::Plain(tcp));
     let mut tls: Option<String> = None;
     let mut session: Session<Txn> = Session::new(&ehlo_name, mode);
+    let relay = dest.relay.as_deref();
+    if relay.is_some_and(|r| r.implicit_tls) {
+        // Port 465: TLS before the greeting (RFC 8314).
+        let upgraded = handshake(shard, dest, host, stream.take())
+            .await
+            .map_err(|reason| SetupError {
+                reason: format!("{peer}: TLS handshake failed: {reason}"),
+                tls: true,
+                auth: false,
+            })?;
+        tls = Some(upgraded.describe());
+        stream = Some(MaybeTls::Tls(Box::new(upgraded)));
+        session = session.implicit_tls();
+    }
+    let credentials = relay.and_then(|r| r.credentials.clone());
+    if let Some(c) = credentials.clone() {
+        session = session.with_auth(c);
+    }
+    let mut auth_refused = false;
     let mut buf = vec![0u8; READ_BUF_BYTES];
     let mut submitted = 0usize;
     let mut setup_error = None;
@@ -99,8 +127,10 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
                     was_ready = true;
                     dest.ready.set(dest.ready.get() + 1);
                     shard.destination_up(dest);
+                    // The destination works: open more connections if its queue wants them.
+                    shard.kick(dest);
                 }
-                Event::StartTls => match starttls(shard, dest, host, stream.take()).await {
+                Event::StartTls => match handshake(shard, dest, host, stream.take()).await {
                     Ok(upgraded) => {
                         tls = Some(upgraded.describe());
                         stream = Some(MaybeTls::Tls(Box::new(upgraded)));
@@ -108,12 +138,20 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
                     }
                     Err(reason) => {
                         let reason = format!("{peer}: TLS handshake failed: {reason}");
-                        return Err(SetupError { reason, tls: true });
+                        return Err(SetupError {
+                            reason,
+                            tls: true,
+                            auth: false,
+                        });
                     }
                 },
                 Event::Done(report) => shard.complete(report, host, tls.as_deref()),
                 Event::Unsent(txn) => dest.queue.borrow_mut().push_front(txn),
-                Event::Failed { reason, .. } => setup_error = Some(format!("{peer}: {reason}")),
+                Event::Failed { reason, reply } => {
+                    // 530-539 to AUTH: the credentials (or their use) were refused.
+                    auth_refused = credentials.is_some() && reply.is_some_and(|r| (530..540).contains(&r.code));
+                    setup_error = Some(format!("{peer}: {reason}"));
+                }
             }
         }
         if session.is_closed() {
@@ -170,7 +208,15 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         let _ = s.tcp().shutdown(std::net::Shutdown::Both).await;
     }
     match setup_error {
-        Some(reason) if !was_ready => Err(setup(reason)),
+        Some(reason) if !was_ready => Err(SetupError {
+            reason: if auth_refused {
+                format!("{reason} (authentication failed)")
+            } else {
+                reason
+            },
+            tls: false,
+            auth: auth_refused,
+        }),
         _ => Ok(()),
     }
 }
@@ -199,15 +245,15 @@ async fn connect(shard: &Shard, host: &Candidate, source: Option<std::net::IpAdd
     }
 }
 
-/// The TLS handshake after the server's 220 to STARTTLS.
-async fn starttls(
+/// The TLS handshake: after the server's 220 to STARTTLS, or at once for implicit TLS.
+async fn handshake(
     shard: &Shard,
     dest: &Dest,
     host: &Candidate,
     stream: Option<Stream>,
 ) -> Result<TlsStream<TcpStream>, String> {
     let Some(MaybeTls::Plain(tcp)) = stream else {
-        return Err("STARTTLS on a connection that is already TLS".into());
+        return Err("TLS on a connection that is already TLS".into());
     };
     let name = server_name(&host.name).map_err(|e| e.to_string())?;
     let connector = shard.tls.connector(dest.tls);

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
-use crate::config::{Config, Routes, SourceAddress, Target};
+use crate::config::{Config, Relay, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
@@ -112,6 +112,8 @@ pub(crate) struct Dest {
     tls: TlsPolicy,
     /// Local addresses its connections are bound to, in rotation (empty: any).
     sources: Rc<[SourceAddress]>,
+    /// Set when the destination is a relay (AUTH, implicit TLS).
+    relay: Option<Arc<Relay>>,
     next_source: Cell<usize>,
     /// In the order to try (MX preference, then each host's addresses).
     hosts: RefCell<Rc<[Candidate]>>,
@@ -212,6 +214,7 @@ impl<'a> From<Decider<'a>> for Said<'a> {
 struct ConnPolicy {
     tls: TlsPolicy,
     sources: Rc<[SourceAddress]>,
+    relay: Option<Arc<Relay>>,
 }
 
 /// Where and how an attempt went, for the log.
@@ -443,14 +446,19 @@ impl Shard {
         ConnPolicy {
             tls: self.cfg.tls_policy_of(domain),
             sources: self.cfg.sources_of(domain).into(),
+            relay: None,
         }
     }
 
-    fn route_dest(&self, target: &Target, policy: ConnPolicy) -> Rc<Dest> {
+    fn route_dest(&self, target: &Target, mut policy: ConnPolicy) -> Rc<Dest> {
         let hosts = [Candidate {
             name: Rc::from(target.host.as_str()),
             addr: target.addr,
         }];
+        if let Some(tls) = target.relay.as_ref().and_then(|r| r.tls) {
+            policy.tls = tls;
+        }
+        policy.relay = target.relay.clone();
         self.dest(&target.label, policy, hosts.into())
     }
 
@@ -486,6 +494,7 @@ impl Shard {
             label: Rc::from(label),
             tls: policy.tls,
             sources: policy.sources,
+            relay: policy.relay,
             next_source: Cell::new(self.index),
             hosts: RefCell::new(hosts),
             queue: RefCell::default(),
@@ -632,22 +641,26 @@ impl Shard {
             dest.wake.notify_additional(1);
         }
         let queued = dest.queue.borrow().len();
-        if !self.stopping.get() && dest.open.get() < self.conn_limit && queued > dest.parked.get() {
+        // Until one connection has got through EHLO, one attempt at a time:
+        // a dead or refusing destination costs one failure, not a burst.
+        let probing = dest.ready.get() == 0 && dest.open.get() > 0;
+        if !self.stopping.get() && !probing && dest.open.get() < self.conn_limit && queued > dest.parked.get() {
             dest.open.set(dest.open.get() + 1);
             glommio::spawn_local(conn::run(self.clone(), dest.clone())).detach();
         }
     }
 
     /// A connection could not be set up. With no other live connection the
-    /// destination is backed off and everything queued for it is deferred.
-    fn destination_failed(self: &Rc<Self>, dest: &Rc<Dest>, reason: &str) {
-        if dest.ready.get() > 0 {
+    /// destination is backed off and everything queued for it is deferred;
+    /// `pause` backs it off for at least that long (a relay refusing our credentials).
+    fn destination_failed(self: &Rc<Self>, dest: &Rc<Dest>, reason: &str, pause: Option<Duration>) {
+        if dest.ready.get() > 0 && pause.is_none() {
             return;
         }
         let failures = dest.failures.get() + 1;
         dest.failures.set(failures);
-        dest.down_until
-            .set(Some(Instant::now() + self.cfg.retry.delay(failures)));
+        let backoff = self.cfg.retry.delay(failures).max(pause.unwrap_or_default());
+        dest.down_until.set(Some(Instant::now() + backoff));
         *dest.last_error.borrow_mut() = reason.to_string();
         let queued: Vec<Txn> = dest.queue.borrow_mut().drain(..).collect();
         for txn in queued {

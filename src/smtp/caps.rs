@@ -13,6 +13,9 @@ pub struct Capabilities {
     pub chunking: bool,
     pub smtputf8: bool,
     pub dsn: bool,
+    /// SASL mechanisms offered with AUTH that volley can use.
+    pub auth_plain: bool,
+    pub auth_login: bool,
 }
 
 impl Capabilities {
@@ -34,6 +37,19 @@ impl Capabilities {
                 "CHUNKING" => caps.chunking = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "DSN" => caps.dsn = true,
+                "AUTH" => {
+                    for m in words {
+                        caps.auth_plain |= m.eq_ignore_ascii_case("PLAIN");
+                        caps.auth_login |= m.eq_ignore_ascii_case("LOGIN");
+                    }
+                }
+                k if k.starts_with("AUTH=") => {
+                    // The pre-RFC 4954 form some servers still send.
+                    for m in k[5..].split_ascii_whitespace().chain(words) {
+                        caps.auth_plain |= m.eq_ignore_ascii_case("PLAIN");
+                        caps.auth_login |= m.eq_ignore_ascii_case("LOGIN");
+                    }
+                }
                 _ => {}
             }
         }
@@ -77,6 +93,15 @@ mod tests {
         );
         assert!(caps.pipelining && caps.starttls && caps.chunking && caps.smtputf8);
         assert_eq!(caps.size, Some(10_240_000));
+        assert!(!caps.auth_plain && !caps.auth_login);
+    }
+
+    #[test]
+    fn auth_mechanisms() {
+        let caps = ehlo(b"250-relay.test\r\n250-AUTH CRAM-MD5 login Plain\r\n250 8BITMIME\r\n");
+        assert!(caps.auth_plain && caps.auth_login);
+        let caps = ehlo(b"250-relay.test\r\n250 AUTH=LOGIN\r\n");
+        assert!(!caps.auth_plain && caps.auth_login);
     }
 
     #[test]

@@ -10,6 +10,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
 use super::caps::Capabilities;
 use super::reply::{Reply, ReplyParser};
 
@@ -122,6 +125,21 @@ pub enum TlsMode {
     Require,
 }
 
+/// Credentials for SMTP AUTH (RFC 4954) with a relay.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+    /// Allow AUTH without TLS (the password then crosses the wire in clear).
+    pub allow_plaintext: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ user: {:?}, password: <hidden> }}", self.user)
+    }
+}
+
 #[derive(Debug)]
 pub enum Event<T> {
     /// EHLO (or HELO) succeeded; transactions may be submitted.
@@ -144,6 +162,7 @@ enum Phase {
     Helo,
     StartTls,
     Handshake,
+    Auth,
     Ready,
     Quitting,
     Closed,
@@ -155,6 +174,9 @@ enum Expect {
     Ehlo,
     Helo,
     StartTls,
+    AuthDone,
+    AuthLoginUser,
+    AuthLoginPassword,
     Mail(u64),
     Rcpt(u64, usize),
     Data(u64),
@@ -187,6 +209,7 @@ const MAX_FLIGHTS: usize = 2;
 pub struct Session<T> {
     ehlo_name: String,
     tls: TlsMode,
+    auth: Option<Credentials>,
     /// TLS is up (after STARTTLS and the handshake).
     secure: bool,
     phase: Phase,
@@ -207,6 +230,7 @@ impl<T: Envelope> Session<T> {
         Session {
             ehlo_name: ehlo_name.to_string(),
             tls,
+            auth: None,
             secure: false,
             phase: Phase::Greeting,
             caps: Capabilities::default(),
@@ -220,6 +244,19 @@ impl<T: Envelope> Session<T> {
             next_seq: 0,
             quit_requested: false,
         }
+    }
+
+    /// Authenticates (AUTH PLAIN, else LOGIN) after EHLO, and after TLS
+    /// unless the credentials allow plaintext.
+    pub fn with_auth(mut self, credentials: Credentials) -> Self {
+        self.auth = Some(credentials);
+        self
+    }
+
+    /// The connection is TLS from its first byte (port 465, RFC 8314): no STARTTLS.
+    pub fn implicit_tls(mut self) -> Self {
+        self.secure = true;
+        self
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -249,6 +286,7 @@ impl<T: Envelope> Session<T> {
             Expect::Greeting => Wait::Greeting,
             Expect::Ehlo | Expect::Helo => Wait::Ehlo,
             Expect::StartTls => Wait::StartTls,
+            Expect::AuthDone | Expect::AuthLoginUser | Expect::AuthLoginPassword => Wait::Ehlo,
             Expect::Mail(_) => Wait::Mail,
             Expect::Rcpt(..) => Wait::Rcpt,
             Expect::Data(_) => Wait::DataInit,
@@ -364,7 +402,7 @@ impl<T: Envelope> Session<T> {
                 } else if !self.secure && self.tls == TlsMode::Require {
                     return self.give_up("TLS is required and the server does not offer STARTTLS");
                 } else {
-                    self.ready();
+                    self.authenticate_or_ready();
                 }
             }
             Expect::Ehlo if reply.is_permanent() => {
@@ -382,7 +420,7 @@ impl<T: Envelope> Session<T> {
             }
             Expect::Helo if reply.is_positive() => {
                 self.caps = Capabilities::default();
-                self.ready();
+                self.authenticate_or_ready();
             }
             Expect::Helo => return self.setup_failed("HELO", reply),
             Expect::StartTls if reply.code == 220 => {
@@ -392,7 +430,7 @@ impl<T: Envelope> Session<T> {
             }
             Expect::StartTls if self.tls == TlsMode::Require => return self.setup_failed("STARTTLS", reply),
             // Opportunistic: a refused STARTTLS leaves the session in plaintext.
-            Expect::StartTls if !closing => self.ready(),
+            Expect::StartTls if !closing => self.authenticate_or_ready(),
             Expect::StartTls => return self.setup_failed("STARTTLS", reply),
             Expect::Mail(seq) => {
                 let ok = reply.is_positive();
@@ -467,6 +505,21 @@ impl<T: Envelope> Session<T> {
                 self.flight(seq).report.dot = Some(reply);
                 self.finish(seq);
             }
+            Expect::AuthLoginUser | Expect::AuthLoginPassword if reply.code == 334 => {
+                let auth = self.auth.as_ref().expect("AUTH only with credentials");
+                let (secret, next) = if expect == Expect::AuthLoginUser {
+                    (auth.user.as_str(), Expect::AuthLoginPassword)
+                } else {
+                    (auth.password.as_str(), Expect::AuthDone)
+                };
+                let b64 = BASE64.encode(secret);
+                push_command(&mut self.out, &mut self.expects, format_args!("{b64}"), next);
+                return;
+            }
+            Expect::AuthDone if reply.code == 235 => self.ready(),
+            Expect::AuthDone | Expect::AuthLoginUser | Expect::AuthLoginPassword => {
+                return self.setup_failed("AUTH", reply);
+            }
             Expect::Rset => {}
             Expect::Quit => {
                 self.phase = Phase::Closed;
@@ -478,6 +531,35 @@ impl<T: Envelope> Session<T> {
         }
         self.pump();
         self.maybe_quit();
+    }
+
+    /// After EHLO (and TLS, if any): AUTH when there are credentials, else ready.
+    fn authenticate_or_ready(&mut self) {
+        let Some(auth) = &self.auth else {
+            return self.ready();
+        };
+        if !self.secure && !auth.allow_plaintext {
+            return self.give_up("AUTH needs TLS first (allow_plaintext_auth is off)");
+        }
+        if self.caps.auth_plain {
+            let token = BASE64.encode(format!("\0{}\0{}", auth.user, auth.password));
+            push_command(
+                &mut self.out,
+                &mut self.expects,
+                format_args!("AUTH PLAIN {token}"),
+                Expect::AuthDone,
+            );
+        } else if self.caps.auth_login {
+            push_command(
+                &mut self.out,
+                &mut self.expects,
+                format_args!("AUTH LOGIN"),
+                Expect::AuthLoginUser,
+            );
+        } else {
+            return self.give_up("the server offers neither AUTH PLAIN nor AUTH LOGIN");
+        }
+        self.phase = Phase::Auth;
     }
 
     /// The TLS handshake succeeded: start over with EHLO, as RFC 3207 §4.2 requires.

@@ -7,6 +7,6 @@ pub mod reply;
 pub mod wire;
 
 pub use caps::Capabilities;
-pub use engine::{Decider, Envelope, Event, Session, Status, TlsMode, TxnReport, Wait};
+pub use engine::{Credentials, Decider, Envelope, Event, Session, Status, TlsMode, TxnReport, Wait};
 pub use reply::{Enhanced, Reply, ReplyError, ReplyParser};
 pub use wire::WireMessage;
