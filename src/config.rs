@@ -50,8 +50,15 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub tls_fallback: Duration,
     pub dns: DnsConfig,
-    /// Delivery log (JSON Lines).
+    /// Delivery log (JSON Lines), appended to.
     pub log: Option<PathBuf>,
+    /// Keep a progress journal beside each spool file (`NAME.journal`).
+    pub journal: bool,
+    /// fdatasync each group of journal records (off only for benchmarks).
+    pub journal_fsync: bool,
+    /// How long final outcomes gather before they are written and synced as one group.
+    #[serde(with = "humantime_serde")]
+    pub journal_sync_interval: Duration,
 }
 
 impl Default for Config {
@@ -76,6 +83,9 @@ impl Default for Config {
             tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
             log: None,
+            journal: true,
+            journal_fsync: true,
+            journal_sync_interval: Duration::from_millis(5),
         }
     }
 }

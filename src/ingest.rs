@@ -11,7 +11,8 @@ use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::Sender;
 
-use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
+use crate::journal::{Done, WHOLE_LINE};
+use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
 
 /// Jobs per batch sent to a shard.
@@ -42,7 +43,22 @@ pub struct WorkItem {
     pub id: Option<Span>,
     pub from: Span,
     pub body: BodyKey,
-    pub rcpts: Vec<Span>,
+    pub rcpts: Vec<Rcpt>,
+    pub first_seen: Instant,
+}
+
+/// A recipient and its index in the job's `to` (its name in the journal).
+#[derive(Debug, Clone)]
+pub struct Rcpt {
+    pub addr: Span,
+    pub idx: u32,
+}
+
+/// A spool file to ingest, with what its journal says is already final.
+pub struct SpoolInput {
+    pub file: Arc<MappedFile>,
+    pub done: Done,
+    /// When the spool was first seen (from its journal): `max_age` runs from here.
     pub first_seen: Instant,
 }
 
@@ -60,10 +76,12 @@ pub enum Report {
     Ingested {
         recipients: u64,
     },
-    /// Every line was read: the number of final outcomes to wait for.
+    /// Every line was read: the number of final outcomes to wait for, and
+    /// how many recipients were already final (journaled by an earlier run).
     IngestDone {
         recipients: u64,
         bad_lines: u64,
+        already_final: u64,
     },
 }
 
@@ -88,6 +106,7 @@ pub struct Ingest {
     recipients: u64,
     bad_lines: u64,
     reported: u64,
+    already_final: u64,
 }
 
 impl Ingest {
@@ -103,13 +122,15 @@ impl Ingest {
             recipients: 0,
             bad_lines: 0,
             reported: 0,
+            already_final: 0,
         }
     }
 
     /// Reads every file to the end. Returns early only if a shard or the collector went away.
-    pub fn run(mut self, files: Vec<Arc<MappedFile>>) -> Result<(), &'static str> {
-        for (fid, file) in files.iter().enumerate() {
+    pub fn run(mut self, inputs: Vec<SpoolInput>) -> Result<(), &'static str> {
+        for (fid, input) in inputs.iter().enumerate() {
             let fid = fid as u32;
+            let file = &input.file;
             for tx in &self.shards {
                 tx.send(ToShard::File {
                     id: fid,
@@ -123,13 +144,22 @@ impl Ingest {
             );
             let map = file.bytes();
             for (line_no, line) in spool::lines(map) {
+                if input.done.contains(line_no, WHOLE_LINE) {
+                    self.already_final += 1;
+                    continue;
+                }
                 match spool::parse_job(map, line) {
-                    Ok(job) => self.job(fid, file, &name, map, line_no, job)?,
+                    Ok(job) => self.job(fid, input, &name, map, line_no, job)?,
                     Err(reason) => {
                         self.bad_lines += 1;
                         let reason = format!("{}:{line_no}: {reason}", file.path().display());
                         self.warn(&reason);
-                        self.reject(JobId::Line(&name, line_no), None, &reason);
+                        let key = RcptKey {
+                            file: fid,
+                            line: line_no,
+                            idx: WHOLE_LINE,
+                        };
+                        self.reject(key, JobId::Line(&name, line_no), None, &reason);
                     }
                 }
                 if self.recorder.pending_bytes() > 64 * 1024 {
@@ -148,6 +178,7 @@ impl Ingest {
             .send(Report::IngestDone {
                 recipients: self.recipients,
                 bad_lines: self.bad_lines,
+                already_final: self.already_final,
             })
             .map_err(|_| "the collector stopped")
     }
@@ -155,16 +186,33 @@ impl Ingest {
     fn job(
         &mut self,
         fid: u32,
-        file: &MappedFile,
+        input: &SpoolInput,
         name: &str,
         map: &[u8],
         line: u32,
         job: spool::Job,
     ) -> Result<(), &'static str> {
+        let file = &input.file;
         let id = match &job.id {
             Some(s) => JobId::Given(s.get(map)),
             None => JobId::Line(name, line),
         };
+        let key = |idx: usize| RcptKey {
+            file: fid,
+            line,
+            idx: idx as u32,
+        };
+        // Recipients an earlier run already finished are not sent again.
+        let pending: Vec<(usize, &Span)> = job
+            .to
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !input.done.contains(line, *i as u32))
+            .collect();
+        self.already_final += (job.to.len() - pending.len()) as u64;
+        if pending.is_empty() {
+            return Ok(());
+        }
         let body = match &job.body {
             JobBody::Inline(s) => Ok(BodyKey::Inline(s.clone())),
             JobBody::File(s) => self.message(file, s.get(map))?.map(BodyKey::File),
@@ -175,34 +223,37 @@ impl Ingest {
                 let reason = format!("{}:{line}: {reason}", file.path().display());
                 self.warn(&reason);
                 self.bad_lines += 1;
-                for rcpt in &job.to {
-                    self.reject(id, Some(rcpt.get(map)), &reason);
+                for (i, rcpt) in pending {
+                    self.reject(key(i), id, Some(rcpt.get(map)), &reason);
                 }
                 return Ok(());
             }
         };
         // (shard, domain of the first recipient, recipients) per transaction.
-        let mut groups: Vec<(usize, &str, Vec<Span>)> = Vec::new();
-        for rcpt in &job.to {
+        let mut groups: Vec<(usize, &str, Vec<Rcpt>)> = Vec::new();
+        for (i, rcpt) in pending {
             let addr = rcpt.get(map);
             if let Err(why) = spool::validate_address(addr) {
                 let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
                 self.warn(&reason);
-                self.reject(id, Some(addr), &reason);
+                self.reject(key(i), id, Some(addr), &reason);
                 continue;
             }
             self.recipients += 1;
             let domain = spool::domain_of(addr);
             let max = self.max_rcpts_per_txn;
+            let r = Rcpt {
+                addr: rcpt.clone(),
+                idx: i as u32,
+            };
             match groups
                 .iter_mut()
-                .find(|(_, d, r)| d.eq_ignore_ascii_case(domain) && r.len() < max)
+                .find(|(_, d, g)| d.eq_ignore_ascii_case(domain) && g.len() < max)
             {
-                Some(group) => group.2.push(rcpt.clone()),
-                None => groups.push((shard_of(domain, self.shards.len()), domain, vec![rcpt.clone()])),
+                Some(group) => group.2.push(r),
+                None => groups.push((shard_of(domain, self.shards.len()), domain, vec![r])),
             }
         }
-        let first_seen = Instant::now();
         for (shard, _, rcpts) in groups {
             self.batches[shard].push(WorkItem {
                 file: fid,
@@ -211,7 +262,7 @@ impl Ingest {
                 from: job.from.clone(),
                 body: body.clone(),
                 rcpts,
-                first_seen,
+                first_seen: input.first_seen,
             });
             if self.batches[shard].len() >= BATCH_ITEMS {
                 self.send_batch(shard)?;
@@ -256,23 +307,26 @@ impl Ingest {
         }
     }
 
-    fn reject(&mut self, id: JobId<'_>, rcpt: Option<&str>, reason: &str) {
+    fn reject(&mut self, key: RcptKey, id: JobId<'_>, rcpt: Option<&str>, reason: &str) {
         self.recipients += 1;
-        self.recorder.record(&LogRecord {
-            ts: SystemTime::now(),
-            id,
-            rcpt,
-            domain: rcpt.map(spool::domain_of).filter(|d| !d.is_empty()),
-            outcome: Outcome::Rejected,
-            code: None,
-            enhanced: None,
-            reply: Some(reason),
-            mx: None,
-            ip: None,
-            attempt: 0,
-            latency_ms: None,
-            tls: None,
-        });
+        self.recorder.record(
+            key,
+            &LogRecord {
+                ts: SystemTime::now(),
+                id,
+                rcpt,
+                domain: rcpt.map(spool::domain_of).filter(|d| !d.is_empty()),
+                outcome: Outcome::Rejected,
+                code: None,
+                enhanced: None,
+                reply: Some(reason),
+                mx: None,
+                ip: None,
+                attempt: 0,
+                latency_ms: None,
+                tls: None,
+            },
+        );
     }
 
     fn send_batch(&mut self, shard: usize) -> Result<(), &'static str> {

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod dns;
 pub mod generator;
 pub mod ingest;
+pub mod journal;
 pub mod outcome;
 pub mod runtime;
 pub mod send;

@@ -91,6 +91,12 @@ struct SendArgs {
     /// No progress bar or progress lines.
     #[arg(long)]
     quiet: bool,
+    /// Keep no progress journal (a killed send then starts over).
+    #[arg(long)]
+    no_journal: bool,
+    /// Do not fdatasync the journal (for benchmarks: a crash may then lose progress).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 #[derive(Args)]
@@ -224,6 +230,12 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     config.ca_file = a.ca_file.or(config.ca_file);
     if let Some(t) = a.tls {
         config.tls = t;
+    }
+    if a.no_journal {
+        config.journal = false;
+    }
+    if a.no_fsync {
+        config.journal_fsync = false;
     }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;

@@ -100,9 +100,27 @@ pub struct LogRecord<'a> {
     pub tls: Option<&'a str>,
 }
 
+/// Where a recipient is in the spool: its file, line and index in `to`
+/// (`journal::WHOLE_LINE` for a line rejected whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RcptKey {
+    pub file: u32,
+    pub line: u32,
+    pub idx: u32,
+}
+
+/// A final outcome, for the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Final {
+    pub key: RcptKey,
+    pub outcome: Outcome,
+}
+
 /// What one producer sends the collector at a time.
 #[derive(Debug, Default)]
 pub struct OutcomeBatch {
+    /// Final outcomes in this batch, for the journal.
+    pub finals: Vec<Final>,
     /// Delivery log lines, each ending in `\n` (empty when there is no log).
     pub log: Vec<u8>,
     /// Records per outcome, indexed by `Outcome::index`.
@@ -114,7 +132,7 @@ pub struct OutcomeBatch {
 }
 
 impl OutcomeBatch {
-    pub fn finals(&self) -> u64 {
+    pub fn final_count(&self) -> u64 {
         Outcome::ALL
             .iter()
             .filter(|o| o.is_final())
@@ -122,11 +140,12 @@ impl OutcomeBatch {
             .sum()
     }
     pub fn is_empty(&self) -> bool {
-        self.counts.iter().all(|&c| c == 0) && self.messages == 0
+        self.counts.iter().all(|&c| c == 0) && self.messages == 0 && self.finals.is_empty()
     }
     /// Adds a later batch to this one.
     pub fn merge(&mut self, other: OutcomeBatch) {
         self.log.extend_from_slice(&other.log);
+        self.finals.extend_from_slice(&other.finals);
         for (a, b) in self.counts.iter_mut().zip(other.counts) {
             *a += b;
         }
@@ -152,8 +171,14 @@ impl Recorder {
         }
     }
 
-    pub fn record(&mut self, rec: &LogRecord<'_>) {
+    pub fn record(&mut self, key: RcptKey, rec: &LogRecord<'_>) {
         self.batch.counts[rec.outcome.index()] += 1;
+        if rec.outcome.is_final() {
+            self.batch.finals.push(Final {
+                key,
+                outcome: rec.outcome,
+            });
+        }
         if let Some(code) = rec.code {
             *self.codes.entry(code).or_default() += 1;
         }
@@ -190,21 +215,29 @@ mod tests {
     #[test]
     fn log_line_shape() {
         let mut r = Recorder::new(true);
-        r.record(&LogRecord {
-            ts: SystemTime::UNIX_EPOCH,
-            id: JobId::Line("a.jsonl", 7),
-            rcpt: Some("x@d.test"),
-            domain: Some("d.test"),
-            outcome: Outcome::Bounced,
-            code: Some(550),
-            enhanced: Enhanced::parse_prefix("5.1.1"),
-            reply: Some("5.1.1 no such user"),
-            mx: Some("127.0.0.1:25"),
-            ip: Some("127.0.0.1".parse().unwrap()),
-            attempt: 1,
-            latency_ms: Some(3),
-            tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
-        });
+        let key = RcptKey {
+            file: 0,
+            line: 7,
+            idx: 0,
+        };
+        r.record(
+            key,
+            &LogRecord {
+                ts: SystemTime::UNIX_EPOCH,
+                id: JobId::Line("a.jsonl", 7),
+                rcpt: Some("x@d.test"),
+                domain: Some("d.test"),
+                outcome: Outcome::Bounced,
+                code: Some(550),
+                enhanced: Enhanced::parse_prefix("5.1.1"),
+                reply: Some("5.1.1 no such user"),
+                mx: Some("127.0.0.1:25"),
+                ip: Some("127.0.0.1".parse().unwrap()),
+                attempt: 1,
+                latency_ms: Some(3),
+                tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
+            },
+        );
         let b = r.take().unwrap();
         let line = String::from_utf8(b.log.clone()).unwrap();
         assert_eq!(
@@ -213,7 +246,14 @@ mod tests {
 \"outcome\":\"bounced\",\"code\":550,\"enhanced\":\"5.1.1\",\"reply\":\"5.1.1 no such user\",\"mx\":\"127.0.0.1:25\",\
 \"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3,\"tls\":\"TLSv1.3 TLS13_AES_128_GCM_SHA256\"}\n"
         );
-        assert_eq!(b.finals(), 1);
+        assert_eq!(b.final_count(), 1);
+        assert_eq!(
+            b.finals,
+            vec![Final {
+                key,
+                outcome: Outcome::Bounced
+            }]
+        );
         assert_eq!(b.codes, vec![(550, 1)]);
         assert!(r.take().is_none());
     }

@@ -3,11 +3,11 @@
 //! calling thread until every recipient is final.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{Config, Routes};
 use crate::dns::NetThread;
-use crate::ingest::{Ingest, Report};
+use crate::ingest::{Ingest, Report, SpoolInput};
+use crate::journal::{Done, Journal};
 use crate::outcome::{Outcome, OutcomeBatch};
 use crate::shard::{self, Control, ShardParams};
 use crate::spool::MappedFile;
@@ -43,6 +44,8 @@ pub struct Summary {
     /// Recipients found in the spool (each bad line counts as one).
     pub recipients: u64,
     pub bad_lines: u64,
+    /// Recipients an earlier run had already finished (from the journal).
+    pub already_final: u64,
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
     pub codes: HashMap<u16, u64>,
@@ -75,6 +78,12 @@ impl Summary {
             self.bad_lines,
             self.count(Outcome::Deferred),
         );
+        if self.already_final > 0 {
+            s += &format!(
+                "{} more were already final (from the journal of an earlier run)\n",
+                self.already_final
+            );
+        }
         s += &format!(
             "{:.0} messages/s ({} messages), {:.0} recipients/s delivered\n",
             self.messages as f64 / secs,
@@ -97,19 +106,47 @@ pub struct SendOptions {
     pub progress: Progress,
 }
 
-/// Adds a batch to the summary and its lines to the delivery log.
-fn absorb(summary: &mut Summary, log: Option<&mut BufWriter<File>>, batch: OutcomeBatch) -> anyhow::Result<()> {
-    if let Some(w) = log {
-        w.write_all(&batch.log).context("cannot write the delivery log")?;
+/// Takes outcome batches and makes them count: journal records first
+/// (appended and, with fsync, made durable as one group), then the delivery
+/// log, then the summary.
+struct Collector {
+    journals: Vec<Journal>,
+    fsync: bool,
+    log: Option<BufWriter<File>>,
+    pending: Vec<OutcomeBatch>,
+    summary: Summary,
+}
+
+impl Collector {
+    fn commit(&mut self) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if !self.journals.is_empty() {
+            for f in self.pending.iter().flat_map(|b| &b.finals) {
+                self.journals[f.key.file as usize].append(f.key.line, f.key.idx, f.outcome);
+            }
+            for j in &mut self.journals {
+                if j.has_pending() {
+                    j.commit(self.fsync)
+                        .with_context(|| format!("cannot write the journal {}", j.path().display()))?;
+                }
+            }
+        }
+        for batch in self.pending.drain(..) {
+            if let Some(w) = self.log.as_mut() {
+                w.write_all(&batch.log).context("cannot write the delivery log")?;
+            }
+            for (a, b) in self.summary.counts.iter_mut().zip(batch.counts) {
+                *a += b;
+            }
+            for (code, n) in batch.codes {
+                *self.summary.codes.entry(code).or_default() += n;
+            }
+            self.summary.messages += batch.messages;
+        }
+        Ok(())
     }
-    for (a, b) in summary.counts.iter_mut().zip(batch.counts) {
-        *a += b;
-    }
-    for (code, n) in batch.codes {
-        *summary.codes.entry(code).or_default() += n;
-    }
-    summary.messages += batch.messages;
-    Ok(())
 }
 
 pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
@@ -118,15 +155,23 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     if opts.spools.is_empty() {
         bail!("no spool file given");
     }
-    let files = opts
-        .spools
-        .iter()
-        .map(|p| {
-            MappedFile::open(p)
-                .map(Arc::new)
-                .with_context(|| format!("cannot read spool file {}", p.display()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut inputs = Vec::new();
+    let mut journals = Vec::new();
+    for p in &opts.spools {
+        let file = Arc::new(MappedFile::open(p).with_context(|| format!("cannot read spool file {}", p.display()))?);
+        let (done, first_seen) = if cfg.journal {
+            let opened = Journal::open(p, file.bytes().len() as u64)
+                .with_context(|| format!("cannot open the journal of {}", p.display()))?;
+            journals.push(opened.journal);
+            (opened.done, opened.first_seen)
+        } else {
+            (Done::default(), SystemTime::now())
+        };
+        // max_age runs from when the spool was first seen, by an earlier run too.
+        let age = SystemTime::now().duration_since(first_seen).unwrap_or_default();
+        let first_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        inputs.push(SpoolInput { file, done, first_seen });
+    }
     let routes = Arc::new(Routes::resolve(&cfg.routes)?);
     // MX lookups and bound connects need the side thread; with a route for
     // every domain and no source address there are none.
@@ -137,13 +182,19 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     };
     let net = net_thread.as_ref().map(NetThread::net);
     let tls = TlsClient::new(cfg.ca_file.as_deref())?;
-    let mut log = match &cfg.log {
+    // Appended to: a run that finishes a half-done spool adds to the log of the runs before.
+    let log = match &cfg.log {
         Some(p) => Some(BufWriter::with_capacity(
             256 * 1024,
-            File::create(p).with_context(|| format!("cannot create delivery log {}", p.display()))?,
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open delivery log {}", p.display()))?,
         )),
         None => None,
     };
+    let log_enabled = log.is_some();
     let shards = cfg.shards();
     let ehlo_name = cfg.ehlo_name();
     let started = Instant::now();
@@ -167,17 +218,17 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             net: net.clone(),
             tls: tls.clone(),
             ehlo_name: ehlo_name.clone(),
-            log: log.is_some(),
+            log: log_enabled,
             inbox: rx,
             control: ctl_rx,
             reports: report_tx.clone(),
             alive: alive_tx,
         })?);
     }
-    let ingest = Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log.is_some());
+    let ingest = Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled);
     let ingest = std::thread::Builder::new()
         .name("volley-ingest".into())
-        .spawn(move || ingest.run(files))
+        .spawn(move || ingest.run(inputs))
         .context("cannot start the ingest thread")?;
 
     let bar = match opts.progress {
@@ -195,22 +246,57 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let plain = opts.progress == Progress::Auto && bar.is_none();
     let mut last_plain = Instant::now();
 
-    let mut summary = Summary::default();
+    let sync_every = if journals.is_empty() {
+        Duration::ZERO
+    } else {
+        cfg.journal_sync_interval
+    };
+    let mut c = Collector {
+        journals,
+        fsync: cfg.journal_fsync,
+        log,
+        pending: Vec::new(),
+        summary: Summary::default(),
+    };
+    let mut last_commit = Instant::now();
     let mut total: Option<u64> = None;
     let mut ingested = 0;
     let mut failure = None;
     loop {
-        if total.is_some_and(|t| summary.finals() >= t) {
+        if total.is_some_and(|t| c.summary.finals() >= t) {
             break;
         }
-        match report_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Report::Outcomes(batch)) => absorb(&mut summary, log.as_mut(), batch)?,
+        let wait = if c.pending.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            sync_every.saturating_sub(last_commit.elapsed())
+        };
+        let received = report_rx.recv_timeout(wait);
+        if !c.pending.is_empty() && last_commit.elapsed() >= sync_every {
+            c.commit()?;
+            last_commit = Instant::now();
+        }
+        match received {
+            Ok(Report::Outcomes(batch)) => {
+                if c.pending.is_empty() {
+                    last_commit = Instant::now();
+                }
+                c.pending.push(batch);
+                if sync_every.is_zero() {
+                    c.commit()?;
+                }
+            }
             Ok(Report::Ingested { recipients }) => ingested = recipients,
-            Ok(Report::IngestDone { recipients, bad_lines }) => {
+            Ok(Report::IngestDone {
+                recipients,
+                bad_lines,
+                already_final,
+            }) => {
                 ingested = recipients;
                 total = Some(recipients);
-                summary.recipients = recipients;
-                summary.bad_lines = bad_lines;
+                c.summary.recipients = recipients;
+                c.summary.bad_lines = bad_lines;
+                c.summary.already_final = already_final;
             }
             Err(RecvTimeoutError::Timeout) => {
                 // Ingest says IngestDone before it ends, so an ended ingest with
@@ -231,21 +317,21 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
         if let Some(bar) = &bar {
             bar.set_length(ingested);
-            bar.set_position(summary.finals());
-            bar.set_message(format!("{} deferrals", summary.count(Outcome::Deferred)));
+            bar.set_position(c.summary.finals());
+            bar.set_message(format!("{} deferrals", c.summary.count(Outcome::Deferred)));
         } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
             last_plain = Instant::now();
             eprintln!(
                 "volley: {}/{} recipients final ({} delivered, {} deferrals) after {:.0}s",
-                summary.finals(),
+                c.summary.finals(),
                 ingested,
-                summary.count(Outcome::Delivered),
-                summary.count(Outcome::Deferred),
+                c.summary.count(Outcome::Delivered),
+                c.summary.count(Outcome::Deferred),
                 started.elapsed().as_secs_f64()
             );
         }
     }
-    summary.duration = started.elapsed();
+    c.summary.duration = started.elapsed();
     for c in &controls {
         let _ = c.send(Control::Stop);
     }
@@ -257,13 +343,14 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     // Shards flush their last outcomes (QUIT replies do not add any, but be complete).
     while let Ok(report) = report_rx.try_recv() {
         if let Report::Outcomes(batch) = report {
-            absorb(&mut summary, log.as_mut(), batch)?;
+            c.pending.push(batch);
         }
     }
+    c.commit()?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Some(mut w) = log {
+    if let Some(mut w) = c.log.take() {
         w.flush().context("cannot write the delivery log")?;
     }
     drop(net_thread);
@@ -279,5 +366,5 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     if let Some(f) = failure {
         bail!("internal failure: {f}");
     }
-    Ok(summary)
+    Ok(c.summary)
 }

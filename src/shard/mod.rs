@@ -20,14 +20,15 @@ use glommio::ExecutorJoinHandle;
 
 use crate::config::{Config, Relay, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
-use crate::ingest::{BodyKey, Report, ToShard, WorkItem};
-use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, Recorder};
+use crate::ingest::{BodyKey, Rcpt, Report, ToShard, WorkItem};
+use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
 use crate::smtp::{Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
 use crate::spool::{self, MappedFile, Span};
 use crate::tls::{TlsClient, TlsPolicy};
 
-/// How often a shard hands its outcomes to the collector.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// How often a shard hands its outcomes to the collector (short: an outcome
+/// not yet journaled is a possible duplicate after a crash).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 /// Log bytes after which a shard flushes early.
 const FLUSH_BYTES: usize = 256 * 1024;
 /// Inbox messages taken before the shard lets its connections run.
@@ -71,6 +72,7 @@ pub fn connection_share(cap: usize, shards: usize, index: usize) -> usize {
 }
 
 struct LocalFile {
+    id: u32,
     file: Arc<MappedFile>,
     name: String,
 }
@@ -138,7 +140,7 @@ pub(crate) struct Txn {
     from: Span,
     body: Rc<WireMessage>,
     domain: Rc<Domain>,
-    rcpts: Vec<Span>,
+    rcpts: Vec<Rcpt>,
     attempt: u32,
     first_seen: Instant,
     started: Instant,
@@ -152,7 +154,7 @@ impl Envelope for Txn {
         self.rcpts.len()
     }
     fn recipient(&self, i: usize) -> &str {
-        self.rcpts[i].get(self.file.file.bytes())
+        self.rcpts[i].addr.get(self.file.file.bytes())
     }
     fn wire_body(&self) -> &[u8] {
         &self.body.bytes
@@ -369,7 +371,9 @@ impl Shard {
                     || file.path().display().to_string(),
                     |n| n.to_string_lossy().into_owned(),
                 );
-                self.files.borrow_mut().insert(id, Rc::new(LocalFile { file, name }));
+                self.files
+                    .borrow_mut()
+                    .insert(id, Rc::new(LocalFile { id, file, name }));
             }
             ToShard::Message { id, file } => {
                 self.raw_messages.borrow_mut().insert(id, file);
@@ -388,7 +392,7 @@ impl Shard {
             BodyKey::File(id) => self.prepared(*id),
             BodyKey::Inline(span) => Rc::new(WireMessage::prepare(span.get(file.file.bytes()).as_bytes())),
         };
-        let domain = self.domain(spool::domain_of(item.rcpts[0].get(file.file.bytes())));
+        let domain = self.domain(spool::domain_of(item.rcpts[0].addr.get(file.file.bytes())));
         self.held.set(self.held.get() + item.rcpts.len());
         let txn = Txn {
             file,
@@ -770,24 +774,32 @@ impl Shard {
         if outcome.is_final() {
             self.held.set(self.held.get() - 1);
         }
-        self.recorder.borrow_mut().record(&LogRecord {
-            ts: SystemTime::now(),
-            id: match &txn.id {
-                Some(s) => JobId::Given(s.get(map)),
-                None => JobId::Line(&txn.file.name, txn.line),
+        let key = RcptKey {
+            file: txn.file.id,
+            line: txn.line,
+            idx: txn.rcpts[i].idx,
+        };
+        self.recorder.borrow_mut().record(
+            key,
+            &LogRecord {
+                ts: SystemTime::now(),
+                id: match &txn.id {
+                    Some(s) => JobId::Given(s.get(map)),
+                    None => JobId::Line(&txn.file.name, txn.line),
+                },
+                rcpt: Some(txn.rcpts[i].addr.get(map)),
+                domain: Some(&txn.domain.name),
+                outcome,
+                code: said.code,
+                enhanced: said.enhanced,
+                reply: Some(said.text),
+                mx: at.mx,
+                ip: at.ip,
+                attempt: txn.attempt,
+                latency_ms: at.latency_ms,
+                tls: at.tls,
             },
-            rcpt: Some(txn.rcpts[i].get(map)),
-            domain: Some(&txn.domain.name),
-            outcome,
-            code: said.code,
-            enhanced: said.enhanced,
-            reply: Some(said.text),
-            mx: at.mx,
-            ip: at.ip,
-            attempt: txn.attempt,
-            latency_ms: at.latency_ms,
-            tls: at.tls,
-        });
+        );
     }
 
     fn flush(&self, reports: &Sender<Report>, unsent: &mut Option<OutcomeBatch>) {

@@ -1,0 +1,134 @@
+//! Crash test: `volley send` of 50,000 recipients is killed with SIGKILL at
+//! several points and restarted until it finishes. Every recipient must end
+//! with exactly one final outcome in the journal, the sink must have every
+//! recipient, and the duplicates must stay within what was in flight.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use volley::journal;
+use volley::sink::{Sink, SinkOptions};
+
+const RECIPIENTS: u64 = 50_000;
+const CONNECTIONS: u64 = 20;
+/// Records journaled when each kill happens.
+const KILL_AT: [u64; 3] = [4_000, 15_000, 30_000];
+
+fn journal_records(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len().saturating_sub(32) / journal::RECORD_BYTES as u64)
+}
+
+#[test]
+fn killed_sends_resume_without_loss_and_with_few_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let spool = dir.path().join("crash.jsonl");
+    let generated = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args([
+            "gen",
+            "--jobs",
+            &RECIPIENTS.to_string(),
+            "--domains",
+            "100",
+            "--size",
+            "600",
+            "--out",
+        ])
+        .arg(&spool)
+        .status()
+        .unwrap();
+    assert!(generated.success());
+    let jpath = journal::path_for(&spool);
+    let log = dir.path().join("log.jsonl");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args([
+                "send",
+                "--quiet",
+                "--shards",
+                "2",
+                "--connections",
+                &CONNECTIONS.to_string(),
+            ])
+            .args(["--route", &format!("*={}", sink.addr())])
+            .arg("--log")
+            .arg(&log)
+            .arg(&spool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = Vec::new();
+    for at in KILL_AT {
+        let mut child = run();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while journal_records(&jpath) < at {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "volley ended before the kill at {at}"
+            );
+            assert!(Instant::now() < deadline, "no progress to {at}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills.push((journal_records(&jpath), sink.counts().recipients));
+    }
+    let mut finished = false;
+    for _ in 0..5 {
+        if run().wait().unwrap().success() {
+            finished = true;
+            break;
+        }
+    }
+    assert!(finished, "volley send finished after the kills");
+    sink.stop();
+
+    // Exactly one final outcome per recipient in the journal.
+    let records = journal::read_records(&jpath).unwrap();
+    let mut per_rcpt: HashMap<(u32, u32), usize> = HashMap::new();
+    for (line, idx, outcome) in &records {
+        assert_eq!(*outcome, volley::outcome::Outcome::Delivered);
+        *per_rcpt.entry((*line, *idx)).or_default() += 1;
+    }
+    assert_eq!(per_rcpt.len() as u64, RECIPIENTS, "every recipient is journaled");
+    assert!(per_rcpt.values().all(|&n| n == 1), "no recipient is journaled twice");
+    // The delivery log never holds two final outcomes for one recipient.
+    let finals = common::finals(&common::read_log(&log));
+    assert!(finals.len() as u64 <= RECIPIENTS);
+
+    // The sink has everyone at least once; duplicates come only from kills.
+    let got = common::dumped_rcpts(&dump);
+    let mut unique = got.clone();
+    unique.dedup();
+    assert_eq!(unique.len() as u64, RECIPIENTS, "the sink received every recipient");
+    let duplicates = got.len() as u64 - RECIPIENTS;
+    // In flight at a kill: two transactions per connection, plus outcomes not
+    // yet journaled (the shard flush and the group-commit interval, a few ms of traffic).
+    let bound = KILL_AT.len() as u64 * (2 * CONNECTIONS + 500);
+    // Per kill: what the sink had beyond the journal, less what earlier kills left there.
+    let mut per_kill = Vec::new();
+    let mut before = 0;
+    for (journaled, at_sink) in &kills {
+        let beyond = at_sink.saturating_sub(*journaled);
+        per_kill.push(beyond.saturating_sub(before));
+        before = beyond;
+    }
+    eprintln!("crash: lost 0, duplicates {duplicates} in all (bound {bound}), per kill {per_kill:?}");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates after {} kills",
+        KILL_AT.len()
+    );
+}
