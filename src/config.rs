@@ -494,6 +494,10 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.mx_port, d.mx_port);
+        assert_eq!(
+            (cfg.journal, cfg.journal_fsync, cfg.journal_sync_interval),
+            (d.journal, d.journal_fsync, d.journal_sync_interval)
+        );
         assert_eq!((cfg.tls, cfg.tls_fallback), (d.tls, d.tls_fallback));
         assert_eq!(cfg.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
