@@ -52,6 +52,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Delivery log (JSON Lines), appended to.
     pub log: Option<PathBuf>,
+    /// Bounce classification rules (TOML); default: the built-in rules.
+    pub bounce_rules: Option<PathBuf>,
     /// Keep a progress journal beside each spool file (`NAME.journal`).
     pub journal: bool,
     /// fdatasync each group of journal records (off only for benchmarks).
@@ -83,6 +85,7 @@ impl Default for Config {
             tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
             log: None,
+            bounce_rules: None,
             journal: true,
             journal_fsync: true,
             journal_sync_interval: Duration::from_millis(5),

@@ -325,6 +325,7 @@ impl Ingest {
                 attempt: 0,
                 latency_ms: None,
                 tls: None,
+                category: None,
             },
         );
     }

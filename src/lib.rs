@@ -2,6 +2,7 @@
 //! flow: spool → ingest → shards (one glommio executor per core) → pipelined
 //! SMTP sessions → outcomes.
 
+pub mod classify;
 pub mod config;
 pub mod demo;
 pub mod dns;

@@ -98,6 +98,8 @@ pub struct LogRecord<'a> {
     pub latency_ms: Option<u64>,
     /// TLS version and cipher of the connection, when TLS was negotiated.
     pub tls: Option<&'a str>,
+    /// Bounce classification of a bounce, deferral or expiry.
+    pub category: Option<&'a str>,
 }
 
 /// Where a recipient is in the spool: its file, line and index in `to`
@@ -236,6 +238,7 @@ mod tests {
                 attempt: 1,
                 latency_ms: Some(3),
                 tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
+                category: Some("invalid-recipient"),
             },
         );
         let b = r.take().unwrap();
@@ -244,7 +247,7 @@ mod tests {
             line,
             "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"id\":\"a.jsonl:7\",\"rcpt\":\"x@d.test\",\"domain\":\"d.test\",\
 \"outcome\":\"bounced\",\"code\":550,\"enhanced\":\"5.1.1\",\"reply\":\"5.1.1 no such user\",\"mx\":\"127.0.0.1:25\",\
-\"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3,\"tls\":\"TLSv1.3 TLS13_AES_128_GCM_SHA256\"}\n"
+\"ip\":\"127.0.0.1\",\"attempt\":1,\"latency_ms\":3,\"tls\":\"TLSv1.3 TLS13_AES_128_GCM_SHA256\",\"category\":\"invalid-recipient\"}\n"
         );
         assert_eq!(b.final_count(), 1);
         assert_eq!(

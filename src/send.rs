@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::classify::Classifier;
 use crate::config::{Config, Routes};
 use crate::dns::NetThread;
 use crate::ingest::{Ingest, Report, SpoolInput};
@@ -182,6 +183,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     };
     let net = net_thread.as_ref().map(NetThread::net);
     let tls = TlsClient::new(cfg.ca_file.as_deref())?;
+    let classifier = Arc::new(match &cfg.bounce_rules {
+        Some(p) => Classifier::load(p)?,
+        None => Classifier::default(),
+    });
     // Appended to: a run that finishes a half-done spool adds to the log of the runs before.
     let log = match &cfg.log {
         Some(p) => Some(BufWriter::with_capacity(
@@ -217,6 +222,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             routes: routes.clone(),
             net: net.clone(),
             tls: tls.clone(),
+            classifier: classifier.clone(),
             ehlo_name: ehlo_name.clone(),
             log: log_enabled,
             inbox: rx,

@@ -224,8 +224,18 @@ async fn serve(
         active: Default::default(),
         next_conn: Default::default(),
     });
+    // The accept in progress is kept across stop checks, never cancelled: a
+    // cancelled io_uring accept can lose a connection the kernel already took.
+    let mut accepting = Box::pin(listener.accept());
     while !ctx.stop.load(Ordering::Relaxed) {
-        match glommio::timer::timeout(Duration::from_millis(100), async { listener.accept().await }).await {
+        let tick = async {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            None
+        };
+        let accepted = futures_lite::future::or(async { Some((&mut accepting).await) }, tick).await;
+        let Some(result) = accepted else { continue };
+        accepting = Box::pin(listener.accept());
+        match result {
             Ok(stream) => {
                 ctx.active.set(ctx.active.get() + 1);
                 let ctx2 = ctx.clone();
@@ -235,7 +245,6 @@ async fn serve(
                 })
                 .detach();
             }
-            Err(glommio::GlommioError::TimedOut(_)) => {}
             Err(e) => {
                 tracing::warn!("sink accept failed: {e}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -264,7 +273,7 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
         && let Some(config) = &ctx.opts.tls
     {
         let MaybeTls::Plain(tcp) = stream else { return };
-        match futures_rustls::TlsAcceptor::from(config.clone()).accept(tcp).await {
+        match accept_tls(config, tcp).await {
             Ok(tls) => {
                 stats.add(&stats.tls_sessions, 1);
                 stream = MaybeTls::Tls(Box::new(tls));
@@ -330,7 +339,7 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
                     return;
                 };
                 let MaybeTls::Plain(tcp) = stream else { return };
-                match futures_rustls::TlsAcceptor::from(config.clone()).accept(tcp).await {
+                match accept_tls(config, tcp).await {
                     Ok(tls) => {
                         stats.add(&stats.tls_sessions, 1);
                         stream = MaybeTls::Tls(Box::new(tls));
@@ -346,6 +355,15 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
         }
     }
     let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
+}
+
+/// The server side of a TLS handshake, within 10 s (a stalled client must not hold the sink open).
+async fn accept_tls(
+    config: &Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<futures_rustls::server::TlsStream<TcpStream>, glommio::GlommioError<()>> {
+    let acceptor = futures_rustls::TlsAcceptor::from(config.clone());
+    glommio::timer::timeout(Duration::from_secs(10), async { Ok(acceptor.accept(tcp).await?) }).await
 }
 
 fn dump(path: &std::path::Path, m: &Received, peer: Option<SocketAddr>) -> std::io::Result<()> {

@@ -104,6 +104,10 @@ fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
     let bounced: Vec<_> = f.values().filter(|r| r["outcome"] == "bounced").collect();
     assert!(!bounced.is_empty());
     assert!(bounced.iter().all(|r| r["code"] == 550 && r["enhanced"] == "5.1.1"));
+    assert!(
+        bounced.iter().all(|r| r["category"] == "invalid-recipient"),
+        "{bounced:?}"
+    );
     assert_eq!(summary.count(Outcome::Bounced) as usize, bounced.len());
     assert_eq!(
         summary.count(Outcome::Delivered) + summary.count(Outcome::Bounced),
@@ -116,6 +120,13 @@ fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
             .iter()
             .any(|r| r["code"].is_null() && r["reply"].as_str().unwrap().contains("closed the connection")),
         "dropped connections defer what was in flight"
+    );
+    assert!(
+        deferrals
+            .iter()
+            .filter(|r| r["code"].is_null())
+            .all(|r| r["category"] == "connection-failure"),
+        "local deferrals are connection failures"
     );
     // A deferred recipient is retried with a higher attempt number.
     assert!(f.values().any(|r| r["attempt"].as_u64().unwrap() > 1));

@@ -142,6 +142,7 @@ fn null_mx_and_nxdomain_bounce_and_a_refused_lookup_defers() {
         "{n}"
     );
     assert!(n["reply"].as_str().unwrap().contains("null MX"));
+    assert_eq!(n["category"], "dns-failure");
     let x = &f[&("x".to_string(), "b@nonexistent.test".to_string())];
     assert_eq!(
         (x["outcome"].as_str(), x["enhanced"].as_str()),

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
+use crate::classify::Classifier;
 use crate::config::{Config, Relay, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Rcpt, Report, ToShard, WorkItem};
@@ -52,6 +53,7 @@ pub struct ShardParams {
     /// The resolver; `None` when every domain has a route.
     pub net: Option<Net>,
     pub tls: TlsClient,
+    pub classifier: Arc<Classifier>,
     pub ehlo_name: String,
     pub log: bool,
     pub inbox: Receiver<ToShard>,
@@ -235,6 +237,7 @@ pub(crate) struct Shard {
     routes: Arc<Routes>,
     net: Option<Net>,
     tls: TlsClient,
+    classifier: Arc<Classifier>,
     ehlo_name: String,
     conn_limit: usize,
     /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
@@ -262,6 +265,7 @@ async fn run(p: ShardParams) {
         routes: p.routes.clone(),
         net: p.net.clone(),
         tls: p.tls.clone(),
+        classifier: p.classifier.clone(),
         no_tls_until: RefCell::default(),
         ehlo_name: p.ehlo_name.clone(),
         files: RefCell::default(),
@@ -774,6 +778,12 @@ impl Shard {
         if outcome.is_final() {
             self.held.set(self.held.get() - 1);
         }
+        let category = match outcome {
+            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => {
+                Some(self.classifier.classify(said.code, said.enhanced, said.text))
+            }
+            Outcome::Delivered | Outcome::Rejected => None,
+        };
         let key = RcptKey {
             file: txn.file.id,
             line: txn.line,
@@ -798,6 +808,7 @@ impl Shard {
                 attempt: txn.attempt,
                 latency_ms: at.latency_ms,
                 tls: at.tls,
+                category,
             },
         );
     }

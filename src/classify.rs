@@ -1,0 +1,237 @@
+//! Bounce classification: every bounce and deferral gets a category from its
+//! reply code, enhanced status code and text (or volley's own reason), by
+//! the first matching rule of a TOML file. The defaults
+//! (deploy/bounce-rules.toml, built in) follow the common replies of the big
+//! mailbox providers. Policy lives in that file; this module only applies it.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::smtp::Enhanced;
+
+/// The built-in rules.
+pub const DEFAULT_RULES: &str = include_str!("../deploy/bounce-rules.toml");
+
+/// The category when no rule matches.
+pub const OTHER: &str = "other";
+
+const CATEGORIES: [&str; 10] = [
+    "invalid-recipient",
+    "mailbox-full",
+    "policy-or-spam-block",
+    "rate-limited",
+    "message-too-large",
+    "dns-failure",
+    "tls-failure",
+    "connection-failure",
+    "protocol-error",
+    OTHER,
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    rule: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    category: String,
+    #[serde(default)]
+    local: bool,
+    #[serde(default)]
+    codes: Vec<u16>,
+    #[serde(default)]
+    enhanced: Vec<String>,
+    #[serde(default)]
+    text: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Classifier {
+    rules: Vec<Rule>,
+}
+
+impl Classifier {
+    pub fn parse(toml_text: &str, origin: &str) -> anyhow::Result<Classifier> {
+        let mut file: RuleFile = toml::from_str(toml_text).with_context(|| format!("bad bounce rules {origin}"))?;
+        for (i, r) in file.rule.iter_mut().enumerate() {
+            anyhow::ensure!(
+                CATEGORIES.contains(&r.category.as_str()),
+                "{origin}: rule {} has unknown category {:?} (one of {})",
+                i + 1,
+                r.category,
+                CATEGORIES.join(", ")
+            );
+            for t in &mut r.text {
+                *t = t.to_lowercase();
+            }
+        }
+        Ok(Classifier { rules: file.rule })
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Classifier> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read bounce rules {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The category of an outcome: `code` is `None` when no reply decided it.
+    pub fn classify(&self, code: Option<u16>, enhanced: Option<Enhanced>, text: &str) -> &str {
+        let text = text.to_lowercase();
+        let enhanced = enhanced.map(|e| e.to_string());
+        for r in &self.rules {
+            if r.local != code.is_none() {
+                continue;
+            }
+            if !r.codes.is_empty() && !code.is_some_and(|c| r.codes.contains(&c)) {
+                continue;
+            }
+            if !r.enhanced.is_empty()
+                && !enhanced
+                    .as_deref()
+                    .is_some_and(|e| r.enhanced.iter().any(|p| enhanced_matches(e, p)))
+            {
+                continue;
+            }
+            if !r.text.is_empty() && !r.text.iter().any(|t| text.contains(t.as_str())) {
+                continue;
+            }
+            return &r.category;
+        }
+        OTHER
+    }
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Classifier::parse(DEFAULT_RULES, "(built in)").expect("the built-in rules parse")
+    }
+}
+
+/// "5.1.1" matches "5.1.1" and "5.1." but not "5.1.10"'s prefix "5.1.1".
+fn enhanced_matches(code: &str, pattern: &str) -> bool {
+    if pattern.ends_with('.') {
+        code.starts_with(pattern)
+    } else {
+        code == pattern
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(c: &Classifier, wire: &str) -> String {
+        let (code, text) = wire.split_at(3);
+        let text = text.trim_start_matches([' ', '-']);
+        let code: u16 = code.parse().unwrap();
+        c.classify(Some(code), Enhanced::parse_prefix(text), text).to_string()
+    }
+
+    #[test]
+    fn real_replies() {
+        let c = Classifier::default();
+        let cases = [
+            (
+                "550 5.1.1 The email account that you tried to reach does not exist.",
+                "invalid-recipient",
+            ),
+            (
+                "550 5.1.1 <x@y>: Recipient address rejected: User unknown in virtual mailbox table",
+                "invalid-recipient",
+            ),
+            (
+                "550 5.5.0 Requested action not taken: mailbox unavailable",
+                "invalid-recipient",
+            ),
+            (
+                "554 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+                "invalid-recipient",
+            ),
+            (
+                "552 5.2.2 The email account that you tried to reach is over quota.",
+                "mailbox-full",
+            ),
+            (
+                "452 4.2.2 The email account that you tried to reach is over quota.",
+                "mailbox-full",
+            ),
+            (
+                "550 5.7.1 Our system has detected that this message is likely unsolicited mail.",
+                "policy-or-spam-block",
+            ),
+            (
+                "550 5.7.26 This message does not have authentication information or fails to pass authentication checks (SPF or DKIM).",
+                "policy-or-spam-block",
+            ),
+            (
+                "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+                "policy-or-spam-block",
+            ),
+            (
+                "554 5.7.9 Message not accepted for policy reasons.",
+                "policy-or-spam-block",
+            ),
+            (
+                "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address.",
+                "rate-limited",
+            ),
+            (
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+                "rate-limited",
+            ),
+            ("450 4.7.1 Too many connections, slow down", "rate-limited"),
+            (
+                "552 5.3.4 Message size exceeds fixed maximum message size",
+                "message-too-large",
+            ),
+            ("552 Message size exceeds fixed limit", "message-too-large"),
+            ("503 5.5.1 Error: nested MAIL command", "protocol-error"),
+            ("500 Syntax error, command unrecognized", "protocol-error"),
+            ("451 4.3.0 Temporary server error. Please try again later", "other"),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(classify(&c, wire), want, "{wire}");
+        }
+    }
+
+    #[test]
+    fn volleys_own_reasons() {
+        let c = Classifier::default();
+        let local = |t: &str| c.classify(None, None, t).to_string();
+        assert_eq!(local("MX lookup for a.test failed: request timed out"), "dns-failure");
+        assert_eq!(local("a.test: no such domain (NXDOMAIN)"), "dns-failure");
+        assert_eq!(
+            local("a.test: the domain accepts no mail (null MX, RFC 7505)"),
+            "dns-failure"
+        );
+        assert_eq!(
+            local("mx [127.0.0.1:25]: TLS handshake failed: invalid peer certificate"),
+            "tls-failure"
+        );
+        assert_eq!(
+            local("TLS is required and the server does not offer STARTTLS"),
+            "tls-failure"
+        );
+        assert_eq!(
+            local("connect to mx [127.0.0.1:25] failed: Connection refused"),
+            "connection-failure"
+        );
+        assert_eq!(local("mx [127.0.0.1:25] closed the connection"), "connection-failure");
+        assert_eq!(local("protocol error: malformed reply line"), "protocol-error");
+    }
+
+    #[test]
+    fn bad_rule_files_say_what() {
+        let err = Classifier::parse("[[rule]]\ncategory = \"spam\"\n", "rules.toml").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("rule 1 has unknown category \"spam\""),
+            "{err:#}"
+        );
+        assert!(Classifier::parse("[[rule]]\ncategori = \"other\"\n", "rules.toml").is_err());
+    }
+}
