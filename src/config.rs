@@ -32,6 +32,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub timeouts: Timeouts,
     pub retry: Retry,
+    /// Retry schedules per domain (complete tables; unset keys take the built-in defaults).
+    pub retry_domain: BTreeMap<String, Retry>,
+    /// Deferred transactions in a row after which a whole domain is backed off.
+    pub domain_backoff_after: u32,
     /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
@@ -75,6 +79,8 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(5),
             timeouts: Timeouts::default(),
             retry: Retry::default(),
+            retry_domain: BTreeMap::new(),
+            domain_backoff_after: 10,
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),
@@ -273,6 +279,8 @@ pub struct Retry {
     /// A recipient still deferred this long after it was first seen expires.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Each delay is spread by up to ± this fraction, so retries do not arrive in lockstep.
+    pub jitter: f64,
 }
 
 impl Default for Retry {
@@ -282,6 +290,7 @@ impl Default for Retry {
             multiplier: 2.0,
             max_delay: Duration::from_secs(300),
             max_age: Duration::from_secs(3600),
+            jitter: 0.1,
         }
     }
 }
@@ -290,7 +299,8 @@ impl Retry {
     /// Delay before attempt `attempt + 1`, after `attempt` attempts (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
-        self.initial.mul_f64(factor).min(self.max_delay)
+        let spread = 1.0 + self.jitter.clamp(0.0, 1.0) * (fastrand::f64() * 2.0 - 1.0);
+        self.initial.mul_f64(factor).min(self.max_delay).mul_f64(spread)
     }
 }
 
@@ -326,6 +336,11 @@ impl Config {
     /// True when some connection must be bound to a source address.
     pub fn binds_sources(&self) -> bool {
         !self.source_addresses.is_empty() || self.domain_source_addresses.values().any(|v| !v.is_empty())
+    }
+
+    /// The retry schedule of a lower-cased domain.
+    pub fn retry_of(&self, domain: &str) -> &Retry {
+        self.retry_domain.get(domain).unwrap_or(&self.retry)
     }
 
     /// The TLS policy of a lower-cased domain.
@@ -495,6 +510,8 @@ mod tests {
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
+        assert_eq!(cfg.domain_backoff_after, d.domain_backoff_after);
+        assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.mx_port, d.mx_port);
         assert_eq!(
@@ -575,11 +592,31 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_and_caps() {
+    fn backoff_doubles_caps_and_jitters() {
+        let exact = Retry {
+            jitter: 0.0,
+            ..Retry::default()
+        };
+        assert_eq!(exact.delay(1), Duration::from_secs(1));
+        assert_eq!(exact.delay(2), Duration::from_secs(2));
+        assert_eq!(exact.delay(4), Duration::from_secs(8));
+        assert_eq!(exact.delay(40), Duration::from_secs(300));
         let r = Retry::default();
-        assert_eq!(r.delay(1), Duration::from_secs(1));
-        assert_eq!(r.delay(2), Duration::from_secs(2));
-        assert_eq!(r.delay(4), Duration::from_secs(8));
-        assert_eq!(r.delay(40), Duration::from_secs(300));
+        let delays: Vec<Duration> = (0..200).map(|_| r.delay(4)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(7200) && *d <= Duration::from_millis(8800))
+        );
+        assert!(delays.iter().any(|d| *d != delays[0]), "the delays are spread");
+    }
+
+    #[test]
+    fn per_domain_retry() {
+        let cfg: Config =
+            toml::from_str("[retry_domain.\"slow.example\"]\ninitial = \"1m\"\nmax_age = \"3d\"\n").unwrap();
+        assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
+        assert_eq!(cfg.retry_of("slow.example").max_age, Duration::from_secs(3 * 86400));
+        assert_eq!(cfg.retry_of("other.example").initial, Duration::from_secs(1));
     }
 }

@@ -270,3 +270,33 @@ fn connections_rotate_over_source_addresses_with_their_ehlo_names() {
         assert_eq!(helo, want, "EHLO name of a connection from {ip}");
     }
 }
+
+#[test]
+fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        defer_rate: 1.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let (path, all) = spool(dir.path(), "busy", 30, 1, 1);
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.domain_backoff_after = 3;
+    cfg.retry.max_age = Duration::from_millis(600);
+    let summary = run_send(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Expired), all.len() as u64);
+    let records = read_log(&log);
+    let backed_off: Vec<_> = records
+        .iter()
+        .filter(|r| r["reply"].as_str().unwrap_or("").contains("is backed off as a whole"))
+        .collect();
+    assert!(!backed_off.is_empty(), "some deferrals come from the domain backoff");
+    assert!(
+        backed_off.iter().all(|r| r["reply"].as_str().unwrap().contains("450")),
+        "the reason carries the last reply"
+    );
+    assert_eq!(counts.messages, 0);
+}

@@ -19,7 +19,7 @@ use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
 use crate::classify::Classifier;
-use crate::config::{Config, Relay, Routes, SourceAddress, Target};
+use crate::config::{Config, Relay, Retry, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Rcpt, Report, ToShard, WorkItem};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
@@ -82,6 +82,10 @@ struct LocalFile {
 pub(crate) struct Domain {
     name: Rc<str>,
     route: RefCell<DomainRoute>,
+    retry: Retry,
+    /// Transactions in a row deferred whole; past `domain_backoff_after` the domain is backed off.
+    deferred_in_a_row: Cell<u32>,
+    backoff: RefCell<Option<(Instant, String)>>,
 }
 
 /// Where a domain's mail goes, as far as the shard knows.
@@ -443,6 +447,9 @@ impl Shard {
         let d = Rc::new(Domain {
             name: Rc::from(lower.as_str()),
             route: RefCell::new(route),
+            retry: self.cfg.retry_of(&lower).clone(),
+            deferred_in_a_row: Cell::new(0),
+            backoff: RefCell::new(None),
         });
         self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
         self.inserted();
@@ -534,6 +541,13 @@ impl Shard {
     fn dispatch(self: &Rc<Self>, txn: Txn) {
         let domain = txn.domain.clone();
         let now = Instant::now();
+        let backed_off = match &*domain.backoff.borrow() {
+            Some((until, why)) if now < *until => Some(format!("{} is backed off as a whole: {why}", domain.name)),
+            _ => None,
+        };
+        if let Some(reason) = backed_off {
+            return self.defer(txn, &reason, None);
+        }
         let mut route = domain.route.borrow_mut();
         let dest = match &mut *route {
             DomainRoute::Fixed(d) => d.clone(),
@@ -705,7 +719,7 @@ impl Shard {
         let now = Instant::now();
         let txn = &report.txn;
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
-        let expired = now >= txn.first_seen + self.cfg.retry.max_age;
+        let expired = now >= txn.first_seen + txn.domain.retry.max_age;
         let mut deferred = Vec::new();
         let mut delivered = false;
         for i in 0..txn.rcpts.len() {
@@ -733,6 +747,12 @@ impl Shard {
         if delivered {
             self.recorder.borrow_mut().message_delivered();
         }
+        self.domain_streak(&txn.domain, deferred.len() == txn.rcpts.len(), || {
+            match report.verdict(0).1 {
+                Decider::Reply(r) => r.to_string(),
+                Decider::Failure(f) => f.to_string(),
+            }
+        });
         if deferred.is_empty() {
             return;
         }
@@ -745,7 +765,7 @@ impl Shard {
 
     /// Defers (or expires) every recipient of a transaction for a local reason.
     fn defer(self: &Rc<Self>, txn: Txn, reason: &str, dest: Option<&Dest>) {
-        let expired = Instant::now() >= txn.first_seen + self.cfg.retry.max_age;
+        let expired = Instant::now() >= txn.first_seen + txn.domain.retry.max_age;
         let outcome = if expired { Outcome::Expired } else { Outcome::Deferred };
         let said = || Said {
             code: None,
@@ -764,9 +784,29 @@ impl Shard {
         }
     }
 
+    /// Counts transactions of a domain deferred whole in a row; after
+    /// `domain_backoff_after` of them the domain is backed off as a whole
+    /// instead of being retried recipient by recipient.
+    fn domain_streak(&self, domain: &Domain, all_deferred: bool, last: impl FnOnce() -> String) {
+        if !all_deferred {
+            domain.deferred_in_a_row.set(0);
+            *domain.backoff.borrow_mut() = None;
+            return;
+        }
+        let n = domain.deferred_in_a_row.get() + 1;
+        domain.deferred_in_a_row.set(n);
+        let after = self.cfg.domain_backoff_after.max(1);
+        if n >= after {
+            let until = Instant::now() + domain.retry.delay(n - after + 1);
+            let why = format!("{n} transactions in a row deferred, the last with: {}", last());
+            *domain.backoff.borrow_mut() = Some((until, why));
+        }
+    }
+
     fn schedule_retry(&self, mut txn: Txn) {
         let now = Instant::now();
-        let due = (now + self.cfg.retry.delay(txn.attempt)).min(txn.first_seen + self.cfg.retry.max_age);
+        let retry = &txn.domain.retry;
+        let due = (now + retry.delay(txn.attempt)).min(txn.first_seen + retry.max_age);
         txn.attempt += 1;
         let seq = self.retry_seq.get();
         self.retry_seq.set(seq + 1);
