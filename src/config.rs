@@ -27,6 +27,8 @@ pub struct Config {
     pub max_rcpts_per_txn: usize,
     /// Recipients a shard holds (queued, in flight, awaiting retry) before it stops taking more from ingest.
     pub max_queued_recipients_per_shard: usize,
+    /// A spool line longer than this is rejected unread.
+    pub max_job_line_bytes: usize,
     /// A connection with nothing to do for this long says QUIT.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -76,6 +78,7 @@ impl Default for Config {
             max_messages_per_connection: 1000,
             max_rcpts_per_txn: 100,
             max_queued_recipients_per_shard: 100_000,
+            max_job_line_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(5),
             timeouts: Timeouts::default(),
             retry: Retry::default(),
@@ -511,6 +514,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
         assert_eq!(cfg.domain_backoff_after, d.domain_backoff_after);
+        assert_eq!(cfg.max_job_line_bytes, d.max_job_line_bytes);
         assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.mx_port, d.mx_port);

@@ -100,6 +100,7 @@ pub struct Ingest {
     shards: Vec<Sender<ToShard>>,
     reports: Sender<Report>,
     max_rcpts_per_txn: usize,
+    max_line_bytes: usize,
     batches: Vec<Vec<WorkItem>>,
     messages: HashMap<PathBuf, Result<u32, String>>,
     recorder: Recorder,
@@ -116,6 +117,7 @@ impl Ingest {
             shards,
             reports,
             max_rcpts_per_txn,
+            max_line_bytes: usize::MAX,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
             messages: HashMap::new(),
             recorder: Recorder::new(log),
@@ -124,6 +126,12 @@ impl Ingest {
             reported: 0,
             already_final: 0,
         }
+    }
+
+    /// Lines longer than this are rejected without being parsed.
+    pub fn max_line_bytes(mut self, n: usize) -> Self {
+        self.max_line_bytes = n;
+        self
     }
 
     /// Reads every file to the end. Returns early only if a shard or the collector went away.
@@ -148,7 +156,16 @@ impl Ingest {
                     self.already_final += 1;
                     continue;
                 }
-                match spool::parse_job(map, line) {
+                let parsed = if line.len() > self.max_line_bytes {
+                    Err(format!(
+                        "line of {} bytes is longer than max_job_line_bytes ({})",
+                        line.len(),
+                        self.max_line_bytes
+                    ))
+                } else {
+                    spool::parse_job(map, line)
+                };
+                match parsed {
                     Ok(job) => self.job(fid, input, &name, map, line_no, job)?,
                     Err(reason) => {
                         self.bad_lines += 1;

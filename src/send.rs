@@ -231,7 +231,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             alive: alive_tx,
         })?);
     }
-    let ingest = Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled);
+    let ingest =
+        Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled).max_line_bytes(cfg.max_job_line_bytes);
     let ingest = std::thread::Builder::new()
         .name("volley-ingest".into())
         .spawn(move || ingest.run(inputs))

@@ -300,3 +300,68 @@ fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
     );
     assert_eq!(counts.messages, 0);
 }
+
+#[test]
+fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let long_rcpt = format!("{}@d.test", "l".repeat(250));
+    let jobs = [
+        serde_json::json!({"id": "ok", "from": "s@x.test", "to": ["ok@d.test"], "data": "x\n"}),
+        serde_json::json!({"id": "nul", "from": "s@x.test", "to": ["a\u{0}b@d.test"], "data": "x\n"}),
+        serde_json::json!({"id": "8bit", "from": "s@x.test", "to": ["caf\u{e9}@d.test"], "data": "x\n"}),
+        serde_json::json!({"id": "long", "from": "s@x.test", "to": [long_rcpt], "data": "x\n"}),
+        serde_json::json!({"id": "nolocal", "from": "s@x.test", "to": ["@d.test"], "data": "x\n"}),
+        serde_json::json!({"id": "space", "from": "s@x.test", "to": ["a b@d.test"], "data": "x\n"}),
+        serde_json::json!({"id": "wide", "from": "s@x.test", "to": ["w@d.test"], "data": format!("{}\n", "w".repeat(999))}),
+        serde_json::json!({"id": "huge", "from": "s@x.test", "to": ["h@d.test"], "data": "h".repeat(10_000)}),
+    ];
+    let text: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
+    // No final newline on the last line.
+    let path = dir.path().join("hostile.jsonl");
+    std::fs::write(&path, text.join("\n")).unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.max_job_line_bytes = 4096;
+    let summary = run_send(vec![path, empty], cfg);
+    let counts = sink.stop();
+    let f = finals(&read_log(&log));
+    let by_id = |id: &str| f.iter().find(|((i, _), _)| i == id).map(|(_, r)| r.clone()).unwrap();
+    assert_eq!(by_id("ok")["outcome"], "delivered");
+    for (id, why) in [
+        ("nul", "control character"),
+        ("8bit", "8-bit"),
+        ("long", "254"),
+        ("nolocal", "empty local part"),
+        ("space", "space"),
+    ] {
+        let r = by_id(id);
+        assert_eq!(r["outcome"], "rejected", "{id}: {r}");
+        assert!(r["reply"].as_str().unwrap().contains(why), "{id}: {r}");
+    }
+    let wide = by_id("wide");
+    assert_eq!(
+        (wide["outcome"].as_str(), wide["enhanced"].as_str()),
+        (Some("bounced"), Some("5.6.0")),
+        "{wide}"
+    );
+    assert!(wide["reply"].as_str().unwrap().contains("line of 999 octets"), "{wide}");
+    let huge = f
+        .get(&("hostile.jsonl:8".to_string(), String::new()))
+        .expect("the oversized line is rejected whole");
+    assert!(
+        huge["reply"]
+            .as_str()
+            .unwrap()
+            .contains("longer than max_job_line_bytes"),
+        "{huge}"
+    );
+    assert_eq!(summary.count(Outcome::Delivered), 1);
+    assert_eq!(counts.recipients, 1);
+}

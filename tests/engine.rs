@@ -729,3 +729,22 @@ fn auth_plain_login_and_refusal() {
     );
     assert!(seen.ready);
 }
+
+#[test]
+fn eight_bit_message_to_a_server_without_8bitmime_bounces_unsent() {
+    let (_, seen) = run(
+        "8bit-refused",
+        vec![txn(&["a@y.test"], "caf\u{e9}\n"), txn(&["b@y.test"], "plain\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C(""),
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen)[0], vec![B]);
+    assert!(seen.done[0][0].1.contains("8BITMIME"), "{:?}", seen.done);
+}

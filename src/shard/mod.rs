@@ -34,6 +34,8 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 const FLUSH_BYTES: usize = 256 * 1024;
 /// Inbox messages taken before the shard lets its connections run.
 const INBOX_CHUNK: usize = 16;
+/// Longest line SMTP allows, CRLF excluded.
+const MAX_LINE_OCTETS: usize = 998;
 /// Inbox polling period while work arrives, and once the shard has been idle a while.
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
@@ -401,6 +403,7 @@ impl Shard {
             BodyKey::Inline(span) => Rc::new(WireMessage::prepare(span.get(file.file.bytes()).as_bytes())),
         };
         let domain = self.domain(spool::domain_of(item.rcpts[0].addr.get(file.file.bytes())));
+        let too_long = body.longest_line > MAX_LINE_OCTETS;
         self.held.set(self.held.get() + item.rcpts.len());
         let txn = Txn {
             file,
@@ -414,6 +417,18 @@ impl Shard {
             first_seen: item.first_seen,
             started: Instant::now(),
         };
+        if too_long {
+            let reason = format!(
+                "the message has a line of {} octets; SMTP allows {MAX_LINE_OCTETS} (RFC 5321 §4.5.3.1.6)",
+                txn.body.longest_line
+            );
+            let enhanced = Enhanced {
+                class: 5,
+                subject: 6,
+                detail: 0,
+            };
+            return self.bounce(txn, enhanced, &reason);
+        }
         self.dispatch(txn);
     }
 

@@ -68,6 +68,8 @@ pub struct TxnReport<T> {
     pub dot: Option<Reply>,
     /// Set when the transaction ended before all its replies came.
     pub failure: Option<String>,
+    /// The failure is permanent (the message cannot go to this server as it is).
+    pub permanent: bool,
 }
 
 impl<T> TxnReport<T> {
@@ -82,10 +84,12 @@ impl<T> TxnReport<T> {
             (status, Decider::Reply(r))
         }
         let failure = || {
-            (
-                Status::Deferred,
-                Decider::Failure(self.failure.as_deref().unwrap_or("no reply")),
-            )
+            let status = if self.permanent {
+                Status::Bounced
+            } else {
+                Status::Deferred
+            };
+            (status, Decider::Failure(self.failure.as_deref().unwrap_or("no reply")))
         };
         match &self.mail {
             None => return failure(),
@@ -636,6 +640,20 @@ impl<T: Envelope> Session<T> {
             return;
         }
         let txn = self.waiting.take().expect("checked above");
+        if txn.eight_bit() && !self.caps.eight_bit_mime {
+            // RFC 6152: 8-bit data only to a server that offers 8BITMIME; volley does not downgrade.
+            let n = txn.recipient_count();
+            self.events.push_back(Event::Done(TxnReport {
+                txn,
+                mail: None,
+                rcpts: vec![None; n],
+                data: None,
+                dot: None,
+                failure: Some("the message has 8-bit content and the server does not offer 8BITMIME".into()),
+                permanent: true,
+            }));
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let n = txn.recipient_count();
@@ -666,6 +684,7 @@ impl<T: Envelope> Session<T> {
                 data: None,
                 dot: None,
                 failure: None,
+                permanent: false,
             },
         });
     }
