@@ -17,6 +17,15 @@ const CONNECTIONS: u64 = 20;
 /// Records journaled when each kill happens.
 const KILL_AT: [u64; 3] = [4_000, 15_000, 30_000];
 
+/// Kills the child when dropped, so a failing test leaves no volley behind.
+struct Reaper(std::process::Child);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn journal_records(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len().saturating_sub(32) / journal::RECORD_BYTES as u64)
 }
@@ -67,6 +76,7 @@ fn killed_sends_resume_without_loss_and_with_few_duplicates() {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(Reaper)
             .unwrap()
     };
     let mut kills = Vec::new();
@@ -74,15 +84,14 @@ fn killed_sends_resume_without_loss_and_with_few_duplicates() {
         let mut child = run();
         let deadline = Instant::now() + Duration::from_secs(60);
         while journal_records(&jpath) < at {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "volley ended before the kill at {at}"
-            );
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("volley ended ({status}) before the kill at {at}");
+            }
             assert!(Instant::now() < deadline, "no progress to {at}");
             std::thread::sleep(Duration::from_millis(1));
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
         // Delivered but not journaled: these are what the next run sends again.
         std::thread::sleep(Duration::from_millis(100));
         let mut at_sink = common::dumped_rcpts(&dump);
@@ -91,7 +100,7 @@ fn killed_sends_resume_without_loss_and_with_few_duplicates() {
     }
     let mut finished = false;
     for _ in 0..5 {
-        if run().wait().unwrap().success() {
+        if run().0.wait().unwrap().success() {
             finished = true;
             break;
         }
