@@ -17,6 +17,8 @@ use crate::spool::{self, JobBody, MappedFile, Span};
 
 /// Jobs per batch sent to a shard.
 pub const BATCH_ITEMS: usize = 256;
+/// Lines read from one spool file before the next file gets a turn.
+const LINES_PER_TURN: usize = 1024;
 /// Rejections reported on stderr before the rest are only counted and logged.
 const MAX_REPORTED: u64 = 20;
 
@@ -136,53 +138,30 @@ impl Ingest {
 
     /// Reads every file to the end. Returns early only if a shard or the collector went away.
     pub fn run(mut self, inputs: Vec<SpoolInput>) -> Result<(), &'static str> {
+        // Every file is announced first, then read in turns of LINES_PER_TURN
+        // lines each, so several files go out side by side, fairly.
+        let mut cursors = Vec::with_capacity(inputs.len());
         for (fid, input) in inputs.iter().enumerate() {
-            let fid = fid as u32;
-            let file = &input.file;
             for tx in &self.shards {
                 tx.send(ToShard::File {
-                    id: fid,
-                    file: file.clone(),
+                    id: fid as u32,
+                    file: input.file.clone(),
                 })
                 .map_err(|_| "a shard stopped")?;
             }
-            let name = file.path().file_name().map_or_else(
-                || file.path().display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
-            let map = file.bytes();
-            for (line_no, line) in spool::lines(map) {
-                if input.done.contains(line_no, WHOLE_LINE) {
-                    self.already_final += 1;
-                    continue;
-                }
-                let parsed = if line.len() > self.max_line_bytes {
-                    Err(format!(
-                        "line of {} bytes is longer than max_job_line_bytes ({})",
-                        line.len(),
-                        self.max_line_bytes
-                    ))
-                } else {
-                    spool::parse_job(map, line)
-                };
-                match parsed {
-                    Ok(job) => self.job(fid, input, &name, map, line_no, job)?,
-                    Err(reason) => {
-                        self.bad_lines += 1;
-                        let reason = format!("{}:{line_no}: {reason}", file.path().display());
-                        self.warn(&reason);
-                        let key = RcptKey {
-                            file: fid,
-                            line: line_no,
-                            idx: WHOLE_LINE,
-                        };
-                        self.reject(key, JobId::Line(&name, line_no), None, &reason);
-                    }
-                }
-                if self.recorder.pending_bytes() > 64 * 1024 {
-                    self.flush_outcomes()?;
+            let path = input.file.path();
+            let name = path
+                .file_name()
+                .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+            cursors.push((fid as u32, input, name, spool::lines(input.file.bytes()).peekable()));
+        }
+        while !cursors.is_empty() {
+            for (fid, input, name, lines) in &mut cursors {
+                for (line_no, line) in lines.by_ref().take(LINES_PER_TURN) {
+                    self.line(*fid, input, name, line_no, line)?;
                 }
             }
+            cursors.retain_mut(|(_, _, _, lines)| lines.peek().is_some());
         }
         for shard in 0..self.shards.len() {
             self.send_batch(shard)?;
@@ -198,6 +177,49 @@ impl Ingest {
                 already_final: self.already_final,
             })
             .map_err(|_| "the collector stopped")
+    }
+
+    fn line(
+        &mut self,
+        fid: u32,
+        input: &SpoolInput,
+        name: &str,
+        line_no: u32,
+        line: &[u8],
+    ) -> Result<(), &'static str> {
+        let file = &input.file;
+        let map = file.bytes();
+        if input.done.contains(line_no, WHOLE_LINE) {
+            self.already_final += 1;
+            return Ok(());
+        }
+        let parsed = if line.len() > self.max_line_bytes {
+            Err(format!(
+                "line of {} bytes is longer than max_job_line_bytes ({})",
+                line.len(),
+                self.max_line_bytes
+            ))
+        } else {
+            spool::parse_job(map, line)
+        };
+        match parsed {
+            Ok(job) => self.job(fid, input, name, map, line_no, job)?,
+            Err(reason) => {
+                self.bad_lines += 1;
+                let reason = format!("{}:{line_no}: {reason}", file.path().display());
+                self.warn(&reason);
+                let key = RcptKey {
+                    file: fid,
+                    line: line_no,
+                    idx: WHOLE_LINE,
+                };
+                self.reject(key, JobId::Line(name, line_no), None, &reason);
+            }
+        }
+        if self.recorder.pending_bytes() > 64 * 1024 {
+            self.flush_outcomes()?;
+        }
+        Ok(())
     }
 
     fn job(

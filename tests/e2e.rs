@@ -365,3 +365,37 @@ fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
     assert_eq!(summary.count(Outcome::Delivered), 1);
     assert_eq!(counts.recipients, 1);
 }
+
+#[test]
+fn several_files_go_out_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("m.eml"), "x\n").unwrap();
+    let mut spools = Vec::new();
+    for name in ["first", "second"] {
+        let lines: Vec<String> = (0..3000)
+            .map(|i| format!("{{\"from\":\"s@x.test\",\"to\":[\"u{i}@{name}.test\"],\"message\":\"m.eml\"}}"))
+            .collect();
+        let path = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        spools.push(path);
+    }
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.shards = Some(1);
+    cfg.max_queued_recipients_per_shard = 300;
+    let summary = run_send(spools, cfg);
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 6000);
+    let records = read_log(&log);
+    let early: Vec<&str> = records[..1500].iter().map(|r| r["domain"].as_str().unwrap()).collect();
+    let second = early.iter().filter(|d| **d == "second.test").count();
+    assert!(
+        second > 300,
+        "the second file does not wait for the first: {second} of the first 1500"
+    );
+}
