@@ -60,6 +60,9 @@ pub struct Config {
     pub log: Option<PathBuf>,
     /// Bounce classification rules (TOML); default: the built-in rules.
     pub bounce_rules: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, how long transactions in flight may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// Keep a progress journal beside each spool file (`NAME.journal`).
     pub journal: bool,
     /// fdatasync each group of journal records (off only for benchmarks).
@@ -95,6 +98,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             log: None,
             bounce_rules: None,
+            shutdown_timeout: Duration::from_secs(30),
             journal: true,
             journal_fsync: true,
             journal_sync_interval: Duration::from_millis(5),
@@ -515,6 +519,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
         assert_eq!(cfg.domain_backoff_after, d.domain_backoff_after);
         assert_eq!(cfg.max_job_line_bytes, d.max_job_line_bytes);
+        assert_eq!(cfg.shutdown_timeout, d.shutdown_timeout);
         assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.mx_port, d.mx_port);

@@ -70,6 +70,7 @@ pub fn demo(o: DemoOptions) -> anyhow::Result<DemoResult> {
         spools: vec![spool],
         config,
         progress: o.progress,
+        stop: None,
     });
     let counts = sink.stop();
     Ok(DemoResult {

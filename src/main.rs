@@ -19,6 +19,8 @@ use volley::sink::{Sink, SinkOptions};
 
 /// Exit status of `send` when some recipients expired (still deferred at max_age).
 const EXIT_EXPIRED: u8 = 3;
+/// Exit status of `send` stopped by SIGINT/SIGTERM before every recipient was final.
+const EXIT_INTERRUPTED: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -255,13 +257,23 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = a.retry_initial {
         config.retry.initial = d;
     }
+    // The first SIGINT/SIGTERM stops gracefully; a second one ends the process at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, EXIT_INTERRUPTED.into(), stop.clone())
+            .context("cannot install a signal handler")?;
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install a signal handler")?;
+    }
     let summary = send(SendOptions {
         spools: a.spools,
         config,
         progress: if a.quiet { Progress::Off } else { Progress::Auto },
+        stop: Some(stop),
     })?;
     print!("{}", summary.render());
-    Ok(if summary.count(Outcome::Expired) > 0 {
+    Ok(if summary.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if summary.count(Outcome::Expired) > 0 {
         ExitCode::from(EXIT_EXPIRED)
     } else {
         ExitCode::SUCCESS

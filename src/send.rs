@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -47,6 +48,8 @@ pub struct Summary {
     pub bad_lines: u64,
     /// Recipients an earlier run had already finished (from the journal).
     pub already_final: u64,
+    /// The send was stopped before every recipient was final.
+    pub interrupted: bool,
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
     pub codes: HashMap<u16, u64>,
@@ -79,6 +82,12 @@ impl Summary {
             self.bad_lines,
             self.count(Outcome::Deferred),
         );
+        if self.interrupted {
+            s += &format!(
+                "interrupted: {} recipients are not final yet; run send again on the same files to finish them\n",
+                self.recipients.saturating_sub(self.finals())
+            );
+        }
         if self.already_final > 0 {
             s += &format!(
                 "{} more were already final (from the journal of an earlier run)\n",
@@ -105,6 +114,9 @@ pub struct SendOptions {
     pub spools: Vec<PathBuf>,
     pub config: Config,
     pub progress: Progress,
+    /// Set (by a signal handler) to stop early: no new transactions, those in
+    /// flight finish within `shutdown_timeout`, the journal is flushed.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Takes outcome batches and makes them count: journal records first
@@ -273,6 +285,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         if total.is_some_and(|t| c.summary.finals() >= t) {
             break;
         }
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            c.summary.interrupted = true;
+            break;
+        }
         let wait = if c.pending.is_empty() {
             Duration::from_millis(200)
         } else {
@@ -363,6 +379,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     drop(net_thread);
     match ingest.join() {
         Ok(Ok(())) => {}
+        // Stopped on purpose: ingest finds the shards gone, which is expected.
+        Ok(Err(_)) if c.summary.interrupted => {}
         Ok(Err(e)) => {
             failure.get_or_insert(e);
         }

@@ -181,3 +181,69 @@ fn bad_lines_are_reported_on_stderr_with_file_and_line() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("slow.jsonl");
+    let out = run(volley()
+        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
+        .arg(&spool));
+    assert!(out.status.success());
+    let port = free_port();
+    // A slow sink: every batch of replies waits 20 ms.
+    let mut sink = volley()
+        .args([
+            "sink",
+            "--shards",
+            "1",
+            "--latency-ms",
+            "20",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let route = format!("*=127.0.0.1:{port}");
+    let journal = dir.path().join("slow.jsonl.journal");
+    let records = || std::fs::metadata(&journal).map_or(0, |m| m.len().saturating_sub(32) / 9);
+    let child = volley()
+        .args(["send", "--quiet", "--connections", "2", "--route", &route])
+        .arg(&spool)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while records() < 100 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SIGTERM
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("interrupted:"), "{}", text(&out.stdout));
+    let after_stop = records();
+    assert!(after_stop < 3000, "stopped early: {after_stop}");
+    let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&format!("{after_stop} more were already final")),
+        "{}",
+        text(&out.stdout)
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let all = volley::journal::read_records(&journal).unwrap();
+    let mut keys: Vec<(u32, u32)> = all.iter().map(|(l, i, _)| (*l, *i)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!((keys.len(), all.len()), (3000, 3000), "each recipient journaled once");
+}

@@ -29,6 +29,7 @@ fn run_send(spools: Vec<std::path::PathBuf>, config: Config) -> Summary {
         spools,
         config,
         progress: Progress::Off,
+        stop: None,
     })
     .expect("send completes")
 }

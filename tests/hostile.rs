@@ -70,6 +70,7 @@ fn deliver(addr: std::net::SocketAddr, body: &str) -> serde_json::Value {
         spools: vec![spool],
         config: cfg,
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     assert_eq!(

@@ -82,6 +82,7 @@ fn send_to(
         spools: vec![spool],
         config: cfg,
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     (summary, read_log(&log))

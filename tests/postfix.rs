@@ -108,6 +108,7 @@ fn smtp_sink_dump_matches_the_source_bodies_byte_for_byte() {
         spools: vec![spool],
         config: config(format!("*={addr}"), &log),
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     assert_eq!(summary.count(Outcome::Delivered), 2 * bodies.len() as u64);
@@ -197,6 +198,7 @@ fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
         spools: vec![spool],
         config: cfg,
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     let f = finals(&read_log(&log));

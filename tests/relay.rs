@@ -54,6 +54,7 @@ fn through(route: &str, password: &str, tune: impl FnOnce(&mut Config)) -> (Summ
         spools: vec![spool],
         config: cfg,
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     (summary, read_log(&log))

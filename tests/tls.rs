@@ -51,6 +51,7 @@ fn deliver(rcpt: &str, policy: TlsPolicy, tune: impl FnOnce(&mut Config)) -> (Va
         spools: vec![spool],
         config: cfg,
         progress: Progress::Off,
+        stop: None,
     })
     .unwrap();
     let records = read_log(&log);

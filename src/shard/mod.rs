@@ -324,7 +324,9 @@ async fn run(p: ShardParams) {
     for d in &dests {
         d.wake.notify(usize::MAX);
     }
-    while dests.iter().any(|d| d.open.get() > 0) {
+    // Transactions in flight finish and connections say QUIT, within shutdown_timeout.
+    let deadline = Instant::now() + shard.cfg.shutdown_timeout;
+    while dests.iter().any(|d| d.open.get() > 0) && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     retry_task.cancel().await;
