@@ -272,18 +272,10 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
     if ctx.opts.implicit_tls
         && let Some(config) = &ctx.opts.tls
     {
-        let MaybeTls::Plain(tcp) = stream else { return };
-        match accept_tls(config, tcp).await {
-            Ok(tls) => {
-                stats.add(&stats.tls_sessions, 1);
-                stream = MaybeTls::Tls(Box::new(tls));
-                s.tls_started();
-            }
-            Err(e) => {
-                tracing::debug!("sink TLS handshake failed: {e}");
-                return;
-            }
-        }
+        let Some(tls) = upgrade(stream, config, stats, &mut s).await else {
+            return;
+        };
+        stream = tls;
     }
     let mut out = Vec::with_capacity(4096);
     s.greeting(&mut out);
@@ -338,23 +330,36 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
                     let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
                     return;
                 };
-                let MaybeTls::Plain(tcp) = stream else { return };
-                match accept_tls(config, tcp).await {
-                    Ok(tls) => {
-                        stats.add(&stats.tls_sessions, 1);
-                        stream = MaybeTls::Tls(Box::new(tls));
-                        s.tls_started();
-                    }
-                    Err(e) => {
-                        tracing::debug!("sink TLS handshake failed: {e}");
-                        return;
-                    }
-                }
+                let Some(tls) = upgrade(stream, config, stats, &mut s).await else {
+                    return;
+                };
+                stream = tls;
             }
             Action::Close | Action::Drop => break,
         }
     }
     let _ = stream.tcp().shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Runs the server side of the handshake on a plaintext stream; `None` ends the session.
+async fn upgrade(
+    stream: Stream,
+    config: &Arc<rustls::ServerConfig>,
+    stats: &ShardStats,
+    s: &mut ServerSession,
+) -> Option<Stream> {
+    let MaybeTls::Plain(tcp) = stream else { return None };
+    match accept_tls(config, tcp).await {
+        Ok(tls) => {
+            stats.add(&stats.tls_sessions, 1);
+            s.tls_started();
+            Some(MaybeTls::Tls(Box::new(tls)))
+        }
+        Err(e) => {
+            tracing::debug!("sink TLS handshake failed: {e}");
+            None
+        }
+    }
 }
 
 /// The server side of a TLS handshake, within 10 s (a stalled client must not hold the sink open).

@@ -383,15 +383,7 @@ impl<T: Envelope> Session<T> {
         let closing = reply.code == 421;
         let summary = if closing { Some(reply.to_string()) } else { None };
         match expect {
-            Expect::Greeting if reply.code == 220 => {
-                push_command(
-                    &mut self.out,
-                    &mut self.expects,
-                    format_args!("EHLO {}", self.ehlo_name),
-                    Expect::Ehlo,
-                );
-                self.phase = Phase::Ehlo;
-            }
+            Expect::Greeting if reply.code == 220 => self.ehlo(),
             Expect::Greeting => return self.setup_failed("greeting", reply),
             Expect::Ehlo if reply.is_positive() => {
                 self.caps = Capabilities::from_ehlo(&reply);
@@ -571,6 +563,10 @@ impl<T: Envelope> Session<T> {
         assert_eq!(self.phase, Phase::Handshake, "tls_established without STARTTLS");
         self.secure = true;
         self.caps = Capabilities::default();
+        self.ehlo();
+    }
+
+    fn ehlo(&mut self) {
         push_command(
             &mut self.out,
             &mut self.expects,
