@@ -170,7 +170,13 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     }
     let mut inputs = Vec::new();
     let mut journals = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for p in &opts.spools {
+        // The same file twice would send it twice and share one journal between two writers.
+        let canonical = std::fs::canonicalize(p).with_context(|| format!("cannot read spool file {}", p.display()))?;
+        if !seen.insert(canonical) {
+            bail!("spool file {} is given more than once", p.display());
+        }
         let file = Arc::new(MappedFile::open(p).with_context(|| format!("cannot read spool file {}", p.display()))?);
         let (done, first_seen) = if cfg.journal {
             let opened = Journal::open(p, file.bytes().len() as u64)

@@ -147,6 +147,14 @@ fn errors_name_what_and_where() {
     let err = text(&out.stderr);
     assert!(err.contains("v.toml") && err.contains("max_conections"), "{err}");
 
+    let out = run(volley().args(["send", "--quiet"]).arg(&spool).arg(&spool));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is given more than once"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = run(volley().args(["send", "--route", "example.com"]).arg(&spool));
     assert!(
         text(&out.stderr).contains("--route needs DOMAIN=HOST:PORT"),
