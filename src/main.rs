@@ -21,6 +21,31 @@ use volley::sink::{Sink, SinkOptions};
 const EXIT_EXPIRED: u8 = 3;
 /// Exit status of `send` stopped by SIGINT/SIGTERM before every recipient was final.
 const EXIT_INTERRUPTED: u8 = 4;
+/// Exit status when a mapped file was truncated under volley (SIGBUS).
+const EXIT_FILE_CHANGED: i32 = 75;
+
+/// A spool or message file truncated while it is mapped makes the next read
+/// of a lost page raise SIGBUS. That cannot be recovered from, but it can be
+/// said clearly: the handler writes why and ends the process (the journal
+/// holds every committed outcome, so a rerun resumes).
+fn explain_sigbus() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"volley: a spool or message file was truncated while volley had it mapped (SIGBUS). \
+Files must not change once visible (write NAME.tmp, then rename). Progress is in the journal; fix the file and run again.\n";
+        // Only async-signal-safe calls here.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(EXIT_FILE_CHANGED);
+        }
+    }
+    // Safety: the handler only calls write(2) and _exit(2).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -216,6 +241,7 @@ fn main() -> ExitCode {
 }
 
 fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
+    explain_sigbus();
     let mut config = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

@@ -255,3 +255,74 @@ fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
     keys.dedup();
     assert_eq!((keys.len(), all.len()), (3000, 3000), "each recipient journaled once");
 }
+
+#[test]
+fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("shrinking.jsonl");
+    let out = run(volley()
+        .args(["gen", "--jobs", "20000", "--domains", "10", "--out"])
+        .arg(&spool));
+    assert!(out.status.success());
+    let original = std::fs::read(&spool).unwrap();
+    let port = free_port();
+    let mut sink = volley()
+        .args([
+            "sink",
+            "--shards",
+            "1",
+            "--latency-ms",
+            "5",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let route = format!("*=127.0.0.1:{port}");
+    let journal = dir.path().join("shrinking.jsonl.journal");
+    let records = || std::fs::metadata(&journal).map_or(0, |m| m.len().saturating_sub(32) / 9);
+    let child = volley()
+        .args(["send", "--quiet", "--connections", "2", "--route", &route])
+        .arg(&spool)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while records() < 200 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The producer breaks the contract: the file shrinks under volley.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spool)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("truncated while volley had it mapped"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Restored, the file is finished by a rerun.
+    std::fs::write(&spool, &original).unwrap();
+    let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("more were already final"),
+        "{}",
+        text(&out.stdout)
+    );
+}
