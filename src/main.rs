@@ -87,14 +87,16 @@ struct SendArgs {
     /// Executors, one per core (default: the cores available).
     #[arg(long)]
     shards: Option<usize>,
-    /// Delivery log (JSON Lines).
+    /// Delivery log (JSON Lines, appended to).
     #[arg(long)]
     log: Option<PathBuf>,
     /// Connections per destination for the whole process (max_connections_per_destination).
     #[arg(long)]
     connections: Option<usize>,
+    /// Recipients of one domain in one transaction (default 100).
     #[arg(long)]
     max_rcpts_per_txn: Option<usize>,
+    /// Transactions on one connection before it says QUIT and a new one opens (default 1000).
     #[arg(long)]
     max_messages_per_connection: Option<usize>,
     /// QUIT a connection idle this long (e.g. 5s).
