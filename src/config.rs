@@ -58,6 +58,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Delivery log (JSON Lines), appended to.
     pub log: Option<PathBuf>,
+    /// `volley run`: the spool directory (incoming/, active/, done/, failed/).
+    pub spool_dir: Option<PathBuf>,
     /// Bounce classification rules (TOML); default: the built-in rules.
     pub bounce_rules: Option<PathBuf>,
     /// On SIGTERM/SIGINT, how long transactions in flight may take to finish.
@@ -97,6 +99,7 @@ impl Default for Config {
             tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
             log: None,
+            spool_dir: None,
             bounce_rules: None,
             shutdown_timeout: Duration::from_secs(30),
             journal: true,
@@ -315,6 +318,24 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))
+    }
+
+    /// Loads a config for `volley run`: without a `[retry]` table the
+    /// service's schedule applies (first retry after 1 min, doubling, at most
+    /// 1 h apart, for 3 days).
+    pub fn load_for_run(path: &Path) -> anyhow::Result<Config> {
+        let mut cfg = Config::load(path)?;
+        let text = std::fs::read_to_string(path)?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?;
+        if !table.contains_key("retry") {
+            cfg.retry = Retry {
+                initial: Duration::from_secs(60),
+                max_delay: Duration::from_secs(3600),
+                max_age: Duration::from_secs(3 * 86400),
+                ..Retry::default()
+            };
+        }
+        Ok(cfg)
     }
 
     pub fn shards(&self) -> usize {

@@ -71,6 +71,7 @@ pub fn demo(o: DemoOptions) -> anyhow::Result<DemoResult> {
         config,
         progress: o.progress,
         stop: None,
+        watch: None,
     });
     let counts = sink.stop();
     Ok(DemoResult {

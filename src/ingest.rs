@@ -9,14 +9,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::journal::{Done, WHOLE_LINE};
+use crate::journal::{Done, Journal, WHOLE_LINE};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
 
 /// Jobs per batch sent to a shard.
 pub const BATCH_ITEMS: usize = 256;
+/// Where ingest is in one file.
+struct Cursor {
+    input: SpoolInput,
+    name: String,
+    /// Byte offset of the next line.
+    pos: usize,
+    /// Number of the last line read (1-based).
+    line_no: u32,
+    recipients: u64,
+    already_final: u64,
+}
+
 /// Lines read from one spool file before the next file gets a turn.
 const LINES_PER_TURN: usize = 1024;
 /// Rejections reported on stderr before the rest are only counted and logged.
@@ -58,7 +70,13 @@ pub struct Rcpt {
 
 /// A spool file to ingest, with what its journal says is already final.
 pub struct SpoolInput {
+    /// Its number for the shards and the collector (unique in a process).
+    pub id: u32,
     pub file: Arc<MappedFile>,
+    /// Where the producer put it: `message` paths are relative to this file's folder.
+    pub origin: PathBuf,
+    /// The journal writer, handed to the collector.
+    pub journal: Option<Journal>,
     pub done: Done,
     /// When the spool was first seen (from its journal): `max_age` runs from here.
     pub first_seen: Instant,
@@ -71,12 +89,22 @@ pub enum BodyKey {
 }
 
 /// Messages to the collector.
-#[derive(Debug)]
 pub enum Report {
     Outcomes(OutcomeBatch),
     /// Recipients found so far (progress).
     Ingested {
         recipients: u64,
+    },
+    /// A file is about to be read; its journal (if any) goes to the collector.
+    FileOpened {
+        file: u32,
+        journal: Option<Journal>,
+    },
+    /// A file was read to its end: the final outcomes to wait for from it.
+    FileRead {
+        file: u32,
+        recipients: u64,
+        already_final: u64,
     },
     /// Every line was read: the number of final outcomes to wait for, and
     /// how many recipients were already final (journaled by an earlier run).
@@ -136,37 +164,48 @@ impl Ingest {
         self
     }
 
-    /// Reads every file to the end. Returns early only if a shard or the collector went away.
-    pub fn run(mut self, inputs: Vec<SpoolInput>) -> Result<(), &'static str> {
-        // Every file is announced first, then read in turns of LINES_PER_TURN
-        // lines each, so several files go out side by side, fairly.
-        let mut cursors = Vec::with_capacity(inputs.len());
-        for (fid, input) in inputs.iter().enumerate() {
-            for tx in &self.shards {
-                tx.send(ToShard::File {
-                    id: fid as u32,
-                    file: input.file.clone(),
-                })
-                .map_err(|_| "a shard stopped")?;
-            }
-            let path = input.file.path();
-            let name = path
-                .file_name()
-                .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-            cursors.push((fid as u32, input, name, spool::lines(input.file.bytes()).peekable()));
-        }
-        while !cursors.is_empty() {
-            for (fid, input, name, lines) in &mut cursors {
-                for (line_no, line) in lines.by_ref().take(LINES_PER_TURN) {
-                    self.line(*fid, input, name, line_no, line)?;
+    /// Reads the files that come through `inputs`, in turns of
+    /// LINES_PER_TURN lines each so several files go out side by side,
+    /// until the channel is closed and every file is read. Returns early
+    /// only if a shard or the collector went away.
+    pub fn run(mut self, inputs: Receiver<SpoolInput>) -> Result<(), &'static str> {
+        let mut open: Vec<Cursor> = Vec::new();
+        let mut closed = false;
+        loop {
+            loop {
+                let next = if open.is_empty() && !closed {
+                    inputs.recv().map_err(|_| TryRecvError::Disconnected)
+                } else {
+                    inputs.try_recv()
+                };
+                match next {
+                    Ok(input) => open.push(self.start(input)?),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
             }
-            cursors.retain_mut(|(_, _, _, lines)| lines.peek().is_some());
+            if open.is_empty() {
+                if closed {
+                    break;
+                }
+                continue;
+            }
+            for c in &mut open {
+                self.turn(c)?;
+            }
+            let mut i = 0;
+            while i < open.len() {
+                if open[i].pos >= open[i].input.file.bytes().len() {
+                    let c = open.swap_remove(i);
+                    self.finish(c)?;
+                } else {
+                    i += 1;
+                }
+            }
         }
-        for shard in 0..self.shards.len() {
-            self.send_batch(shard)?;
-        }
-        self.flush_outcomes()?;
         if self.reported > MAX_REPORTED {
             tracing::warn!("{} rejections in all (the delivery log has each)", self.reported);
         }
@@ -179,14 +218,76 @@ impl Ingest {
             .map_err(|_| "the collector stopped")
     }
 
-    fn line(
-        &mut self,
-        fid: u32,
-        input: &SpoolInput,
-        name: &str,
-        line_no: u32,
-        line: &[u8],
-    ) -> Result<(), &'static str> {
+    /// Announces a file to the collector (with its journal) and to every shard.
+    fn start(&mut self, mut input: SpoolInput) -> Result<Cursor, &'static str> {
+        self.reports
+            .send(Report::FileOpened {
+                file: input.id,
+                journal: input.journal.take(),
+            })
+            .map_err(|_| "the collector stopped")?;
+        for tx in &self.shards {
+            tx.send(ToShard::File {
+                id: input.id,
+                file: input.file.clone(),
+            })
+            .map_err(|_| "a shard stopped")?;
+        }
+        let path = input.file.path();
+        let name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Ok(Cursor {
+            input,
+            name,
+            pos: 0,
+            line_no: 0,
+            recipients: 0,
+            already_final: 0,
+        })
+    }
+
+    /// Reads up to LINES_PER_TURN lines of a file.
+    fn turn(&mut self, c: &mut Cursor) -> Result<(), &'static str> {
+        let file = c.input.file.clone();
+        let map = file.bytes();
+        let mut n = 0;
+        while c.pos < map.len() && n < LINES_PER_TURN {
+            let rest = &map[c.pos..];
+            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            let raw = &rest[..end];
+            c.pos += end + 1;
+            c.line_no += 1;
+            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let (r0, a0) = (self.recipients, self.already_final);
+            self.line(&c.input, &c.name, c.line_no, line)?;
+            c.recipients += self.recipients - r0;
+            c.already_final += self.already_final - a0;
+            n += 1;
+        }
+        Ok(())
+    }
+
+    /// A file is read: everything of it goes out now, and the collector learns its count.
+    fn finish(&mut self, c: Cursor) -> Result<(), &'static str> {
+        for shard in 0..self.shards.len() {
+            self.send_batch(shard)?;
+        }
+        self.flush_outcomes()?;
+        self.reports
+            .send(Report::FileRead {
+                file: c.input.id,
+                recipients: c.recipients,
+                already_final: c.already_final,
+            })
+            .map_err(|_| "the collector stopped")
+    }
+
+    fn line(&mut self, input: &SpoolInput, name: &str, line_no: u32, line: &[u8]) -> Result<(), &'static str> {
+        let fid = input.id;
         let file = &input.file;
         let map = file.bytes();
         if input.done.contains(line_no, WHOLE_LINE) {
@@ -254,7 +355,7 @@ impl Ingest {
         }
         let body = match &job.body {
             JobBody::Inline(s) => Ok(BodyKey::Inline(s.clone())),
-            JobBody::File(s) => self.message(file, s.get(map))?.map(BodyKey::File),
+            JobBody::File(s) => self.message(&input.origin, s.get(map))?.map(BodyKey::File),
         };
         let body = match body {
             Ok(b) => b,
@@ -311,8 +412,8 @@ impl Ingest {
     }
 
     /// The id of a message file, mapping it (and telling every shard) on first sight.
-    fn message(&mut self, spool_file: &MappedFile, name: &str) -> Result<Result<u32, String>, &'static str> {
-        let path = match spool::message_path(spool_file.path(), name) {
+    fn message(&mut self, origin: &std::path::Path, name: &str) -> Result<Result<u32, String>, &'static str> {
+        let path = match spool::message_path(origin, name) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };

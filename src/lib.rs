@@ -12,6 +12,7 @@ pub mod journal;
 pub mod outcome;
 pub mod runtime;
 pub mod send;
+pub mod service;
 pub mod shard;
 pub mod sink;
 pub mod smtp;

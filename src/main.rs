@@ -62,6 +62,8 @@ struct Cli {
 enum Command {
     /// Deliver spool files, retrying deferrals until every recipient is final.
     Send(SendArgs),
+    /// The service: deliver the spool files dropped into spool_dir/incoming/ until stopped.
+    Run(RunArgs),
     /// An SMTP sink server for load tests.
     Sink(SinkArgs),
     /// Write a spool file and its message file for tests.
@@ -126,6 +128,13 @@ struct SendArgs {
     /// Do not fdatasync the journal (for benchmarks: a crash may then lose progress).
     #[arg(long)]
     no_fsync: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration file; `spool_dir` is required.
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Args)]
@@ -221,6 +230,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Send(a) => cmd_send(a),
+        Command::Run(a) => cmd_run(a),
         Command::Sink(a) => cmd_sink(a),
         Command::Gen(a) => generate(&GenOptions {
             out: a.out,
@@ -297,6 +307,7 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
         config,
         progress: if a.quiet { Progress::Off } else { Progress::Auto },
         stop: Some(stop),
+        watch: None,
     })?;
     print!("{}", summary.render());
     Ok(if summary.interrupted {
@@ -306,6 +317,39 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn cmd_run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    explain_sigbus();
+    let config = Config::load_for_run(&a.config)?;
+    let Some(root) = config.spool_dir.clone() else {
+        anyhow::bail!("{}: `spool_dir` is required for volley run", a.config.display());
+    };
+    let dir = volley::service::SpoolDir::create(&root)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, EXIT_INTERRUPTED.into(), stop.clone())
+            .context("cannot install a signal handler")?;
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install a signal handler")?;
+    }
+    eprintln!("volley run: watching {}", dir.incoming.display());
+    let summary = send(SendOptions {
+        spools: Vec::new(),
+        config,
+        progress: Progress::Off,
+        stop: Some(stop),
+        watch: Some(dir),
+    })?;
+    println!(
+        "volley run stopped after {:.0}s: {} delivered, {} bounced, {} expired, {} rejected, {} deferrals",
+        summary.duration.as_secs_f64(),
+        summary.count(Outcome::Delivered),
+        summary.count(Outcome::Bounced),
+        summary.count(Outcome::Expired),
+        summary.count(Outcome::Rejected),
+        summary.count(Outcome::Deferred)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -20,10 +20,13 @@ use crate::dns::NetThread;
 use crate::ingest::{Ingest, Report, SpoolInput};
 use crate::journal::{Done, Journal};
 use crate::outcome::{Outcome, OutcomeBatch};
+use crate::service::{SpoolDir, Watcher};
 use crate::shard::{self, Control, ShardParams};
 use crate::spool::MappedFile;
 use crate::tls::TlsClient;
 
+/// How often service mode looks for new and finished files.
+const SCAN_EVERY: Duration = Duration::from_millis(200);
 /// Batches of work waiting in each shard's inbox.
 const INBOX_BATCHES: usize = 16;
 /// Outcome batches waiting for the collector.
@@ -117,33 +120,57 @@ pub struct SendOptions {
     /// Set (by a signal handler) to stop early: no new transactions, those in
     /// flight finish within `shutdown_timeout`, the journal is flushed.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Service mode (`volley run`): take files from this spool directory until stopped.
+    pub watch: Option<SpoolDir>,
 }
 
 /// Takes outcome batches and makes them count: journal records first
 /// (appended and, with fsync, made durable as one group), then the delivery
 /// log, then the summary.
-struct Collector {
-    journals: Vec<Journal>,
-    fsync: bool,
-    log: Option<BufWriter<File>>,
-    pending: Vec<OutcomeBatch>,
-    summary: Summary,
+pub(crate) struct Collector {
+    /// Files being worked on, by id.
+    pub(crate) files: HashMap<u32, FileTrack>,
+    pub(crate) fsync: bool,
+    pub(crate) log: Option<BufWriter<File>>,
+    pub(crate) pending: Vec<OutcomeBatch>,
+    pub(crate) summary: Summary,
+}
+
+/// What the collector knows of one spool file.
+#[derive(Default)]
+pub struct FileTrack {
+    pub journal: Option<Journal>,
+    /// Final outcomes to wait for, once the file is read to its end.
+    pub expected: Option<u64>,
+    pub already_final: u64,
+    /// Final outcomes committed, in all and per outcome.
+    pub finals: u64,
+    pub counts: [u64; 5],
+}
+
+impl FileTrack {
+    pub fn complete(&self) -> bool {
+        self.expected.is_some_and(|e| self.finals >= e)
+    }
 }
 
 impl Collector {
-    fn commit(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn commit(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        if !self.journals.is_empty() {
-            for f in self.pending.iter().flat_map(|b| &b.finals) {
-                self.journals[f.key.file as usize].append(f.key.line, f.key.idx, f.outcome);
+        for f in self.pending.iter().flat_map(|b| &b.finals) {
+            let track = self.files.entry(f.key.file).or_default();
+            track.finals += 1;
+            track.counts[f.outcome.index()] += 1;
+            if let Some(j) = track.journal.as_mut() {
+                j.append(f.key.line, f.key.idx, f.outcome);
             }
-            for j in &mut self.journals {
-                if j.has_pending() {
-                    j.commit(self.fsync)
-                        .with_context(|| format!("cannot write the journal {}", j.path().display()))?;
-                }
+        }
+        for j in self.files.values_mut().filter_map(|t| t.journal.as_mut()) {
+            if j.has_pending() {
+                j.commit(self.fsync)
+                    .with_context(|| format!("cannot write the journal {}", j.path().display()))?;
             }
         }
         for batch in self.pending.drain(..) {
@@ -162,35 +189,47 @@ impl Collector {
     }
 }
 
+/// Maps a spool file and opens its journal: the input ingest reads. `origin`
+/// is where the producer put it (message paths are relative to its folder).
+pub fn open_spool(cfg: &Config, id: u32, path: &Path, origin: &Path) -> anyhow::Result<SpoolInput> {
+    let file = Arc::new(MappedFile::open(path).with_context(|| format!("cannot read spool file {}", path.display()))?);
+    let (done, first_seen, journal) = if cfg.journal {
+        let opened = Journal::open(path, file.bytes().len() as u64)
+            .with_context(|| format!("cannot open the journal of {}", path.display()))?;
+        (opened.done, opened.first_seen, Some(opened.journal))
+    } else {
+        (Done::default(), SystemTime::now(), None)
+    };
+    // max_age runs from when the spool was first seen, by an earlier run too.
+    let age = SystemTime::now().duration_since(first_seen).unwrap_or_default();
+    let first_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    Ok(SpoolInput {
+        id,
+        file,
+        origin: origin.to_path_buf(),
+        journal,
+        done,
+        first_seen,
+    })
+}
+
 pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let cfg = Arc::new(opts.config);
     cfg.validate()?;
-    if opts.spools.is_empty() {
+    if opts.spools.is_empty() && opts.watch.is_none() {
         bail!("no spool file given");
     }
     let mut inputs = Vec::new();
-    let mut journals = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for p in &opts.spools {
+    for (id, p) in opts.spools.iter().enumerate() {
         // The same file twice would send it twice and share one journal between two writers.
         let canonical = std::fs::canonicalize(p).with_context(|| format!("cannot read spool file {}", p.display()))?;
         if !seen.insert(canonical) {
             bail!("spool file {} is given more than once", p.display());
         }
-        let file = Arc::new(MappedFile::open(p).with_context(|| format!("cannot read spool file {}", p.display()))?);
-        let (done, first_seen) = if cfg.journal {
-            let opened = Journal::open(p, file.bytes().len() as u64)
-                .with_context(|| format!("cannot open the journal of {}", p.display()))?;
-            journals.push(opened.journal);
-            (opened.done, opened.first_seen)
-        } else {
-            (Done::default(), SystemTime::now())
-        };
-        // max_age runs from when the spool was first seen, by an earlier run too.
-        let age = SystemTime::now().duration_since(first_seen).unwrap_or_default();
-        let first_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        inputs.push(SpoolInput { file, done, first_seen });
+        inputs.push(open_spool(&cfg, id as u32, p, p)?);
     }
+    let journaled = cfg.journal;
     let routes = Arc::new(Routes::resolve(&cfg.routes)?);
     // MX lookups and bound connects need the side thread; with a route for
     // every domain and no source address there are none.
@@ -251,9 +290,24 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     }
     let ingest =
         Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled).max_line_bytes(cfg.max_job_line_bytes);
+    let (input_tx, input_rx) = unbounded();
+    for input in inputs {
+        input_tx.send(input).expect("the receiver is alive");
+    }
+    // In service mode the watcher keeps feeding ingest; otherwise the list is all there is.
+    let mut watcher = opts.watch.clone().map(Watcher::new);
+    let mut input_tx = match watcher {
+        Some(_) => Some(input_tx),
+        None => {
+            // Closing the channel tells ingest the list is complete.
+            drop(input_tx);
+            None
+        }
+    };
+    let mut last_scan: Option<Instant> = None;
     let ingest = std::thread::Builder::new()
         .name("volley-ingest".into())
-        .spawn(move || ingest.run(inputs))
+        .spawn(move || ingest.run(input_rx))
         .context("cannot start the ingest thread")?;
 
     let bar = match opts.progress {
@@ -271,13 +325,13 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let plain = opts.progress == Progress::Auto && bar.is_none();
     let mut last_plain = Instant::now();
 
-    let sync_every = if journals.is_empty() {
-        Duration::ZERO
-    } else {
+    let sync_every = if journaled {
         cfg.journal_sync_interval
+    } else {
+        Duration::ZERO
     };
     let mut c = Collector {
-        journals,
+        files: HashMap::new(),
         fsync: cfg.journal_fsync,
         log,
         pending: Vec::new(),
@@ -290,6 +344,22 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     loop {
         if total.is_some_and(|t| c.summary.finals() >= t) {
             break;
+        }
+        if let (Some(w), Some(tx)) = (watcher.as_mut(), input_tx.as_ref())
+            && last_scan.is_none_or(|t| t.elapsed() >= SCAN_EVERY)
+        {
+            last_scan = Some(Instant::now());
+            w.scan(&cfg, tx)?;
+            let finished: Vec<u32> = c
+                .files
+                .iter()
+                .filter(|(_, t)| t.complete())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in finished {
+                let track = c.files.remove(&id).expect("listed above");
+                w.finished(id, track)?;
+            }
         }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             c.summary.interrupted = true;
@@ -316,6 +386,18 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 }
             }
             Ok(Report::Ingested { recipients }) => ingested = recipients,
+            Ok(Report::FileOpened { file, journal }) => {
+                c.files.entry(file).or_default().journal = journal;
+            }
+            Ok(Report::FileRead {
+                file,
+                recipients,
+                already_final,
+            }) => {
+                let track = c.files.entry(file).or_default();
+                track.expected = Some(recipients);
+                track.already_final = already_final;
+            }
             Ok(Report::IngestDone {
                 recipients,
                 bad_lines,
@@ -383,6 +465,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         w.flush().context("cannot write the delivery log")?;
     }
     drop(net_thread);
+    input_tx.take();
     match ingest.join() {
         Ok(Ok(())) => {}
         // Stopped on purpose: ingest finds the shards gone, which is expected.

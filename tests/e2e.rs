@@ -30,6 +30,7 @@ fn run_send(spools: Vec<std::path::PathBuf>, config: Config) -> Summary {
         config,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .expect("send completes")
 }

@@ -71,6 +71,7 @@ fn deliver(addr: std::net::SocketAddr, body: &str) -> serde_json::Value {
         config: cfg,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     assert_eq!(

@@ -83,6 +83,7 @@ fn send_to(
         config: cfg,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     (summary, read_log(&log))

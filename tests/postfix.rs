@@ -109,6 +109,7 @@ fn smtp_sink_dump_matches_the_source_bodies_byte_for_byte() {
         config: config(format!("*={addr}"), &log),
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     assert_eq!(summary.count(Outcome::Delivered), 2 * bodies.len() as u64);
@@ -199,6 +200,7 @@ fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
         config: cfg,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     let f = finals(&read_log(&log));

@@ -55,6 +55,7 @@ fn through(route: &str, password: &str, tune: impl FnOnce(&mut Config)) -> (Summ
         config: cfg,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     (summary, read_log(&log))

@@ -52,6 +52,7 @@ fn deliver(rcpt: &str, policy: TlsPolicy, tune: impl FnOnce(&mut Config)) -> (Va
         config: cfg,
         progress: Progress::Off,
         stop: None,
+        watch: None,
     })
     .unwrap();
     let records = read_log(&log);

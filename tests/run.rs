@@ -1,0 +1,100 @@
+//! `volley run`, the spool-directory service: files renamed into incoming/
+//! are taken into active/, sent beside each other, and moved to done/ with
+//! their journal and a summary; an unreadable one goes to failed/ with a
+//! reason; SIGTERM stops it with exit status 0.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use volley::sink::{Sink, SinkOptions};
+
+fn drop_spool(incoming: &Path, name: &str, jobs: usize) {
+    std::fs::write(incoming.join("news.eml"), "Subject: run\n\nhello\n").unwrap();
+    let lines: Vec<String> = (0..jobs)
+        .map(|i| {
+            format!(
+                "{{\"from\":\"s@x.test\",\"to\":[\"{name}{i}@d{}.test\"],\"message\":\"news.eml\"}}",
+                i % 7
+            )
+        })
+        .collect();
+    let tmp = incoming.join(format!("{name}.jsonl.tmp"));
+    std::fs::write(&tmp, lines.join("\n") + "\n").unwrap();
+    std::fs::rename(&tmp, incoming.join(format!("{name}.jsonl"))).unwrap();
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_service_takes_files_as_they_come_and_files_them_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let config = dir.path().join("volley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = {:?}\nlog = {:?}\nidle_timeout = \"300ms\"\n[routes]\n\"*\" = \"{}\"\n",
+            root.display().to_string(),
+            dir.path().join("log.jsonl").display().to_string(),
+            sink.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let incoming = root.join("incoming");
+    wait_for("incoming/", || incoming.is_dir());
+    drop_spool(&incoming, "first", 400);
+    // A half-written file is never taken; a file that cannot be read goes to failed/.
+    std::fs::write(incoming.join("partial.jsonl.tmp"), "{\"from\":").unwrap();
+    std::fs::create_dir(incoming.join("broken.jsonl")).unwrap();
+    let done = root.join("done");
+    wait_for("first in done/", || done.join("first.jsonl.summary.json").exists());
+    drop_spool(&incoming, "second", 300);
+    wait_for("second in done/", || done.join("second.jsonl.summary.json").exists());
+    assert!(done.join("first.jsonl").exists() && done.join("first.jsonl.journal").exists());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(done.join("second.jsonl.summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["recipients"].as_u64(), summary["delivered"].as_u64()),
+        (Some(300), Some(300)),
+        "{summary}"
+    );
+    let failed = root.join("failed");
+    assert!(failed.join("broken.jsonl").exists());
+    let reason = std::fs::read_to_string(failed.join("broken.jsonl.reason")).unwrap();
+    assert!(reason.contains("not a regular file"), "{reason}");
+    assert!(incoming.join("partial.jsonl.tmp").exists(), "a .tmp file is left alone");
+    assert!(
+        std::fs::read_dir(root.join("active")).unwrap().next().is_none(),
+        "nothing left in active/"
+    );
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let counts = sink.stop();
+    assert_eq!(counts.recipients, 700, "{out}");
+    let f = common::finals(&common::read_log(&dir.path().join("log.jsonl")));
+    assert_eq!(f.len(), 700);
+}
