@@ -20,6 +20,45 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A `volley sink` process on a free port that waits `latency_ms` before each
+/// batch of replies, killed when dropped; and its port.
+struct SlowSink(std::process::Child, u16);
+
+impl SlowSink {
+    fn start(latency_ms: u32) -> SlowSink {
+        let port = free_port();
+        let child = volley()
+            .args(["sink", "--shards", "1", "--latency-ms", &latency_ms.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sink did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SlowSink(child, port)
+    }
+
+    fn route(&self) -> String {
+        format!("*=127.0.0.1:{}", self.1)
+    }
+}
+
+impl Drop for SlowSink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Journal records written so far.
+fn journaled(journal: &std::path::Path) -> u64 {
+    std::fs::metadata(journal).map_or(0, |m| m.len().saturating_sub(32) / 9)
+}
+
 #[test]
 fn demo_delivers_everything_and_says_so() {
     let out = run(volley().args(["demo", "--recipients", "3000", "--domains", "50"]));
@@ -198,30 +237,11 @@ fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
         .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
         .arg(&spool));
     assert!(out.status.success());
-    let port = free_port();
     // A slow sink: every batch of replies waits 20 ms.
-    let mut sink = volley()
-        .args([
-            "sink",
-            "--shards",
-            "1",
-            "--latency-ms",
-            "20",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let route = format!("*=127.0.0.1:{port}");
+    let sink = SlowSink::start(20);
+    let route = sink.route();
     let journal = dir.path().join("slow.jsonl.journal");
-    let records = || std::fs::metadata(&journal).map_or(0, |m| m.len().saturating_sub(32) / 9);
+    let records = || journaled(&journal);
     let child = volley()
         .args(["send", "--quiet", "--connections", "2", "--route", &route])
         .arg(&spool)
@@ -247,8 +267,7 @@ fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
         "{}",
         text(&out.stdout)
     );
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
     let all = volley::journal::read_records(&journal).unwrap();
     let mut keys: Vec<(u32, u32)> = all.iter().map(|(l, i, _)| (*l, *i)).collect();
     keys.sort_unstable();
@@ -265,29 +284,10 @@ fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
         .arg(&spool));
     assert!(out.status.success());
     let original = std::fs::read(&spool).unwrap();
-    let port = free_port();
-    let mut sink = volley()
-        .args([
-            "sink",
-            "--shards",
-            "1",
-            "--latency-ms",
-            "5",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let route = format!("*=127.0.0.1:{port}");
+    let sink = SlowSink::start(5);
+    let route = sink.route();
     let journal = dir.path().join("shrinking.jsonl.journal");
-    let records = || std::fs::metadata(&journal).map_or(0, |m| m.len().saturating_sub(32) / 9);
+    let records = || journaled(&journal);
     let child = volley()
         .args(["send", "--quiet", "--connections", "2", "--route", &route])
         .arg(&spool)
@@ -317,8 +317,7 @@ fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
     // Restored, the file is finished by a rerun.
     std::fs::write(&spool, &original).unwrap();
     let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
         text(&out.stdout).contains("more were already final"),
