@@ -21,10 +21,7 @@ pub const BATCH_ITEMS: usize = 256;
 struct Cursor {
     input: SpoolInput,
     name: String,
-    /// Byte offset of the next line.
-    pos: usize,
-    /// Number of the last line read (1-based).
-    line_no: u32,
+    at: spool::LineCursor,
     recipients: u64,
     already_final: u64,
 }
@@ -198,7 +195,7 @@ impl Ingest {
             }
             let mut i = 0;
             while i < open.len() {
-                if open[i].pos >= open[i].input.file.bytes().len() {
+                if open[i].at.at_end(open[i].input.file.bytes()) {
                     let c = open.swap_remove(i);
                     self.finish(c)?;
                 } else {
@@ -240,8 +237,7 @@ impl Ingest {
         Ok(Cursor {
             input,
             name,
-            pos: 0,
-            line_no: 0,
+            at: spool::LineCursor::default(),
             recipients: 0,
             already_final: 0,
         })
@@ -251,22 +247,14 @@ impl Ingest {
     fn turn(&mut self, c: &mut Cursor) -> Result<(), &'static str> {
         let file = c.input.file.clone();
         let map = file.bytes();
-        let mut n = 0;
-        while c.pos < map.len() && n < LINES_PER_TURN {
-            let rest = &map[c.pos..];
-            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-            let raw = &rest[..end];
-            c.pos += end + 1;
-            c.line_no += 1;
-            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        for _ in 0..LINES_PER_TURN {
+            let Some((line_no, line)) = c.at.next_line(map) else {
+                break;
+            };
             let (r0, a0) = (self.recipients, self.already_final);
-            self.line(&c.input, &c.name, c.line_no, line)?;
+            self.line(&c.input, &c.name, line_no, line)?;
             c.recipients += self.recipients - r0;
             c.already_final += self.already_final - a0;
-            n += 1;
         }
         Ok(())
     }

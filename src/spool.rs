@@ -194,13 +194,36 @@ pub fn message_path(spool: &Path, name: &str) -> Result<PathBuf, String> {
     Ok(spool.parent().unwrap_or(Path::new(".")).join(rel))
 }
 
-/// Lines of a mapped file: (1-based line number, bytes without the line end).
-/// Blank lines are skipped.
-pub fn lines(map: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
-    map.split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, l)| ((i + 1) as u32, l.strip_suffix(b"\r").unwrap_or(l)))
-        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+/// A place in a mapped file that yields its lines one at a time:
+/// (1-based line number, bytes without the line end), blank lines skipped.
+/// It holds offsets only, so a reader can keep it across turns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineCursor {
+    /// Byte offset of the next line.
+    pub pos: usize,
+    /// Number of the last line passed (1-based).
+    pub line_no: u32,
+}
+
+impl LineCursor {
+    pub fn next_line<'a>(&mut self, map: &'a [u8]) -> Option<(u32, &'a [u8])> {
+        while self.pos < map.len() {
+            let rest = &map[self.pos..];
+            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            self.pos += end + 1;
+            self.line_no += 1;
+            let raw = &rest[..end];
+            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                return Some((self.line_no, line));
+            }
+        }
+        None
+    }
+
+    pub fn at_end(&self, map: &[u8]) -> bool {
+        self.pos >= map.len()
+    }
 }
 
 #[cfg(test)]
@@ -280,7 +303,15 @@ mod tests {
 
     #[test]
     fn lines_numbers_and_blank_lines() {
-        let got: Vec<_> = lines(b"a\r\n\nb\n  \nc").collect();
+        let map = b"a\r\n\nb\n  \nc";
+        let mut c = LineCursor::default();
+        let got: Vec<_> = std::iter::from_fn(|| c.next_line(map)).collect();
         assert_eq!(got, vec![(1, &b"a"[..]), (3, &b"b"[..]), (5, &b"c"[..])]);
+        assert!(c.at_end(map));
+        // A copy of the cursor takes up again where it stopped.
+        let mut c = LineCursor::default();
+        assert_eq!(c.next_line(map), Some((1, &b"a"[..])));
+        let mut later = c;
+        assert_eq!(later.next_line(map), Some((3, &b"b"[..])));
     }
 }
