@@ -17,7 +17,8 @@ pub const DEFAULT_RULES: &str = include_str!("../deploy/bounce-rules.toml");
 /// The category when no rule matches.
 pub const OTHER: &str = "other";
 
-const CATEGORIES: [&str; 10] = [
+/// Every category, in the order metrics list them.
+pub const CATEGORIES: [&str; 10] = [
     "invalid-recipient",
     "mailbox-full",
     "policy-or-spam-block",

@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::smtp::{Credentials, Wait};
 use crate::tls::TlsPolicy;
 
+/// Where `volley run` serves metrics unless told otherwise (the port registered for Prometheus exporters of this kind).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -72,6 +75,11 @@ pub struct Config {
     /// How long final outcomes gather before they are written and synced as one group.
     #[serde(with = "humantime_serde")]
     pub journal_sync_interval: Duration,
+    /// `IP:PORT` to serve `/metrics` and `/status` on; `volley run` defaults to
+    /// `127.0.0.1:9464`, `send` serves none unless asked; `""` turns it off.
+    pub metrics_listen: Option<String>,
+    /// Domains with their own `domain` label; the rest are summed into `_other`.
+    pub metrics_max_domains: usize,
 }
 
 impl Default for Config {
@@ -105,6 +113,8 @@ impl Default for Config {
             journal: true,
             journal_fsync: true,
             journal_sync_interval: Duration::from_millis(5),
+            metrics_listen: None,
+            metrics_max_domains: 100,
         }
     }
 }
@@ -327,6 +337,9 @@ impl Config {
         let mut cfg = Config::load(path)?;
         let text = std::fs::read_to_string(path)?;
         let table: toml::Table = toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?;
+        if !table.contains_key("metrics_listen") {
+            cfg.metrics_listen = Some(DEFAULT_METRICS_LISTEN.to_string());
+        }
         if !table.contains_key("retry") {
             cfg.retry = Retry {
                 initial: Duration::from_secs(60),
@@ -336,6 +349,17 @@ impl Config {
             };
         }
         Ok(cfg)
+    }
+
+    /// Where to serve metrics, if anywhere.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(a) => a
+                .parse()
+                .map(Some)
+                .with_context(|| format!("metrics_listen: {a:?} is not an IP:PORT address")),
+        }
     }
 
     pub fn shards(&self) -> usize {
@@ -401,6 +425,7 @@ impl Config {
         if self.timeouts.connect.is_zero() {
             bail!("timeouts.connect must be more than zero");
         }
+        self.metrics_addr()?;
         Ok(())
     }
 }
@@ -551,6 +576,8 @@ mod tests {
         assert_eq!((cfg.tls, cfg.tls_fallback), (d.tls, d.tls_fallback));
         assert_eq!(cfg.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
+        assert_eq!(cfg.metrics_max_domains, d.metrics_max_domains);
+        assert_eq!(cfg.metrics_listen, None);
     }
 
     #[test]

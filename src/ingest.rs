@@ -95,6 +95,8 @@ pub enum Report {
     /// A file is about to be read; its journal (if any) goes to the collector.
     FileOpened {
         file: u32,
+        /// Its file name, for `/status`.
+        name: String,
         journal: Option<Journal>,
     },
     /// A file was read to its end: the final outcomes to wait for from it.
@@ -220,6 +222,10 @@ impl Ingest {
         self.reports
             .send(Report::FileOpened {
                 file: input.id,
+                name: input.file.path().file_name().map_or_else(
+                    || input.file.path().display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
                 journal: input.journal.take(),
             })
             .map_err(|_| "the collector stopped")?;

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod generator;
 pub mod ingest;
 pub mod journal;
+pub mod metrics;
 pub mod outcome;
 pub mod runtime;
 pub mod send;

@@ -128,6 +128,9 @@ struct SendArgs {
     /// Do not fdatasync the journal (for benchmarks: a crash may then lose progress).
     #[arg(long)]
     no_fsync: bool,
+    /// Serve /metrics (Prometheus) and /status (JSON) on IP:PORT while sending.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -135,6 +138,9 @@ struct RunArgs {
     /// TOML configuration file; `spool_dir` is required.
     #[arg(long)]
     config: PathBuf,
+    /// Serve /metrics and /status on IP:PORT (default: `metrics_listen`, else 127.0.0.1:9464; "" for none).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -277,6 +283,9 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     if a.no_fsync {
         config.journal_fsync = false;
     }
+    if a.metrics.is_some() {
+        config.metrics_listen = a.metrics;
+    }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;
     }
@@ -321,7 +330,10 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
 
 fn cmd_run(a: RunArgs) -> anyhow::Result<ExitCode> {
     explain_sigbus();
-    let config = Config::load_for_run(&a.config)?;
+    let mut config = Config::load_for_run(&a.config)?;
+    if a.metrics.is_some() {
+        config.metrics_listen = a.metrics;
+    }
     let Some(root) = config.spool_dir.clone() else {
         anyhow::bail!("{}: `spool_dir` is required for volley run", a.config.display());
     };

@@ -123,6 +123,8 @@ pub struct Final {
 pub struct OutcomeBatch {
     /// Final outcomes in this batch, for the journal.
     pub finals: Vec<Final>,
+    /// Recipients deferred in this batch (for `/status`).
+    pub deferred: Vec<RcptKey>,
     /// Delivery log lines, each ending in `\n` (empty when there is no log).
     pub log: Vec<u8>,
     /// Records per outcome, indexed by `Outcome::index`.
@@ -148,6 +150,7 @@ impl OutcomeBatch {
     pub fn merge(&mut self, other: OutcomeBatch) {
         self.log.extend_from_slice(&other.log);
         self.finals.extend_from_slice(&other.finals);
+        self.deferred.extend_from_slice(&other.deferred);
         for (a, b) in self.counts.iter_mut().zip(other.counts) {
             *a += b;
         }
@@ -180,6 +183,8 @@ impl Recorder {
                 key,
                 outcome: rec.outcome,
             });
+        } else {
+            self.batch.deferred.push(key);
         }
         if let Some(code) = rec.code {
             *self.codes.entry(code).or_default() += 1;

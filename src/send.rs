@@ -2,7 +2,7 @@
 //! thread, and collects outcomes (delivery log, progress, summary) on the
 //! calling thread until every recipient is final.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ use crate::config::{Config, Routes};
 use crate::dns::NetThread;
 use crate::ingest::{Ingest, Report, SpoolInput};
 use crate::journal::{Done, Journal};
+use crate::metrics::SpoolGauges;
+use crate::metrics::export::{Board, Exporter, FileStatus, Hub};
 use crate::outcome::{Outcome, OutcomeBatch};
 use crate::service::{SpoolDir, Watcher};
 use crate::shard::{self, Control, ShardParams};
@@ -33,6 +35,10 @@ const INBOX_BATCHES: usize = 16;
 const REPORT_BATCHES: usize = 1024;
 /// How often progress is printed when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often the collector publishes `/status` and the spool gauges.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// The window of the rates `/status` shows.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
@@ -134,11 +140,14 @@ pub(crate) struct Collector {
     pub(crate) log: Option<BufWriter<File>>,
     pub(crate) pending: Vec<OutcomeBatch>,
     pub(crate) summary: Summary,
+    /// Files finished in this run (in `send`, their counts stay in the gauges).
+    pub(crate) finished: SpoolGauges,
 }
 
 /// What the collector knows of one spool file.
 #[derive(Default)]
 pub struct FileTrack {
+    pub name: String,
     pub journal: Option<Journal>,
     /// Final outcomes to wait for, once the file is read to its end.
     pub expected: Option<u64>,
@@ -146,23 +155,86 @@ pub struct FileTrack {
     /// Final outcomes committed, in all and per outcome.
     pub finals: u64,
     pub counts: [u64; 5],
+    /// Recipients (line, index) deferred and not final yet.
+    pub deferred: HashSet<(u32, u32)>,
+    /// (when, finals) samples for the rate `/status` shows.
+    samples: VecDeque<(Instant, u64)>,
 }
 
 impl FileTrack {
     pub fn complete(&self) -> bool {
         self.expected.is_some_and(|e| self.finals >= e)
     }
+
+    /// The file as `/status` shows it; takes a rate sample.
+    fn status(&mut self, now: Instant) -> FileStatus {
+        self.samples.push_back((now, self.finals));
+        while self.samples.len() > 2 && now.duration_since(self.samples[0].0) > RATE_WINDOW {
+            self.samples.pop_front();
+        }
+        let (t0, f0) = self.samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        let rate = if secs > 0.0 {
+            (self.finals - f0) as f64 / secs
+        } else {
+            0.0
+        };
+        let c = |o: Outcome| self.counts[o.index()];
+        FileStatus {
+            name: self.name.clone(),
+            state: if self.expected.is_some() { "sending" } else { "reading" },
+            recipients: self.expected,
+            finals: self.finals,
+            delivered: c(Outcome::Delivered),
+            bounced: c(Outcome::Bounced),
+            expired: c(Outcome::Expired),
+            rejected: c(Outcome::Rejected),
+            deferred: self.deferred.len() as u64,
+            rate_per_second: rate,
+            eta_seconds: match self.expected {
+                Some(e) if rate > 0.0 => Some(e.saturating_sub(self.finals) as f64 / rate),
+                Some(e) if e <= self.finals => Some(0.0),
+                _ => None,
+            },
+        }
+    }
 }
 
 impl Collector {
+    /// What `/status` and the spool gauges show now.
+    fn board(&mut self, watcher: Option<&Watcher>, ingested: u64) -> Board {
+        let now = Instant::now();
+        let mut files: Vec<FileStatus> = self.files.values_mut().map(|t| t.status(now)).collect();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut spool = self.finished.clone();
+        for f in &files {
+            spool.finals += f.finals;
+            spool.deferred += f.deferred;
+        }
+        spool.read = ingested.max(spool.finals);
+        spool.rejected = self.summary.count(Outcome::Rejected);
+        spool.files_active = files.len() as u64;
+        if let Some(w) = watcher {
+            spool.files_done = w.done;
+            spool.files_failed = w.failed;
+        }
+        Board { files, spool }
+    }
+
     pub(crate) fn commit(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
+        }
+        for k in self.pending.iter().flat_map(|b| &b.deferred) {
+            self.files.entry(k.file).or_default().deferred.insert((k.line, k.idx));
         }
         for f in self.pending.iter().flat_map(|b| &b.finals) {
             let track = self.files.entry(f.key.file).or_default();
             track.finals += 1;
             track.counts[f.outcome.index()] += 1;
+            if !track.deferred.is_empty() {
+                track.deferred.remove(&(f.key.line, f.key.idx));
+            }
             if let Some(j) = track.journal.as_mut() {
                 j.append(f.key.line, f.key.idx, f.outcome);
             }
@@ -261,11 +333,27 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let ehlo_name = cfg.ehlo_name();
     let started = Instant::now();
     let (report_tx, report_rx) = bounded(REPORT_BATCHES);
+    let metrics_addr = cfg.metrics_addr()?;
+    let (hub, links) = match metrics_addr {
+        Some(_) => {
+            let (hub, links) = Hub::new(shards, cfg.metrics_max_domains);
+            (Some(hub), links.into_iter().map(Some).collect())
+        }
+        None => (None, (0..shards).map(|_| None).collect::<Vec<_>>()),
+    };
+    let _exporter = match (metrics_addr, &hub) {
+        (Some(addr), Some(hub)) => {
+            let e = Exporter::start(addr, hub.clone())?;
+            eprintln!("volley: metrics on http://{}/metrics and /status", e.addr());
+            Some(e)
+        }
+        _ => None,
+    };
     let mut inboxes = Vec::new();
     let mut controls = Vec::new();
     let mut handles = Vec::new();
     let mut alive = Vec::new();
-    for index in 0..shards {
+    for (index, link) in links.into_iter().enumerate() {
         let (tx, rx) = bounded(INBOX_BATCHES);
         let (ctl_tx, ctl_rx) = unbounded();
         let (alive_tx, alive_rx) = bounded::<()>(0);
@@ -286,6 +374,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             control: ctl_rx,
             reports: report_tx.clone(),
             alive: alive_tx,
+            metrics: link,
         })?);
     }
     let ingest =
@@ -336,7 +425,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         log,
         pending: Vec::new(),
         summary: Summary::default(),
+        finished: SpoolGauges::default(),
     };
+    // Publish at once: /status has something to show from the first scrape.
+    let mut last_publish = Instant::now() - PUBLISH_EVERY;
     let mut last_commit = Instant::now();
     let mut total: Option<u64> = None;
     let mut ingested = 0;
@@ -358,6 +450,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 .collect();
             for id in finished {
                 let track = c.files.remove(&id).expect("listed above");
+                c.finished.read += track.finals;
+                c.finished.finals += track.finals;
                 w.finished(id, track)?;
             }
         }
@@ -386,8 +480,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 }
             }
             Ok(Report::Ingested { recipients }) => ingested = recipients,
-            Ok(Report::FileOpened { file, journal }) => {
-                c.files.entry(file).or_default().journal = journal;
+            Ok(Report::FileOpened { file, name, journal }) => {
+                let track = c.files.entry(file).or_default();
+                track.journal = journal;
+                track.name = name;
             }
             Ok(Report::FileRead {
                 file,
@@ -426,6 +522,12 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 break;
             }
         }
+        if let Some(hub) = &hub
+            && last_publish.elapsed() >= PUBLISH_EVERY
+        {
+            last_publish = Instant::now();
+            hub.publish(c.board(watcher.as_ref(), ingested));
+        }
         if let Some(bar) = &bar {
             bar.set_length(ingested);
             bar.set_position(c.summary.finals());
@@ -458,6 +560,9 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
     }
     c.commit()?;
+    if let Some(hub) = &hub {
+        hub.publish(c.board(watcher.as_ref(), ingested));
+    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -47,6 +47,9 @@ pub struct Watcher {
     /// Files handed to ingest, by id: (name, path in active/).
     taken: std::collections::HashMap<u32, (String, PathBuf)>,
     resumed: bool,
+    /// Files moved to done/ and to failed/ since the start.
+    pub done: u64,
+    pub failed: u64,
 }
 
 fn spool_files(dir: &Path) -> Vec<PathBuf> {
@@ -65,6 +68,8 @@ impl Watcher {
             next_id: 0,
             taken: Default::default(),
             resumed: false,
+            done: 0,
+            failed: 0,
         }
     }
 
@@ -107,8 +112,9 @@ impl Watcher {
         Ok(())
     }
 
-    fn fail(&self, name: &str, active: &Path, reason: &str) -> anyhow::Result<()> {
+    fn fail(&mut self, name: &str, active: &Path, reason: &str) -> anyhow::Result<()> {
         tracing::warn!("{name} goes to failed/: {reason}");
+        self.failed += 1;
         let failed = self.dir.failed.join(name);
         std::fs::rename(active, &failed).with_context(|| format!("cannot move {} to failed/", active.display()))?;
         let why = self.dir.failed.join(format!("{name}.reason"));
@@ -142,6 +148,7 @@ impl Watcher {
         let path = self.dir.done.join(format!("{name}.summary.json"));
         std::fs::write(&path, format!("{summary}\n")).with_context(|| format!("cannot write {}", path.display()))?;
         tracing::info!("{name} is done");
+        self.done += 1;
         Ok(())
     }
 }

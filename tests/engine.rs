@@ -748,3 +748,58 @@ fn eight_bit_message_to_a_server_without_8bitmime_bounces_unsent() {
     assert_eq!(statuses(&seen)[0], vec![B]);
     assert!(seen.done[0][0].1.contains("8BITMIME"), "{:?}", seen.done);
 }
+
+/// Replies are timed from the write that carried their command, on the
+/// driver's clock; pipelined MAIL/RCPT/DATA share the group's write.
+#[test]
+fn replies_are_timed_from_the_write_that_carried_their_command() {
+    use volley::smtp::{Command, TxnTiming};
+    let mut s: Session<Txn> = Session::new("client.test", TlsMode::Off);
+    let write = |s: &mut Session<Txn>, at: u64| {
+        s.set_clock(at);
+        let n = s.output().len();
+        assert!(n > 0, "something to write at {at}");
+        s.consume_output(n);
+    };
+    let read = |s: &mut Session<Txn>, at: u64, bytes: &str| {
+        s.set_clock(at);
+        s.feed(bytes.as_bytes());
+    };
+    read(&mut s, 300, "220 mx.test ESMTP\r\n");
+    write(&mut s, 310);
+    read(&mut s, 1_310, "250-mx.test\r\n250 PIPELINING\r\n");
+    let seen: Vec<_> = s.take_seen().map(|x| (x.command, x.code, x.micros)).collect();
+    assert_eq!(seen, [(Command::Greeting, 220, 300), (Command::Ehlo, 250, 1_000)]);
+    s.submit(txn(&["a@y.test", "b@y.test"], "one\n"));
+    write(&mut s, 2_000); // MAIL, RCPT, RCPT, DATA
+    read(&mut s, 2_500, "250 ok\r\n250 ok\r\n");
+    read(&mut s, 2_700, "250 ok\r\n354 go\r\n");
+    s.submit(txn(&["c@y.test"], "two\n"));
+    write(&mut s, 3_000); // body, dot, and the next MAIL, RCPT, DATA
+    read(&mut s, 3_400, "250 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+    write(&mut s, 3_500); // the second body and dot
+    read(&mut s, 3_600, "250 queued\r\n");
+    let mut timings = Vec::new();
+    while let Some(e) = s.poll_event() {
+        if let Event::Done(r) = e {
+            timings.push(r.timing);
+        }
+    }
+    assert_eq!(
+        timings,
+        [
+            TxnTiming {
+                mail: Some(500),
+                rcpt: Some(700),
+                data: Some(700),
+                dot: Some(400),
+            },
+            TxnTiming {
+                mail: Some(400),
+                rcpt: Some(400),
+                data: Some(400),
+                dot: Some(100),
+            },
+        ]
+    );
+}

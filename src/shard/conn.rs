@@ -14,7 +14,8 @@ use glommio::net::TcpStream;
 
 use super::{Candidate, Dest, Shard, Txn};
 use crate::config::SourceAddress;
-use crate::smtp::{Event, Session, TlsMode};
+use crate::metrics::{ConnResult, DomainStats, Phase};
+use crate::smtp::{Command, Event, Session, TlsMode};
 use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
 
 /// Bytes read from the socket at a time.
@@ -78,7 +79,6 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
 /// Runs one connection to `host` to its end. `Err` means it never got ready
 /// (connect, greeting, EHLO or TLS failed): the host's problem, not a transaction's.
 async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMode) -> Result<(), SetupError> {
-    let cfg = &shard.cfg;
     let peer = format!("{} [{}]", host.name, host.addr);
     let setup = |reason: String| SetupError {
         reason,
@@ -86,9 +86,53 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         auth: false,
     };
     let source = pick_source(dest);
-    let tcp = connect(shard, host, source.as_ref().map(|s| s.address))
-        .await
-        .map_err(|e| setup(format!("connect to {peer} failed: {e}")))?;
+    let connecting = Instant::now();
+    let tcp = match connect(shard, host, source.as_ref().map(|s| s.address)).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            count(shard, dest, |m| m.connections[ConnResult::ConnectError as usize] += 1);
+            return Err(setup(format!("connect to {peer} failed: {e}")));
+        }
+    };
+    // The session's clock starts now: the greeting is timed from here.
+    let origin = Instant::now();
+    count(shard, dest, |m| m.phase(Phase::Connect, micros(origin - connecting)));
+    let result = converse(shard, dest, host, mode, tcp, source, origin, &peer).await;
+    if let Err(e) = &result {
+        let r = if e.tls {
+            ConnResult::TlsError
+        } else if e.auth {
+            ConnResult::AuthError
+        } else {
+            ConnResult::SetupError
+        };
+        count(shard, dest, |m| m.connections[r as usize] += 1);
+    }
+    result
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    d.as_micros().try_into().unwrap_or(u64::MAX)
+}
+
+/// Counts a connection event under the destination's domain.
+fn count(shard: &Shard, dest: &Dest, f: impl FnOnce(&mut DomainStats)) {
+    shard.metrics.borrow_mut().with_name(&dest.owner, f);
+}
+
+/// The session on a connected socket, to its end.
+#[allow(clippy::too_many_arguments)]
+async fn converse(
+    shard: &Rc<Shard>,
+    dest: &Rc<Dest>,
+    host: &Candidate,
+    mode: TlsMode,
+    tcp: TcpStream,
+    source: Option<SourceAddress>,
+    origin: Instant,
+    peer: &str,
+) -> Result<(), SetupError> {
+    let cfg = &shard.cfg;
     let ehlo_name = source
         .and_then(|s| s.ehlo_name)
         .unwrap_or_else(|| shard.ehlo_name.clone());
@@ -100,13 +144,20 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
     let relay = dest.relay.as_deref();
     if relay.is_some_and(|r| r.implicit_tls) {
         // Port 465: TLS before the greeting (RFC 8314).
-        let upgraded = handshake(shard, dest, host, stream.take())
-            .await
-            .map_err(|reason| SetupError {
-                reason: format!("{peer}: TLS handshake failed: {reason}"),
-                tls: true,
-                auth: false,
-            })?;
+        let started = Instant::now();
+        let upgraded = handshake(shard, dest, host, stream.take()).await;
+        count(shard, dest, |m| match &upgraded {
+            Ok(_) => {
+                m.tls[0] += 1;
+                m.phase(Phase::StartTls, micros(started.elapsed()));
+            }
+            Err(_) => m.tls[1] += 1,
+        });
+        let upgraded = upgraded.map_err(|reason| SetupError {
+            reason: format!("{peer}: TLS handshake failed: {reason}"),
+            tls: true,
+            auth: false,
+        })?;
         tls = Some(upgraded.describe());
         stream = Some(MaybeTls::Tls(Box::new(upgraded)));
         session = session.implicit_tls();
@@ -120,11 +171,29 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
     let mut submitted = 0usize;
     let mut setup_error = None;
     let mut was_ready = false;
+    // The STARTTLS reply's time, added to the handshake's for the starttls phase.
+    let mut starttls_micros = 0;
+    // The clock when the last reply was read.
+    let mut session_clock = 0;
     loop {
+        if shard.metrics.borrow().enabled() {
+            count(shard, dest, |m| {
+                for seen in session.take_seen() {
+                    m.reply(seen.command, seen.code, seen.enhanced);
+                    match seen.command {
+                        Command::Greeting => m.phase(Phase::Banner, seen.micros),
+                        Command::Ehlo | Command::Helo => m.phase(Phase::Ehlo, seen.micros),
+                        Command::StartTls => starttls_micros = seen.micros,
+                        _ => {}
+                    }
+                }
+            });
+        }
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Ready => {
                     was_ready = true;
+                    count(shard, dest, |m| m.connections[ConnResult::Ok as usize] += 1);
                     dest.ready.set(dest.ready.get() + 1);
                     shard.destination_up(dest);
                     // The destination works: open more connections if its queue wants them.
@@ -132,11 +201,18 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
                 }
                 Event::StartTls => match handshake(shard, dest, host, stream.take()).await {
                     Ok(upgraded) => {
+                        // From the STARTTLS write: its reply's time, then the handshake's.
+                        let handshake_micros = micros(origin.elapsed()).saturating_sub(session_clock);
+                        count(shard, dest, |m| {
+                            m.tls[0] += 1;
+                            m.phase(Phase::StartTls, starttls_micros + handshake_micros);
+                        });
                         tls = Some(upgraded.describe());
                         stream = Some(MaybeTls::Tls(Box::new(upgraded)));
                         session.tls_established();
                     }
                     Err(reason) => {
+                        count(shard, dest, |m| m.tls[1] += 1);
                         let reason = format!("{peer}: TLS handshake failed: {reason}");
                         return Err(SetupError {
                             reason,
@@ -164,6 +240,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
                     break;
                 };
                 txn.started = Instant::now();
+                txn.first_attempt.get_or_insert(txn.started);
                 session.submit(txn);
                 submitted += 1;
             }
@@ -172,6 +249,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
             }
         }
         if !session.output().is_empty() {
+            session.set_clock(micros(origin.elapsed()));
             if let Err(e) = io.write_all(session.output()).await {
                 session.connection_lost(&format!("write to {peer} failed: {e}"));
                 continue;
@@ -193,7 +271,11 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         let _ = io.tcp().set_read_timeout(Some(limit));
         match io.read(&mut buf).await {
             Ok(0) => session.connection_lost(&format!("{peer} closed the connection")),
-            Ok(n) => session.feed(&buf[..n]),
+            Ok(n) => {
+                session_clock = micros(origin.elapsed());
+                session.set_clock(session_clock);
+                session.feed(&buf[..n]);
+            }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(&format!(
                 "timed out after {}s waiting for {peer} to answer {wait:?}",
                 limit.as_secs()

@@ -22,8 +22,11 @@ use crate::classify::Classifier;
 use crate::config::{Config, Relay, Retry, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Rcpt, Report, ToShard, WorkItem};
+use crate::metrics::Phase;
+use crate::metrics::export::ShardLink;
+use crate::metrics::{DomainGauges, DomainSlot, DomainSnapshot, ShardMetrics, ShardSnapshot};
 use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
-use crate::smtp::{Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
+use crate::smtp::{Command, Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
 use crate::spool::{self, MappedFile, Span};
 use crate::tls::{TlsClient, TlsPolicy};
 
@@ -63,6 +66,8 @@ pub struct ShardParams {
     pub reports: Sender<Report>,
     /// Dropped when the shard ends, however it ends.
     pub alive: Sender<()>,
+    /// The link to the metrics exporter; without one the shard counts nothing.
+    pub metrics: Option<ShardLink>,
 }
 
 pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
@@ -88,6 +93,10 @@ pub(crate) struct Domain {
     /// Transactions in a row deferred whole; past `domain_backoff_after` the domain is backed off.
     deferred_in_a_row: Cell<u32>,
     backoff: RefCell<Option<(Instant, String)>>,
+    /// Its handle into the shard's metrics.
+    slot: Rc<DomainSlot>,
+    /// Recipients not final yet.
+    held: Cell<u64>,
 }
 
 /// Where a domain's mail goes, as far as the shard knows.
@@ -119,6 +128,8 @@ pub(crate) struct Candidate {
 /// connections to it. Domains with the same route or MX set share one.
 pub(crate) struct Dest {
     label: Rc<str>,
+    /// The domain that first routed here: connection metrics count under it.
+    owner: Rc<str>,
     tls: TlsPolicy,
     /// Local addresses its connections are bound to, in rotation (empty: any).
     sources: Rc<[SourceAddress]>,
@@ -151,6 +162,8 @@ pub(crate) struct Txn {
     rcpts: Vec<Rcpt>,
     attempt: u32,
     first_seen: Instant,
+    /// When it first went to a connection (for the delivery duration).
+    first_attempt: Option<Instant>,
     started: Instant,
 }
 
@@ -260,6 +273,7 @@ pub(crate) struct Shard {
     held: Cell<usize>,
     stopping: Cell<bool>,
     inserts: Cell<usize>,
+    metrics: RefCell<ShardMetrics>,
 }
 
 async fn run(p: ShardParams) {
@@ -285,6 +299,7 @@ async fn run(p: ShardParams) {
         held: Cell::new(0),
         stopping: Cell::new(false),
         inserts: Cell::new(0),
+        metrics: RefCell::new(ShardMetrics::new(p.metrics.is_some(), p.cfg.metrics_max_domains)),
     });
     let retry_task = glommio::spawn_local(retry_loop(shard.clone()));
     let mut unsent: Option<OutcomeBatch> = None;
@@ -303,6 +318,11 @@ async fn run(p: ShardParams) {
                     taken += 1;
                 }
                 Err(_) => break,
+            }
+        }
+        if let Some(link) = &p.metrics {
+            while let Ok(req) = link.requests.try_recv() {
+                let _ = req.reply.send(shard.snapshot(req.full));
             }
         }
         if last_flush.elapsed() >= FLUSH_INTERVAL || shard.recorder.borrow().pending_bytes() > FLUSH_BYTES {
@@ -330,6 +350,10 @@ async fn run(p: ShardParams) {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     retry_task.cancel().await;
+    if let Some(link) = &p.metrics {
+        // Counters must not go back when the shard is gone: leave the last snapshot behind.
+        *link.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(shard.snapshot(true));
+    }
     shard.flush(&p.reports, &mut unsent);
     while let Some(batch) = unsent.take() {
         match p.reports.try_send(Report::Outcomes(batch)) {
@@ -407,6 +431,9 @@ impl Shard {
         let domain = self.domain(spool::domain_of(item.rcpts[0].addr.get(file.file.bytes())));
         let too_long = body.longest_line > MAX_LINE_OCTETS;
         self.held.set(self.held.get() + item.rcpts.len());
+        let n = item.rcpts.len() as u64;
+        domain.held.set(domain.held.get() + n);
+        self.metrics.borrow_mut().add_volume(&domain.name, &domain.slot, n);
         let txn = Txn {
             file,
             line: item.line,
@@ -417,6 +444,7 @@ impl Shard {
             rcpts: item.rcpts,
             attempt: 1,
             first_seen: item.first_seen,
+            first_attempt: None,
             started: Instant::now(),
         };
         if too_long {
@@ -458,15 +486,18 @@ impl Shard {
             return d.clone();
         }
         let route = match self.routes.lookup(&lower) {
-            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.policy_of(&lower))),
+            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.policy_of(&lower), &lower)),
             None => DomainRoute::Unknown,
         };
+        let name: Rc<str> = Rc::from(lower.as_str());
         let d = Rc::new(Domain {
-            name: Rc::from(lower.as_str()),
+            slot: self.metrics.borrow_mut().slot_for(&name),
+            name,
             route: RefCell::new(route),
             retry: self.cfg.retry_of(&lower).clone(),
             deferred_in_a_row: Cell::new(0),
             backoff: RefCell::new(None),
+            held: Cell::new(0),
         });
         self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
         self.inserted();
@@ -482,7 +513,7 @@ impl Shard {
         }
     }
 
-    fn route_dest(&self, target: &Target, mut policy: ConnPolicy) -> Rc<Dest> {
+    fn route_dest(&self, target: &Target, mut policy: ConnPolicy, owner: &str) -> Rc<Dest> {
         let hosts = [Candidate {
             name: Rc::from(target.host.as_str()),
             addr: target.addr,
@@ -491,11 +522,11 @@ impl Shard {
             policy.tls = tls;
         }
         policy.relay = target.relay.clone();
-        self.dest(&target.label, policy, hosts.into())
+        self.dest(&target.label, policy, hosts.into(), owner)
     }
 
     /// The destination of an MX host set; the latest answer sets its host order.
-    fn mx_dest(&self, hosts: &[MxHost], policy: ConnPolicy) -> Rc<Dest> {
+    fn mx_dest(&self, hosts: &[MxHost], policy: ConnPolicy, owner: &str) -> Rc<Dest> {
         let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
         names.sort_unstable();
         let label = format!("{}:{}", names.join(","), self.cfg.mx_port);
@@ -509,14 +540,14 @@ impl Shard {
                 })
             })
             .collect();
-        let dest = self.dest(&label, policy, candidates.clone());
+        let dest = self.dest(&label, policy, candidates.clone(), owner);
         *dest.hosts.borrow_mut() = candidates;
         dest
     }
 
     /// The destination `label` under `policy` (domains with different TLS
     /// policies or source addresses never share a connection).
-    fn dest(&self, label: &str, policy: ConnPolicy, hosts: Rc<[Candidate]>) -> Rc<Dest> {
+    fn dest(&self, label: &str, policy: ConnPolicy, hosts: Rc<[Candidate]>, owner: &str) -> Rc<Dest> {
         let sources: Vec<String> = policy.sources.iter().map(|s| s.address.to_string()).collect();
         let key = format!("{label} tls={} from={}", policy.tls, sources.join(","));
         if let Some(d) = self.dests.borrow().get(key.as_str()) {
@@ -524,6 +555,7 @@ impl Shard {
         }
         let d = Rc::new(Dest {
             label: Rc::from(label),
+            owner: Rc::from(owner),
             tls: policy.tls,
             sources: policy.sources,
             relay: policy.relay,
@@ -568,7 +600,10 @@ impl Shard {
         let mut route = domain.route.borrow_mut();
         let dest = match &mut *route {
             DomainRoute::Fixed(d) => d.clone(),
-            DomainRoute::Known { dest, until } if now < *until => dest.clone(),
+            DomainRoute::Known { dest, until } if now < *until => {
+                self.metrics.borrow_mut().dns_cache_hits += 1;
+                dest.clone()
+            }
             DomainRoute::Refused {
                 enhanced,
                 reason,
@@ -613,10 +648,17 @@ impl Shard {
     fn resolved(self: &Rc<Self>, domain: &Domain, answer: MxAnswer) {
         let now = Instant::now();
         let dns = &self.cfg.dns;
+        let kind = match &answer {
+            MxAnswer::Hosts { .. } => 0,
+            MxAnswer::NullMx => 1,
+            MxAnswer::NoSuchDomain(_) => 2,
+            MxAnswer::Temporary(_) => 3,
+        };
+        self.metrics.borrow_mut().dns_lookups[kind] += 1;
         let (next, temporary) = match answer {
             MxAnswer::Hosts { hosts, ttl } => (
                 DomainRoute::Known {
-                    dest: self.mx_dest(&hosts, self.policy_of(&domain.name)),
+                    dest: self.mx_dest(&hosts, self.policy_of(&domain.name), &domain.name),
                     until: now + dns.keep(ttl),
                 },
                 None,
@@ -737,6 +779,7 @@ impl Shard {
         let txn = &report.txn;
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
         let expired = now >= txn.first_seen + txn.domain.retry.max_age;
+        self.count_replies(&report, now);
         let mut deferred = Vec::new();
         let mut delivered = false;
         for i in 0..txn.rcpts.len() {
@@ -834,6 +877,7 @@ impl Shard {
         let map = txn.file.file.bytes();
         if outcome.is_final() {
             self.held.set(self.held.get() - 1);
+            txn.domain.held.set(txn.domain.held.get() - 1);
         }
         let category = match outcome {
             Outcome::Bounced | Outcome::Deferred | Outcome::Expired => {
@@ -841,6 +885,9 @@ impl Shard {
             }
             Outcome::Delivered | Outcome::Rejected => None,
         };
+        self.metrics
+            .borrow_mut()
+            .with(&txn.domain.slot, |m| m.outcome(outcome, category));
         let key = RcptKey {
             file: txn.file.id,
             line: txn.line,
@@ -868,6 +915,120 @@ impl Shard {
                 category,
             },
         );
+    }
+
+    /// Counts a finished transaction's replies, times its phases, and the
+    /// delivery duration of its delivered recipients.
+    fn count_replies(&self, report: &TxnReport<Txn>, now: Instant) {
+        let mut metrics = self.metrics.borrow_mut();
+        if !metrics.enabled() {
+            return;
+        }
+        let delivered = (0..report.rcpts.len())
+            .filter(|&i| report.verdict(i).0 == Status::Delivered)
+            .count() as u64;
+        metrics.with(&report.txn.domain.slot, |m| {
+            let replies = [
+                (Command::Mail, &report.mail),
+                (Command::Data, &report.data),
+                (Command::Dot, &report.dot),
+            ];
+            for (c, r) in replies {
+                if let Some(r) = r {
+                    m.reply(c, r.code, r.enhanced);
+                }
+            }
+            for r in report.rcpts.iter().flatten() {
+                m.reply(Command::Rcpt, r.code, r.enhanced);
+            }
+            let t = &report.timing;
+            let phases = [
+                (Phase::Mail, t.mail),
+                (Phase::Rcpt, t.rcpt),
+                (Phase::Data, t.data),
+                (Phase::Dot, t.dot),
+            ];
+            for (p, us) in phases {
+                if let Some(us) = us {
+                    m.phase(p, us);
+                }
+            }
+            if delivered > 0 {
+                let first = report.txn.first_attempt.unwrap_or(report.txn.started);
+                m.delivered(now.duration_since(first).as_micros() as u64, delivered);
+            }
+        });
+    }
+
+    /// The shard's metrics and gauges; `full` adds every labeled domain's counts.
+    fn snapshot(&self, full: bool) -> ShardSnapshot {
+        let metrics = self.metrics.borrow();
+        let now = Instant::now();
+        let mut snap = ShardSnapshot {
+            shard: self.index,
+            dns_lookups: metrics.dns_lookups,
+            dns_cache_hits: metrics.dns_cache_hits,
+            held: self.held.get() as u64,
+            retry_backlog: self.retries.borrow().iter().map(|d| d.txn.rcpts.len() as u64).sum(),
+            domains_known: self.domains.borrow().len() as u64,
+            destinations: self.dests.borrow().len() as u64,
+            connections_open: self.dests.borrow().values().map(|d| d.open.get() as u64).sum(),
+            ..ShardSnapshot::default()
+        };
+        if !full || !metrics.enabled() {
+            return snap;
+        }
+        let domains = self.domains.borrow();
+        let other_label: Rc<str> = Rc::from(crate::metrics::OTHER_DOMAIN);
+        let label = |name: &Rc<str>| {
+            if metrics.label_of(name) == name.as_ref() {
+                name.clone()
+            } else {
+                other_label.clone()
+            }
+        };
+        let mut gauges: HashMap<Rc<str>, DomainGauges> = HashMap::new();
+        for d in domains.values().filter(|d| d.held.get() > 0) {
+            gauges.entry(label(&d.name)).or_default().queued += d.held.get();
+        }
+        let mut oldest = |name: &Rc<str>, first_seen: Instant| {
+            let g = gauges.entry(label(name)).or_default();
+            g.oldest_seconds = g.oldest_seconds.max(now.duration_since(first_seen).as_secs_f64());
+        };
+        let dests = self.dests.borrow();
+        for d in dests.values() {
+            for t in d.queue.borrow().iter() {
+                oldest(&t.domain.name, t.first_seen);
+            }
+        }
+        for due in self.retries.borrow().iter() {
+            oldest(&due.txn.domain.name, due.txn.first_seen);
+        }
+        for d in domains.values() {
+            if let DomainRoute::Resolving(waiting) = &*d.route.borrow() {
+                for t in waiting {
+                    oldest(&d.name, t.first_seen);
+                }
+            }
+        }
+        for d in dests.values() {
+            gauges.entry(label(&d.owner)).or_default().connections_open += d.open.get() as u64;
+        }
+        let (slots, other) = metrics.copy();
+        snap.domains = slots
+            .into_iter()
+            .map(|(name, stats)| DomainSnapshot {
+                gauges: gauges.get(name.as_str()).copied().unwrap_or_default(),
+                name,
+                stats,
+            })
+            .collect();
+        snap.other = DomainSnapshot {
+            name: crate::metrics::OTHER_DOMAIN.to_string(),
+            stats: other,
+            gauges: gauges.get(crate::metrics::OTHER_DOMAIN).copied().unwrap_or_default(),
+        };
+        snap
     }
 
     fn flush(&self, reports: &Sender<Report>, unsent: &mut Option<OutcomeBatch>) {

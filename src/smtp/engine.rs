@@ -70,6 +70,81 @@ pub struct TxnReport<T> {
     pub failure: Option<String>,
     /// The failure is permanent (the message cannot go to this server as it is).
     pub permanent: bool,
+    /// How long its replies took.
+    pub timing: TxnTiming,
+}
+
+/// How long a transaction's replies took, in microseconds of the driver's
+/// clock, each from the write that carried its command. With PIPELINING,
+/// MAIL, RCPT and DATA go out in one write: each is then timed from that
+/// group's write, so `rcpt` and `data` include the replies before them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxnTiming {
+    pub mail: Option<u64>,
+    /// To the reply of the last RCPT.
+    pub rcpt: Option<u64>,
+    pub data: Option<u64>,
+    /// From the write that carried the end of the body to the reply to the final dot.
+    pub dot: Option<u64>,
+}
+
+/// What a reply answers. Set-up and session commands come back as `Seen`;
+/// a transaction's replies (MAIL, RCPT, DATA, the final dot) in its `TxnReport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// The server's greeting (no command: timed from the connection).
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Auth,
+    Rset,
+    Quit,
+    Mail,
+    Rcpt,
+    Data,
+    /// The end of the message (the final dot).
+    Dot,
+}
+
+impl Command {
+    pub const ALL: [Command; 11] = [
+        Command::Greeting,
+        Command::Ehlo,
+        Command::Helo,
+        Command::StartTls,
+        Command::Auth,
+        Command::Rset,
+        Command::Quit,
+        Command::Mail,
+        Command::Rcpt,
+        Command::Data,
+        Command::Dot,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Greeting => "greeting",
+            Command::Ehlo => "ehlo",
+            Command::Helo => "helo",
+            Command::StartTls => "starttls",
+            Command::Auth => "auth",
+            Command::Rset => "rset",
+            Command::Quit => "quit",
+            Command::Mail => "mail",
+            Command::Rcpt => "rcpt",
+            Command::Data => "data",
+            Command::Dot => "dot",
+        }
+    }
+}
+
+/// A reply to a command outside transactions, and how long it took (µs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub command: Command,
+    pub code: u16,
+    pub enhanced: Option<super::Enhanced>,
+    pub micros: u64,
 }
 
 impl<T> TxnReport<T> {
@@ -201,7 +276,43 @@ struct Flight<T> {
     report: TxnReport<T>,
 }
 
-fn push_command(out: &mut Vec<u8>, expects: &mut VecDeque<Expect>, cmd: std::fmt::Arguments<'_>, expect: Expect) {
+/// Not written yet (the `sent` time of a command still in the output buffer).
+const UNSENT: u64 = u64::MAX;
+
+/// The replies awaited, in order, each with the time its command was written.
+#[derive(Default)]
+struct Awaited {
+    q: VecDeque<(Expect, u64)>,
+}
+
+impl Awaited {
+    fn push_back(&mut self, e: Expect) {
+        self.q.push_back((e, UNSENT));
+    }
+    fn pop_front(&mut self) -> Option<(Expect, u64)> {
+        self.q.pop_front()
+    }
+    fn front(&self) -> Option<&Expect> {
+        self.q.front().map(|(e, _)| e)
+    }
+    fn clear(&mut self) {
+        self.q.clear();
+    }
+    fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+    /// The commands in the output buffer went out at `now`.
+    fn written(&mut self, now: u64) {
+        for (_, sent) in self.q.iter_mut().rev() {
+            if *sent != UNSENT {
+                break;
+            }
+            *sent = now;
+        }
+    }
+}
+
+fn push_command(out: &mut Vec<u8>, expects: &mut Awaited, cmd: std::fmt::Arguments<'_>, expect: Expect) {
     out.write_fmt(cmd).expect("writing to a Vec cannot fail");
     out.extend_from_slice(b"\r\n");
     expects.push_back(expect);
@@ -220,8 +331,12 @@ pub struct Session<T> {
     caps: Capabilities,
     parser: ReplyParser,
     replies: VecDeque<Reply>,
-    expects: VecDeque<Expect>,
+    expects: Awaited,
     out: Vec<u8>,
+    /// The driver's clock (µs since the connection was established).
+    now: u64,
+    /// Replies to set-up commands, for the driver's metrics.
+    seen: Vec<Seen>,
     flights: VecDeque<Flight<T>>,
     waiting: Option<T>,
     events: VecDeque<Event<T>>,
@@ -240,8 +355,13 @@ impl<T: Envelope> Session<T> {
             caps: Capabilities::default(),
             parser: ReplyParser::new(),
             replies: VecDeque::new(),
-            expects: VecDeque::from([Expect::Greeting]),
+            // The greeting is timed from the connection (time 0).
+            expects: Awaited {
+                q: VecDeque::from([(Expect::Greeting, 0)]),
+            },
             out: Vec::with_capacity(4096),
+            now: 0,
+            seen: Vec::new(),
             flights: VecDeque::new(),
             waiting: None,
             events: VecDeque::new(),
@@ -304,8 +424,21 @@ impl<T: Envelope> Session<T> {
     pub fn output(&self) -> &[u8] {
         &self.out
     }
+    /// `n` bytes of the output were written (at the time last given to `set_clock`).
     pub fn consume_output(&mut self, n: usize) {
         self.out.drain(..n);
+        if self.out.is_empty() {
+            self.expects.written(self.now);
+        }
+    }
+    /// Sets the session's clock: microseconds since the connection was established.
+    /// Call it before `feed` and `consume_output`; replies are timed with it.
+    pub fn set_clock(&mut self, micros: u64) {
+        self.now = micros;
+    }
+    /// Replies to set-up commands (greeting, EHLO, STARTTLS, AUTH, RSET, QUIT) since the last call.
+    pub fn take_seen(&mut self) -> std::vec::Drain<'_, Seen> {
+        self.seen.drain(..)
     }
     pub fn poll_event(&mut self) -> Option<Event<T>> {
         self.events.pop_front()
@@ -377,9 +510,32 @@ impl<T: Envelope> Session<T> {
     }
 
     fn on_reply(&mut self, reply: Reply) {
-        let Some(expect) = self.expects.pop_front() else {
+        let Some((expect, sent)) = self.expects.pop_front() else {
             return self.connection_lost(&format!("unexpected reply from server: {reply}"));
         };
+        let micros = if sent == UNSENT {
+            0
+        } else {
+            self.now.saturating_sub(sent)
+        };
+        let command = match expect {
+            Expect::Greeting => Some(Command::Greeting),
+            Expect::Ehlo => Some(Command::Ehlo),
+            Expect::Helo => Some(Command::Helo),
+            Expect::StartTls => Some(Command::StartTls),
+            Expect::AuthDone | Expect::AuthLoginUser | Expect::AuthLoginPassword => Some(Command::Auth),
+            Expect::Rset => Some(Command::Rset),
+            Expect::Quit => Some(Command::Quit),
+            Expect::Mail(_) | Expect::Rcpt(..) | Expect::Data(_) | Expect::Dot(_) => None,
+        };
+        if let Some(command) = command {
+            self.seen.push(Seen {
+                command,
+                code: reply.code,
+                enhanced: reply.enhanced,
+                micros,
+            });
+        }
         let closing = reply.code == 421;
         let summary = if closing { Some(reply.to_string()) } else { None };
         match expect {
@@ -432,6 +588,7 @@ impl<T: Envelope> Session<T> {
                 let ok = reply.is_positive();
                 let flight = self.flight(seq);
                 flight.report.mail = Some(reply);
+                flight.report.timing.mail = Some(micros);
                 if !self.caps.pipelining {
                     if ok {
                         let rcpt = format!("RCPT TO:<{}>", self.flight(seq).report.txn.recipient(0));
@@ -449,6 +606,7 @@ impl<T: Envelope> Session<T> {
             Expect::Rcpt(seq, i) => {
                 let flight = self.flight(seq);
                 flight.report.rcpts[i] = Some(reply);
+                flight.report.timing.rcpt = Some(micros);
                 if !self.caps.pipelining {
                     let flight = self.flight(seq);
                     let n = flight.report.txn.recipient_count();
@@ -478,6 +636,7 @@ impl<T: Envelope> Session<T> {
                 let send_body =
                     flight.report.mail.as_ref().is_some_and(Reply::is_positive) && flight.report.accepted() > 0;
                 flight.report.data = Some(reply);
+                flight.report.timing.data = Some(micros);
                 flight.stage = Stage::Body;
                 let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
                 if send_body {
@@ -492,13 +651,16 @@ impl<T: Envelope> Session<T> {
                 let flight = self.flight(seq);
                 let mail_ok = flight.report.mail.as_ref().is_some_and(Reply::is_positive);
                 flight.report.data = Some(reply);
+                flight.report.timing.data = Some(micros);
                 self.finish(seq);
                 if mail_ok && !closing {
                     push_command(&mut self.out, &mut self.expects, format_args!("RSET"), Expect::Rset);
                 }
             }
             Expect::Dot(seq) => {
-                self.flight(seq).report.dot = Some(reply);
+                let flight = self.flight(seq);
+                flight.report.dot = Some(reply);
+                flight.report.timing.dot = Some(micros);
                 self.finish(seq);
             }
             Expect::AuthLoginUser | Expect::AuthLoginPassword if reply.code == 334 => {
@@ -647,6 +809,7 @@ impl<T: Envelope> Session<T> {
                 dot: None,
                 failure: Some("the message has 8-bit content and the server does not offer 8BITMIME".into()),
                 permanent: true,
+                timing: TxnTiming::default(),
             }));
             return;
         }
@@ -681,6 +844,7 @@ impl<T: Envelope> Session<T> {
                 dot: None,
                 failure: None,
                 permanent: false,
+                timing: TxnTiming::default(),
             },
         });
     }

@@ -7,6 +7,8 @@ pub mod reply;
 pub mod wire;
 
 pub use caps::Capabilities;
-pub use engine::{Credentials, Decider, Envelope, Event, Session, Status, TlsMode, TxnReport, Wait};
+pub use engine::{
+    Command, Credentials, Decider, Envelope, Event, Seen, Session, Status, TlsMode, TxnReport, TxnTiming, Wait,
+};
 pub use reply::{Enhanced, Reply, ReplyError, ReplyParser};
 pub use wire::WireMessage;

@@ -1,0 +1,323 @@
+//! Shard snapshots merged into one view, and that view as Prometheus metric
+//! families (rendered to text by the `prometheus` crate's encoder).
+
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
+
+use super::{CATEGORIZED, ConnResult, DNS_RESULTS, DomainSnapshot, Latency, OTHER_DOMAIN, Phase, ShardSnapshot};
+use crate::classify::CATEGORIES;
+use crate::outcome::Outcome;
+
+/// Quantiles exported for every latency summary.
+pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// Every shard's snapshot merged: the top domains by volume, the rest in `_other`.
+#[derive(Default)]
+pub struct Merged {
+    pub domains: Vec<DomainSnapshot>,
+    pub other: DomainSnapshot,
+    pub shards: Vec<ShardSnapshot>,
+}
+
+/// What the collector knows of the spool, for the gauges that are not per shard.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpoolGauges {
+    /// Recipients read from the spool files being worked on (and finished files, in `send`).
+    pub read: u64,
+    /// Of those, final.
+    pub finals: u64,
+    /// Deferred at least once and not final yet.
+    pub deferred: u64,
+    /// Recipients rejected as bad input (never reach a shard; counted under `_other`).
+    pub rejected: u64,
+    /// Spool files being worked on.
+    pub files_active: u64,
+    pub files_done: u64,
+    pub files_failed: u64,
+}
+
+/// Merges shard snapshots, keeping `max_domains` domain labels.
+pub fn merge(shards: Vec<ShardSnapshot>, max_domains: usize) -> Merged {
+    let mut all: Vec<DomainSnapshot> = Vec::new();
+    let mut other = DomainSnapshot {
+        name: OTHER_DOMAIN.to_string(),
+        ..DomainSnapshot::default()
+    };
+    let mut kept_shards = Vec::with_capacity(shards.len());
+    for mut s in shards {
+        all.append(&mut s.domains);
+        other.stats.merge(&s.other.stats);
+        other.gauges.merge(&s.other.gauges);
+        s.other = DomainSnapshot::default();
+        kept_shards.push(s);
+    }
+    // Biggest first; ties by name so that the cut is stable between scrapes.
+    all.sort_by(|a, b| b.stats.volume.cmp(&a.stats.volume).then_with(|| a.name.cmp(&b.name)));
+    let rest = all.split_off(all.len().min(max_domains));
+    for d in rest {
+        other.stats.merge(&d.stats);
+        other.gauges.merge(&d.gauges);
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Merged {
+        domains: all,
+        other,
+        shards: kept_shards,
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+/// One metric family under construction.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+}
+
+impl Family {
+    fn new(name: &'static str, kind: MetricType, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind,
+            metrics: Vec::new(),
+        }
+    }
+    fn counter(&mut self, l: &[(&str, &str)], v: u64) {
+        let mut c = Counter::default();
+        c.set_value(v as f64);
+        let mut m = Metric::default();
+        m.set_label(labels(l));
+        m.set_counter(c);
+        self.metrics.push(m);
+    }
+    fn gauge(&mut self, l: &[(&str, &str)], v: f64) {
+        let mut g = Gauge::default();
+        g.set_value(v);
+        let mut m = Metric::default();
+        m.set_label(labels(l));
+        m.set_gauge(g);
+        self.metrics.push(m);
+    }
+    fn summary(&mut self, l: &[(&str, &str)], lat: &Latency) {
+        let mut s = Summary::default();
+        s.set_sample_count(lat.count());
+        s.set_sample_sum(lat.sum_seconds());
+        s.set_quantile(
+            QUANTILES
+                .iter()
+                .map(|&q| {
+                    let mut x = Quantile::default();
+                    x.set_quantile(q);
+                    x.set_value(lat.quantile_seconds(q));
+                    x
+                })
+                .collect(),
+        );
+        let mut m = Metric::default();
+        m.set_label(labels(l));
+        m.set_summary(s);
+        self.metrics.push(m);
+    }
+    fn done(self, out: &mut Vec<MetricFamily>) {
+        if self.metrics.is_empty() {
+            return;
+        }
+        let mut f = MetricFamily::default();
+        f.set_name(self.name.to_string());
+        f.set_help(self.help.to_string());
+        f.set_field_type(self.kind);
+        f.set_metric(self.metrics);
+        out.push(f);
+    }
+}
+
+/// The metric families of a merged view and the spool gauges.
+pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, SUMMARY};
+    let mut deliveries = Family::new(
+        "volley_deliveries_total",
+        COUNTER,
+        "Recipient outcomes by domain (deferred: each deferral; rejected: bad input, under _other).",
+    );
+    let mut volume = Family::new(
+        "volley_recipients_total",
+        COUNTER,
+        "Recipients handed to each domain (the volume that ranks domains for their own label).",
+    );
+    let mut replies = Family::new(
+        "volley_smtp_replies_total",
+        COUNTER,
+        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, rset, quit).",
+    );
+    let mut enhanced = Family::new(
+        "volley_smtp_enhanced_status_total",
+        COUNTER,
+        "Server replies by domain and RFC 3463 enhanced status code.",
+    );
+    let mut categories = Family::new(
+        "volley_bounce_categories_total",
+        COUNTER,
+        "Bounces, deferrals and expiries by domain and bounce category.",
+    );
+    let mut delivery = Family::new(
+        "volley_delivery_duration_seconds",
+        SUMMARY,
+        "Per delivered recipient: from its first attempt to the reply to the final dot (retries included).",
+    );
+    let mut phases = Family::new(
+        "volley_smtp_phase_duration_seconds",
+        SUMMARY,
+        "SMTP phases by domain: connect, banner (connected to greeting), ehlo, starttls (command to handshake done), mail, rcpt, data, dot (end of body to its reply). Each reply is timed from the write that carried its command; pipelined MAIL, RCPT and DATA share one write, so rcpt and data include the replies before them.",
+    );
+    let mut conns_open = Family::new(
+        "volley_connections_open",
+        GAUGE,
+        "Open connections, under the domain that first routed to their destination.",
+    );
+    let mut conns = Family::new(
+        "volley_connections_total",
+        COUNTER,
+        "Connection attempts by result (ok, connect_error, setup_error, tls_error, auth_error).",
+    );
+    let mut tls = Family::new(
+        "volley_tls_handshakes_total",
+        COUNTER,
+        "TLS handshakes (STARTTLS or implicit) by result.",
+    );
+    let mut queue = Family::new(
+        "volley_queue_recipients",
+        GAUGE,
+        "Recipients not final yet: queued, in flight or waiting to be retried.",
+    );
+    let mut oldest = Family::new(
+        "volley_queue_oldest_age_seconds",
+        GAUGE,
+        "Age of the oldest recipient waiting in a queue or for a retry, from when its spool file was first seen.",
+    );
+    for d in m.domains.iter().chain([&m.other]) {
+        let dom = d.name.as_str();
+        let s = &d.stats;
+        for o in Outcome::ALL {
+            let mut n = s.outcomes[o.index()];
+            if o == Outcome::Rejected && dom == OTHER_DOMAIN {
+                n += spool.rejected;
+            }
+            deliveries.counter(&[("domain", dom), ("outcome", o.name())], n);
+        }
+        volume.counter(&[("domain", dom)], s.volume);
+        let mut rs = s.replies.clone();
+        rs.sort_by_key(|(c, k, _)| (c.name(), *k));
+        for (c, code, n) in rs {
+            replies.counter(
+                &[("domain", dom), ("command", c.name()), ("code", &code.to_string())],
+                n,
+            );
+        }
+        let mut es = s.enhanced.clone();
+        es.sort_by_key(|(e, _)| (e.class, e.subject, e.detail));
+        for (e, n) in es {
+            enhanced.counter(&[("domain", dom), ("enhanced", &e.to_string())], n);
+        }
+        for (oi, o) in CATEGORIZED.iter().enumerate() {
+            for (ci, c) in CATEGORIES.iter().enumerate() {
+                let n = s.categories[oi][ci];
+                if n > 0 {
+                    categories.counter(&[("domain", dom), ("outcome", o.name()), ("category", c)], n);
+                }
+            }
+        }
+        if let Some(l) = &s.delivery {
+            delivery.summary(&[("domain", dom)], l);
+        }
+        for p in Phase::ALL {
+            if let Some(l) = &s.phases[p as usize] {
+                phases.summary(&[("domain", dom), ("phase", p.name())], l);
+            }
+        }
+        conns_open.gauge(&[("domain", dom)], d.gauges.connections_open as f64);
+        for r in ConnResult::ALL {
+            conns.counter(&[("domain", dom), ("result", r.name())], s.connections[r as usize]);
+        }
+        tls.counter(&[("domain", dom), ("result", "ok")], s.tls[0]);
+        tls.counter(&[("domain", dom), ("result", "failed")], s.tls[1]);
+        queue.gauge(&[("domain", dom)], d.gauges.queued as f64);
+        oldest.gauge(&[("domain", dom)], d.gauges.oldest_seconds);
+    }
+    let mut out = Vec::new();
+    for f in [
+        deliveries, volume, replies, enhanced, categories, delivery, phases, conns_open, conns, tls, queue, oldest,
+    ] {
+        f.done(&mut out);
+    }
+
+    let mut dns = Family::new(
+        "volley_dns_lookups_total",
+        COUNTER,
+        "MX lookups by answer (mx, null_mx, no_such_domain, temporary_error).",
+    );
+    let mut hits = Family::new(
+        "volley_dns_cache_hits_total",
+        COUNTER,
+        "Transactions routed from a cached MX answer.",
+    );
+    let mut held = Family::new(
+        "volley_shard_recipients",
+        GAUGE,
+        "Recipients on each shard not final yet.",
+    );
+    let mut backlog = Family::new(
+        "volley_retry_backlog_recipients",
+        GAUGE,
+        "Recipients waiting for their next attempt, per shard.",
+    );
+    let mut dns_sum = [0u64; DNS_RESULTS.len()];
+    let mut hit_sum = 0;
+    for s in &m.shards {
+        for (a, b) in dns_sum.iter_mut().zip(s.dns_lookups) {
+            *a += b;
+        }
+        hit_sum += s.dns_cache_hits;
+        let shard = s.shard.to_string();
+        held.gauge(&[("shard", &shard)], s.held as f64);
+        backlog.gauge(&[("shard", &shard)], s.retry_backlog as f64);
+    }
+    for (r, n) in DNS_RESULTS.iter().zip(dns_sum) {
+        dns.counter(&[("result", r)], n);
+    }
+    hits.counter(&[], hit_sum);
+    let mut spool_rcpts = Family::new(
+        "volley_spool_recipients",
+        GAUGE,
+        "Recipients of the spool files by state: read, final, pending (read, not final), deferred (deferred at least once, not final).",
+    );
+    spool_rcpts.gauge(&[("state", "read")], spool.read as f64);
+    spool_rcpts.gauge(&[("state", "final")], spool.finals as f64);
+    spool_rcpts.gauge(&[("state", "pending")], spool.read.saturating_sub(spool.finals) as f64);
+    spool_rcpts.gauge(&[("state", "deferred")], spool.deferred as f64);
+    let mut files = Family::new(
+        "volley_spool_files",
+        GAUGE,
+        "Spool files by state (active, done, failed).",
+    );
+    files.gauge(&[("state", "active")], spool.files_active as f64);
+    files.gauge(&[("state", "done")], spool.files_done as f64);
+    files.gauge(&[("state", "failed")], spool.files_failed as f64);
+    let mut info = Family::new("volley_build_info", GAUGE, "Always 1; the version in a label.");
+    info.gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    for f in [dns, hits, held, backlog, spool_rcpts, files, info] {
+        f.done(&mut out);
+    }
+    out
+}
