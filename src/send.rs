@@ -453,6 +453,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 c.finished.read += track.finals;
                 c.finished.finals += track.finals;
                 w.finished(id, track)?;
+                if let Some(hub) = &hub {
+                    // Show it done in /status at once.
+                    hub.publish(c.board(Some(w), ingested));
+                }
             }
         }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {

@@ -47,7 +47,7 @@ fn the_service_takes_files_as_they_come_and_files_them_away() {
     std::fs::write(
         &config,
         format!(
-            "spool_dir = {:?}\nlog = {:?}\nidle_timeout = \"300ms\"\n[routes]\n\"*\" = \"{}\"\n",
+            "spool_dir = {:?}\nlog = {:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"127.0.0.1:0\"\n[routes]\n\"*\" = \"{}\"\n",
             root.display().to_string(),
             dir.path().join("log.jsonl").display().to_string(),
             sink.addr()

@@ -1,0 +1,413 @@
+//! The metrics exporter of `volley run`: the scrape passes `promtool check
+//! metrics`, counts what was sent, keeps the domain label bounded, and a real
+//! Prometheus (Debian's `prometheus` package) scrapes it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use volley::sink::{Sink, SinkOptions};
+
+/// A `volley run` child with its metrics address; stopped with SIGTERM on drop.
+struct Service {
+    child: Child,
+    metrics: SocketAddr,
+    incoming: PathBuf,
+    done: PathBuf,
+}
+
+impl Service {
+    fn start(dir: &Path, sink: SocketAddr, extra: &str) -> Service {
+        let root = dir.join("spool");
+        let config = dir.join("volley.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "spool_dir = {:?}\nmetrics_listen = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n{extra}\n[retry]\nmax_age = \"1s\"\n[routes]\n\"*\" = \"{sink}\"\n",
+                root.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A line says where the metrics are: "volley: metrics on http://ADDR/metrics and /status".
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..10 {
+            line.clear();
+            stderr.read_line(&mut line).unwrap();
+            if line.contains("metrics on") {
+                break;
+            }
+        }
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
+        Service {
+            child,
+            metrics: addr.parse().unwrap(),
+            incoming: root.join("incoming"),
+            done: root.join("done"),
+        }
+    }
+
+    fn get(&self, path: &str) -> String {
+        get(&format!("http://{}{path}", self.metrics))
+    }
+
+    fn send_and_wait(&self, name: &str, jobs: &[String]) {
+        std::fs::write(self.incoming.join("news.eml"), "Subject: metrics\n\nhello\n").unwrap();
+        let tmp = self.incoming.join(format!("{name}.jsonl.tmp"));
+        std::fs::write(&tmp, jobs.join("\n") + "\n").unwrap();
+        std::fs::rename(&tmp, self.incoming.join(format!("{name}.jsonl"))).unwrap();
+        let summary = self.done.join(format!("{name}.jsonl.summary.json"));
+        wait_for(&format!("{name} done"), Duration::from_secs(60), || summary.exists());
+        // The exporter learns it from the collector's next board.
+        wait_for(&format!("{name} done in /status"), Duration::from_secs(10), || {
+            let v: serde_json::Value = serde_json::from_str(&self.get("/status")).unwrap();
+            v["files"].as_array().is_some_and(|f| f.is_empty())
+        });
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn get(url: &str) -> String {
+    ureq::get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn jobs(n: usize, domains: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"from\":\"s@x.test\",\"to\":[\"r{i}@d{}.test\"],\"message\":\"news.eml\"}}",
+                i % domains
+            )
+        })
+        .collect()
+}
+
+/// A sample of the text format: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (head, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (head, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once("=\"").unwrap();
+                    (k.to_string(), v.trim_end_matches('"').to_string())
+                })
+                .collect();
+            Sample {
+                name: name.to_string(),
+                labels,
+                value: value.parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` that have all these labels.
+fn total(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+fn sum(samples: &[Sample], name: &str, label: (&str, &str)) -> f64 {
+    total(samples, name, &[label])
+}
+
+fn promtool() -> &'static str {
+    let p = "/usr/bin/promtool";
+    assert!(
+        Path::new(p).exists(),
+        "{p} is missing: install Debian's prometheus package (.ci/run does)"
+    );
+    p
+}
+
+#[test]
+fn the_scrape_is_valid_and_counts_every_outcome_and_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reject_rate: 0.2,
+        seed: 7,
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "");
+    svc.send_and_wait("news", &jobs(600, 6));
+    let text = svc.get("/metrics");
+    let mut check = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = parse(&text);
+    let accepted = sink.stop().recipients as f64;
+    assert!(accepted > 300.0 && accepted < 600.0, "{accepted}");
+    let delivered = sum(&s, "volley_deliveries_total", ("outcome", "delivered"));
+    let bounced = sum(&s, "volley_deliveries_total", ("outcome", "bounced"));
+    assert_eq!((delivered, bounced), (accepted, 600.0 - accepted));
+    // Each bounce has a category (a 550 to RCPT from the sink: "other" or a recipient problem).
+    let categorized = sum(&s, "volley_bounce_categories_total", ("outcome", "bounced"));
+    assert_eq!(categorized, bounced);
+    // Every RCPT got a reply, counted by code.
+    let rcpt_replies = sum(&s, "volley_smtp_replies_total", ("command", "rcpt"));
+    assert_eq!(rcpt_replies, 600.0);
+    let rcpt_550 = total(&s, "volley_smtp_replies_total", &[("command", "rcpt"), ("code", "550")]);
+    assert_eq!(rcpt_550, bounced);
+    // Six domains, each with its own label, each with every phase timed.
+    let domains: BTreeSet<&str> = s
+        .iter()
+        .filter(|x| x.name == "volley_recipients_total")
+        .map(|x| x.labels["domain"].as_str())
+        .collect();
+    assert_eq!(
+        domains,
+        BTreeSet::from([
+            "_other", "d0.test", "d1.test", "d2.test", "d3.test", "d4.test", "d5.test"
+        ])
+    );
+    for phase in ["connect", "banner", "ehlo", "mail", "rcpt", "data", "dot"] {
+        let count = s
+            .iter()
+            .find(|x| {
+                x.name == "volley_smtp_phase_duration_seconds_count"
+                    && x.labels["phase"] == phase
+                    && x.labels["domain"] != "_other"
+            })
+            .map(|x| x.value);
+        assert!(count.is_some_and(|c| c > 0.0), "phase {phase}: {count:?}");
+    }
+    // One delivery duration per delivered recipient.
+    let delivery_count = sum(&s, "volley_delivery_duration_seconds_count", ("domain", "d0.test"));
+    let d0_delivered = total(
+        &s,
+        "volley_deliveries_total",
+        &[("domain", "d0.test"), ("outcome", "delivered")],
+    );
+    assert!(d0_delivered > 0.0);
+    assert_eq!(delivery_count, d0_delivered);
+    // The queue is empty once the file is done; the spool gauges say so.
+    assert_eq!(sum(&s, "volley_queue_recipients", ("domain", "d0.test")), 0.0);
+    assert_eq!(sum(&s, "volley_spool_files", ("state", "done")), 1.0);
+    assert_eq!(sum(&s, "volley_spool_recipients", ("state", "pending")), 0.0);
+    assert!(s.iter().any(|x| x.name == "process_resident_memory_bytes"));
+
+    let status: serde_json::Value = serde_json::from_str(&svc.get("/status")).unwrap();
+    assert_eq!(status["spool"]["files_done"], 1, "{status}");
+    assert_eq!(status["spool"]["finals"], 600, "{status}");
+    assert!(status["shards"].as_array().is_some_and(|a| !a.is_empty()), "{status}");
+}
+
+#[test]
+fn status_shows_a_file_while_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slow replies keep the file in flight long enough to look at it.
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "max_connections_per_destination = 1");
+    std::fs::write(svc.incoming.join("news.eml"), "Subject: metrics\n\nhello\n").unwrap();
+    let tmp = svc.incoming.join("slow.jsonl.tmp");
+    std::fs::write(&tmp, jobs(40, 1).join("\n") + "\n").unwrap();
+    std::fs::rename(&tmp, svc.incoming.join("slow.jsonl")).unwrap();
+    let mut seen = None;
+    wait_for("the file in /status", Duration::from_secs(30), || {
+        let v: serde_json::Value = serde_json::from_str(&svc.get("/status")).unwrap();
+        let f = v["files"].get(0).cloned();
+        let sending = f
+            .as_ref()
+            .is_some_and(|f| f["state"] == "sending" && f["finals"].as_u64().is_some_and(|n| n > 0));
+        if sending {
+            seen = f;
+        }
+        sending
+    });
+    let f = seen.unwrap();
+    assert_eq!(f["name"], "slow.jsonl");
+    assert_eq!(f["recipients"], 40);
+    assert!(f["finals"].as_u64().unwrap() < 40, "{f}");
+    let metrics = parse(&svc.get("/metrics"));
+    assert!(sum(&metrics, "volley_queue_recipients", ("domain", "d0.test")) > 0.0);
+    assert!(sum(&metrics, "volley_connections_open", ("domain", "d0.test")) >= 1.0);
+    drop(svc);
+    sink.stop();
+}
+
+#[test]
+fn thousands_of_domains_share_the_other_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "metrics_max_domains = 5");
+    // One big domain among 2,000 small ones.
+    let mut js = jobs(2000, 2000);
+    for i in 0..300 {
+        js.push(format!(
+            "{{\"from\":\"s@x.test\",\"to\":[\"big{i}@big.test\"],\"message\":\"news.eml\"}}"
+        ));
+    }
+    svc.send_and_wait("many", &js);
+    let s = parse(&svc.get("/metrics"));
+    let domains: BTreeSet<&str> = s
+        .iter()
+        .filter_map(|x| x.labels.get("domain").map(String::as_str))
+        .collect();
+    assert!(domains.len() <= 6, "{} domain labels: {domains:?}", domains.len());
+    assert!(
+        domains.contains("big.test") && domains.contains("_other"),
+        "{domains:?}"
+    );
+    let delivered = sum(&s, "volley_deliveries_total", ("outcome", "delivered"));
+    assert_eq!(delivered, 2300.0, "nothing is lost in _other");
+    assert_eq!(sum(&s, "volley_recipients_total", ("domain", "big.test")), 300.0);
+    sink.stop();
+}
+
+#[test]
+fn a_real_prometheus_scrapes_volley() {
+    let prometheus = "/usr/bin/prometheus";
+    assert!(
+        Path::new(prometheus).exists(),
+        "{prometheus} is missing: install Debian's prometheus package (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: volley\n    static_configs:\n      - targets: ['{}']\n",
+            svc.metrics
+        ),
+    )
+    .unwrap();
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = Reap(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    svc.send_and_wait("news", &jobs(500, 5));
+    let query = |q: &str| -> serde_json::Value {
+        let url = format!(
+            "http://127.0.0.1:{port}/api/v1/query?query={}",
+            q.replace(' ', "%20")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('"', "%22")
+        );
+        ureq::get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let mut delivered = None;
+    wait_for("Prometheus to scrape 500 deliveries", Duration::from_secs(60), || {
+        let v = query("sum(volley_deliveries_total{outcome=\"delivered\"})");
+        delivered = v["data"]["result"][0]["value"][1].as_str().map(str::to_string);
+        delivered.as_deref() == Some("500")
+    });
+    let p99 = query("volley_smtp_phase_duration_seconds{domain=\"d0.test\",phase=\"dot\",quantile=\"0.99\"}");
+    let value: f64 = p99["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap_or_else(|| panic!("no p99 for d0.test: {p99}"))
+        .parse()
+        .unwrap();
+    assert!(value > 0.0, "{p99}");
+    drop(svc);
+    sink.stop();
+}
