@@ -411,3 +411,74 @@ fn a_real_prometheus_scrapes_volley() {
     drop(svc);
     sink.stop();
 }
+
+/// Every `volley_…`/`process_…` name in a text (PromQL in the dashboard and the alert rules).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for prefix in ["volley_", "process_"] {
+        for (i, _) in text.match_indices(prefix) {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    names
+}
+
+#[test]
+fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for args in [
+        vec!["check", "config", "prometheus.yml"],
+        vec!["check", "rules", "volley-alerts.yml"],
+        vec!["test", "rules", "volley-alerts.test.yml"],
+    ] {
+        let out = Command::new(promtool())
+            .args(&args)
+            .current_dir(&deploy)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A scrape with deliveries and bounces has every family the dashboard and the alerts use.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reject_rate: 0.3,
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "");
+    svc.send_and_wait("news", &jobs(100, 3));
+    let scraped: BTreeSet<String> = parse(&svc.get("/metrics")).into_iter().map(|s| s.name).collect();
+    let dashboard = std::fs::read_to_string(deploy.join("grafana-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let panels = json["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for p in panels {
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "{}: templated data source",
+            p["title"]
+        );
+    }
+    let alerts = std::fs::read_to_string(deploy.join("volley-alerts.yml")).unwrap();
+    for (what, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        let used = metric_names(text);
+        assert!(used.len() >= 5, "{what}: {used:?}");
+        let missing: Vec<_> = used.difference(&scraped).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} uses metrics volley does not export: {missing:?}"
+        );
+    }
+    drop(svc);
+    sink.stop();
+}
