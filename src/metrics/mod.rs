@@ -16,6 +16,7 @@ mod render;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -112,46 +113,101 @@ impl ConnResult {
 /// Outcomes that have a bounce category, in the order of `DomainStats::categories`.
 pub const CATEGORIZED: [Outcome; 3] = [Outcome::Bounced, Outcome::Deferred, Outcome::Expired];
 
-/// A latency distribution in microseconds, with its exact sum (hdrhistogram's
-/// mean is approximate; Prometheus wants `_sum` exact).
+/// How long a quantile window lasts: quantiles cover the observations of
+/// the current window and the one before it (one to two minutes), as a
+/// Prometheus client's summary does; `_count` and `_sum` cover all time.
+pub const QUANTILE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A latency distribution in microseconds: hdrhistograms of the current and
+/// the previous window for the quantiles, an exact count and sum for all
+/// time (hdrhistogram's mean is approximate; Prometheus wants `_sum` exact).
 #[derive(Clone)]
 pub struct Latency {
-    hist: Histogram<u64>,
+    current: Histogram<u64>,
+    previous: Histogram<u64>,
+    /// The window `current` belongs to.
+    window: u64,
+    count: u64,
     sum_micros: u128,
 }
 
 impl Default for Latency {
     fn default() -> Self {
+        // Auto-resizing: they grow to the largest value recorded, not to MAX_MICROS.
+        let h = Histogram::new(SIGFIG).expect("2 significant figures are valid");
         Latency {
-            // Auto-resizing: it grows to the largest value recorded, not to MAX_MICROS.
-            hist: Histogram::new(SIGFIG).expect("2 significant figures are valid"),
+            current: h.clone(),
+            previous: h,
+            window: 0,
+            count: 0,
             sum_micros: 0,
         }
     }
 }
 
 impl Latency {
-    pub fn record(&mut self, micros: u64, n: u64) {
-        let v = micros.min(MAX_MICROS);
-        if self.hist.record_n(v, n).is_err() {
-            // Only if the histogram could not grow (out of memory): clamp rather than lose the count.
-            self.hist.saturating_record_n(v, n);
+    /// Moves on to `window`: the current one becomes the previous, or both empty after a gap.
+    fn roll(&mut self, window: u64) {
+        if window <= self.window {
+            return;
         }
+        if window == self.window + 1 {
+            std::mem::swap(&mut self.current, &mut self.previous);
+        } else {
+            self.previous.reset();
+        }
+        self.current.reset();
+        self.window = window;
+    }
+
+    pub fn record(&mut self, micros: u64, n: u64, window: u64) {
+        self.roll(window);
+        let v = micros.min(MAX_MICROS);
+        if self.current.record_n(v, n).is_err() {
+            // Only if the histogram could not grow (out of memory): clamp rather than lose the count.
+            self.current.saturating_record_n(v, n);
+        }
+        self.count += n;
         self.sum_micros += u128::from(v) * u128::from(n);
     }
+    /// Observations of all time.
     pub fn count(&self) -> u64 {
-        self.hist.len()
+        self.count
     }
     pub fn sum_seconds(&self) -> f64 {
         self.sum_micros as f64 / 1e6
     }
-    /// The value at quantile `q` (0..=1), in seconds.
-    pub fn quantile_seconds(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64 / 1e6
+    /// Observations in the quantile window (as of the last `at`).
+    pub fn window_count(&self) -> u64 {
+        self.current.len() + self.previous.len()
     }
+    /// The value at quantile `q` (0..=1) over the window, in seconds; NaN when it saw nothing.
+    pub fn quantile_seconds(&self, q: f64) -> f64 {
+        if self.window_count() == 0 {
+            return f64::NAN;
+        }
+        let mut both = self.current.clone();
+        both.add(&self.previous).expect("auto-resizing histograms always add");
+        both.value_at_quantile(q) as f64 / 1e6
+    }
+    /// A copy as of `window`.
+    pub fn at(&self, window: u64) -> Latency {
+        let mut l = self.clone();
+        l.roll(window);
+        l
+    }
+    /// Adds another distribution (of the same window or another: both are aligned to the later).
     pub fn merge(&mut self, other: &Latency) {
-        self.hist.add(&other.hist).expect("auto-resizing histograms always add");
-        self.sum_micros += other.sum_micros;
+        self.roll(other.window);
+        let o = other.at(self.window);
+        self.current
+            .add(&o.current)
+            .expect("auto-resizing histograms always add");
+        self.previous
+            .add(&o.previous)
+            .expect("auto-resizing histograms always add");
+        self.count += o.count;
+        self.sum_micros += o.sum_micros;
     }
 }
 
@@ -173,6 +229,8 @@ pub struct DomainStats {
     pub delivery: Option<Box<Latency>>,
     /// Connection attempts by `ConnResult as usize`.
     pub connections: [u64; ConnResult::ALL.len()],
+    /// The quantile window now (set by the shard before each update).
+    window: u64,
     /// TLS handshakes: succeeded, failed.
     pub tls: [u64; 2],
 }
@@ -191,10 +249,12 @@ impl DomainStats {
         }
     }
     pub fn phase(&mut self, phase: Phase, micros: u64) {
-        self.phases[phase as usize].get_or_insert_default().record(micros, 1);
+        let w = self.window;
+        self.phases[phase as usize].get_or_insert_default().record(micros, 1, w);
     }
     pub fn delivered(&mut self, micros: u64, recipients: u64) {
-        self.delivery.get_or_insert_default().record(micros, recipients);
+        let w = self.window;
+        self.delivery.get_or_insert_default().record(micros, recipients, w);
     }
     pub fn outcome(&mut self, outcome: Outcome, category: Option<&str>) {
         self.outcomes[outcome.index()] += 1;
@@ -208,8 +268,19 @@ impl DomainStats {
         self.categories[o][c] += 1;
     }
 
+    /// A copy whose latencies are as of `window`.
+    fn at(&self, window: u64) -> DomainStats {
+        let mut s = self.clone();
+        s.window = window;
+        for l in s.phases.iter_mut().chain([&mut s.delivery]).flatten() {
+            l.roll(window);
+        }
+        s
+    }
+
     /// Adds another domain's (or shard's) counts to these.
     pub fn merge(&mut self, o: &DomainStats) {
+        self.window = self.window.max(o.window);
         self.volume += o.volume;
         add(&mut self.outcomes, &o.outcomes);
         for &(c, k, n) in &o.replies {
@@ -279,6 +350,8 @@ pub struct ShardMetrics {
     other: DomainStats,
     /// The smallest volume among full slots (None: to be computed).
     min_volume: Option<u64>,
+    /// When the quantile windows started counting.
+    origin: Instant,
     pub dns_lookups: [u64; DNS_RESULTS.len()],
     pub dns_cache_hits: u64,
 }
@@ -292,6 +365,7 @@ impl ShardMetrics {
             by_name: HashMap::new(),
             other: DomainStats::default(),
             min_volume: None,
+            origin: Instant::now(),
             dns_lookups: [0; DNS_RESULTS.len()],
             dns_cache_hits: 0,
         }
@@ -299,6 +373,11 @@ impl ShardMetrics {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The quantile window now.
+    fn window(&self) -> u64 {
+        (self.origin.elapsed().as_nanos() / QUANTILE_WINDOW.as_nanos()) as u64
     }
 
     /// The handle of a domain the shard starts to keep (again): its slot when it has one.
@@ -397,10 +476,13 @@ impl ShardMetrics {
         if !self.enabled {
             return;
         }
-        match h.idx.get() {
-            OTHER => f(&mut self.other),
-            i => f(&mut self.slots[i as usize].stats),
-        }
+        let window = self.window();
+        let stats = match h.idx.get() {
+            OTHER => &mut self.other,
+            i => &mut self.slots[i as usize].stats,
+        };
+        stats.window = window;
+        f(stats)
     }
 
     /// Counts something for a domain known by name (connection events, which are rare).
@@ -408,10 +490,13 @@ impl ShardMetrics {
         if !self.enabled {
             return;
         }
-        match self.by_name.get(name) {
-            Some(&i) => f(&mut self.slots[i as usize].stats),
-            None => f(&mut self.other),
-        }
+        let window = self.window();
+        let stats = match self.by_name.get(name) {
+            Some(&i) => &mut self.slots[i as usize].stats,
+            None => &mut self.other,
+        };
+        stats.window = window;
+        f(stats)
     }
 
     /// The label a domain's gauges go under.
@@ -423,14 +508,11 @@ impl ShardMetrics {
         }
     }
 
-    /// A copy of every slot (name, counts) and of `_other`.
+    /// A copy of every slot (name, counts) and of `_other`, with quantile windows as of now.
     pub fn copy(&self) -> (Vec<(String, DomainStats)>, DomainStats) {
-        let slots = self
-            .slots
-            .iter()
-            .map(|s| (s.name.to_string(), s.stats.clone()))
-            .collect();
-        (slots, self.other.clone())
+        let w = self.window();
+        let slots = self.slots.iter().map(|s| (s.name.to_string(), s.stats.at(w))).collect();
+        (slots, self.other.at(w))
     }
 }
 
@@ -558,17 +640,42 @@ mod tests {
     fn latency_sum_is_exact_and_quantiles_within_one_percent() {
         let mut l = Latency::default();
         for v in 1..=10_000u64 {
-            l.record(v, 1);
+            l.record(v, 1, 0);
         }
         assert_eq!(l.count(), 10_000);
         assert_eq!(l.sum_seconds(), 50_005_000.0 / 1e6);
         let p99 = l.quantile_seconds(0.99) * 1e6;
         assert!((p99 - 9_900.0).abs() / 9_900.0 < 0.01, "p99 {p99}");
         let mut m = Latency::default();
-        m.record(20_000, 3);
+        m.record(20_000, 3, 0);
         l.merge(&m);
         assert_eq!(l.count(), 10_003);
         assert!(l.quantile_seconds(1.0) >= 0.0199);
+    }
+
+    #[test]
+    fn quantiles_cover_two_windows_and_count_and_sum_all_time() {
+        let mut l = Latency::default();
+        l.record(1_000, 10, 0);
+        l.record(5_000, 10, 1);
+        // Window 1: both windows count.
+        assert_eq!(l.at(1).window_count(), 20);
+        let close = |a: f64, b: f64| (a - b).abs() / b < 0.01;
+        assert!(close(l.at(1).quantile_seconds(0.25), 0.001));
+        // Window 2: only what window 1 saw.
+        assert_eq!(l.at(2).window_count(), 10);
+        assert!(close(l.at(2).quantile_seconds(0.25), 0.005));
+        // Window 3: nothing recent; the totals stay.
+        let old = l.at(3);
+        assert!(old.quantile_seconds(0.5).is_nan());
+        assert_eq!((old.count(), old.sum_seconds()), (20, 0.06));
+        // Merging a newer distribution moves an older one forward first.
+        let mut newer = Latency::default();
+        newer.record(2_000, 1, 2);
+        let mut merged = l.clone();
+        merged.merge(&newer);
+        assert_eq!(merged.window_count(), 11);
+        assert_eq!(merged.count(), 21);
     }
 
     #[test]

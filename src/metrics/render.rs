@@ -174,12 +174,12 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut delivery = Family::new(
         "volley_delivery_duration_seconds",
         SUMMARY,
-        "Per delivered recipient: from its first attempt to the reply to the final dot (retries included).",
+        "Per delivered recipient: from its first attempt to the reply to the final dot (retries included). Quantiles over the last one to two minutes; _sum and _count since the start.",
     );
     let mut phases = Family::new(
         "volley_smtp_phase_duration_seconds",
         SUMMARY,
-        "SMTP phases by domain: connect, banner (connected to greeting), ehlo, starttls (command to handshake done), mail, rcpt, data, dot (end of body to its reply). Each reply is timed from the write that carried its command; pipelined MAIL, RCPT and DATA share one write, so rcpt and data include the replies before them.",
+        "SMTP phases by domain: connect, banner (connected to greeting), ehlo, starttls (command to handshake done), mail, rcpt, data, dot (end of body to its reply). Each reply is timed from the write that carried its command; pipelined MAIL, RCPT and DATA share one write, so rcpt and data include the replies before them. Quantiles over the last one to two minutes; _sum and _count since the start.",
     );
     let mut conns_open = Family::new(
         "volley_connections_open",
