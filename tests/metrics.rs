@@ -52,7 +52,11 @@ impl Service {
             .split("http://")
             .nth(1)
             .and_then(|r| r.split('/').next())
-            .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no metrics address in {line:?}")
+            });
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
         Service {
             child,

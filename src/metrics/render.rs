@@ -164,7 +164,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut enhanced = Family::new(
         "volley_smtp_enhanced_status_total",
         COUNTER,
-        "Server replies by domain and RFC 3463 enhanced status code.",
+        "Replies to MAIL, RCPT, DATA and the final dot by domain and RFC 3463 enhanced status code.",
     );
     let mut categories = Family::new(
         "volley_bounce_categories_total",

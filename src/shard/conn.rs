@@ -179,7 +179,9 @@ async fn converse(
         if shard.metrics.borrow().enabled() {
             count(shard, dest, |m| {
                 for seen in session.take_seen() {
-                    m.reply(seen.command, seen.code, seen.enhanced);
+                    // Enhanced codes are counted for transactions only: a session's replies
+                    // (RSET after any domain's failure, QUIT) would blur the owner domain's.
+                    m.reply(seen.command, seen.code, None);
                     match seen.command {
                         Command::Greeting => m.phase(Phase::Banner, seen.micros),
                         Command::Ehlo | Command::Helo => m.phase(Phase::Ehlo, seen.micros),
