@@ -57,11 +57,8 @@ impl Envelope for Txn {
     fn recipient(&self, _: usize) -> &str {
         "alice@example.org"
     }
-    fn wire_body(&self) -> &[u8] {
-        &self.0.bytes
-    }
-    fn eight_bit(&self) -> bool {
-        false
+    fn message(&self) -> &WireMessage {
+        &self.0
     }
 }
 

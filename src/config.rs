@@ -80,6 +80,12 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// Domains with their own `domain` label; the rest are summed into `_other`.
     pub metrics_max_domains: usize,
+    /// Use PIPELINING (RFC 2920) where offered; off: every command waits for its reply.
+    pub pipelining: bool,
+    /// Use CHUNKING (RFC 3030, BDAT) where offered with PIPELINING.
+    pub chunking: bool,
+    /// With CHUNKING: transactions in flight at once on one connection.
+    pub pipeline_window: usize,
 }
 
 impl Default for Config {
@@ -115,6 +121,9 @@ impl Default for Config {
             journal_sync_interval: Duration::from_millis(5),
             metrics_listen: None,
             metrics_max_domains: 100,
+            pipelining: true,
+            chunking: true,
+            pipeline_window: 8,
         }
     }
 }
@@ -416,6 +425,7 @@ impl Config {
             ("max_messages_per_connection", self.max_messages_per_connection),
             ("max_rcpts_per_txn", self.max_rcpts_per_txn),
             ("max_queued_recipients_per_shard", self.max_queued_recipients_per_shard),
+            ("pipeline_window", self.pipeline_window),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -578,6 +588,10 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
         assert_eq!(cfg.metrics_max_domains, d.metrics_max_domains);
         assert_eq!(cfg.metrics_listen, None);
+        assert_eq!(
+            (cfg.pipelining, cfg.chunking, cfg.pipeline_window),
+            (d.pipelining, d.chunking, d.pipeline_window)
+        );
     }
 
     #[test]

@@ -131,6 +131,15 @@ struct SendArgs {
     /// Serve /metrics (Prometheus) and /status (JSON) on IP:PORT while sending.
     #[arg(long, value_name = "IP:PORT")]
     metrics: Option<String>,
+    /// Never pipeline: every command waits for its reply (lock-step).
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Never use BDAT (CHUNKING): DATA only.
+    #[arg(long)]
+    no_chunking: bool,
+    /// With BDAT: transactions in flight on one connection (default 8).
+    #[arg(long)]
+    pipeline_window: Option<usize>,
 }
 
 #[derive(Args)]
@@ -192,6 +201,9 @@ struct SinkArgs {
     /// TLS from the first byte, as on port 465 (implies --tls).
     #[arg(long)]
     implicit_tls: bool,
+    /// Offer CHUNKING (RFC 3030): take BDAT as well as DATA.
+    #[arg(long)]
+    chunking: bool,
     /// Require AUTH PLAIN or LOGIN with USER:PASSWORD before MAIL.
     #[arg(long, value_name = "USER:PASSWORD")]
     auth: Option<String>,
@@ -285,6 +297,15 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     }
     if a.metrics.is_some() {
         config.metrics_listen = a.metrics;
+    }
+    if a.no_pipelining {
+        config.pipelining = false;
+    }
+    if a.no_chunking {
+        config.chunking = false;
+    }
+    if let Some(n) = a.pipeline_window {
+        config.pipeline_window = n;
     }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;
@@ -400,6 +421,7 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         tls_fault: a.tls_fault,
         implicit_tls: a.implicit_tls,
         auth,
+        chunking: a.chunking,
     })?;
     eprintln!("volley sink listening on {} ({shards} shards)", sink.addr());
     let stop = Arc::new(AtomicBool::new(false));

@@ -56,6 +56,8 @@ pub struct SinkOptions {
     pub implicit_tls: bool,
     /// Require AUTH (PLAIN or LOGIN) with this user and password before MAIL.
     pub auth: Option<(String, String)>,
+    /// Offer CHUNKING (RFC 3030): take BDAT as well as DATA.
+    pub chunking: bool,
 }
 
 impl Default for SinkOptions {
@@ -74,6 +76,7 @@ impl Default for SinkOptions {
             tls_fault: false,
             implicit_tls: false,
             auth: None,
+            chunking: false,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct SinkCounts {
     /// Sessions that completed a TLS handshake.
     pub tls_sessions: u64,
     pub messages: u64,
+    /// Of those, received with BDAT.
+    pub chunked: u64,
     pub recipients: u64,
     pub bytes: u64,
 }
@@ -93,8 +98,8 @@ impl std::fmt::Display for SinkCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sessions {} tls {} messages {} recipients {} bytes {}",
-            self.sessions, self.tls_sessions, self.messages, self.recipients, self.bytes
+            "sessions {} tls {} messages {} recipients {} bytes {} (bdat messages {})",
+            self.sessions, self.tls_sessions, self.messages, self.recipients, self.bytes, self.chunked
         )
     }
 }
@@ -105,6 +110,7 @@ struct ShardStats {
     sessions: AtomicU64,
     tls_sessions: AtomicU64,
     messages: AtomicU64,
+    chunked: AtomicU64,
     recipients: AtomicU64,
     bytes: AtomicU64,
 }
@@ -193,6 +199,7 @@ impl Sink {
             c.sessions += s.sessions.load(Ordering::Relaxed);
             c.tls_sessions += s.tls_sessions.load(Ordering::Relaxed);
             c.messages += s.messages.load(Ordering::Relaxed);
+            c.chunked += s.chunked.load(Ordering::Relaxed);
             c.recipients += s.recipients.load(Ordering::Relaxed);
             c.bytes += s.bytes.load(Ordering::Relaxed);
         }
@@ -303,6 +310,7 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
         let action = s.input(&buf[..n], &mut out);
         for m in s.received.drain(..) {
             stats.add(&stats.messages, 1);
+            stats.add(&stats.chunked, u64::from(m.chunked));
             stats.add(&stats.recipients, m.rcpts.len() as u64);
             stats.add(&stats.bytes, m.bytes as u64);
             if let Some(dir) = &ctx.opts.dump {
@@ -408,12 +416,21 @@ pub struct Received {
     /// The unstuffed data with CRLF line ends (only kept when dumping).
     pub body: Vec<u8>,
     pub bytes: usize,
+    /// It came with BDAT.
+    pub chunked: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
     Command,
     Data,
+    /// Inside a BDAT chunk: octets still to read, whether it is the last, and
+    /// the error to answer once it is read (the chunk is read either way).
+    Chunk {
+        remaining: usize,
+        last: bool,
+        error: Option<&'static str>,
+    },
 }
 
 /// The server side of one SMTP session, without I/O.
@@ -425,6 +442,7 @@ pub struct ServerSession {
     rng: fastrand::Rng,
     keep_body: bool,
     tls_offered: bool,
+    chunking: bool,
     secure: bool,
     auth: Option<(String, String)>,
     authed: bool,
@@ -453,6 +471,7 @@ impl ServerSession {
             rng: fastrand::Rng::with_seed(seed),
             keep_body,
             tls_offered: (opts.tls.is_some() || opts.tls_fault) && !opts.implicit_tls,
+            chunking: opts.chunking,
             secure: false,
             auth: opts.auth.clone(),
             authed: false,
@@ -492,6 +511,19 @@ impl ServerSession {
         let mut action = Action::Continue;
         while action == Action::Continue {
             let rest = &self.buf[start..];
+            if let State::Chunk { remaining, .. } = &mut self.state {
+                let n = (*remaining).min(rest.len());
+                *remaining -= n;
+                let done = *remaining == 0;
+                let chunk = rest[..n].to_vec();
+                self.data_bytes(&chunk);
+                start += n;
+                if !done {
+                    break;
+                }
+                self.chunk_read(out);
+                continue;
+            }
             let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                 match self.state {
                     State::Command if rest.len() > MAX_COMMAND_BYTES => {
@@ -521,6 +553,7 @@ impl ServerSession {
                     self.data_line(&line, out);
                     Action::Continue
                 }
+                State::Chunk { .. } => unreachable!("chunks are read above"),
             };
         }
         self.buf.drain(..start.min(self.buf.len()));
@@ -534,29 +567,53 @@ impl ServerSession {
         }
     }
 
+    /// The end of a message (final dot or last chunk): queue it, or refuse it if too large.
+    fn message_end(&mut self, out: &mut Vec<u8>, chunked: bool) {
+        self.state = State::Command;
+        if self.body_bytes > MAX_MESSAGE_BYTES {
+            out.extend_from_slice(b"552 5.3.4 Error: message too large\r\n");
+        } else {
+            self.queued += 1;
+            let _ = write!(
+                out,
+                "250 2.0.0 Ok: queued as {:08X}{:08X}\r\n",
+                self.rng.u32(..),
+                self.queued
+            );
+            self.received.push(Received {
+                helo: self.helo.clone(),
+                from: self.mail.take().unwrap_or_default(),
+                rcpts: std::mem::take(&mut self.rcpts),
+                body: std::mem::take(&mut self.body),
+                bytes: self.body_bytes,
+                chunked,
+            });
+        }
+        self.reset();
+    }
+
+    /// A BDAT chunk has been read: answer it.
+    fn chunk_read(&mut self, out: &mut Vec<u8>) {
+        let State::Chunk { last, error, .. } = std::mem::replace(&mut self.state, State::Command) else {
+            return;
+        };
+        match error {
+            Some(e) => {
+                // As Postfix does: a failed BDAT ends the transaction.
+                out.extend_from_slice(e.as_bytes());
+                out.extend_from_slice(b"\r\n");
+                self.reset();
+            }
+            None if last => self.message_end(out, true),
+            None => {
+                let _ = write!(out, "250 2.0.0 Ok: {} bytes\r\n", self.body_bytes);
+            }
+        }
+    }
+
     fn data_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
         if !self.mid_line && (line == b".\r\n" || line == b".\n") {
-            self.state = State::Command;
-            if self.body_bytes > MAX_MESSAGE_BYTES {
-                out.extend_from_slice(b"552 5.3.4 Error: message too large\r\n");
-            } else {
-                self.queued += 1;
-                let _ = write!(
-                    out,
-                    "250 2.0.0 Ok: queued as {:08X}{:08X}\r\n",
-                    self.rng.u32(..),
-                    self.queued
-                );
-                self.received.push(Received {
-                    helo: self.helo.clone(),
-                    from: self.mail.take().unwrap_or_default(),
-                    rcpts: std::mem::take(&mut self.rcpts),
-                    body: std::mem::take(&mut self.body),
-                    bytes: self.body_bytes,
-                });
-            }
-            self.reset();
-            return;
+            return self.message_end(out, false);
         }
         let unstuffed = if !self.mid_line && line.first() == Some(&b'.') {
             &line[1..]
@@ -604,6 +661,9 @@ impl ServerSession {
                 }
                 if self.auth.is_some() {
                     s.push_str("250-AUTH PLAIN LOGIN\r\n");
+                }
+                if self.chunking {
+                    s.push_str("250-CHUNKING\r\n");
                 }
                 s.push_str("250 ENHANCEDSTATUSCODES");
                 reply(out, &s);
@@ -665,6 +725,32 @@ impl ServerSession {
             "DATA" => {
                 self.state = State::Data;
                 reply(out, "354 End data with <CR><LF>.<CR><LF>");
+            }
+            "BDAT" if !self.chunking => reply(out, "502 5.5.1 Error: command not implemented"),
+            "BDAT" => {
+                let mut words = arg.split_ascii_whitespace();
+                let size = words.next().and_then(|n| n.parse::<usize>().ok());
+                let last = words.next().map(str::to_ascii_uppercase);
+                let (Some(size), None | Some("LAST")) = (size, last.as_deref()) else {
+                    // Without a size the chunk cannot be skipped: the session ends.
+                    reply(out, "501 5.5.4 Syntax: BDAT size [LAST]");
+                    return Action::Close;
+                };
+                let error = if self.mail.is_none() {
+                    Some("503 5.5.1 Error: need MAIL command")
+                } else if self.rcpts.is_empty() {
+                    Some("554 5.5.1 Error: no valid recipients")
+                } else {
+                    None
+                };
+                self.state = State::Chunk {
+                    remaining: size,
+                    last: last.is_some(),
+                    error,
+                };
+                if size == 0 {
+                    self.chunk_read(out);
+                }
             }
             "RSET" => {
                 self.reset();
@@ -815,6 +901,35 @@ mod tests {
         assert_eq!(s.received.len(), 1);
         assert_eq!(s.received[0].rcpts, vec!["x@y.test", "z@y.test"]);
         assert_eq!(s.received[0].body, b"Subject: x\r\n\r\n.dot\r\n");
+    }
+
+    #[test]
+    fn bdat_chunks_split_anywhere_and_failed_ones_are_read_then_refused() {
+        let opts = SinkOptions {
+            chunking: true,
+            ..SinkOptions::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, true);
+        assert!(run(&mut s, "EHLO c.test\r\n").contains("250-CHUNKING\r\n"));
+        // Two chunks, the second split across reads, binary-looking content kept as is.
+        let got = run(&mut s, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nBDAT 5\r\n.dot\n");
+        assert_eq!(got, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: 5 bytes\r\n");
+        assert_eq!(run(&mut s, "BDAT 7 LAST\r\nab"), "");
+        let got = run(&mut s, "c\r\n.\nMAIL FROM:<a@b.test>\r\n");
+        assert!(got.starts_with("250 2.0.0 Ok: queued as "), "{got}");
+        assert!(got.ends_with("250 2.1.0 Ok\r\n"), "{got}");
+        assert_eq!(s.received.len(), 1);
+        assert_eq!(s.received[0].body, b".dot\nabc\r\n.\n");
+        // No valid recipient: the chunk is still read, then refused, and the transaction is over.
+        let got = run(&mut s, "BDAT 4 LAST\r\nMAIL");
+        assert_eq!(got, "554 5.5.1 Error: no valid recipients\r\n");
+        let got = run(&mut s, "MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(got, "250 2.1.0 Ok\r\n");
+        assert_eq!(s.received.len(), 1);
+        // Without CHUNKING offered, BDAT is unknown.
+        let mut plain = ServerSession::new(&SinkOptions::default(), 1, false);
+        assert!(!run(&mut plain, "EHLO c.test\r\n").contains("CHUNKING"));
+        assert!(run(&mut plain, "BDAT 1 LAST\r\n").starts_with("502"));
     }
 
     #[test]

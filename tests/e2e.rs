@@ -72,6 +72,20 @@ fn clean_run_delivers_each_recipient_exactly_once() {
 
 #[test]
 fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
+    let counts = faults_case(false);
+    assert_eq!(counts.chunked, 0);
+}
+
+/// The same faults with BDAT: eight transactions in flight per connection,
+/// refusals and dropped connections in the middle of a window.
+#[test]
+fn faults_with_bdat_windows_end_the_same_way() {
+    let counts = faults_case(true);
+    assert!(counts.messages > 0);
+    assert_eq!(counts.chunked, counts.messages, "every message came with BDAT");
+}
+
+fn faults_case(chunking: bool) -> volley::sink::SinkCounts {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("dump");
     let sink = Sink::start(SinkOptions {
@@ -82,13 +96,14 @@ fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
         reject_rate: 0.1,
         disconnect_rate: 0.05,
         seed: 7,
+        chunking,
         ..Default::default()
     })
     .unwrap();
     let (path, all) = spool(dir.path(), "faults", 1500, 2, 30);
     let log = dir.path().join("log.jsonl");
     let summary = run_send(vec![path], config(&format!("*={}", sink.addr()), &log));
-    sink.stop();
+    let counts = sink.stop();
     let records = read_log(&log);
     let f = finals(&records);
     assert_eq!(f.len(), all.len(), "every recipient has a final outcome");
@@ -132,6 +147,14 @@ fn faults_end_in_the_right_outcomes_with_nothing_lost_or_duplicated() {
     );
     // A deferred recipient is retried with a higher attempt number.
     assert!(f.values().any(|r| r["attempt"].as_u64().unwrap() > 1));
+    // The message arrived as it was written, leading dot and all.
+    let body = std::fs::read_dir(&dump).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(body).unwrap();
+    assert!(
+        text.ends_with("Subject: test\r\n\r\n.leading dot\r\nbody\r\n"),
+        "{text:?}"
+    );
+    counts
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Transcripts of the client session engine: literal wire text in both
 //! directions, with the fate of each recipient. No sockets, no clocks.
 
-use volley::smtp::{Decider, Envelope, Event, Session, Status, TlsMode, WireMessage};
+use volley::smtp::{Decider, Envelope, Event, Extensions, Session, Status, TlsMode, WireMessage};
 
 #[derive(Debug)]
 struct Txn {
@@ -20,11 +20,8 @@ impl Envelope for Txn {
     fn recipient(&self, i: usize) -> &str {
         self.rcpts[i]
     }
-    fn wire_body(&self) -> &[u8] {
-        &self.wire.bytes
-    }
-    fn eight_bit(&self) -> bool {
-        self.wire.eight_bit
+    fn message(&self) -> &WireMessage {
+        &self.wire
     }
 }
 
@@ -69,9 +66,21 @@ fn run(name: &str, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
     run_tls(name, TlsMode::Off, txns, steps)
 }
 
-fn run_tls(name: &str, mode: TlsMode, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+fn run_tls(name: &str, mode: TlsMode, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+    run_session(name, Session::new("client.test", mode), txns, steps)
+}
+
+fn run_ext(name: &str, ext: Extensions, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+    run_session(
+        name,
+        Session::new("client.test", TlsMode::Off).with_extensions(ext),
+        txns,
+        steps,
+    )
+}
+
+fn run_session(name: &str, mut s: Session<Txn>, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
     txns.reverse();
-    let mut s: Session<Txn> = Session::new("client.test", mode);
     let mut seen = Seen::default();
     for (i, step) in steps.iter().enumerate() {
         match step {
@@ -802,4 +811,206 @@ fn replies_are_timed_from_the_write_that_carried_their_command() {
             },
         ]
     );
+}
+
+const EHLO_CHUNK: Step = S("250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 CHUNKING\r\n");
+
+fn window(n: usize) -> Extensions {
+    Extensions {
+        window: n,
+        ..Extensions::default()
+    }
+}
+
+/// With CHUNKING and PIPELINING, transactions go out back to back as
+/// MAIL, RCPTs and `BDAT n LAST` with the message, unstuffed, up to the
+/// window, without waiting for any reply.
+#[test]
+fn bdat_transactions_fill_the_window_without_waiting() {
+    let (_, seen) = run_ext(
+        "bdat window",
+        window(2),
+        vec![
+            txn(&["a@y.test", "b@y.test"], "one\n.dot\n"),
+            txn(&["c@y.test"], "two\n"),
+            txn(&["d@y.test"], "three\n"),
+        ],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            C(
+                "MAIL FROM:<news@sender.test> SIZE=11\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 11 LAST\r\none\r\n.dot\r\n\
+               MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<c@y.test>\r\nBDAT 5 LAST\r\ntwo\r\n",
+            ),
+            // The window is full: the third waits for the first to finish.
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=7\r\nRCPT TO:<d@y.test>\r\nBDAT 7 LAST\r\nthree\r\n"),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            Quit,
+            C("QUIT\r\n"),
+            S("221 bye\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK, OK], vec![OK], vec![OK]]);
+}
+
+#[test]
+fn bdat_with_every_recipient_refused_bounces_them_and_the_next_goes_on() {
+    let (_, seen) = run_ext(
+        "bdat refused",
+        window(8),
+        vec![txn(&["a@y.test", "b@y.test"], "one\n"), txn(&["c@y.test"], "two\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            C(
+                "MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 5 LAST\r\none\r\n\
+               MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<c@y.test>\r\nBDAT 5 LAST\r\ntwo\r\n",
+            ),
+            S("250 2.1.0 Ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n554 5.5.1 Error: no valid recipients\r\n"),
+            // The server reset the failed transaction (as Postfix does): the next one is fine.
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B, D], vec![OK]]);
+    assert_eq!(seen.done[0][0].1, "550");
+}
+
+/// A server that keeps the transaction whose BDAT failed answers the next
+/// MAIL with 503: that transaction is deferred, not bounced, and RSET goes
+/// before the next MAIL.
+#[test]
+fn a_503_to_mail_after_a_failed_bdat_is_retried_after_rset() {
+    let (_, seen) = run_ext(
+        "bdat 503",
+        window(8),
+        vec![
+            txn(&["a@y.test"], "one\n"),
+            txn(&["c@y.test"], "two\n"),
+            txn(&["e@y.test"], "three\n"),
+        ],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            C(
+                "MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<a@y.test>\r\nBDAT 5 LAST\r\none\r\n\
+               MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<c@y.test>\r\nBDAT 5 LAST\r\ntwo\r\n",
+            ),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n552 5.3.4 message too big\r\n"),
+            S("503 5.5.1 Error: nested MAIL command\r\n503 5.5.1 Error: need MAIL\r\n503 5.5.1 Error: need MAIL\r\n"),
+            Submit,
+            C("RSET\r\nMAIL FROM:<news@sender.test> SIZE=7\r\nRCPT TO:<e@y.test>\r\nBDAT 7 LAST\r\nthree\r\n"),
+            S("250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![B], vec![D], vec![OK]]);
+    assert!(seen.done[1][0].1.contains("after a failed BDAT"), "{:?}", seen.done[1]);
+}
+
+#[test]
+fn a_421_in_a_bdat_window_defers_the_rest_and_closes() {
+    let (s, seen) = run_ext(
+        "bdat 421",
+        window(8),
+        vec![
+            txn(&["a@y.test"], "one\n"),
+            txn(&["c@y.test"], "two\n"),
+            txn(&["e@y.test"], "three\n"),
+        ],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            Submit,
+            C(
+                "MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<a@y.test>\r\nBDAT 5 LAST\r\none\r\n\
+               MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<c@y.test>\r\nBDAT 5 LAST\r\ntwo\r\n\
+               MAIL FROM:<news@sender.test> SIZE=7\r\nRCPT TO:<e@y.test>\r\nBDAT 7 LAST\r\nthree\r\n",
+            ),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n421 4.3.2 shutting down\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK], vec![D], vec![D]]);
+    assert!(s.is_closed());
+}
+
+#[test]
+fn chunking_or_pipelining_turned_off_falls_back() {
+    // CHUNKING off: DATA, pipelined.
+    let (_, seen) = run_ext(
+        "no chunking",
+        Extensions {
+            chunking: false,
+            ..Extensions::default()
+        },
+        vec![txn(&["a@y.test"], "one\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=8\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+            C("one\r\n.\r\n"),
+            S("250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+    // PIPELINING off: lock-step DATA, even with CHUNKING offered (BDAT needs both here).
+    let (_, seen) = run_ext(
+        "lock-step",
+        Extensions {
+            pipelining: false,
+            ..Extensions::default()
+        },
+        vec![txn(&["a@y.test"], "one\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=8\r\n"),
+            S("250 2.1.0 Ok\r\n"),
+            C("RCPT TO:<a@y.test>\r\n"),
+            S("250 2.1.5 Ok\r\n"),
+            C("DATA\r\n"),
+            S("354 go\r\n"),
+            C("one\r\n.\r\n"),
+            S("250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+    // CHUNKING offered without PIPELINING: DATA in lock-step.
+    let (_, seen) = run(
+        "chunking alone",
+        vec![txn(&["a@y.test"], "one\n")],
+        &[
+            GREET,
+            EHLO,
+            S("250-mx.test\r\n250 CHUNKING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\n"),
+            S("250 2.1.0 Ok\r\n"),
+            C("RCPT TO:<a@y.test>\r\n"),
+            S("250 2.1.5 Ok\r\n"),
+            C("DATA\r\n"),
+            S("354 go\r\n"),
+            C("one\r\n.\r\n"),
+            S("250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
 }

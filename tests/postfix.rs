@@ -172,7 +172,9 @@ fn log_len() -> u64 {
     std::fs::metadata(STRICT_LOG).map(|m| m.len()).unwrap_or(0)
 }
 
-fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
+/// Sends 360 recipients through the strict smtpd on `port`; `bdat` says
+/// whether volley may use CHUNKING (port 10025 offers it with PIPELINING).
+fn strict_run(port: u16, name: &str, tls: TlsPolicy, bdat: bool) {
     strict_postfix();
     let dir = tempfile::tempdir().unwrap();
     let bodies = tricky_bodies();
@@ -195,6 +197,7 @@ fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
     let mut cfg = config(format!("*=127.0.0.1:{port}"), &log);
     cfg.max_connections_per_destination = 4;
     cfg.tls = tls;
+    cfg.chunking = bdat;
     let summary = send(SendOptions {
         spools: vec![spool],
         config: cfg,
@@ -207,6 +210,17 @@ fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
     let not_delivered: Vec<_> = f.values().filter(|r| r["outcome"] != "delivered").collect();
     assert!(not_delivered.is_empty(), "{name}: {not_delivered:?}");
     assert_eq!(summary.count(Outcome::Delivered), 360);
+    // Postfix says how it took the message: "Ok: N bytes queued as" to BDAT, "Ok: queued as" to DATA.
+    let by_bdat = f
+        .values()
+        .filter(|r| r["reply"].as_str().is_some_and(|t| t.contains(" bytes queued as ")))
+        .count();
+    let expect_bdat = bdat && port == 10025;
+    assert_eq!(
+        by_bdat,
+        if expect_bdat { 360 } else { 0 },
+        "{name}: BDAT used: {expect_bdat}"
+    );
     let with_tls = f
         .values()
         .filter(|r| r["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1.")))
@@ -235,15 +249,21 @@ fn strict_run(port: u16, name: &str, tls: TlsPolicy) {
 
 #[test]
 fn strict_postfix_smtpd_accepts_volley_pipelining() {
-    strict_run(10025, "pipelined", TlsPolicy::Disabled);
+    strict_run(10025, "pipelined", TlsPolicy::Disabled, false);
+}
+
+#[test]
+fn strict_postfix_smtpd_accepts_bdat_windows() {
+    strict_run(10025, "bdat", TlsPolicy::Disabled, true);
 }
 
 #[test]
 fn strict_postfix_smtpd_with_starttls_required() {
-    strict_run(10025, "starttls", TlsPolicy::Required);
+    strict_run(10025, "starttls", TlsPolicy::Required, true);
 }
 
 #[test]
 fn strict_postfix_smtpd_without_pipelining_gets_lock_step() {
-    strict_run(10026, "lockstep", TlsPolicy::Opportunistic);
+    // CHUNKING is still offered there: without PIPELINING volley uses DATA.
+    strict_run(10026, "lockstep", TlsPolicy::Opportunistic, true);
 }

@@ -159,12 +159,12 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut replies = Family::new(
         "volley_smtp_replies_total",
         COUNTER,
-        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, rset, quit).",
+        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, bdat, rset, quit).",
     );
     let mut enhanced = Family::new(
         "volley_smtp_enhanced_status_total",
         COUNTER,
-        "Replies to MAIL, RCPT, DATA and the final dot by domain and RFC 3463 enhanced status code.",
+        "Replies to MAIL, RCPT, DATA, the final dot and BDAT by domain and RFC 3463 enhanced status code.",
     );
     let mut categories = Family::new(
         "volley_bounce_categories_total",
@@ -179,7 +179,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut phases = Family::new(
         "volley_smtp_phase_duration_seconds",
         SUMMARY,
-        "SMTP phases by domain: connect, banner (connected to greeting), ehlo, starttls (command to handshake done), mail, rcpt, data, dot (end of body to its reply). Each reply is timed from the write that carried its command; pipelined MAIL, RCPT and DATA share one write, so rcpt and data include the replies before them. Quantiles over the last one to two minutes; _sum and _count since the start.",
+        "SMTP phases by domain: connect, banner (connected to greeting), ehlo, starttls (command to handshake done), mail, rcpt, data, dot (end of body to its reply). Each reply is timed from the write that carried its command; pipelined MAIL, RCPT and DATA share one write, so rcpt and data include the replies before them; with BDAT, dot is the reply to BDAT LAST. Quantiles over the last one to two minutes; _sum and _count since the start.",
     );
     let mut conns_open = Family::new(
         "volley_connections_open",

@@ -15,7 +15,7 @@ use glommio::net::TcpStream;
 use super::{Candidate, Dest, Shard, Txn};
 use crate::config::SourceAddress;
 use crate::metrics::{ConnResult, DomainStats, Phase};
-use crate::smtp::{Command, Event, Session, TlsMode};
+use crate::smtp::{Command, Event, Extensions, Session, TlsMode};
 use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
 
 /// Bytes read from the socket at a time.
@@ -140,7 +140,11 @@ async fn converse(
     let _ = tcp.set_write_timeout(Some(cfg.timeouts.data_block));
     let mut stream: Option<Stream> = Some(MaybeTls::Plain(tcp));
     let mut tls: Option<String> = None;
-    let mut session: Session<Txn> = Session::new(&ehlo_name, mode);
+    let mut session: Session<Txn> = Session::new(&ehlo_name, mode).with_extensions(Extensions {
+        pipelining: cfg.pipelining,
+        chunking: cfg.chunking,
+        window: cfg.pipeline_window,
+    });
     let relay = dest.relay.as_deref();
     if relay.is_some_and(|r| r.implicit_tls) {
         // Port 465: TLS before the greeting (RFC 8314).

@@ -177,11 +177,8 @@ impl Envelope for Txn {
     fn recipient(&self, i: usize) -> &str {
         self.rcpts[i].addr.get(self.file.file.bytes())
     }
-    fn wire_body(&self) -> &[u8] {
-        &self.body.bytes
-    }
-    fn eight_bit(&self) -> bool {
-        self.body.eight_bit
+    fn message(&self) -> &WireMessage {
+        &self.body
     }
 }
 
@@ -931,7 +928,7 @@ impl Shard {
             let replies = [
                 (Command::Mail, &report.mail),
                 (Command::Data, &report.data),
-                (Command::Dot, &report.dot),
+                (if report.chunked { Command::Bdat } else { Command::Dot }, &report.dot),
             ];
             for (c, r) in replies {
                 if let Some(r) = r {

@@ -4,8 +4,11 @@
 //!
 //! With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out as one group,
 //! and the next transaction's group follows the message body and its final dot
-//! in the same write, so a message costs one round trip. Without it, each
-//! command waits for its reply (lock-step).
+//! in the same write, so a message costs one round trip. With CHUNKING (RFC
+//! 3030) as well, each transaction is MAIL, RCPTs and `BDAT n LAST` with the
+//! message in one go, and up to `window` transactions are in flight at once,
+//! so a connection no longer waits a round trip per message. Without
+//! PIPELINING each command waits for its reply (lock-step).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -15,6 +18,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::caps::Capabilities;
 use super::reply::{Reply, ReplyParser};
+use super::wire::WireMessage;
 
 /// What the engine needs to know of a transaction; the shard's type implements it.
 pub trait Envelope {
@@ -22,10 +26,8 @@ pub trait Envelope {
     fn reverse_path(&self) -> &str;
     fn recipient_count(&self) -> usize;
     fn recipient(&self, i: usize) -> &str;
-    /// The message as it goes on the wire: CRLF line ends, dot-stuffed, ending in `.\r\n`.
-    fn wire_body(&self) -> &[u8];
-    /// True when the message has bytes above 127 (sent with `BODY=8BITMIME` where offered).
-    fn eight_bit(&self) -> bool;
+    /// The message prepared for the wire (for DATA and for BDAT).
+    fn message(&self) -> &WireMessage;
 }
 
 /// What the session is waiting for; the driver maps it to an RFC 5321 §4.5.3.2 timeout.
@@ -72,6 +74,8 @@ pub struct TxnReport<T> {
     pub permanent: bool,
     /// How long its replies took.
     pub timing: TxnTiming,
+    /// Sent with BDAT: no DATA reply; `dot` holds the reply to `BDAT n LAST`.
+    pub chunked: bool,
 }
 
 /// How long a transaction's replies took, in microseconds of the driver's
@@ -105,10 +109,12 @@ pub enum Command {
     Data,
     /// The end of the message (the final dot).
     Dot,
+    /// `BDAT n LAST` with the message.
+    Bdat,
 }
 
 impl Command {
-    pub const ALL: [Command; 11] = [
+    pub const ALL: [Command; 12] = [
         Command::Greeting,
         Command::Ehlo,
         Command::Helo,
@@ -120,6 +126,7 @@ impl Command {
         Command::Rcpt,
         Command::Data,
         Command::Dot,
+        Command::Bdat,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -134,6 +141,7 @@ impl Command {
             Command::Rcpt => "rcpt",
             Command::Data => "data",
             Command::Dot => "dot",
+            Command::Bdat => "bdat",
         }
     }
 }
@@ -177,6 +185,7 @@ impl<T> TxnReport<T> {
             Some(_) => {}
         }
         match &self.data {
+            None if self.chunked => {}
             None => return failure(),
             Some(r) if r.code != 354 => return by_reply(r),
             Some(_) => {}
@@ -260,6 +269,7 @@ enum Expect {
     Rcpt(u64, usize),
     Data(u64),
     Dot(u64),
+    Bdat(u64),
     Rset,
     Quit,
 }
@@ -318,8 +328,27 @@ fn push_command(out: &mut Vec<u8>, expects: &mut Awaited, cmd: std::fmt::Argumen
     expects.push_back(expect);
 }
 
-/// At most one transaction awaiting its envelope replies and one awaiting its final dot.
-const MAX_FLIGHTS: usize = 2;
+/// With DATA: at most one transaction awaiting its envelope replies and one awaiting its final dot.
+const DATA_FLIGHTS: usize = 2;
+
+/// Which extensions the session may use when the server offers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub chunking: bool,
+    /// Transactions in flight at once with CHUNKING (BDAT).
+    pub window: usize,
+}
+
+impl Default for Extensions {
+    fn default() -> Self {
+        Extensions {
+            pipelining: true,
+            chunking: true,
+            window: 8,
+        }
+    }
+}
 
 pub struct Session<T> {
     ehlo_name: String,
@@ -342,6 +371,12 @@ pub struct Session<T> {
     events: VecDeque<Event<T>>,
     next_seq: u64,
     quit_requested: bool,
+    ext: Extensions,
+    /// A BDAT failed on this connection: a server that kept that transaction
+    /// answers the next MAIL with 503, which must not bounce anyone.
+    bdat_failed: bool,
+    /// RSET goes before the next MAIL.
+    rset_first: bool,
 }
 
 impl<T: Envelope> Session<T> {
@@ -367,6 +402,28 @@ impl<T: Envelope> Session<T> {
             events: VecDeque::new(),
             next_seq: 0,
             quit_requested: false,
+            ext: Extensions::default(),
+            bdat_failed: false,
+            rset_first: false,
+        }
+    }
+
+    /// Limits the extensions used (for lock-step or DATA-only sending, and the window).
+    pub fn with_extensions(mut self, ext: Extensions) -> Self {
+        self.ext = ext;
+        self
+    }
+
+    /// Transactions go out with BDAT (CHUNKING and PIPELINING offered and allowed).
+    pub fn is_chunking(&self) -> bool {
+        self.caps.chunking && self.caps.pipelining
+    }
+
+    fn max_flights(&self) -> usize {
+        if self.is_chunking() {
+            self.ext.window.max(1)
+        } else {
+            DATA_FLIGHTS
         }
     }
 
@@ -402,7 +459,10 @@ impl<T: Envelope> Session<T> {
     }
     /// True when a transaction handed in now would go out without delay.
     pub fn wants_txn(&self) -> bool {
-        self.phase == Phase::Ready && !self.quit_requested && self.waiting.is_none() && self.flights.len() < MAX_FLIGHTS
+        self.phase == Phase::Ready
+            && !self.quit_requested
+            && self.waiting.is_none()
+            && self.flights.len() < self.max_flights()
     }
     /// Which reply the session waits for, if any.
     pub fn waiting_for(&self) -> Option<Wait> {
@@ -414,7 +474,7 @@ impl<T: Envelope> Session<T> {
             Expect::Mail(_) => Wait::Mail,
             Expect::Rcpt(..) => Wait::Rcpt,
             Expect::Data(_) => Wait::DataInit,
-            Expect::Dot(_) => Wait::DataTerm,
+            Expect::Dot(_) | Expect::Bdat(_) => Wait::DataTerm,
             Expect::Rset => Wait::Rset,
             Expect::Quit => Wait::Quit,
         })
@@ -526,7 +586,7 @@ impl<T: Envelope> Session<T> {
             Expect::AuthDone | Expect::AuthLoginUser | Expect::AuthLoginPassword => Some(Command::Auth),
             Expect::Rset => Some(Command::Rset),
             Expect::Quit => Some(Command::Quit),
-            Expect::Mail(_) | Expect::Rcpt(..) | Expect::Data(_) | Expect::Dot(_) => None,
+            Expect::Mail(_) | Expect::Rcpt(..) | Expect::Data(_) | Expect::Dot(_) | Expect::Bdat(_) => None,
         };
         if let Some(command) = command {
             self.seen.push(Seen {
@@ -543,6 +603,8 @@ impl<T: Envelope> Session<T> {
             Expect::Greeting => return self.setup_failed("greeting", reply),
             Expect::Ehlo if reply.is_positive() => {
                 self.caps = Capabilities::from_ehlo(&reply);
+                self.caps.pipelining &= self.ext.pipelining;
+                self.caps.chunking &= self.ext.chunking;
                 if !self.secure && self.tls != TlsMode::Off && self.caps.starttls {
                     push_command(
                         &mut self.out,
@@ -584,6 +646,14 @@ impl<T: Envelope> Session<T> {
             // Opportunistic: a refused STARTTLS leaves the session in plaintext.
             Expect::StartTls if !closing => self.authenticate_or_ready(),
             Expect::StartTls => return self.setup_failed("STARTTLS", reply),
+            Expect::Mail(seq) if reply.code == 503 && self.bdat_failed => {
+                // The server kept the transaction whose BDAT failed (RFC 3030 leaves its
+                // state open): this MAIL was refused for that, not for itself. Retry it.
+                let flight = self.flight(seq);
+                flight.report.failure = Some(format!("{reply} (after a failed BDAT; retried)"));
+                flight.report.timing.mail = Some(micros);
+                self.rset_first = true;
+            }
             Expect::Mail(seq) => {
                 let ok = reply.is_positive();
                 let flight = self.flight(seq);
@@ -640,7 +710,8 @@ impl<T: Envelope> Session<T> {
                 flight.stage = Stage::Body;
                 let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
                 if send_body {
-                    self.out.extend_from_slice(self.flights[idx].report.txn.wire_body());
+                    self.out
+                        .extend_from_slice(&self.flights[idx].report.txn.message().bytes);
                 } else {
                     // The server invited data it cannot deliver to anyone: end it empty.
                     self.out.extend_from_slice(b".\r\n");
@@ -658,6 +729,15 @@ impl<T: Envelope> Session<T> {
                 }
             }
             Expect::Dot(seq) => {
+                let flight = self.flight(seq);
+                flight.report.dot = Some(reply);
+                flight.report.timing.dot = Some(micros);
+                self.finish(seq);
+            }
+            Expect::Bdat(seq) => {
+                if !reply.is_positive() {
+                    self.bdat_failed = true;
+                }
                 let flight = self.flight(seq);
                 flight.report.dot = Some(reply);
                 flight.report.timing.dot = Some(micros);
@@ -789,7 +869,9 @@ impl<T: Envelope> Session<T> {
         if self.phase != Phase::Ready || self.waiting.is_none() {
             return;
         }
-        let can_start = if self.caps.pipelining {
+        let can_start = if self.is_chunking() {
+            self.flights.len() < self.max_flights()
+        } else if self.caps.pipelining {
             self.flights.iter().all(|f| f.stage == Stage::Body)
         } else {
             self.flights.is_empty() && self.expects.is_empty()
@@ -798,7 +880,8 @@ impl<T: Envelope> Session<T> {
             return;
         }
         let txn = self.waiting.take().expect("checked above");
-        if txn.eight_bit() && !self.caps.eight_bit_mime {
+        let chunked = self.is_chunking();
+        if txn.message().eight_bit && !self.caps.eight_bit_mime {
             // RFC 6152: 8-bit data only to a server that offers 8BITMIME; volley does not downgrade.
             let n = txn.recipient_count();
             self.events.push_back(Event::Done(TxnReport {
@@ -810,22 +893,43 @@ impl<T: Envelope> Session<T> {
                 failure: Some("the message has 8-bit content and the server does not offer 8BITMIME".into()),
                 permanent: true,
                 timing: TxnTiming::default(),
+                chunked,
             }));
             return;
+        }
+        if self.rset_first {
+            self.rset_first = false;
+            push_command(&mut self.out, &mut self.expects, format_args!("RSET"), Expect::Rset);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         let n = txn.recipient_count();
+        let message = txn.message();
         write!(self.out, "MAIL FROM:<{}>", txn.reverse_path()).expect("Vec write");
         if self.caps.size.is_some() {
-            write!(self.out, " SIZE={}", txn.wire_body().len()).expect("Vec write");
+            let size = if chunked {
+                message.chunk_len()
+            } else {
+                message.bytes.len()
+            };
+            write!(self.out, " SIZE={size}").expect("Vec write");
         }
-        if txn.eight_bit() && self.caps.eight_bit_mime {
+        if message.eight_bit && self.caps.eight_bit_mime {
             self.out.extend_from_slice(b" BODY=8BITMIME");
         }
         self.out.extend_from_slice(b"\r\n");
         self.expects.push_back(Expect::Mail(seq));
-        if self.caps.pipelining {
+        if chunked {
+            for i in 0..n {
+                write!(self.out, "RCPT TO:<{}>\r\n", txn.recipient(i)).expect("Vec write");
+                self.expects.push_back(Expect::Rcpt(seq, i));
+            }
+            // RFC 3030: the whole message as one last chunk, read by the server
+            // whatever it answered before, so nothing waits on a reply.
+            write!(self.out, "BDAT {} LAST\r\n", message.chunk_len()).expect("Vec write");
+            message.write_chunk(&mut self.out);
+            self.expects.push_back(Expect::Bdat(seq));
+        } else if self.caps.pipelining {
             for i in 0..n {
                 write!(self.out, "RCPT TO:<{}>\r\n", txn.recipient(i)).expect("Vec write");
                 self.expects.push_back(Expect::Rcpt(seq, i));
@@ -835,7 +939,7 @@ impl<T: Envelope> Session<T> {
         }
         self.flights.push_back(Flight {
             seq,
-            stage: Stage::Envelope,
+            stage: if chunked { Stage::Body } else { Stage::Envelope },
             report: TxnReport {
                 txn,
                 mail: None,
@@ -845,6 +949,7 @@ impl<T: Envelope> Session<T> {
                 failure: None,
                 permanent: false,
                 timing: TxnTiming::default(),
+                chunked,
             },
         });
     }

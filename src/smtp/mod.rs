@@ -8,7 +8,8 @@ pub mod wire;
 
 pub use caps::Capabilities;
 pub use engine::{
-    Command, Credentials, Decider, Envelope, Event, Seen, Session, Status, TlsMode, TxnReport, TxnTiming, Wait,
+    Command, Credentials, Decider, Envelope, Event, Extensions, Seen, Session, Status, TlsMode, TxnReport, TxnTiming,
+    Wait,
 };
 pub use reply::{Enhanced, Reply, ReplyError, ReplyParser};
 pub use wire::WireMessage;

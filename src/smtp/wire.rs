@@ -1,6 +1,8 @@
 //! Message data for the DATA command: every line end made CRLF (a bare LF or
 //! a lone CR becomes CRLF), lines starting with `.` dot-stuffed (RFC 5321
 //! §4.5.2), and the final `.` line appended. Done once per message file per shard.
+//! BDAT (RFC 3030) sends the same CRLF text without the stuffing and the final
+//! line: the positions of the stuffed dots are kept, so both come from one copy.
 
 /// A message ready for the wire, and what was learnt while preparing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +13,8 @@ pub struct WireMessage {
     pub eight_bit: bool,
     /// Longest line in octets, CRLF excluded (RFC 5321 §4.5.3.1.6 allows 998).
     pub longest_line: usize,
+    /// Offsets in `bytes` of the dots added by stuffing.
+    stuffed: Vec<usize>,
 }
 
 impl WireMessage {
@@ -18,6 +22,7 @@ impl WireMessage {
         let mut bytes = Vec::with_capacity(src.len() + src.len() / 32 + 8);
         let mut eight_bit = false;
         let mut longest_line = 0;
+        let mut stuffed = Vec::new();
         let mut rest = src;
         while !rest.is_empty() {
             let end = rest
@@ -26,6 +31,7 @@ impl WireMessage {
                 .unwrap_or(rest.len());
             let line = &rest[..end];
             if line.first() == Some(&b'.') {
+                stuffed.push(bytes.len());
                 bytes.push(b'.');
             }
             bytes.extend_from_slice(line);
@@ -43,7 +49,23 @@ impl WireMessage {
             bytes,
             eight_bit,
             longest_line,
+            stuffed,
         }
+    }
+
+    /// The length of the message for BDAT: CRLF line ends, no stuffing, no final `.` line.
+    pub fn chunk_len(&self) -> usize {
+        self.bytes.len() - 3 - self.stuffed.len()
+    }
+
+    /// Appends the message as BDAT sends it (`chunk_len` bytes).
+    pub fn write_chunk(&self, out: &mut Vec<u8>) {
+        let mut start = 0;
+        for &dot in &self.stuffed {
+            out.extend_from_slice(&self.bytes[start..dot]);
+            start = dot + 1;
+        }
+        out.extend_from_slice(&self.bytes[start..self.bytes.len() - 3]);
     }
 }
 
@@ -73,6 +95,15 @@ mod tests {
                 "source {:?}",
                 String::from_utf8_lossy(src)
             );
+            // The BDAT form: the same CRLF text, unstuffed, without the final line.
+            let mut chunk = Vec::new();
+            got.write_chunk(&mut chunk);
+            let mut expected = Vec::new();
+            for line in want[..want.len() - 3].split_inclusive(|&b| b == b'\n') {
+                expected.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+            }
+            assert_eq!(chunk, expected, "source {:?}", String::from_utf8_lossy(src));
+            assert_eq!(chunk.len(), got.chunk_len());
         }
     }
 
