@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod journal;
 pub mod metrics;
 pub mod outcome;
+pub mod proxy;
 pub mod runtime;
 pub mod send;
 pub mod service;

@@ -70,6 +70,21 @@ enum Command {
     Gen(GenArgs),
     /// Sink + generated spool + send on loopback: 100,000 recipients, no set-up.
     Demo(DemoArgs),
+    /// A delay-line TCP proxy: puts a server at a chosen round-trip time on loopback.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Where clients connect.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The server to forward to.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Round-trip time to add, in milliseconds (each direction delays by half).
+    #[arg(long)]
+    rtt_ms: u64,
 }
 
 #[derive(Args)]
@@ -260,6 +275,7 @@ fn main() -> ExitCode {
         })
         .map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => cmd_demo(a),
+        Command::Proxy(a) => cmd_proxy(a),
     };
     match result {
         Ok(code) => code,
@@ -437,6 +453,35 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", sink.stop());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
+    use volley::proxy::{Proxy, ProxyOptions};
+    let proxy = Proxy::start(ProxyOptions {
+        listen: a.listen,
+        to: a.to,
+        rtt: Duration::from_millis(a.rtt_ms),
+    })?;
+    eprintln!(
+        "volley proxy listening on {} → {} (+{} ms round trip)",
+        proxy.addr(),
+        a.to,
+        a.rtt_ms
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install a signal handler")?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = proxy.stats();
+    println!(
+        "connections {} bytes {}",
+        s.connections.load(Ordering::Relaxed),
+        s.bytes.load(Ordering::Relaxed)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
