@@ -177,8 +177,9 @@ async fn converse(
     let mut was_ready = false;
     // The STARTTLS reply's time, added to the handshake's for the starttls phase.
     let mut starttls_micros = 0;
-    // The clock when the last reply was read.
+    // The clock when the last reply was read; read only when metrics are on.
     let mut session_clock = 0;
+    let timed = shard.metrics.borrow().enabled();
     loop {
         if shard.metrics.borrow().enabled() {
             count(shard, dest, |m| {
@@ -255,7 +256,9 @@ async fn converse(
             }
         }
         if !session.output().is_empty() {
-            session.set_clock(micros(origin.elapsed()));
+            if timed {
+                session.set_clock(micros(origin.elapsed()));
+            }
             if let Err(e) = io.write_all(session.output()).await {
                 session.connection_lost(&format!("write to {peer} failed: {e}"));
                 continue;
@@ -278,8 +281,10 @@ async fn converse(
         match io.read(&mut buf).await {
             Ok(0) => session.connection_lost(&format!("{peer} closed the connection")),
             Ok(n) => {
-                session_clock = micros(origin.elapsed());
-                session.set_clock(session_clock);
+                if timed {
+                    session_clock = micros(origin.elapsed());
+                    session.set_clock(session_clock);
+                }
                 session.feed(&buf[..n]);
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(&format!(
