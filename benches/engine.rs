@@ -1,9 +1,10 @@
 //! Micro-benchmarks of the per-message CPU path: reply parsing, wire
-//! preparation (CRLF + dot-stuffing), and one pipelined transaction through
-//! the session engine. `cargo bench`.
+//! preparation (CRLF + dot-stuffing), and one transaction through the
+//! session engine, pipelined with DATA and with BDAT. `cargo bench`.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
+use std::rc::Rc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use volley::generator::message;
@@ -46,7 +47,8 @@ fn wire(c: &mut Criterion) {
     g.finish();
 }
 
-struct Txn(WireMessage);
+/// A transaction sharing its prepared message, as the shard's do.
+struct Txn(Rc<WireMessage>);
 impl Envelope for Txn {
     fn reverse_path(&self) -> &str {
         "bounces@news.example.com"
@@ -62,20 +64,39 @@ impl Envelope for Txn {
     }
 }
 
+/// A session past EHLO with these extensions.
+fn ready(ehlo: &[u8]) -> Session<Txn> {
+    let mut s: Session<Txn> = Session::new("bench.test", TlsMode::Off);
+    s.feed(b"220 mx ESMTP\r\n");
+    s.feed(ehlo);
+    while s.poll_event().is_some() {}
+    let n = s.output().len();
+    s.consume_output(n);
+    s
+}
+
 fn session(c: &mut Criterion) {
-    let body = WireMessage::prepare(&message(1500));
+    let body = Rc::new(WireMessage::prepare(&message(1500)));
     c.bench_function("session_pipelined_transaction", |b| {
-        let mut s: Session<Txn> = Session::new("bench.test", TlsMode::Off);
-        s.feed(b"220 mx ESMTP\r\n250-mx\r\n250 PIPELINING\r\n");
-        while s.poll_event().is_some() {}
-        let n = s.output().len();
-        s.consume_output(n);
+        let mut s = ready(b"250-mx\r\n250 PIPELINING\r\n");
         b.iter(|| {
             s.submit(Txn(body.clone()));
             s.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
             s.feed(b"250 2.0.0 Ok: queued\r\n");
             let n = s.output().len();
             s.consume_output(n);
+            while let Some(e) = s.poll_event() {
+                assert!(matches!(e, Event::Done(_)));
+            }
+        })
+    });
+    c.bench_function("session_bdat_transaction", |b| {
+        let mut s = ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        b.iter(|| {
+            s.submit(Txn(body.clone()));
+            let n = s.output().len();
+            s.consume_output(n);
+            s.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n");
             while let Some(e) = s.poll_event() {
                 assert!(matches!(e, Event::Done(_)));
             }
