@@ -86,6 +86,8 @@ pub struct Config {
     pub chunking: bool,
     /// With CHUNKING: transactions in flight at once on one connection.
     pub pipeline_window: usize,
+    /// With CHUNKING: message bytes in flight at once on one connection.
+    pub pipeline_window_bytes: usize,
 }
 
 impl Default for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             pipelining: true,
             chunking: true,
             pipeline_window: 8,
+            pipeline_window_bytes: 1 << 20,
         }
     }
 }
@@ -589,8 +592,13 @@ mod tests {
         assert_eq!(cfg.metrics_max_domains, d.metrics_max_domains);
         assert_eq!(cfg.metrics_listen, None);
         assert_eq!(
-            (cfg.pipelining, cfg.chunking, cfg.pipeline_window),
-            (d.pipelining, d.chunking, d.pipeline_window)
+            (
+                cfg.pipelining,
+                cfg.chunking,
+                cfg.pipeline_window,
+                cfg.pipeline_window_bytes
+            ),
+            (d.pipelining, d.chunking, d.pipeline_window, d.pipeline_window_bytes)
         );
     }
 

@@ -1014,3 +1014,30 @@ fn chunking_or_pipelining_turned_off_falls_back() {
     );
     assert_eq!(statuses(&seen), vec![vec![OK]]);
 }
+
+/// The byte window: a transaction that would put more message bytes in
+/// flight than `window_bytes` waits for earlier ones; alone, any size goes.
+#[test]
+fn bdat_byte_window_holds_back_what_would_overflow_it() {
+    let (_, seen) = run_ext(
+        "bdat bytes",
+        Extensions {
+            window_bytes: 8,
+            ..Extensions::default()
+        },
+        vec![txn(&["a@y.test"], "one\n"), txn(&["c@y.test"], "a bigger one\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<a@y.test>\r\nBDAT 5 LAST\r\none\r\n"),
+            // 5 + 14 bytes would pass 8: the second waits, though the count window has room.
+            Submit,
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            C("MAIL FROM:<news@sender.test> SIZE=14\r\nRCPT TO:<c@y.test>\r\nBDAT 14 LAST\r\na bigger one\r\n"),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK], vec![OK]]);
+}

@@ -144,6 +144,7 @@ async fn converse(
         pipelining: cfg.pipelining,
         chunking: cfg.chunking,
         window: cfg.pipeline_window,
+        window_bytes: cfg.pipeline_window_bytes,
     });
     let relay = dest.relay.as_deref();
     if relay.is_some_and(|r| r.implicit_tls) {

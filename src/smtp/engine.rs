@@ -338,6 +338,10 @@ pub struct Extensions {
     pub chunking: bool,
     /// Transactions in flight at once with CHUNKING (BDAT).
     pub window: usize,
+    /// Message bytes in flight at once with CHUNKING: a transaction that would
+    /// pass it waits for earlier ones (unless nothing is in flight), so big
+    /// messages do not fill the output buffer eightfold.
+    pub window_bytes: usize,
 }
 
 impl Default for Extensions {
@@ -346,6 +350,7 @@ impl Default for Extensions {
             pipelining: true,
             chunking: true,
             window: 8,
+            window_bytes: 1 << 20,
         }
     }
 }
@@ -870,7 +875,10 @@ impl<T: Envelope> Session<T> {
             return;
         }
         let can_start = if self.is_chunking() {
+            let waiting = self.waiting.as_ref().map_or(0, |t| t.message().chunk_len());
+            let in_flight: usize = self.flights.iter().map(|f| f.report.txn.message().chunk_len()).sum();
             self.flights.len() < self.max_flights()
+                && (self.flights.is_empty() || in_flight + waiting <= self.ext.window_bytes)
         } else if self.caps.pipelining {
             self.flights.iter().all(|f| f.stage == Stage::Body)
         } else {
