@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 
@@ -17,6 +17,8 @@ use super::{ShardSnapshot, SnapshotRequest, SpoolGauges, families, merge};
 
 /// How long a scrape waits for a shard's snapshot before it uses the last one.
 const SHARD_ANSWER: Duration = Duration::from_secs(2);
+/// Requests waiting for a shard that does not answer (a stuck shard does not pile them up).
+const PENDING_REQUESTS: usize = 4;
 
 /// The shard's end of its link to the exporter.
 pub struct ShardLink {
@@ -77,7 +79,7 @@ impl Hub {
         let mut ends = Vec::new();
         let mut links = Vec::new();
         for _ in 0..shards {
-            let (tx, rx) = unbounded();
+            let (tx, rx) = bounded(PENDING_REQUESTS);
             let last = Arc::new(Mutex::new(None));
             ends.push(ShardEnd {
                 requests: tx,
@@ -111,7 +113,7 @@ impl Hub {
             .iter()
             .map(|s| {
                 let (tx, rx) = bounded(1);
-                let sent = s.requests.send(SnapshotRequest { full, reply: tx }).is_ok();
+                let sent = s.requests.try_send(SnapshotRequest { full, reply: tx }).is_ok();
                 (s, sent.then_some(rx))
             })
             .collect();
