@@ -38,12 +38,25 @@ pub enum ToShard {
         id: u32,
         file: Arc<MappedFile>,
     },
-    /// A message file the following work refers to by `id`.
+    /// A message file the following work of spool file `spool` refers to by `id`.
     Message {
         id: u32,
+        spool: u32,
         file: Arc<MappedFile>,
     },
     Work(Vec<WorkItem>),
+    /// Every recipient of spool file `file` is final: drop it and its message files.
+    Forget {
+        file: u32,
+    },
+}
+
+/// What ingest is given to do.
+pub enum IngestInput {
+    /// A spool file to read.
+    Spool(SpoolInput),
+    /// A spool file is done (service mode): the shards let go of it.
+    Forget(u32),
 }
 
 /// Recipients of one job that share a domain (at most `max_rcpts_per_txn`).
@@ -131,7 +144,10 @@ pub struct Ingest {
     max_rcpts_per_txn: usize,
     max_line_bytes: usize,
     batches: Vec<Vec<WorkItem>>,
-    messages: HashMap<PathBuf, Result<u32, String>>,
+    /// Message files by (spool file, path): mapped once per spool file, so a
+    /// message file replaced later under the same name is read anew.
+    messages: HashMap<(u32, PathBuf), Result<u32, String>>,
+    next_message: u32,
     recorder: Recorder,
     recipients: u64,
     bad_lines: u64,
@@ -149,6 +165,7 @@ impl Ingest {
             max_line_bytes: usize::MAX,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
             messages: HashMap::new(),
+            next_message: 0,
             recorder: Recorder::new(log),
             recipients: 0,
             bad_lines: 0,
@@ -167,7 +184,7 @@ impl Ingest {
     /// LINES_PER_TURN lines each so several files go out side by side,
     /// until the channel is closed and every file is read. Returns early
     /// only if a shard or the collector went away.
-    pub fn run(mut self, inputs: Receiver<SpoolInput>) -> Result<(), &'static str> {
+    pub fn run(mut self, inputs: Receiver<IngestInput>) -> Result<(), &'static str> {
         let mut open: Vec<Cursor> = Vec::new();
         let mut closed = false;
         loop {
@@ -178,7 +195,12 @@ impl Ingest {
                     inputs.try_recv()
                 };
                 match next {
-                    Ok(input) => open.push(self.start(input)?),
+                    Ok(IngestInput::Spool(input)) => open.push(self.start(input)?),
+                    Ok(IngestInput::Forget(file)) => {
+                        for tx in &self.shards {
+                            tx.send(ToShard::Forget { file }).map_err(|_| "a shard stopped")?;
+                        }
+                    }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -270,6 +292,8 @@ impl Ingest {
         for shard in 0..self.shards.len() {
             self.send_batch(shard)?;
         }
+        let id = c.input.id;
+        self.messages.retain(|(spool, _), _| *spool != id);
         self.flush_outcomes()?;
         self.reports
             .send(Report::FileRead {
@@ -349,7 +373,7 @@ impl Ingest {
         }
         let body = match &job.body {
             JobBody::Inline(s) => Ok(BodyKey::Inline(s.clone())),
-            JobBody::File(s) => self.message(&input.origin, s.get(map))?.map(BodyKey::File),
+            JobBody::File(s) => self.message(fid, &input.origin, s.get(map))?.map(BodyKey::File),
         };
         let body = match body {
             Ok(b) => b,
@@ -406,31 +430,43 @@ impl Ingest {
     }
 
     /// The id of a message file, mapping it (and telling every shard) on first sight.
-    fn message(&mut self, origin: &std::path::Path, name: &str) -> Result<Result<u32, String>, &'static str> {
+    fn message(
+        &mut self,
+        spool: u32,
+        origin: &std::path::Path,
+        name: &str,
+    ) -> Result<Result<u32, String>, &'static str> {
         let path = match spool::message_path(origin, name) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(known) = self.messages.get(&path) {
+        let key = (spool, path);
+        if let Some(known) = self.messages.get(&key) {
             return Ok(known.clone());
         }
-        let opened = match MappedFile::open(&path) {
+        let path = &key.1;
+        let opened = match MappedFile::open(path) {
             Ok(f) if f.bytes().is_empty() => Err(format!("message {name:?} is empty")),
             Ok(f) => Ok(Arc::new(f)),
             Err(e) => Err(format!("message {name:?} cannot be read: {e}")),
         };
         let result = match opened {
             Ok(file) => {
-                let id = self.messages.len() as u32;
+                let id = self.next_message;
+                self.next_message += 1;
                 for tx in &self.shards {
-                    tx.send(ToShard::Message { id, file: file.clone() })
-                        .map_err(|_| "a shard stopped")?;
+                    tx.send(ToShard::Message {
+                        id,
+                        spool,
+                        file: file.clone(),
+                    })
+                    .map_err(|_| "a shard stopped")?;
                 }
                 Ok(id)
             }
             Err(e) => Err(e),
         };
-        self.messages.insert(path, result.clone());
+        self.messages.insert(key, result.clone());
         Ok(result)
     }
 

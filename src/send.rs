@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::classify::Classifier;
 use crate::config::{Config, Routes};
 use crate::dns::NetThread;
-use crate::ingest::{Ingest, Report, SpoolInput};
+use crate::ingest::{Ingest, IngestInput, Report, SpoolInput};
 use crate::journal::{Done, Journal};
 use crate::metrics::SpoolGauges;
 use crate::metrics::export::{Board, Exporter, FileStatus, Hub};
@@ -381,7 +381,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled).max_line_bytes(cfg.max_job_line_bytes);
     let (input_tx, input_rx) = unbounded();
     for input in inputs {
-        input_tx.send(input).expect("the receiver is alive");
+        input_tx.send(IngestInput::Spool(input)).expect("the receiver is alive");
     }
     // In service mode the watcher keeps feeding ingest; otherwise the list is all there is.
     let mut watcher = opts.watch.clone().map(Watcher::new);
@@ -453,6 +453,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 c.finished.read += track.finals;
                 c.finished.finals += track.finals;
                 w.finished(id, track)?;
+                // The shards let go of the file and its message files (unmapped once the last goes).
+                let _ = tx.send(IngestInput::Forget(id));
                 if let Some(hub) = &hub {
                     // Show it done in /status at once.
                     hub.publish(c.board(Some(w), ingested));

@@ -12,7 +12,7 @@ use anyhow::Context;
 use crossbeam_channel::Sender;
 
 use crate::config::Config;
-use crate::ingest::SpoolInput;
+use crate::ingest::IngestInput;
 use crate::outcome::Outcome;
 use crate::send::{FileTrack, open_spool};
 
@@ -75,7 +75,7 @@ impl Watcher {
 
     /// Takes every complete file of `incoming/` (and, the first time, what
     /// `active/` still holds) and hands it to ingest.
-    pub fn scan(&mut self, cfg: &Config, inputs: &Sender<SpoolInput>) -> anyhow::Result<()> {
+    pub fn scan(&mut self, cfg: &Config, inputs: &Sender<IngestInput>) -> anyhow::Result<()> {
         let mut work: Vec<(String, PathBuf)> = Vec::new();
         if !self.resumed {
             self.resumed = true;
@@ -104,7 +104,7 @@ impl Watcher {
                 Ok(input) => {
                     tracing::info!("taking {name}");
                     self.taken.insert(id, (name, active));
-                    inputs.send(input).context("ingest stopped")?;
+                    inputs.send(IngestInput::Spool(input)).context("ingest stopped")?;
                 }
                 Err(e) => self.fail(&name, &active, &format!("{e:#}"))?,
             }

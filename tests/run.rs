@@ -34,6 +34,38 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The service child; killed if a test fails before it stops it.
+struct Service(std::process::Child);
+
+impl Service {
+    fn start(config: &Path, stdout: Stdio) -> Service {
+        Service(
+            Command::new(env!("CARGO_BIN_EXE_volley"))
+                .args(["run", "--config"])
+                .arg(config)
+                .stdout(stdout)
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        assert_eq!(unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) }, 0);
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn the_service_takes_files_as_they_come_and_files_them_away() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,13 +86,7 @@ fn the_service_takes_files_as_they_come_and_files_them_away() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = Service::start(&config, Stdio::piped());
     let incoming = root.join("incoming");
     wait_for("incoming/", || incoming.is_dir());
     drop_spool(&incoming, "first", 400);
@@ -88,13 +114,91 @@ fn the_service_takes_files_as_they_come_and_files_them_away() {
         std::fs::read_dir(root.join("active")).unwrap().next().is_none(),
         "nothing left in active/"
     );
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    let status = child.stop();
     assert!(status.success(), "{status}");
     let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut out).unwrap();
     let counts = sink.stop();
     assert_eq!(counts.recipients, 700, "{out}");
     let f = common::finals(&common::read_log(&dir.path().join("log.jsonl")));
     assert_eq!(f.len(), 700);
+}
+
+/// A message file of the same name dropped again later, with other content,
+/// goes out as it is now: message files are mapped per spool file, not
+/// cached by name for the life of the service; finished files are unmapped.
+#[test]
+fn a_message_file_replaced_between_spools_goes_out_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let config = dir.path().join("volley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = {:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"\"\n[routes]\n\"*\" = \"{}\"\n",
+            root.display().to_string(),
+            sink.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Service::start(&config, Stdio::null());
+    let incoming = root.join("incoming");
+    wait_for("incoming/", || incoming.is_dir());
+    let done = root.join("done");
+    for (name, text) in [("first", "edition one"), ("second", "edition two")] {
+        // The producer writes the message through a temporary name and renames it over the old one.
+        let tmp = incoming.join("news.eml.tmp");
+        std::fs::write(&tmp, format!("Subject: {text}\n\n{text}\n")).unwrap();
+        std::fs::rename(&tmp, incoming.join("news.eml")).unwrap();
+        let spool_tmp = incoming.join(format!("{name}.jsonl.tmp"));
+        std::fs::write(
+            &spool_tmp,
+            format!("{{\"from\":\"s@x.test\",\"to\":[\"{name}@d.test\"],\"message\":\"news.eml\"}}\n"),
+        )
+        .unwrap();
+        std::fs::rename(&spool_tmp, incoming.join(format!("{name}.jsonl"))).unwrap();
+        wait_for(&format!("{name} done"), || {
+            done.join(format!("{name}.jsonl.summary.json")).exists()
+        });
+    }
+    // Finished spool files and their message files are unmapped: the service does not pile them up.
+    let maps = format!("/proc/{}/maps", child.0.id());
+    wait_for("the finished files unmapped", || {
+        let m = std::fs::read_to_string(&maps).unwrap();
+        !m.contains(".jsonl") && !m.contains("news.eml")
+    });
+    assert!(child.stop().success());
+    sink.stop();
+    let mut bodies: Vec<(String, String)> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            let rcpt = text
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Rcpt-To: "))
+                .unwrap()
+                .to_string();
+            let subject = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap()
+                .to_string();
+            (rcpt, subject)
+        })
+        .collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        [
+            ("<first@d.test>".to_string(), "edition one".to_string()),
+            ("<second@d.test>".to_string(), "edition two".to_string())
+        ]
+    );
 }

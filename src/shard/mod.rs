@@ -84,6 +84,8 @@ struct LocalFile {
     id: u32,
     file: Arc<MappedFile>,
     name: String,
+    /// Message files its jobs use (dropped with it).
+    messages: RefCell<Vec<u32>>,
 }
 
 pub(crate) struct Domain {
@@ -404,12 +406,30 @@ impl Shard {
                     || file.path().display().to_string(),
                     |n| n.to_string_lossy().into_owned(),
                 );
-                self.files
-                    .borrow_mut()
-                    .insert(id, Rc::new(LocalFile { id, file, name }));
+                self.files.borrow_mut().insert(
+                    id,
+                    Rc::new(LocalFile {
+                        id,
+                        file,
+                        name,
+                        messages: RefCell::default(),
+                    }),
+                );
             }
-            ToShard::Message { id, file } => {
+            ToShard::Message { id, spool, file } => {
                 self.raw_messages.borrow_mut().insert(id, file);
+                if let Some(f) = self.files.borrow().get(&spool) {
+                    f.messages.borrow_mut().push(id);
+                }
+            }
+            ToShard::Forget { file } => {
+                // Its recipients are all final: no transaction holds it any more.
+                if let Some(f) = self.files.borrow_mut().remove(&file) {
+                    for id in f.messages.borrow().iter() {
+                        self.raw_messages.borrow_mut().remove(id);
+                        self.prepared.borrow_mut().remove(id);
+                    }
+                }
             }
             ToShard::Work(items) => {
                 for item in items {
