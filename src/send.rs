@@ -261,6 +261,40 @@ impl Collector {
     }
 }
 
+/// Opens the delivery log for appending. A process killed in the middle of a
+/// write leaves a torn last line: it is cut off, so that every line stays
+/// one JSON record (that recipient's outcome is in the journal, which is
+/// written first).
+fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let len = f.metadata()?.len();
+    if len > 0 {
+        let tail_len = len.min(1 << 20);
+        let mut tail = vec![0u8; tail_len as usize];
+        f.seek(SeekFrom::Start(len - tail_len))?;
+        f.read_exact(&mut tail)?;
+        if tail.last() != Some(&b'\n') {
+            let keep = match tail.iter().rposition(|&b| b == b'\n') {
+                Some(i) => len - tail_len + i as u64 + 1,
+                None if tail_len == len => 0,
+                // A last line longer than 1 MiB: not one of volley's; leave it and start afresh.
+                None => {
+                    f.write_all(b"\n")?;
+                    return Ok(f);
+                }
+            };
+            tracing::warn!(
+                "{}: cut a torn last line ({} bytes) left by an interrupted run",
+                path.display(),
+                len - keep
+            );
+            f.set_len(keep)?;
+        }
+    }
+    Ok(f)
+}
+
 /// Maps a spool file and opens its journal: the input ingest reads. `origin`
 /// is where the producer put it (message paths are relative to its folder).
 pub fn open_spool(cfg: &Config, id: u32, path: &Path, origin: &Path) -> anyhow::Result<SpoolInput> {
@@ -320,11 +354,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let log = match &cfg.log {
         Some(p) => Some(BufWriter::with_capacity(
             256 * 1024,
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open delivery log {}", p.display()))?,
+            open_log(p).with_context(|| format!("cannot open delivery log {}", p.display()))?,
         )),
         None => None,
     };
@@ -592,4 +622,30 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         bail!("internal failure: {f}");
     }
     Ok(c.summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_log;
+    use std::io::Write;
+
+    #[test]
+    fn a_torn_last_log_line_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n{\"ts\":\"2026-").unwrap();
+        let mut f = open_log(&p).unwrap();
+        f.write_all(b"{\"b\":2}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        // A whole log is left as it is; a torn first line goes entirely.
+        let mut f = open_log(&p).unwrap();
+        f.write_all(b"{\"c\":3}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
+        );
+        std::fs::write(&p, "{\"torn").unwrap();
+        drop(open_log(&p).unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+    }
 }
