@@ -47,6 +47,8 @@ pub fn demo(o: DemoOptions) -> anyhow::Result<DemoResult> {
     let sink = Sink::start(SinkOptions {
         listen: "127.0.0.1:0".parse()?,
         shards: config.shards(),
+        // As most big receivers do: volley then sends with BDAT windows.
+        chunking: true,
         ..SinkOptions::default()
     })?;
     let spool = dir.path().join("demo.jsonl");
