@@ -34,6 +34,20 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A service configuration in `dir`: spool_dir `dir/spool`, everything to `sink`, plus `extra` lines.
+fn service_config(dir: &Path, sink: std::net::SocketAddr, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("volley.toml");
+    let root = dir.join("spool").display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = {root:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"127.0.0.1:0\"\n{extra}\n[routes]\n\"*\" = \"{sink}\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// The service child; killed if a test fails before it stops it.
 struct Service(std::process::Child);
 
@@ -75,17 +89,8 @@ fn the_service_takes_files_as_they_come_and_files_them_away() {
         ..Default::default()
     })
     .unwrap();
-    let config = dir.path().join("volley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "spool_dir = {:?}\nlog = {:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"127.0.0.1:0\"\n[routes]\n\"*\" = \"{}\"\n",
-            root.display().to_string(),
-            dir.path().join("log.jsonl").display().to_string(),
-            sink.addr()
-        ),
-    )
-    .unwrap();
+    let log = format!("log = {:?}", dir.path().join("log.jsonl").display().to_string());
+    let config = service_config(dir.path(), sink.addr(), &log);
     let mut child = Service::start(&config, Stdio::piped());
     let incoming = root.join("incoming");
     wait_for("incoming/", || incoming.is_dir());
@@ -138,16 +143,7 @@ fn a_message_file_replaced_between_spools_goes_out_new() {
         ..Default::default()
     })
     .unwrap();
-    let config = dir.path().join("volley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "spool_dir = {:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"\"\n[routes]\n\"*\" = \"{}\"\n",
-            root.display().to_string(),
-            sink.addr()
-        ),
-    )
-    .unwrap();
+    let config = service_config(dir.path(), sink.addr(), "");
     let mut child = Service::start(&config, Stdio::null());
     let incoming = root.join("incoming");
     wait_for("incoming/", || incoming.is_dir());

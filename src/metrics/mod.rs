@@ -181,15 +181,16 @@ impl Latency {
     pub fn window_count(&self) -> u64 {
         self.current.len() + self.previous.len()
     }
-    /// The value at quantile `q` (0..=1) over the window, in seconds; NaN when it saw nothing.
-    pub fn quantile_seconds(&self, q: f64) -> f64 {
+    /// The values at quantiles `qs` (0..=1) over the window, in seconds; NaN when it saw nothing.
+    pub fn quantiles_seconds<const N: usize>(&self, qs: [f64; N]) -> [f64; N] {
         if self.window_count() == 0 {
-            return f64::NAN;
+            return [f64::NAN; N];
         }
         let mut both = self.current.clone();
         both.add(&self.previous).expect("auto-resizing histograms always add");
-        both.value_at_quantile(q) as f64 / 1e6
+        qs.map(|q| both.value_at_quantile(q) as f64 / 1e6)
     }
+
     /// A copy as of `window`.
     pub fn at(&self, window: u64) -> Latency {
         let mut l = self.clone();
@@ -350,8 +351,9 @@ pub struct ShardMetrics {
     other: DomainStats,
     /// The smallest volume among full slots (None: to be computed).
     min_volume: Option<u64>,
-    /// When the quantile windows started counting.
+    /// When the quantile windows started counting, and the window now (set by `tick`).
     origin: Instant,
+    window: u64,
     pub dns_lookups: [u64; DNS_RESULTS.len()],
     pub dns_cache_hits: u64,
 }
@@ -366,6 +368,7 @@ impl ShardMetrics {
             other: DomainStats::default(),
             min_volume: None,
             origin: Instant::now(),
+            window: 0,
             dns_lookups: [0; DNS_RESULTS.len()],
             dns_cache_hits: 0,
         }
@@ -375,9 +378,10 @@ impl ShardMetrics {
         self.enabled
     }
 
-    /// The quantile window now.
-    fn window(&self) -> u64 {
-        (self.origin.elapsed().as_nanos() / QUANTILE_WINDOW.as_nanos()) as u64
+    /// Moves the quantile window on; the shard calls it once a turn of its loop,
+    /// so updates on the per-message path read no clock.
+    pub fn tick(&mut self, now: Instant) {
+        self.window = (now.duration_since(self.origin).as_nanos() / QUANTILE_WINDOW.as_nanos()) as u64;
     }
 
     /// The handle of a domain the shard starts to keep (again): its slot when it has one.
@@ -476,7 +480,7 @@ impl ShardMetrics {
         if !self.enabled {
             return;
         }
-        let window = self.window();
+        let window = self.window;
         let stats = match h.idx.get() {
             OTHER => &mut self.other,
             i => &mut self.slots[i as usize].stats,
@@ -490,7 +494,7 @@ impl ShardMetrics {
         if !self.enabled {
             return;
         }
-        let window = self.window();
+        let window = self.window;
         let stats = match self.by_name.get(name) {
             Some(&i) => &mut self.slots[i as usize].stats,
             None => &mut self.other,
@@ -508,9 +512,9 @@ impl ShardMetrics {
         }
     }
 
-    /// A copy of every slot (name, counts) and of `_other`, with quantile windows as of now.
+    /// A copy of every slot (name, counts) and of `_other`, with quantile windows as of the last tick.
     pub fn copy(&self) -> (Vec<(String, DomainStats)>, DomainStats) {
-        let w = self.window();
+        let w = self.window;
         let slots = self.slots.iter().map(|s| (s.name.to_string(), s.stats.at(w))).collect();
         (slots, self.other.at(w))
     }
@@ -644,13 +648,13 @@ mod tests {
         }
         assert_eq!(l.count(), 10_000);
         assert_eq!(l.sum_seconds(), 50_005_000.0 / 1e6);
-        let p99 = l.quantile_seconds(0.99) * 1e6;
+        let p99 = l.quantiles_seconds([0.99])[0] * 1e6;
         assert!((p99 - 9_900.0).abs() / 9_900.0 < 0.01, "p99 {p99}");
         let mut m = Latency::default();
         m.record(20_000, 3, 0);
         l.merge(&m);
         assert_eq!(l.count(), 10_003);
-        assert!(l.quantile_seconds(1.0) >= 0.0199);
+        assert!(l.quantiles_seconds([1.0])[0] >= 0.0199);
     }
 
     #[test]
@@ -661,13 +665,13 @@ mod tests {
         // Window 1: both windows count.
         assert_eq!(l.at(1).window_count(), 20);
         let close = |a: f64, b: f64| (a - b).abs() / b < 0.01;
-        assert!(close(l.at(1).quantile_seconds(0.25), 0.001));
+        assert!(close(l.at(1).quantiles_seconds([0.25])[0], 0.001));
         // Window 2: only what window 1 saw.
         assert_eq!(l.at(2).window_count(), 10);
-        assert!(close(l.at(2).quantile_seconds(0.25), 0.005));
+        assert!(close(l.at(2).quantiles_seconds([0.25])[0], 0.005));
         // Window 3: nothing recent; the totals stay.
         let old = l.at(3);
-        assert!(old.quantile_seconds(0.5).is_nan());
+        assert!(old.quantiles_seconds([0.5])[0].is_nan());
         assert_eq!((old.count(), old.sum_seconds()), (20, 0.06));
         // Merging a newer distribution moves an older one forward first.
         let mut newer = Latency::default();

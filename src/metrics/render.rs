@@ -114,13 +114,15 @@ impl Family {
         let mut s = Summary::default();
         s.set_sample_count(lat.count());
         s.set_sample_sum(lat.sum_seconds());
+        let values = lat.quantiles_seconds(QUANTILES);
         s.set_quantile(
             QUANTILES
                 .iter()
-                .map(|&q| {
+                .zip(values)
+                .map(|(&q, v)| {
                     let mut x = Quantile::default();
                     x.set_quantile(q);
-                    x.set_value(lat.quantile_seconds(q));
+                    x.set_value(v);
                     x
                 })
                 .collect(),

@@ -182,9 +182,11 @@ async fn converse(
     let mut session_clock = 0;
     let timed = shard.metrics.borrow().enabled();
     loop {
-        if shard.metrics.borrow().enabled() {
+        // Drained every turn, counted only with metrics on and only when there is something.
+        if timed && session.has_seen() {
+            let seen = session.take_seen();
             count(shard, dest, |m| {
-                for seen in session.take_seen() {
+                for seen in seen {
                     // Enhanced codes are counted for transactions only: a session's replies
                     // (RSET after any domain's failure, QUIT) would blur the owner domain's.
                     m.reply(seen.command, seen.code, None);
@@ -196,6 +198,8 @@ async fn converse(
                     }
                 }
             });
+        } else {
+            session.take_seen();
         }
         while let Some(event) = session.poll_event() {
             match event {

@@ -320,6 +320,7 @@ async fn run(p: ShardParams) {
             }
         }
         if let Some(link) = &p.metrics {
+            shard.metrics.borrow_mut().tick(Instant::now());
             while let Ok(req) = link.requests.try_recv() {
                 let _ = req.reply.send(shard.snapshot(req.full));
             }
@@ -796,14 +797,13 @@ impl Shard {
         let txn = &report.txn;
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
         let expired = now >= txn.first_seen + txn.domain.retry.max_age;
-        self.count_replies(&report, now);
         let mut deferred = Vec::new();
-        let mut delivered = false;
+        let mut delivered = 0u64;
         for i in 0..txn.rcpts.len() {
             let (status, decider) = report.verdict(i);
             let outcome = match status {
                 Status::Delivered => {
-                    delivered = true;
+                    delivered += 1;
                     Outcome::Delivered
                 }
                 Status::Bounced => Outcome::Bounced,
@@ -821,7 +821,8 @@ impl Shard {
             };
             self.record(txn, i, outcome, decider.into(), at);
         }
-        if delivered {
+        self.count_replies(&report, now, delivered);
+        if delivered > 0 {
             self.recorder.borrow_mut().message_delivered();
         }
         self.domain_streak(&txn.domain, deferred.len() == txn.rcpts.len(), || {
@@ -936,14 +937,11 @@ impl Shard {
 
     /// Counts a finished transaction's replies, times its phases, and the
     /// delivery duration of its delivered recipients.
-    fn count_replies(&self, report: &TxnReport<Txn>, now: Instant) {
+    fn count_replies(&self, report: &TxnReport<Txn>, now: Instant, delivered: u64) {
         let mut metrics = self.metrics.borrow_mut();
         if !metrics.enabled() {
             return;
         }
-        let delivered = (0..report.rcpts.len())
-            .filter(|&i| report.verdict(i).0 == Status::Delivered)
-            .count() as u64;
         metrics.with(&report.txn.domain.slot, |m| {
             let replies = [
                 (Command::Mail, &report.mail),

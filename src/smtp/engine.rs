@@ -502,8 +502,12 @@ impl<T: Envelope> Session<T> {
         self.now = micros;
     }
     /// Replies to set-up commands (greeting, EHLO, STARTTLS, AUTH, RSET, QUIT) since the last call.
+    /// Take them every turn (they are kept until taken).
     pub fn take_seen(&mut self) -> std::vec::Drain<'_, Seen> {
         self.seen.drain(..)
+    }
+    pub fn has_seen(&self) -> bool {
+        !self.seen.is_empty()
     }
     pub fn poll_event(&mut self) -> Option<Event<T>> {
         self.events.pop_front()
