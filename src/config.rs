@@ -28,8 +28,11 @@ pub struct Config {
     pub max_connections_per_destination: usize,
     pub max_messages_per_connection: usize,
     pub max_rcpts_per_txn: usize,
-    /// Recipients a shard holds (queued, in flight, awaiting retry) before it stops taking more from ingest.
+    /// Recipients a shard holds queued or in flight before it stops taking more from ingest.
     pub max_queued_recipients_per_shard: usize,
+    /// Recipients a shard holds waiting for a retry before it stops taking more from ingest
+    /// (they do not count against `max_queued_recipients_per_shard`).
+    pub max_deferred_recipients_per_shard: usize,
     /// A spool line longer than this is rejected unread.
     pub max_job_line_bytes: usize,
     /// A connection with nothing to do for this long says QUIT.
@@ -99,6 +102,7 @@ impl Default for Config {
             max_messages_per_connection: 1000,
             max_rcpts_per_txn: 100,
             max_queued_recipients_per_shard: 100_000,
+            max_deferred_recipients_per_shard: 1_000_000,
             max_job_line_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(5),
             timeouts: Timeouts::default(),
@@ -332,7 +336,9 @@ impl Retry {
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
         let spread = 1.0 + self.jitter.clamp(0.0, 1.0) * (fastrand::f64() * 2.0 - 1.0);
-        self.initial.mul_f64(factor).min(self.max_delay).mul_f64(spread)
+        // In float seconds: initial × factor outgrows a Duration long before the cap applies.
+        let secs = (self.initial.as_secs_f64() * factor).min(self.max_delay.as_secs_f64()) * spread;
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay)
     }
 }
 
@@ -428,6 +434,10 @@ impl Config {
             ("max_messages_per_connection", self.max_messages_per_connection),
             ("max_rcpts_per_txn", self.max_rcpts_per_txn),
             ("max_queued_recipients_per_shard", self.max_queued_recipients_per_shard),
+            (
+                "max_deferred_recipients_per_shard",
+                self.max_deferred_recipients_per_shard,
+            ),
             ("pipeline_window", self.pipeline_window),
         ];
         for (name, v) in positive {
@@ -573,6 +583,10 @@ mod tests {
         assert_eq!(cfg.max_messages_per_connection, d.max_messages_per_connection);
         assert_eq!(cfg.max_rcpts_per_txn, d.max_rcpts_per_txn);
         assert_eq!(cfg.max_queued_recipients_per_shard, d.max_queued_recipients_per_shard);
+        assert_eq!(
+            cfg.max_deferred_recipients_per_shard,
+            d.max_deferred_recipients_per_shard
+        );
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
@@ -688,6 +702,24 @@ mod tests {
                 .all(|d| *d >= Duration::from_millis(7200) && *d <= Duration::from_millis(8800))
         );
         assert!(delays.iter().any(|d| *d != delays[0]), "the delays are spread");
+    }
+
+    #[test]
+    fn a_long_streak_of_deferrals_stays_at_the_cap() {
+        // A domain backed off for thousands of transactions in a row asks for
+        // delay(n) with a large n: initial × 2^63 is no Duration.
+        let r = Retry {
+            initial: Duration::from_secs(60),
+            max_delay: Duration::from_secs(60),
+            ..Retry::default()
+        };
+        for n in [63, 64, 65, 1000, u32::MAX] {
+            let d = r.delay(n);
+            assert!(
+                d >= Duration::from_secs(54) && d <= Duration::from_secs(66),
+                "delay({n}) = {d:?}"
+            );
+        }
     }
 
     #[test]

@@ -326,6 +326,73 @@ fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
     assert_eq!(counts.messages, 0);
 }
 
+/// One shard, 600 recipients of a domain whose server defers everything
+/// first in the spool, then 1,000 over other domains; the shard holds at most
+/// 200 queued or in flight. Returns (delivered, expired) and whether every
+/// delivery was logged before the first expiry.
+fn throttled_domain_case(max_deferred: usize) -> (u64, u64, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let throttling = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        defer_rate: 1.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let open = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("m.eml"), "Subject: t\n\nbody\n").unwrap();
+    let line = |to: String| format!("{{\"from\":\"s@x.test\",\"to\":[\"{to}\"],\"message\":\"m.eml\"}}");
+    let mut lines: Vec<String> = (0..600).map(|i| line(format!("u{i}@throttled.test"))).collect();
+    lines.extend((0..1000).map(|i| line(format!("u{i}@d{}.test", i % 10))));
+    let path = dir.path().join("s.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", open.addr()), &log);
+    cfg.add_route(&format!("throttled.test={}", throttling.addr())).unwrap();
+    cfg.shards = Some(1);
+    cfg.max_queued_recipients_per_shard = 200;
+    cfg.max_deferred_recipients_per_shard = max_deferred;
+    cfg.retry.initial = Duration::from_secs(60);
+    cfg.retry.max_delay = Duration::from_secs(60);
+    cfg.retry.max_age = Duration::from_secs(3);
+    let summary = run_send(vec![path], cfg);
+    throttling.stop();
+    open.stop();
+    let outcomes: Vec<String> = read_log(&log)
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    let first_expired = outcomes.iter().position(|o| o == "expired").expect("some expired");
+    let last_delivered = outcomes.iter().rposition(|o| o == "delivered").expect("some delivered");
+    (
+        summary.count(Outcome::Delivered),
+        summary.count(Outcome::Expired),
+        last_delivered < first_expired,
+    )
+}
+
+#[test]
+fn a_domain_that_defers_everything_does_not_hold_up_the_others() {
+    let (delivered, expired, others_first) = throttled_domain_case(1_000_000);
+    assert_eq!((delivered, expired), (1000, 600));
+    assert!(
+        others_first,
+        "the other domains are all delivered while the throttled one waits for its retries"
+    );
+}
+
+#[test]
+fn recipients_waiting_for_retries_are_bounded_and_nothing_is_lost_at_the_bound() {
+    // At most 100 may wait: the shard stops taking work until the throttled
+    // domain's recipients expire, then takes the rest.
+    let (delivered, expired, others_first) = throttled_domain_case(100);
+    assert_eq!((delivered, expired), (1000, 600));
+    assert!(!others_first, "the bound held the other domains back");
+}
+
 #[test]
 fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
     let dir = tempfile::tempdir().unwrap();

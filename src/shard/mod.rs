@@ -270,13 +270,22 @@ pub(crate) struct Shard {
     recorder: RefCell<Recorder>,
     /// Recipients on this shard that are not final yet.
     held: Cell<usize>,
+    /// Of those, recipients waiting in `retries` for their next attempt.
+    waiting: Cell<usize>,
     stopping: Cell<bool>,
     inserts: Cell<usize>,
     metrics: RefCell<ShardMetrics>,
 }
 
+thread_local! {
+    /// The shard's end of the liveness channel. Held by the thread, not by the
+    /// executor's tasks: a panic unwinds the thread without dropping the tasks
+    /// that glommio still holds, and the collector must see the shard gone.
+    static ALIVE: RefCell<Option<Sender<()>>> = const { RefCell::new(None) };
+}
+
 async fn run(p: ShardParams) {
-    let _alive = p.alive.clone();
+    ALIVE.with(|a| *a.borrow_mut() = Some(p.alive));
     let shard = Rc::new(Shard {
         index: p.index,
         conn_limit: connection_share(p.cfg.max_connections_per_destination, p.shards, p.index),
@@ -296,6 +305,7 @@ async fn run(p: ShardParams) {
         retry_seq: Cell::new(0),
         recorder: RefCell::new(Recorder::new(p.log)),
         held: Cell::new(0),
+        waiting: Cell::new(0),
         stopping: Cell::new(false),
         inserts: Cell::new(0),
         metrics: RefCell::new(ShardMetrics::new(p.metrics.is_some(), p.cfg.metrics_max_domains)),
@@ -310,7 +320,7 @@ async fn run(p: ShardParams) {
             Err(TryRecvError::Empty) => {}
         }
         let mut taken = 0;
-        while taken < INBOX_CHUNK && shard.held.get() < shard.cfg.max_queued_recipients_per_shard {
+        while taken < INBOX_CHUNK && shard.has_room() {
             match p.inbox.try_recv() {
                 Ok(msg) => {
                     shard.accept(msg);
@@ -367,6 +377,10 @@ async fn run(p: ShardParams) {
     }
 }
 
+fn intake_open(held: usize, waiting: usize, cfg: &Config) -> bool {
+    held - waiting < cfg.max_queued_recipients_per_shard && waiting < cfg.max_deferred_recipients_per_shard
+}
+
 async fn retry_loop(shard: Rc<Shard>) {
     loop {
         let now = Instant::now();
@@ -387,7 +401,10 @@ async fn retry_loop(shard: Rc<Shard>) {
                 }
             };
             match due {
-                Some(d) => shard.dispatch(d.txn),
+                Some(d) => {
+                    shard.waiting.set(shard.waiting.get() - d.txn.rcpts.len());
+                    shard.dispatch(d.txn)
+                }
                 None => break,
             }
         }
@@ -400,6 +417,14 @@ async fn resolve(shard: Rc<Shard>, net: Net, domain: Rc<Domain>) {
 }
 
 impl Shard {
+    /// Whether the shard takes more work from ingest: recipients queued or in
+    /// flight and recipients waiting for a retry have bounds of their own, so a
+    /// domain that defers everything fills only the second and the shard's other
+    /// domains keep flowing.
+    fn has_room(&self) -> bool {
+        intake_open(self.held.get(), self.waiting.get(), &self.cfg)
+    }
+
     fn accept(self: &Rc<Self>, msg: ToShard) {
         match msg {
             ToShard::File { id, file } => {
@@ -888,6 +913,7 @@ impl Shard {
         txn.attempt += 1;
         let seq = self.retry_seq.get();
         self.retry_seq.set(seq + 1);
+        self.waiting.set(self.waiting.get() + txn.rcpts.len());
         self.retries.borrow_mut().push(Due { at: due, seq, txn });
     }
 
@@ -984,7 +1010,7 @@ impl Shard {
             dns_lookups: metrics.dns_lookups,
             dns_cache_hits: metrics.dns_cache_hits,
             held: self.held.get() as u64,
-            retry_backlog: self.retries.borrow().iter().map(|d| d.txn.rcpts.len() as u64).sum(),
+            retry_backlog: self.waiting.get() as u64,
             domains_known: self.domains.borrow().len() as u64,
             destinations: self.dests.borrow().len() as u64,
             connections_open: self.dests.borrow().values().map(|d| d.open.get() as u64).sum(),
@@ -1064,7 +1090,29 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::connection_share;
+    use super::{connection_share, intake_open};
+    use crate::config::Config;
+
+    #[test]
+    fn recipients_waiting_for_a_retry_have_their_own_bound() {
+        let cfg = Config {
+            max_queued_recipients_per_shard: 100,
+            max_deferred_recipients_per_shard: 1000,
+            ..Config::default()
+        };
+        assert!(intake_open(0, 0, &cfg));
+        assert!(intake_open(99, 0, &cfg));
+        assert!(!intake_open(100, 0, &cfg), "100 queued or in flight fill the shard");
+        assert!(
+            intake_open(900, 900, &cfg),
+            "900 waiting for a retry leave room for new work"
+        );
+        assert!(!intake_open(1000, 1000, &cfg), "so many waiting close it");
+        assert!(
+            !intake_open(1099, 999, &cfg),
+            "100 in flight beside 999 waiting close it"
+        );
+    }
 
     #[test]
     fn connection_shares_add_up() {
