@@ -93,6 +93,10 @@ pub struct Config {
     pub pipeline_window_bytes: usize,
 }
 
+/// Durations past this are surely mistakes (and `Instant + d` would overflow).
+const LONGEST_DAYS: u64 = 3650;
+const LONGEST_DURATION: Duration = Duration::from_secs(LONGEST_DAYS * 86_400);
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -428,6 +432,49 @@ impl Config {
         Ok(())
     }
 
+    /// Every duration of the configuration, by its key.
+    fn durations(&self) -> Vec<(String, Duration)> {
+        let t = &self.timeouts;
+        let mut out: Vec<(String, Duration)> = [
+            ("idle_timeout", self.idle_timeout),
+            ("tls_fallback", self.tls_fallback),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("journal_sync_interval", self.journal_sync_interval),
+            ("dns.timeout", self.dns.timeout),
+            ("dns.min_ttl", self.dns.min_ttl),
+            ("dns.max_ttl", self.dns.max_ttl),
+            ("dns.negative_ttl", self.dns.negative_ttl),
+            ("timeouts.connect", t.connect),
+            ("timeouts.greeting", t.greeting),
+            ("timeouts.ehlo", t.ehlo),
+            ("timeouts.mail", t.mail),
+            ("timeouts.rcpt", t.rcpt),
+            ("timeouts.data_init", t.data_init),
+            ("timeouts.data_block", t.data_block),
+            ("timeouts.data_term", t.data_term),
+            ("timeouts.quit", t.quit),
+            ("timeouts.starttls", t.starttls),
+        ]
+        .into_iter()
+        .map(|(k, d)| (k.to_string(), d))
+        .collect();
+        let retries = std::iter::once(("retry".to_string(), &self.retry)).chain(
+            self.retry_domain
+                .iter()
+                .map(|(d, r)| (format!("retry_domain.\"{d}\""), r)),
+        );
+        for (table, r) in retries {
+            for (key, d) in [
+                ("initial", r.initial),
+                ("max_delay", r.max_delay),
+                ("max_age", r.max_age),
+            ] {
+                out.push((format!("{table}.{key}"), d));
+            }
+        }
+        out
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         let positive = [
             ("max_connections_per_destination", self.max_connections_per_destination),
@@ -447,6 +494,14 @@ impl Config {
         }
         if self.timeouts.connect.is_zero() {
             bail!("timeouts.connect must be more than zero");
+        }
+        for (name, d) in self.durations() {
+            if d > LONGEST_DURATION {
+                bail!(
+                    "{name} = {} is longer than the longest allowed, {LONGEST_DAYS} days",
+                    humantime::format_duration(d)
+                );
+            }
         }
         self.metrics_addr()?;
         Ok(())
@@ -665,6 +720,22 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("max_conections = 3").unwrap_err();
         assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn an_absurd_duration_is_refused_by_its_key() {
+        let cfg: Config = toml::from_str("[retry_domain.\"slow.test\"]\nmax_age = \"20years\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("retry_domain.\"slow.test\".max_age = 20years"), "{err}");
+        let cfg: Config = toml::from_str("[timeouts]\ndata_term = \"400000h\"\n").unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("timeouts.data_term")
+        );
+        let cfg: Config = toml::from_str("[retry]\nmax_age = \"5days\"\n").unwrap();
+        cfg.validate().unwrap();
     }
 
     #[test]
