@@ -94,7 +94,7 @@ pub(crate) struct Domain {
     retry: Retry,
     /// Transactions in a row deferred whole; past `domain_backoff_after` the domain is backed off.
     deferred_in_a_row: Cell<u32>,
-    backoff: RefCell<Option<(Instant, String)>>,
+    backoff: RefCell<Option<Backoff>>,
     /// Its handle into the shard's metrics.
     slot: Rc<DomainSlot>,
     /// Recipients not final yet.
@@ -209,10 +209,20 @@ impl Ord for Due {
 }
 
 /// What a recipient's attempt ended with, for the log.
+/// A domain backed off as a whole: until when, why, and the bounce category
+/// of the reply that ended the streak (its deferrals are classified by it).
+struct Backoff {
+    until: Instant,
+    why: String,
+    category: String,
+}
+
 struct Said<'a> {
     code: Option<u16>,
     enhanced: Option<crate::smtp::Enhanced>,
     text: &'a str,
+    /// A category decided beforehand instead of classifying this.
+    category: Option<&'a str>,
 }
 
 impl<'a> From<Decider<'a>> for Said<'a> {
@@ -222,11 +232,13 @@ impl<'a> From<Decider<'a>> for Said<'a> {
                 code: Some(r.code),
                 enhanced: r.enhanced,
                 text: &r.text,
+                category: None,
             },
             Decider::Failure(s) => Said {
                 code: None,
                 enhanced: None,
                 text: s,
+                category: None,
             },
         }
     }
@@ -634,11 +646,14 @@ impl Shard {
         let domain = txn.domain.clone();
         let now = Instant::now();
         let backed_off = match &*domain.backoff.borrow() {
-            Some((until, why)) if now < *until => Some(format!("{} is backed off as a whole: {why}", domain.name)),
+            Some(b) if now < b.until => Some((
+                format!("{} is backed off as a whole: {}", domain.name, b.why),
+                b.category.clone(),
+            )),
             _ => None,
         };
-        if let Some(reason) = backed_off {
-            return self.defer(txn, &reason, None);
+        if let Some((reason, category)) = backed_off {
+            return self.defer_as(txn, &reason, None, Some(&category));
         }
         let mut route = domain.route.borrow_mut();
         let dest = match &mut *route {
@@ -754,6 +769,7 @@ impl Shard {
                 code: None,
                 enhanced: Some(enhanced),
                 text: reason,
+                category: None,
             };
             self.record(&txn, i, Outcome::Bounced, said, At::default());
         }
@@ -851,10 +867,17 @@ impl Shard {
             self.recorder.borrow_mut().message_delivered();
         }
         self.domain_streak(&txn.domain, deferred.len() == txn.rcpts.len(), || {
-            match report.verdict(0).1 {
+            let decider = report.verdict(0).1;
+            let text = match decider {
                 Decider::Reply(r) => r.to_string(),
                 Decider::Failure(f) => f.to_string(),
-            }
+            };
+            let said = Said::from(decider);
+            let category = self
+                .classifier
+                .classify(said.code, said.enhanced, said.text)
+                .to_string();
+            (text, category)
         });
         if deferred.is_empty() {
             return;
@@ -868,12 +891,18 @@ impl Shard {
 
     /// Defers (or expires) every recipient of a transaction for a local reason.
     fn defer(self: &Rc<Self>, txn: Txn, reason: &str, dest: Option<&Dest>) {
+        self.defer_as(txn, reason, dest, None)
+    }
+
+    /// `defer`, with the category given instead of classified from the reason.
+    fn defer_as(self: &Rc<Self>, txn: Txn, reason: &str, dest: Option<&Dest>, category: Option<&str>) {
         let expired = Instant::now() >= txn.first_seen + txn.domain.retry.max_age;
         let outcome = if expired { Outcome::Expired } else { Outcome::Deferred };
         let said = || Said {
             code: None,
             enhanced: None,
             text: reason,
+            category,
         };
         for i in 0..txn.rcpts.len() {
             let at = At {
@@ -890,7 +919,7 @@ impl Shard {
     /// Counts transactions of a domain deferred whole in a row; after
     /// `domain_backoff_after` of them the domain is backed off as a whole
     /// instead of being retried recipient by recipient.
-    fn domain_streak(&self, domain: &Domain, all_deferred: bool, last: impl FnOnce() -> String) {
+    fn domain_streak(&self, domain: &Domain, all_deferred: bool, last: impl FnOnce() -> (String, String)) {
         if !all_deferred {
             domain.deferred_in_a_row.set(0);
             *domain.backoff.borrow_mut() = None;
@@ -901,8 +930,9 @@ impl Shard {
         let after = self.cfg.domain_backoff_after.max(1);
         if n >= after {
             let until = Instant::now() + domain.retry.delay(n - after + 1);
-            let why = format!("{n} transactions in a row deferred, the last with: {}", last());
-            *domain.backoff.borrow_mut() = Some((until, why));
+            let (text, category) = last();
+            let why = format!("{n} transactions in a row deferred, the last with: {text}");
+            *domain.backoff.borrow_mut() = Some(Backoff { until, why, category });
         }
     }
 
@@ -924,9 +954,10 @@ impl Shard {
             txn.domain.held.set(txn.domain.held.get() - 1);
         }
         let category = match outcome {
-            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => {
-                Some(self.classifier.classify(said.code, said.enhanced, said.text))
-            }
+            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(
+                said.category
+                    .unwrap_or_else(|| self.classifier.classify(said.code, said.enhanced, said.text)),
+            ),
             Outcome::Delivered | Outcome::Rejected => None,
         };
         self.metrics
