@@ -390,7 +390,8 @@ async fn run(p: ShardParams) {
 }
 
 fn intake_open(held: usize, waiting: usize, cfg: &Config) -> bool {
-    held - waiting < cfg.max_queued_recipients_per_shard && waiting < cfg.max_deferred_recipients_per_shard
+    held.saturating_sub(waiting) < cfg.max_queued_recipients_per_shard
+        && waiting < cfg.max_deferred_recipients_per_shard
 }
 
 async fn retry_loop(shard: Rc<Shard>) {
