@@ -208,15 +208,17 @@ impl Ord for Due {
     }
 }
 
-/// What a recipient's attempt ended with, for the log.
-/// A domain backed off as a whole: until when, why, and the bounce category
-/// of the reply that ended the streak (its deferrals are classified by it).
+/// A domain backed off as a whole: until when, the reason its deferrals
+/// are logged with, and the bounce category of the reply that ended the
+/// streak (they are classified by it). Made once per streak, shared by
+/// every transaction deferred while it lasts.
 struct Backoff {
     until: Instant,
-    why: String,
-    category: String,
+    reason: Rc<str>,
+    category: Rc<str>,
 }
 
+/// What a recipient's attempt ended with, for the log.
 struct Said<'a> {
     code: Option<u16>,
     enhanced: Option<crate::smtp::Enhanced>,
@@ -647,10 +649,7 @@ impl Shard {
         let domain = txn.domain.clone();
         let now = Instant::now();
         let backed_off = match &*domain.backoff.borrow() {
-            Some(b) if now < b.until => Some((
-                format!("{} is backed off as a whole: {}", domain.name, b.why),
-                b.category.clone(),
-            )),
+            Some(b) if now < b.until => Some((b.reason.clone(), b.category.clone())),
             _ => None,
         };
         if let Some((reason, category)) = backed_off {
@@ -874,11 +873,7 @@ impl Shard {
                 Decider::Failure(f) => f.to_string(),
             };
             let said = Said::from(decider);
-            let category = self
-                .classifier
-                .classify(said.code, said.enhanced, said.text)
-                .to_string();
-            (text, category)
+            (text, self.classifier.classify(said.code, said.enhanced, said.text))
         });
         if deferred.is_empty() {
             return;
@@ -920,7 +915,7 @@ impl Shard {
     /// Counts transactions of a domain deferred whole in a row; after
     /// `domain_backoff_after` of them the domain is backed off as a whole
     /// instead of being retried recipient by recipient.
-    fn domain_streak(&self, domain: &Domain, all_deferred: bool, last: impl FnOnce() -> (String, String)) {
+    fn domain_streak<'a>(&'a self, domain: &Domain, all_deferred: bool, last: impl FnOnce() -> (String, &'a str)) {
         if !all_deferred {
             domain.deferred_in_a_row.set(0);
             *domain.backoff.borrow_mut() = None;
@@ -932,8 +927,15 @@ impl Shard {
         if n >= after {
             let until = Instant::now() + domain.retry.delay(n - after + 1);
             let (text, category) = last();
-            let why = format!("{n} transactions in a row deferred, the last with: {text}");
-            *domain.backoff.borrow_mut() = Some(Backoff { until, why, category });
+            let reason = format!(
+                "{} is backed off as a whole: {n} transactions in a row deferred, the last with: {text}",
+                domain.name
+            );
+            *domain.backoff.borrow_mut() = Some(Backoff {
+                until,
+                reason: Rc::from(reason),
+                category: Rc::from(category),
+            });
         }
     }
 
