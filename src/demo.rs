@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use crate::collector::Summary;
 use crate::config::Config;
 use crate::generator::{GenOptions, generate};
-use crate::send::{Progress, SendOptions, Summary, send};
+use crate::send::{Progress, SendOptions, send};
 use crate::sink::{Sink, SinkCounts, SinkOptions};
 
 pub struct DemoOptions {

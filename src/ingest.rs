@@ -5,14 +5,19 @@
 //! that keeps memory flat however large the spool is.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use anyhow::Context;
+
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::journal::{Done, Journal, WHOLE_LINE};
-use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder};
+use crate::collector::{Report, StorageError};
+use crate::config::Config;
+use crate::journal::{self, Done, Journal, WHOLE_LINE};
+use crate::lock::Lock;
+use crate::outcome::{JobId, LogRecord, Outcome, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
 
 /// Jobs per batch sent to a shard.
@@ -90,41 +95,54 @@ pub struct SpoolInput {
     pub done: Done,
     /// When the spool was first seen (from its journal): `max_age` runs from here.
     pub first_seen: Instant,
+    /// This process's lock on the spool file, handed to the collector.
+    pub lock: Option<Lock>,
+}
+
+impl SpoolInput {
+    /// Locks a spool file (unless `lock` is already held), maps it and opens
+    /// its journal. `origin` is where the producer put it (message paths are
+    /// relative to its folder). A file another process is sending is refused
+    /// with a [`LockError`] before its journal is touched; a journal that
+    /// cannot be written is a [`StorageError`].
+    pub fn open(cfg: &Config, id: u32, path: &Path, origin: &Path, lock: Option<Lock>) -> anyhow::Result<SpoolInput> {
+        let lock = match lock {
+            Some(l) => l,
+            None => Lock::file(path, "spool file")?,
+        };
+        let file =
+            Arc::new(MappedFile::open(path).with_context(|| format!("cannot read spool file {}", path.display()))?);
+        let (done, first_seen, journal) = if cfg.journal {
+            let opened = match Journal::open(path, file.bytes().len() as u64) {
+                Ok(o) => o,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(e).with_context(|| format!("cannot read the journal of {}", path.display()));
+                }
+                Err(e) => return Err(StorageError::new("the journal", &journal::path_for(path), e).into()),
+            };
+            (opened.done, opened.first_seen, Some(opened.journal))
+        } else {
+            (Done::default(), SystemTime::now(), None)
+        };
+        // max_age runs from when the spool was first seen, by an earlier run too.
+        let age = SystemTime::now().duration_since(first_seen).unwrap_or_default();
+        let first_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        Ok(SpoolInput {
+            id,
+            file,
+            origin: origin.to_path_buf(),
+            journal,
+            done,
+            first_seen,
+            lock: Some(lock),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum BodyKey {
     File(u32),
     Inline(Span),
-}
-
-/// Messages to the collector.
-pub enum Report {
-    Outcomes(OutcomeBatch),
-    /// Recipients found so far (progress).
-    Ingested {
-        recipients: u64,
-    },
-    /// A file is about to be read; its journal (if any) goes to the collector.
-    FileOpened {
-        file: u32,
-        /// Its file name, for `/status`.
-        name: String,
-        journal: Option<Journal>,
-    },
-    /// A file was read to its end: the final outcomes to wait for from it.
-    FileRead {
-        file: u32,
-        recipients: u64,
-        already_final: u64,
-    },
-    /// Every line was read: the number of final outcomes to wait for, and
-    /// how many recipients were already final (journaled by an earlier run).
-    IngestDone {
-        recipients: u64,
-        bad_lines: u64,
-        already_final: u64,
-    },
 }
 
 /// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
@@ -249,6 +267,8 @@ impl Ingest {
                     |n| n.to_string_lossy().into_owned(),
                 ),
                 journal: input.journal.take(),
+                lock: input.lock.take(),
+                earlier: input.done.counts,
             })
             .map_err(|_| "the collector stopped")?;
         for tx in &self.shards {

@@ -3,12 +3,14 @@
 //! SMTP sessions → outcomes.
 
 pub mod classify;
+pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod generator;
 pub mod ingest;
 pub mod journal;
+pub mod lock;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;

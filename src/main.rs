@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use volley::collector::StorageError;
 use volley::config::Config;
 use volley::demo::{DemoOptions, demo};
 use volley::generator::{GenOptions, generate};
@@ -23,6 +24,10 @@ const EXIT_EXPIRED: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 4;
 /// Exit status when a mapped file was truncated under volley (SIGBUS).
 const EXIT_FILE_CHANGED: i32 = 75;
+/// Exit status when a file volley must write (delivery log, journal, spool
+/// directory) could not be written: a full disk, an I/O error, a read-only
+/// filesystem (EX_IOERR).
+const EXIT_STORAGE: u8 = 74;
 
 /// A spool or message file truncated while it is mapped makes the next read
 /// of a lost page raise SIGBUS. That cannot be recovered from, but it can be
@@ -281,7 +286,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("volley: {e:#}");
-            ExitCode::FAILURE
+            if e.chain().any(|c| c.is::<StorageError>()) {
+                ExitCode::from(EXIT_STORAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

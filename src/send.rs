@@ -2,29 +2,26 @@
 //! thread, and collects outcomes (delivery log, progress, summary) on the
 //! calling thread until every recipient is final.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::classify::Classifier;
+use crate::collector::{Collector, DeliveryLog, StorageError, Summary};
 use crate::config::{Config, Routes};
 use crate::dns::NetThread;
-use crate::ingest::{Ingest, IngestInput, Report, SpoolInput};
-use crate::journal::{Done, Journal};
-use crate::metrics::SpoolGauges;
-use crate::metrics::export::{Board, Exporter, FileStatus, Hub};
-use crate::outcome::{Outcome, OutcomeBatch};
+use crate::ingest::{Ingest, IngestInput, SpoolInput};
+use crate::metrics::export::{Exporter, Hub};
+use crate::outcome::Outcome;
 use crate::service::{SpoolDir, Watcher};
 use crate::shard::{self, Control, ShardParams};
-use crate::spool::MappedFile;
 use crate::tls::TlsClient;
 
 /// How often service mode looks for new and finished files.
@@ -37,86 +34,12 @@ const REPORT_BATCHES: usize = 1024;
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often the collector publishes `/status` and the spool gauges.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
-/// The window of the rates `/status` shows.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
     /// A bar on a terminal, periodic lines otherwise.
     Auto,
     Off,
-}
-
-/// What a send did.
-#[derive(Debug, Clone, Default)]
-pub struct Summary {
-    /// Log records per outcome (deferrals count each attempt).
-    pub counts: [u64; 5],
-    /// Recipients found in the spool (each bad line counts as one).
-    pub recipients: u64,
-    pub bad_lines: u64,
-    /// Recipients an earlier run had already finished (from the journal).
-    pub already_final: u64,
-    /// The send was stopped before every recipient was final.
-    pub interrupted: bool,
-    /// Transactions that delivered to at least one recipient.
-    pub messages: u64,
-    pub codes: HashMap<u16, u64>,
-    pub duration: Duration,
-}
-
-impl Summary {
-    pub fn count(&self, o: Outcome) -> u64 {
-        self.counts[o.index()]
-    }
-    pub fn finals(&self) -> u64 {
-        Outcome::ALL
-            .iter()
-            .filter(|o| o.is_final())
-            .map(|o| self.count(*o))
-            .sum()
-    }
-
-    /// The summary as printed at the end of `send`.
-    pub fn render(&self) -> String {
-        let secs = self.duration.as_secs_f64().max(1e-9);
-        let mut s = format!(
-            "{} recipients in {:.2}s: {} delivered, {} bounced, {} expired, {} rejected ({} bad lines); {} deferrals retried\n",
-            self.recipients,
-            secs,
-            self.count(Outcome::Delivered),
-            self.count(Outcome::Bounced),
-            self.count(Outcome::Expired),
-            self.count(Outcome::Rejected),
-            self.bad_lines,
-            self.count(Outcome::Deferred),
-        );
-        if self.interrupted {
-            s += &format!(
-                "interrupted: {} recipients are not final yet; run send again on the same files to finish them\n",
-                self.recipients.saturating_sub(self.finals())
-            );
-        }
-        if self.already_final > 0 {
-            s += &format!(
-                "{} more were already final (from the journal of an earlier run)\n",
-                self.already_final
-            );
-        }
-        s += &format!(
-            "{:.0} messages/s ({} messages), {:.0} recipients/s delivered\n",
-            self.messages as f64 / secs,
-            self.messages,
-            self.count(Outcome::Delivered) as f64 / secs
-        );
-        let mut codes: Vec<_> = self.codes.iter().collect();
-        codes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        if !codes.is_empty() {
-            let top: Vec<String> = codes.iter().take(5).map(|(c, n)| format!("{c} ×{n}")).collect();
-            s += &format!("top reply codes: {}\n", top.join(", "));
-        }
-        s
-    }
 }
 
 pub struct SendOptions {
@@ -130,210 +53,31 @@ pub struct SendOptions {
     pub watch: Option<SpoolDir>,
 }
 
-/// Takes outcome batches and makes them count: journal records first
-/// (appended and, with fsync, made durable as one group), then the delivery
-/// log, then the summary.
-pub(crate) struct Collector {
-    /// Files being worked on, by id.
-    pub(crate) files: HashMap<u32, FileTrack>,
-    pub(crate) fsync: bool,
-    pub(crate) log: Option<BufWriter<File>>,
-    pub(crate) pending: Vec<OutcomeBatch>,
-    pub(crate) summary: Summary,
-    /// Files finished in this run (in `send`, their counts stay in the gauges).
-    pub(crate) finished: SpoolGauges,
-}
-
-/// What the collector knows of one spool file.
-#[derive(Default)]
-pub struct FileTrack {
-    pub name: String,
-    pub journal: Option<Journal>,
-    /// Final outcomes to wait for, once the file is read to its end.
-    pub expected: Option<u64>,
-    pub already_final: u64,
-    /// Final outcomes committed, in all and per outcome.
-    pub finals: u64,
-    pub counts: [u64; 5],
-    /// Recipients (line, index) deferred and not final yet.
-    pub deferred: HashSet<(u32, u32)>,
-    /// (when, finals) samples for the rate `/status` shows.
-    samples: VecDeque<(Instant, u64)>,
-}
-
-impl FileTrack {
-    pub fn complete(&self) -> bool {
-        self.expected.is_some_and(|e| self.finals >= e)
-    }
-
-    /// The file as `/status` shows it; takes a rate sample.
-    fn status(&mut self, now: Instant) -> FileStatus {
-        self.samples.push_back((now, self.finals));
-        while self.samples.len() > 2 && now.duration_since(self.samples[0].0) > RATE_WINDOW {
-            self.samples.pop_front();
-        }
-        let (t0, f0) = self.samples[0];
-        let secs = now.duration_since(t0).as_secs_f64();
-        let rate = if secs > 0.0 {
-            (self.finals - f0) as f64 / secs
-        } else {
-            0.0
-        };
-        let c = |o: Outcome| self.counts[o.index()];
-        FileStatus {
-            name: self.name.clone(),
-            state: if self.expected.is_some() { "sending" } else { "reading" },
-            recipients: self.expected,
-            finals: self.finals,
-            delivered: c(Outcome::Delivered),
-            bounced: c(Outcome::Bounced),
-            expired: c(Outcome::Expired),
-            rejected: c(Outcome::Rejected),
-            deferred: self.deferred.len() as u64,
-            rate_per_second: rate,
-            eta_seconds: match self.expected {
-                Some(e) if rate > 0.0 => Some(e.saturating_sub(self.finals) as f64 / rate),
-                Some(e) if e <= self.finals => Some(0.0),
-                _ => None,
-            },
-        }
-    }
-}
-
-impl Collector {
-    /// What `/status` and the spool gauges show now.
-    fn board(&mut self, watcher: Option<&Watcher>, ingested: u64) -> Board {
-        let now = Instant::now();
-        let mut files: Vec<FileStatus> = self.files.values_mut().map(|t| t.status(now)).collect();
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut spool = self.finished.clone();
-        for f in &files {
-            spool.finals += f.finals;
-            spool.deferred += f.deferred;
-        }
-        spool.read = ingested.max(spool.finals);
-        spool.rejected = self.summary.count(Outcome::Rejected);
-        spool.files_active = files.len() as u64;
-        if let Some(w) = watcher {
-            spool.files_done = w.done;
-            spool.files_failed = w.failed;
-        }
-        Board { files, spool }
-    }
-
-    pub(crate) fn commit(&mut self) -> anyhow::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        for k in self.pending.iter().flat_map(|b| &b.deferred) {
-            self.files.entry(k.file).or_default().deferred.insert((k.line, k.idx));
-        }
-        for f in self.pending.iter().flat_map(|b| &b.finals) {
-            let track = self.files.entry(f.key.file).or_default();
-            track.finals += 1;
-            track.counts[f.outcome.index()] += 1;
-            if !track.deferred.is_empty() {
-                track.deferred.remove(&(f.key.line, f.key.idx));
-            }
-            if let Some(j) = track.journal.as_mut() {
-                j.append(f.key.line, f.key.idx, f.outcome);
-            }
-        }
-        for j in self.files.values_mut().filter_map(|t| t.journal.as_mut()) {
-            if j.has_pending() {
-                j.commit(self.fsync)
-                    .with_context(|| format!("cannot write the journal {}", j.path().display()))?;
-            }
-        }
-        for batch in self.pending.drain(..) {
-            if let Some(w) = self.log.as_mut() {
-                w.write_all(&batch.log).context("cannot write the delivery log")?;
-            }
-            for (a, b) in self.summary.counts.iter_mut().zip(batch.counts) {
-                *a += b;
-            }
-            for (code, n) in batch.codes {
-                *self.summary.codes.entry(code).or_default() += n;
-            }
-            self.summary.messages += batch.messages;
-        }
-        Ok(())
-    }
-}
-
-/// Opens the delivery log for appending. A process killed in the middle of a
-/// write leaves a torn last line: it is cut off, so that every line stays
-/// one JSON record (that recipient's outcome is in the journal, which is
-/// written first).
-fn open_log(path: &Path) -> std::io::Result<File> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = OpenOptions::new().create(true).read(true).append(true).open(path)?;
-    let len = f.metadata()?.len();
-    if len > 0 {
-        let tail_len = len.min(1 << 20);
-        let mut tail = vec![0u8; tail_len as usize];
-        f.seek(SeekFrom::Start(len - tail_len))?;
-        f.read_exact(&mut tail)?;
-        if tail.last() != Some(&b'\n') {
-            let keep = match tail.iter().rposition(|&b| b == b'\n') {
-                Some(i) => len - tail_len + i as u64 + 1,
-                None if tail_len == len => 0,
-                // A last line longer than 1 MiB: not one of volley's; leave it and start afresh.
-                None => {
-                    f.write_all(b"\n")?;
-                    return Ok(f);
-                }
-            };
-            tracing::warn!(
-                "{}: cut a torn last line ({} bytes) left by an interrupted run",
-                path.display(),
-                len - keep
-            );
-            f.set_len(keep)?;
-        }
-    }
-    Ok(f)
-}
-
-/// Maps a spool file and opens its journal: the input ingest reads. `origin`
-/// is where the producer put it (message paths are relative to its folder).
-pub fn open_spool(cfg: &Config, id: u32, path: &Path, origin: &Path) -> anyhow::Result<SpoolInput> {
-    let file = Arc::new(MappedFile::open(path).with_context(|| format!("cannot read spool file {}", path.display()))?);
-    let (done, first_seen, journal) = if cfg.journal {
-        let opened = Journal::open(path, file.bytes().len() as u64)
-            .with_context(|| format!("cannot open the journal of {}", path.display()))?;
-        (opened.done, opened.first_seen, Some(opened.journal))
-    } else {
-        (Done::default(), SystemTime::now(), None)
-    };
-    // max_age runs from when the spool was first seen, by an earlier run too.
-    let age = SystemTime::now().duration_since(first_seen).unwrap_or_default();
-    let first_seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-    Ok(SpoolInput {
-        id,
-        file,
-        origin: origin.to_path_buf(),
-        journal,
-        done,
-        first_seen,
-    })
-}
-
+/// Sends until every recipient is final (or, in service mode, until
+/// stopped). A file volley must write that cannot be written ends the send
+/// with an error whose chain holds a [`StorageError`]: no new transactions,
+/// those in flight finish or are abandoned within `shutdown_timeout`, and
+/// nothing that could not be recorded is counted.
 pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let cfg = Arc::new(opts.config);
     cfg.validate()?;
     if opts.spools.is_empty() && opts.watch.is_none() {
         bail!("no spool file given");
     }
+    // Locked before anything of the spool directory is touched.
+    let mut watcher = match opts.watch.clone() {
+        Some(dir) => Some(Watcher::new(dir, cfg.journal && cfg.journal_fsync)?),
+        None => None,
+    };
     let mut inputs = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for (id, p) in opts.spools.iter().enumerate() {
         // The same file twice would send it twice and share one journal between two writers.
         let canonical = std::fs::canonicalize(p).with_context(|| format!("cannot read spool file {}", p.display()))?;
         if !seen.insert(canonical) {
             bail!("spool file {} is given more than once", p.display());
         }
-        inputs.push(open_spool(&cfg, id as u32, p, p)?);
+        inputs.push(SpoolInput::open(&cfg, id as u32, p, p, None)?);
     }
     let journaled = cfg.journal;
     let routes = Arc::new(Routes::resolve(&cfg.routes)?);
@@ -352,10 +96,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     });
     // Appended to: a run that finishes a half-done spool adds to the log of the runs before.
     let log = match &cfg.log {
-        Some(p) => Some(BufWriter::with_capacity(
-            256 * 1024,
-            open_log(p).with_context(|| format!("cannot open delivery log {}", p.display()))?,
-        )),
+        Some(p) => Some(DeliveryLog::open(p).map_err(|e| StorageError::new("the delivery log", p, e))?),
         None => None,
     };
     let log_enabled = log.is_some();
@@ -414,7 +155,6 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         input_tx.send(IngestInput::Spool(input)).expect("the receiver is alive");
     }
     // In service mode the watcher keeps feeding ingest; otherwise the list is all there is.
-    let mut watcher = opts.watch.clone().map(Watcher::new);
     let mut input_tx = match watcher {
         Some(_) => Some(input_tx),
         None => {
@@ -449,203 +189,148 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     } else {
         Duration::ZERO
     };
-    let mut c = Collector {
-        files: HashMap::new(),
-        fsync: cfg.journal_fsync,
-        log,
-        pending: Vec::new(),
-        summary: Summary::default(),
-        finished: SpoolGauges::default(),
-    };
+    let mut c = Collector::new(cfg.journal_fsync, log);
+    let files_of = |w: &Option<Watcher>| w.as_ref().map(|w| (w.done, w.failed));
     // Publish at once: /status has something to show from the first scrape.
     let mut last_publish = Instant::now() - PUBLISH_EVERY;
-    let mut last_commit = Instant::now();
-    let mut total: Option<u64> = None;
-    let mut ingested = 0;
-    let mut failure = None;
+    let mut failure: Option<anyhow::Error> = None;
     loop {
-        if total.is_some_and(|t| c.summary.finals() >= t) {
+        if c.all_final() {
             break;
         }
         if let (Some(w), Some(tx)) = (watcher.as_mut(), input_tx.as_ref())
             && last_scan.is_none_or(|t| t.elapsed() >= SCAN_EVERY)
         {
             last_scan = Some(Instant::now());
-            w.scan(&cfg, tx)?;
-            let finished: Vec<u32> = c
-                .files
-                .iter()
-                .filter(|(_, t)| t.complete())
-                .map(|(id, _)| *id)
-                .collect();
-            for id in finished {
-                let track = c.files.remove(&id).expect("listed above");
-                c.finished.read += track.finals;
-                c.finished.finals += track.finals;
-                w.finished(id, track)?;
-                // The shards let go of the file and its message files (unmapped once the last goes).
-                let _ = tx.send(IngestInput::Forget(id));
-                if let Some(hub) = &hub {
-                    // Show it done in /status at once.
-                    hub.publish(c.board(Some(w), ingested));
+            let moved = w.scan(&cfg, tx).and_then(|()| {
+                for (id, track) in c.take_finished() {
+                    w.finished(id, track)?;
+                    // The shards let go of the file and its message files (unmapped once the last goes).
+                    let _ = tx.send(IngestInput::Forget(id));
+                    if let Some(hub) = &hub {
+                        // Show it done in /status at once.
+                        hub.publish(c.board(Some((w.done, w.failed))));
+                    }
                 }
+                Ok(())
+            });
+            if let Err(e) = moved {
+                failure = Some(e);
+                break;
             }
         }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             c.summary.interrupted = true;
             break;
         }
-        let wait = if c.pending.is_empty() {
-            Duration::from_millis(200)
-        } else {
-            sync_every.saturating_sub(last_commit.elapsed())
+        let wait = match c.pending_since() {
+            None => Duration::from_millis(200),
+            Some(t) => sync_every.saturating_sub(t.elapsed()),
         };
-        let received = report_rx.recv_timeout(wait);
-        if !c.pending.is_empty() && last_commit.elapsed() >= sync_every {
-            c.commit()?;
-            last_commit = Instant::now();
-        }
-        match received {
-            Ok(Report::Outcomes(batch)) => {
-                if c.pending.is_empty() {
-                    last_commit = Instant::now();
-                }
-                c.pending.push(batch);
-                if sync_every.is_zero() {
-                    c.commit()?;
-                }
-            }
-            Ok(Report::Ingested { recipients }) => ingested = recipients,
-            Ok(Report::FileOpened { file, name, journal }) => {
-                let track = c.files.entry(file).or_default();
-                track.journal = journal;
-                track.name = name;
-            }
-            Ok(Report::FileRead {
-                file,
-                recipients,
-                already_final,
-            }) => {
-                let track = c.files.entry(file).or_default();
-                track.expected = Some(recipients);
-                track.already_final = already_final;
-            }
-            Ok(Report::IngestDone {
-                recipients,
-                bad_lines,
-                already_final,
-            }) => {
-                ingested = recipients;
-                total = Some(recipients);
-                c.summary.recipients = recipients;
-                c.summary.bad_lines = bad_lines;
-                c.summary.already_final = already_final;
-            }
+        match report_rx.recv_timeout(wait) {
+            Ok(report) => c.take(report),
             Err(RecvTimeoutError::Timeout) => {
                 // Ingest says IngestDone before it ends, so an ended ingest with
                 // nothing said and nothing queued has failed.
-                if total.is_none() && ingest.is_finished() {
-                    failure = Some("ingest stopped early");
+                if c.total.is_none() && ingest.is_finished() {
+                    failure = Some(anyhow!("internal failure: ingest stopped early"));
                     break;
                 }
                 if alive.iter().any(|a| a.try_recv() == Err(TryRecvError::Disconnected)) {
-                    failure = Some("a shard stopped before the work was done");
+                    failure = Some(anyhow!("internal failure: a shard stopped before the work was done"));
                     break;
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                failure = Some("every shard stopped before the work was done");
+                failure = Some(anyhow!(
+                    "internal failure: every shard stopped before the work was done"
+                ));
                 break;
             }
         }
-        if let Some(hub) = &hub
-            && last_publish.elapsed() >= PUBLISH_EVERY
+        if c.pending_since().is_some_and(|t| t.elapsed() >= sync_every)
+            && let Err(e) = c.commit()
         {
-            last_publish = Instant::now();
-            hub.publish(c.board(watcher.as_ref(), ingested));
+            failure = Some(e.into());
+            break;
         }
-        if let Some(bar) = &bar {
-            bar.set_length(ingested);
-            bar.set_position(c.summary.finals());
-            bar.set_message(format!("{} deferrals", c.summary.count(Outcome::Deferred)));
-        } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
-            last_plain = Instant::now();
-            eprintln!(
-                "volley: {}/{} recipients final ({} delivered, {} deferrals) after {:.0}s",
-                c.summary.finals(),
-                ingested,
-                c.summary.count(Outcome::Delivered),
-                c.summary.count(Outcome::Deferred),
-                started.elapsed().as_secs_f64()
-            );
-        }
+        publish(&hub, &mut last_publish, &mut c, files_of(&watcher));
+        progress(&bar, plain, &mut last_plain, &c, started);
     }
     c.summary.duration = started.elapsed();
+    // No new transactions; those in flight finish (or are abandoned) within shutdown_timeout.
     for c in &controls {
         let _ = c.send(Control::Stop);
     }
     for h in handles {
         if h.join().is_err() {
-            failure.get_or_insert("a shard panicked");
+            failure.get_or_insert(anyhow!("internal failure: a shard panicked"));
         }
     }
-    // Shards flush their last outcomes (QUIT replies do not add any, but be complete).
+    // The shards' last outcomes (after a failed write they are only counted as unrecorded).
     while let Ok(report) = report_rx.try_recv() {
-        if let Report::Outcomes(batch) = report {
-            c.pending.push(batch);
-        }
+        c.take(report);
     }
-    c.commit()?;
+    if let Err(e) = c.commit() {
+        failure.get_or_insert(e.into());
+    }
+    // Ingest may be waiting to report: it finds the collector gone and ends.
+    drop(report_rx);
     if let Some(hub) = &hub {
-        hub.publish(c.board(watcher.as_ref(), ingested));
+        hub.publish(c.board(files_of(&watcher)));
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Some(mut w) = c.log.take() {
-        w.flush().context("cannot write the delivery log")?;
-    }
     drop(net_thread);
     input_tx.take();
+    let stopped_early = c.summary.interrupted || failure.is_some();
     match ingest.join() {
         Ok(Ok(())) => {}
         // Stopped on purpose: ingest finds the shards gone, which is expected.
-        Ok(Err(_)) if c.summary.interrupted => {}
+        Ok(Err(_)) if stopped_early => {}
         Ok(Err(e)) => {
-            failure.get_or_insert(e);
+            failure.get_or_insert(anyhow!("internal failure: {e}"));
         }
         Err(_) => {
-            failure.get_or_insert("the ingest thread panicked");
+            failure.get_or_insert(anyhow!("internal failure: the ingest thread panicked"));
         }
     }
     if let Some(f) = failure {
-        bail!("internal failure: {f}");
+        if f.chain().any(|e| e.is::<StorageError>()) {
+            return Err(f.context(format!(
+                "stopped: {} final outcomes could not be recorded (they go out again on the next run)",
+                c.unrecorded
+            )));
+        }
+        return Err(f);
     }
     Ok(c.summary)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::open_log;
-    use std::io::Write;
+fn publish(hub: &Option<Arc<Hub>>, last: &mut Instant, c: &mut Collector, files: Option<(u64, u64)>) {
+    if let Some(hub) = hub
+        && last.elapsed() >= PUBLISH_EVERY
+    {
+        *last = Instant::now();
+        hub.publish(c.board(files));
+    }
+}
 
-    #[test]
-    fn a_torn_last_log_line_is_cut_before_appending() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log.jsonl");
-        std::fs::write(&p, "{\"a\":1}\n{\"ts\":\"2026-").unwrap();
-        let mut f = open_log(&p).unwrap();
-        f.write_all(b"{\"b\":2}\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
-        // A whole log is left as it is; a torn first line goes entirely.
-        let mut f = open_log(&p).unwrap();
-        f.write_all(b"{\"c\":3}\n").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&p).unwrap(),
-            "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
+fn progress(bar: &Option<ProgressBar>, plain: bool, last_plain: &mut Instant, c: &Collector, started: Instant) {
+    if let Some(bar) = bar {
+        bar.set_length(c.ingested);
+        bar.set_position(c.summary.finals());
+        bar.set_message(format!("{} deferrals", c.summary.count(Outcome::Deferred)));
+    } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
+        *last_plain = Instant::now();
+        eprintln!(
+            "volley: {}/{} recipients final ({} delivered, {} deferrals) after {:.0}s",
+            c.summary.finals(),
+            c.ingested,
+            c.summary.count(Outcome::Delivered),
+            c.summary.count(Outcome::Deferred),
+            started.elapsed().as_secs_f64()
         );
-        std::fs::write(&p, "{\"torn").unwrap();
-        drop(open_log(&p).unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
     }
 }

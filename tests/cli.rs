@@ -325,3 +325,53 @@ fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
         text(&out.stdout)
     );
 }
+
+/// One spool file, one sender: a second `volley send` of a file another
+/// one is sending is refused, naming the first one's pid, before it touches
+/// the journal; once the first is killed (SIGKILL), its lock is gone and a
+/// new send finishes the file.
+#[test]
+fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_not_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("one.jsonl");
+    let out = run(volley()
+        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
+        .arg(&spool));
+    assert!(out.status.success());
+    let sink = SlowSink::start(20);
+    let route = sink.route();
+    let journal = dir.path().join("one.jsonl.journal");
+    let mut first = volley()
+        .args(["send", "--quiet", "--connections", "2", "--route", &route])
+        .arg(&spool)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while journaled(&journal) < 50 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "spool file {} is in use by another volley process (pid {})",
+            spool.display(),
+            first.id()
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("one.jsonl.journal.stale").exists());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = journaled(&journal);
+    let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("{at_kill} more were already final")),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -6,9 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{dumped_rcpts, finals, read_log, spool};
+use volley::collector::Summary;
 use volley::config::Config;
 use volley::outcome::Outcome;
-use volley::send::{Progress, SendOptions, Summary, send};
+use volley::send::{Progress, SendOptions, send};
 use volley::sink::{Sink, SinkOptions};
 
 fn config(route: &str, log: &std::path::Path) -> Config {

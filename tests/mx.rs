@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use common::dns::{Rr, serve};
 use common::{finals, read_log};
+use volley::collector::Summary;
 use volley::config::Config;
 use volley::outcome::Outcome;
-use volley::send::{Progress, SendOptions, Summary, send};
+use volley::send::{Progress, SendOptions, send};
 use volley::sink::{Sink, SinkOptions};
 
 fn ip(last: u8) -> Ipv4Addr {

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use common::{finals, read_log};
 use serde_json::Value;
+use volley::collector::Summary;
 use volley::config::{Config, RouteSpec};
 use volley::outcome::Outcome;
-use volley::send::{Progress, SendOptions, Summary, send};
+use volley::send::{Progress, SendOptions, send};
 use volley::sink::{Sink, SinkCounts, SinkOptions};
 use volley::tls::server_config;
 

@@ -198,3 +198,65 @@ fn a_message_file_replaced_between_spools_goes_out_new() {
         ]
     );
 }
+
+/// One spool directory, one service: a second `volley run` on it is refused
+/// with the first one's pid before it touches anything, and the lock of a
+/// service killed with SIGKILL does not block the next one, which resumes
+/// the file and finishes it with nothing lost.
+#[test]
+fn a_second_service_is_refused_and_a_killed_ones_lock_does_not_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        latency: Duration::from_millis(5),
+        ..Default::default()
+    })
+    .unwrap();
+    let log = dir.path().join("log.jsonl");
+    let config = service_config(
+        dir.path(),
+        sink.addr(),
+        &format!(
+            "log = {:?}\nmax_connections_per_destination = 2",
+            log.display().to_string()
+        ),
+    );
+    let mut first = Service::start(&config, Stdio::null());
+    let incoming = root.join("incoming");
+    wait_for("incoming/", || incoming.is_dir());
+    drop_spool(&incoming, "big", 3000);
+    let journal = root.join("active/big.jsonl.journal");
+    wait_for("progress", || {
+        std::fs::metadata(&journal).is_ok_and(|m| m.len() > 32 + 9 * 100)
+    });
+    let second = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["run", "--metrics", "", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "spool directory {} is in use by another volley process (pid {})",
+            root.display(),
+            first.0.id()
+        )),
+        "{err}"
+    );
+    assert!(matches!(first.0.try_wait(), Ok(None)), "the first service goes on");
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let mut third = Service::start(&config, Stdio::null());
+    let done = root.join("done");
+    wait_for("big in done/", || done.join("big.jsonl.summary.json").exists());
+    assert!(third.stop().success());
+    let counts = sink.stop();
+    let lines = common::final_lines(&common::read_log(&log));
+    assert_eq!(lines.len(), 3000, "every recipient has its final line");
+    // Duplicates come only from the kill (delivered, not yet journaled), never from two senders.
+    assert!(counts.recipients >= 3000 && counts.recipients < 3000 + 100, "{counts}");
+}

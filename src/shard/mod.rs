@@ -19,9 +19,10 @@ use event_listener::Event;
 use glommio::ExecutorJoinHandle;
 
 use crate::classify::Classifier;
+use crate::collector::Report;
 use crate::config::{Config, Relay, Retry, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
-use crate::ingest::{BodyKey, Rcpt, Report, ToShard, WorkItem};
+use crate::ingest::{BodyKey, Rcpt, ToShard, WorkItem};
 use crate::metrics::Phase;
 use crate::metrics::export::ShardLink;
 use crate::metrics::{DomainGauges, DomainSlot, DomainSnapshot, ShardMetrics, ShardSnapshot};

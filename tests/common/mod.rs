@@ -17,6 +17,17 @@ pub fn read_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Reads a delivery log that a failed write may have left with a torn last
+/// line (the next run cuts it off), into its whole records.
+pub fn read_log_prefix(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+    whole
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+        .collect()
+}
+
 /// Final outcomes per (job id, recipient), asserting each has exactly one.
 pub fn finals(log: &[Value]) -> HashMap<(String, String), Value> {
     let mut out = HashMap::new();
@@ -31,6 +42,16 @@ pub fn finals(log: &[Value]) -> HashMap<(String, String), Value> {
         if let Some(prev) = out.insert(key.clone(), r.clone()) {
             panic!("two final outcomes for {key:?}: {prev} and {r}");
         }
+    }
+    out
+}
+
+/// Final log lines per recipient address (deferrals left out); a recipient
+/// that a crash made go out twice may have two.
+pub fn final_lines(log: &[Value]) -> HashMap<String, usize> {
+    let mut out: HashMap<String, usize> = HashMap::new();
+    for r in log.iter().filter(|r| r["outcome"] != "deferred") {
+        *out.entry(r["rcpt"].as_str().unwrap_or("").to_string()).or_default() += 1;
     }
     out
 }
