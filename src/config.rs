@@ -35,6 +35,13 @@ pub struct Config {
     pub max_deferred_recipients_per_shard: usize,
     /// A spool line longer than this is rejected unread.
     pub max_job_line_bytes: usize,
+    /// A message file larger than this is refused: its jobs' recipients are rejected.
+    pub max_message_bytes: u64,
+    /// Message files mapped at once (each stays mapped while work uses it); past
+    /// this, ingest waits for room.
+    pub max_message_files_in_use: usize,
+    /// Bytes of message files mapped at once; past this, ingest waits for room.
+    pub max_message_bytes_in_use: u64,
     /// A connection with nothing to do for this long says QUIT.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -108,6 +115,9 @@ impl Default for Config {
             max_queued_recipients_per_shard: 100_000,
             max_deferred_recipients_per_shard: 1_000_000,
             max_job_line_bytes: 64 << 20,
+            max_message_bytes: 50 << 20,
+            max_message_files_in_use: 10_000,
+            max_message_bytes_in_use: 1 << 30,
             idle_timeout: Duration::from_secs(5),
             timeouts: Timeouts::default(),
             retry: Retry::default(),
@@ -486,6 +496,9 @@ impl Config {
                 self.max_deferred_recipients_per_shard,
             ),
             ("pipeline_window", self.pipeline_window),
+            ("max_message_files_in_use", self.max_message_files_in_use),
+            ("max_message_bytes", self.max_message_bytes as usize),
+            ("max_message_bytes_in_use", self.max_message_bytes_in_use as usize),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -647,6 +660,18 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
         assert_eq!(cfg.domain_backoff_after, d.domain_backoff_after);
         assert_eq!(cfg.max_job_line_bytes, d.max_job_line_bytes);
+        assert_eq!(
+            (
+                cfg.max_message_bytes,
+                cfg.max_message_files_in_use,
+                cfg.max_message_bytes_in_use
+            ),
+            (
+                d.max_message_bytes,
+                d.max_message_files_in_use,
+                d.max_message_bytes_in_use
+            )
+        );
         assert_eq!(cfg.shutdown_timeout, d.shutdown_timeout);
         assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(cfg.routes.len(), 1);

@@ -5,9 +5,11 @@
 //! that keeps memory flat however large the spool is.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::Weak;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
@@ -17,6 +19,7 @@ use crate::collector::{Report, StorageError};
 use crate::config::Config;
 use crate::journal::{self, Done, Journal, WHOLE_LINE};
 use crate::lock::Lock;
+use crate::messages::{MessageBudget, MessageFile, NoRoom};
 use crate::outcome::{JobId, LogRecord, Outcome, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
 
@@ -39,21 +42,14 @@ const MAX_REPORTED: u64 = 20;
 /// Messages from ingest to a shard.
 pub enum ToShard {
     /// A spool file the following work refers to by `id`.
-    File {
-        id: u32,
-        file: Arc<MappedFile>,
+    File { id: u32, file: Arc<MappedFile> },
+    /// Work, with the message files its items refer to by id.
+    Work {
+        items: Vec<WorkItem>,
+        messages: Vec<Arc<MessageFile>>,
     },
-    /// A message file the following work of spool file `spool` refers to by `id`.
-    Message {
-        id: u32,
-        spool: u32,
-        file: Arc<MappedFile>,
-    },
-    Work(Vec<WorkItem>),
-    /// Every recipient of spool file `file` is final: drop it and its message files.
-    Forget {
-        file: u32,
-    },
+    /// Every recipient of spool file `file` is final: drop it.
+    Forget { file: u32 },
 }
 
 /// What ingest is given to do.
@@ -141,8 +137,65 @@ impl SpoolInput {
 
 #[derive(Debug, Clone)]
 pub enum BodyKey {
+    /// A message file, by its id (the batch carries the file).
     File(u32),
     Inline(Span),
+}
+
+/// Limits on what one job may bring in.
+#[derive(Debug, Clone)]
+pub struct IngestLimits {
+    pub max_rcpts_per_txn: usize,
+    /// A spool line longer than this is rejected unread.
+    pub max_line_bytes: usize,
+    /// A message file larger than this is refused (its job's recipients rejected).
+    pub max_message_bytes: u64,
+}
+
+impl IngestLimits {
+    pub fn of(cfg: &Config) -> IngestLimits {
+        IngestLimits {
+            max_rcpts_per_txn: cfg.max_rcpts_per_txn,
+            max_line_bytes: cfg.max_job_line_bytes,
+            max_message_bytes: cfg.max_message_bytes,
+        }
+    }
+}
+
+/// Recipients in a job past which its transactions are found by domain in
+/// a map rather than by a scan.
+const INDEX_GROUPS_OVER: usize = 16;
+/// How long ingest waits for room in the message budget before it looks
+/// again (it flushes its own batches first: they may hold what must go).
+const BUDGET_WAIT: Duration = Duration::from_millis(50);
+
+/// An address as a mailbox: equal when the local parts are equal and the
+/// domains equal but for ASCII case.
+struct Mailbox<'a>(&'a str);
+
+impl Mailbox<'_> {
+    fn parts(&self) -> (&str, &str) {
+        self.0.rsplit_once('@').unwrap_or((self.0, ""))
+    }
+}
+
+impl PartialEq for Mailbox<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let ((l1, d1), (l2, d2)) = (self.parts(), other.parts());
+        l1 == l2 && d1.eq_ignore_ascii_case(d2)
+    }
+}
+
+impl Eq for Mailbox<'_> {}
+
+impl std::hash::Hash for Mailbox<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let (local, domain) = self.parts();
+        local.hash(h);
+        for b in domain.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+    }
 }
 
 /// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
@@ -159,12 +212,15 @@ pub fn shard_of(domain: &str, shards: usize) -> usize {
 pub struct Ingest {
     shards: Vec<Sender<ToShard>>,
     reports: Sender<Report>,
-    max_rcpts_per_txn: usize,
-    max_line_bytes: usize,
+    limits: IngestLimits,
     batches: Vec<Vec<WorkItem>>,
-    /// Message files by (spool file, path): mapped once per spool file, so a
-    /// message file replaced later under the same name is read anew.
-    messages: HashMap<(u32, PathBuf), Result<u32, String>>,
+    /// The message files each shard's next batch refers to.
+    batch_messages: Vec<Vec<Arc<MessageFile>>>,
+    /// Message files by (spool file, path), while some work uses them (or
+    /// why they cannot be used). Per spool file, so a message file replaced
+    /// later under the same name is read anew.
+    messages: HashMap<(u32, PathBuf), Result<Weak<MessageFile>, String>>,
+    budget: Arc<MessageBudget>,
     next_message: u32,
     recorder: Recorder,
     recipients: u64,
@@ -174,15 +230,22 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(shards: Vec<Sender<ToShard>>, reports: Sender<Report>, max_rcpts_per_txn: usize, log: bool) -> Ingest {
+    pub fn new(
+        shards: Vec<Sender<ToShard>>,
+        reports: Sender<Report>,
+        limits: IngestLimits,
+        budget: Arc<MessageBudget>,
+        log: bool,
+    ) -> Ingest {
         let n = shards.len();
         Ingest {
             shards,
             reports,
-            max_rcpts_per_txn,
-            max_line_bytes: usize::MAX,
+            limits,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
+            batch_messages: (0..n).map(|_| Vec::new()).collect(),
             messages: HashMap::new(),
+            budget,
             next_message: 0,
             recorder: Recorder::new(log),
             recipients: 0,
@@ -190,12 +253,6 @@ impl Ingest {
             reported: 0,
             already_final: 0,
         }
-    }
-
-    /// Lines longer than this are rejected without being parsed.
-    pub fn max_line_bytes(mut self, n: usize) -> Self {
-        self.max_line_bytes = n;
-        self
     }
 
     /// Reads the files that come through `inputs`, in turns of
@@ -309,9 +366,7 @@ impl Ingest {
 
     /// A file is read: everything of it goes out now, and the collector learns its count.
     fn finish(&mut self, c: Cursor) -> Result<(), &'static str> {
-        for shard in 0..self.shards.len() {
-            self.send_batch(shard)?;
-        }
+        self.send_all()?;
         let id = c.input.id;
         self.messages.retain(|(spool, _), _| *spool != id);
         self.flush_outcomes()?;
@@ -332,11 +387,11 @@ impl Ingest {
             self.already_final += 1;
             return Ok(());
         }
-        let parsed = if line.len() > self.max_line_bytes {
+        let parsed = if line.len() > self.limits.max_line_bytes {
             Err(format!(
                 "line of {} bytes is longer than max_job_line_bytes ({})",
                 line.len(),
-                self.max_line_bytes
+                self.limits.max_line_bytes
             ))
         } else {
             spool::parse_job(map, line)
@@ -381,58 +436,46 @@ impl Ingest {
             idx: idx as u32,
         };
         // Recipients an earlier run already finished are not sent again.
-        let pending: Vec<(usize, &Span)> = job
-            .to
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !input.done.contains(line, *i as u32))
-            .collect();
-        self.already_final += (job.to.len() - pending.len()) as u64;
-        if pending.is_empty() {
+        let pending = || {
+            job.to
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !input.done.contains(line, *i as u32))
+        };
+        let pending_count = if input.done.is_empty() {
+            job.to.len()
+        } else {
+            pending().count()
+        };
+        self.already_final += (job.to.len() - pending_count) as u64;
+        if pending_count == 0 {
             return Ok(());
         }
         let body = match &job.body {
-            JobBody::Inline(s) => Ok(BodyKey::Inline(s.clone())),
-            JobBody::File(s) => self.message(fid, &input.origin, s.get(map))?.map(BodyKey::File),
+            JobBody::Inline(s) => Ok((BodyKey::Inline(s.clone()), None)),
+            JobBody::File(s) => self
+                .message(fid, &input.origin, s.get(map))?
+                .map(|m| (BodyKey::File(m.id), Some(m))),
         };
-        let body = match body {
+        let (body, message) = match body {
             Ok(b) => b,
             Err(reason) => {
                 let reason = format!("{}:{line}: {reason}", file.path().display());
                 self.warn(&reason);
                 self.bad_lines += 1;
-                for (i, rcpt) in pending {
+                for (i, rcpt) in pending() {
                     self.reject(key(i), id, Some(rcpt.get(map)), &reason);
                 }
                 return Ok(());
             }
         };
-        // (shard, domain of the first recipient, recipients) per transaction.
-        let mut groups: Vec<(usize, &str, Vec<Rcpt>)> = Vec::new();
-        for (i, rcpt) in pending {
-            let addr = rcpt.get(map);
-            if let Err(why) = spool::validate_address(addr) {
-                let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
-                self.warn(&reason);
-                self.reject(key(i), id, Some(addr), &reason);
-                continue;
-            }
-            self.recipients += 1;
-            let domain = spool::domain_of(addr);
-            let max = self.max_rcpts_per_txn;
-            let r = Rcpt {
-                addr: rcpt.clone(),
-                idx: i as u32,
-            };
-            match groups
-                .iter_mut()
-                .find(|(_, d, g)| d.eq_ignore_ascii_case(domain) && g.len() < max)
-            {
-                Some(group) => group.2.push(r),
-                None => groups.push((shard_of(domain, self.shards.len()), domain, vec![r])),
-            }
-        }
+        let groups = self.group(input, name, map, line, &job, pending());
         for (shard, _, rcpts) in groups {
+            if let Some(m) = &message
+                && !self.batch_messages[shard].iter().any(|b| b.id == m.id)
+            {
+                self.batch_messages[shard].push(m.clone());
+            }
             self.batches[shard].push(WorkItem {
                 file: fid,
                 line,
@@ -449,45 +492,146 @@ impl Ingest {
         Ok(())
     }
 
-    /// The id of a message file, mapping it (and telling every shard) on first sight.
+    /// Splits a job's pending recipients into transactions: (shard, domain,
+    /// up to max_rcpts_per_txn recipients of that domain). Bad and duplicate
+    /// recipients are rejected here.
+    fn group<'m>(
+        &mut self,
+        input: &SpoolInput,
+        name: &str,
+        map: &'m [u8],
+        line: u32,
+        job: &'m spool::Job,
+        pending: impl Iterator<Item = (usize, &'m Span)>,
+    ) -> Vec<(usize, &'m str, Vec<Rcpt>)> {
+        let file = &input.file;
+        let id = match &job.id {
+            Some(s) => JobId::Given(s.get(map)),
+            None => JobId::Line(name, line),
+        };
+        let key = |idx: usize| RcptKey {
+            file: input.id,
+            line,
+            idx: idx as u32,
+        };
+        // A mailbox named twice in one job is sent once: the domain is
+        // case-insensitive, the local part is compared as written (RFC 5321 §2.4).
+        let mut first_of: HashMap<Mailbox<'_>, usize> = HashMap::new();
+        // For a long list, the open transaction per lower-cased domain (a
+        // scan of the groups would be quadratic).
+        let mut groups: Vec<(usize, &str, Vec<Rcpt>)> = Vec::new();
+        let mut open: HashMap<String, usize> = HashMap::new();
+        let indexed = job.to.len() > INDEX_GROUPS_OVER;
+        let max = self.limits.max_rcpts_per_txn;
+        for (i, rcpt) in pending {
+            let addr = rcpt.get(map);
+            if let Err(why) = spool::validate_address(addr) {
+                let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
+                self.warn(&reason);
+                self.reject(key(i), id, Some(addr), &reason);
+                continue;
+            }
+            if job.to.len() > 1 {
+                match first_of.entry(Mailbox(addr)) {
+                    Entry::Occupied(first) => {
+                        let reason = format!(
+                            "{}:{line}: duplicate recipient {addr:?}: the same mailbox as to[{}], which is sent once",
+                            file.path().display(),
+                            first.get()
+                        );
+                        self.warn(&reason);
+                        self.reject(key(i), id, Some(addr), &reason);
+                        continue;
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(i);
+                    }
+                }
+            }
+            self.recipients += 1;
+            let domain = spool::domain_of(addr);
+            let r = Rcpt {
+                addr: rcpt.clone(),
+                idx: i as u32,
+            };
+            let slot = if !indexed {
+                groups
+                    .iter()
+                    .position(|(_, d, g)| d.eq_ignore_ascii_case(domain) && g.len() < max)
+            } else if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+                open.get(&domain.to_ascii_lowercase()).copied()
+            } else {
+                open.get(domain).copied()
+            };
+            match slot {
+                Some(g) if groups[g].2.len() < max => groups[g].2.push(r),
+                _ => {
+                    if indexed {
+                        open.insert(domain.to_ascii_lowercase(), groups.len());
+                    }
+                    groups.push((shard_of(domain, self.shards.len()), domain, vec![r]));
+                }
+            }
+        }
+        groups
+    }
+
+    /// A message file, mapped on first sight (and again once nothing uses
+    /// it any more), within the budget of message files in use.
     fn message(
         &mut self,
         spool: u32,
         origin: &std::path::Path,
         name: &str,
-    ) -> Result<Result<u32, String>, &'static str> {
+    ) -> Result<Result<Arc<MessageFile>, String>, &'static str> {
         let path = match spool::message_path(origin, name) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
         let key = (spool, path);
-        if let Some(known) = self.messages.get(&key) {
-            return Ok(known.clone());
+        match self.messages.get(&key) {
+            Some(Err(e)) => return Ok(Err(e.clone())),
+            Some(Ok(m)) => {
+                if let Some(m) = m.upgrade() {
+                    return Ok(Ok(m));
+                }
+            }
+            None => {}
         }
         let path = &key.1;
-        let opened = match MappedFile::open(path) {
-            Ok(f) if f.bytes().is_empty() => Err(format!("message {name:?} is empty")),
-            Ok(f) => Ok(Arc::new(f)),
+        let len = match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => Err(format!("message {name:?} is not a regular file")),
+            Ok(m) if m.len() == 0 => Err(format!("message {name:?} is empty")),
+            Ok(m) if m.len() > self.limits.max_message_bytes => Err(format!(
+                "message {name:?} is {} bytes, more than max_message_bytes ({})",
+                m.len(),
+                self.limits.max_message_bytes
+            )),
+            Ok(m) => Ok(m.len()),
             Err(e) => Err(format!("message {name:?} cannot be read: {e}")),
         };
-        let result = match opened {
-            Ok(file) => {
-                let id = self.next_message;
-                self.next_message += 1;
-                for tx in &self.shards {
-                    tx.send(ToShard::Message {
-                        id,
-                        spool,
-                        file: file.clone(),
-                    })
-                    .map_err(|_| "a shard stopped")?;
+        let opened = match len {
+            Ok(len) => loop {
+                match self.budget.open(self.next_message, path, len, BUDGET_WAIT) {
+                    Ok(Ok(m)) => break Ok(Arc::new(m)),
+                    Ok(Err(e)) => break Err(format!("message {name:?} cannot be read: {e}")),
+                    // What is queued here may be what holds the room: send it on and wait.
+                    Err(NoRoom::Full) => self.send_all()?,
+                    Err(NoRoom::Closed) => return Err("the send is stopping"),
                 }
-                Ok(id)
-            }
+            },
             Err(e) => Err(e),
         };
-        self.messages.insert(key, result.clone());
-        Ok(result)
+        match &opened {
+            Ok(m) => {
+                self.next_message += 1;
+                self.messages.insert(key, Ok(Arc::downgrade(m)));
+            }
+            Err(e) => {
+                self.messages.insert(key, Err(e.clone()));
+            }
+        }
+        Ok(opened)
     }
 
     fn warn(&mut self, reason: &str) {
@@ -520,13 +664,21 @@ impl Ingest {
         );
     }
 
+    fn send_all(&mut self) -> Result<(), &'static str> {
+        for shard in 0..self.shards.len() {
+            self.send_batch(shard)?;
+        }
+        Ok(())
+    }
+
     fn send_batch(&mut self, shard: usize) -> Result<(), &'static str> {
         if self.batches[shard].is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH_ITEMS));
+        let items = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH_ITEMS));
+        let messages = std::mem::take(&mut self.batch_messages[shard]);
         self.shards[shard]
-            .send(ToShard::Work(batch))
+            .send(ToShard::Work { items, messages })
             .map_err(|_| "a shard stopped")?;
         self.reports
             .send(Report::Ingested {

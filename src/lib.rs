@@ -11,6 +11,7 @@ pub mod generator;
 pub mod ingest;
 pub mod journal;
 pub mod lock;
+pub mod messages;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;

@@ -17,7 +17,8 @@ use crate::classify::Classifier;
 use crate::collector::{Collector, DeliveryLog, StorageError, Summary};
 use crate::config::{Config, Routes};
 use crate::dns::NetThread;
-use crate::ingest::{Ingest, IngestInput, SpoolInput};
+use crate::ingest::{Ingest, IngestInput, IngestLimits, SpoolInput};
+use crate::messages::MessageBudget;
 use crate::metrics::export::{Exporter, Hub};
 use crate::outcome::Outcome;
 use crate::service::{SpoolDir, Watcher};
@@ -148,8 +149,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             metrics: link,
         })?);
     }
-    let ingest =
-        Ingest::new(inboxes, report_tx, cfg.max_rcpts_per_txn, log_enabled).max_line_bytes(cfg.max_job_line_bytes);
+    let budget = MessageBudget::new(cfg.max_message_files_in_use, cfg.max_message_bytes_in_use);
+    let ingest = Ingest::new(inboxes, report_tx, IngestLimits::of(&cfg), budget.clone(), log_enabled);
     let (input_tx, input_rx) = unbounded();
     for input in inputs {
         input_tx.send(IngestInput::Spool(input)).expect("the receiver is alive");
@@ -259,6 +260,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     }
     c.summary.duration = started.elapsed();
     // No new transactions; those in flight finish (or are abandoned) within shutdown_timeout.
+    budget.close();
     for c in &controls {
         let _ = c.send(Control::Stop);
     }

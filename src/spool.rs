@@ -205,8 +205,14 @@ pub struct LineCursor {
     pub line_no: u32,
 }
 
+/// The UTF-8 byte order mark some editors and exporters put first in a file.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 impl LineCursor {
     pub fn next_line<'a>(&mut self, map: &'a [u8]) -> Option<(u32, &'a [u8])> {
+        if self.pos == 0 && map.starts_with(BOM) {
+            self.pos = BOM.len();
+        }
         while self.pos < map.len() {
             let rest = &map[self.pos..];
             let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
@@ -313,5 +319,14 @@ mod tests {
         assert_eq!(c.next_line(map), Some((1, &b"a"[..])));
         let mut later = c;
         assert_eq!(later.next_line(map), Some((3, &b"b"[..])));
+        // A byte order mark before the first line is not part of it.
+        let map = b"\xef\xbb\xbf{\"a\":1}\r\n\xef\xbb\xbf";
+        let mut c = LineCursor::default();
+        assert_eq!(c.next_line(map), Some((1, &b"{\"a\":1}"[..])));
+        assert_eq!(
+            c.next_line(map),
+            Some((2, &b"\xef\xbb\xbf"[..])),
+            "only the first is skipped"
+        );
     }
 }

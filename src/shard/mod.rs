@@ -23,6 +23,7 @@ use crate::collector::Report;
 use crate::config::{Config, Relay, Retry, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
 use crate::ingest::{BodyKey, Rcpt, ToShard, WorkItem};
+use crate::messages::MessageFile;
 use crate::metrics::Phase;
 use crate::metrics::export::ShardLink;
 use crate::metrics::{DomainGauges, DomainSlot, DomainSnapshot, ShardMetrics, ShardSnapshot};
@@ -85,8 +86,6 @@ struct LocalFile {
     id: u32,
     file: Arc<MappedFile>,
     name: String,
-    /// Message files its jobs use (dropped with it).
-    messages: RefCell<Vec<u32>>,
 }
 
 pub(crate) struct Domain {
@@ -160,7 +159,7 @@ pub(crate) struct Txn {
     line: u32,
     id: Option<Span>,
     from: Span,
-    body: Rc<WireMessage>,
+    body: Rc<Body>,
     domain: Rc<Domain>,
     rcpts: Vec<Rcpt>,
     attempt: u32,
@@ -181,8 +180,15 @@ impl Envelope for Txn {
         self.rcpts[i].addr.get(self.file.file.bytes())
     }
     fn message(&self) -> &WireMessage {
-        &self.body
+        &self.body.wire
     }
+}
+
+/// A message prepared for the wire, and the message file it came from
+/// (kept mapped, and counted in the budget, while the copy is in use).
+pub(crate) struct Body {
+    wire: WireMessage,
+    _file: Option<Arc<MessageFile>>,
 }
 
 struct Due {
@@ -276,8 +282,7 @@ pub(crate) struct Shard {
     /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
     no_tls_until: RefCell<HashMap<SocketAddr, Instant>>,
     files: RefCell<HashMap<u32, Rc<LocalFile>>>,
-    raw_messages: RefCell<HashMap<u32, Arc<MappedFile>>>,
-    prepared: RefCell<HashMap<u32, Weak<WireMessage>>>,
+    prepared: RefCell<HashMap<u32, Weak<Body>>>,
     domains: RefCell<HashMap<Box<str>, Rc<Domain>>>,
     dests: RefCell<HashMap<Rc<str>, Rc<Dest>>>,
     retries: RefCell<BinaryHeap<Due>>,
@@ -312,7 +317,6 @@ async fn run(p: ShardParams) {
         no_tls_until: RefCell::default(),
         ehlo_name: p.ehlo_name.clone(),
         files: RefCell::default(),
-        raw_messages: RefCell::default(),
         prepared: RefCell::default(),
         domains: RefCell::default(),
         dests: RefCell::default(),
@@ -448,47 +452,33 @@ impl Shard {
                     || file.path().display().to_string(),
                     |n| n.to_string_lossy().into_owned(),
                 );
-                self.files.borrow_mut().insert(
-                    id,
-                    Rc::new(LocalFile {
-                        id,
-                        file,
-                        name,
-                        messages: RefCell::default(),
-                    }),
-                );
-            }
-            ToShard::Message { id, spool, file } => {
-                self.raw_messages.borrow_mut().insert(id, file);
-                if let Some(f) = self.files.borrow().get(&spool) {
-                    f.messages.borrow_mut().push(id);
-                }
+                self.files
+                    .borrow_mut()
+                    .insert(id, Rc::new(LocalFile { id, file, name }));
             }
             ToShard::Forget { file } => {
                 // Its recipients are all final: no transaction holds it any more.
-                if let Some(f) = self.files.borrow_mut().remove(&file) {
-                    for id in f.messages.borrow().iter() {
-                        self.raw_messages.borrow_mut().remove(id);
-                        self.prepared.borrow_mut().remove(id);
-                    }
-                }
+                self.files.borrow_mut().remove(&file);
             }
-            ToShard::Work(items) => {
+            ToShard::Work { items, messages } => {
                 for item in items {
-                    self.accept_item(item);
+                    self.accept_item(item, &messages);
                 }
             }
         }
     }
 
-    fn accept_item(self: &Rc<Self>, item: WorkItem) {
+    fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>]) {
         let file = self.files.borrow()[&item.file].clone();
         let body = match &item.body {
-            BodyKey::File(id) => self.prepared(*id),
-            BodyKey::Inline(span) => Rc::new(WireMessage::prepare(span.get(file.file.bytes()).as_bytes())),
+            BodyKey::File(id) => self.prepared(*id, messages),
+            BodyKey::Inline(span) => Rc::new(Body {
+                wire: WireMessage::prepare(span.get(file.file.bytes()).as_bytes()),
+                _file: None,
+            }),
         };
         let domain = self.domain(spool::domain_of(item.rcpts[0].addr.get(file.file.bytes())));
-        let too_long = body.longest_line > MAX_LINE_OCTETS;
+        let too_long = body.wire.longest_line > MAX_LINE_OCTETS;
         self.held.set(self.held.get() + item.rcpts.len());
         let n = item.rcpts.len() as u64;
         domain.held.set(domain.held.get() + n);
@@ -509,7 +499,7 @@ impl Shard {
         if too_long {
             let reason = format!(
                 "the message has a line of {} octets; SMTP allows {MAX_LINE_OCTETS} (RFC 5321 §4.5.3.1.6)",
-                txn.body.longest_line
+                txn.body.wire.longest_line
             );
             let enhanced = Enhanced {
                 class: 5,
@@ -521,13 +511,21 @@ impl Shard {
         self.dispatch(txn);
     }
 
-    /// The wire form of a message file, prepared once and shared while any transaction uses it.
-    fn prepared(&self, id: u32) -> Rc<WireMessage> {
+    /// The wire form of a message file, prepared once and shared while any
+    /// transaction uses it (and holding the file's map until then).
+    fn prepared(&self, id: u32, messages: &[Arc<MessageFile>]) -> Rc<Body> {
         if let Some(m) = self.prepared.borrow().get(&id).and_then(Weak::upgrade) {
             return m;
         }
-        let raw = self.raw_messages.borrow()[&id].clone();
-        let m = Rc::new(WireMessage::prepare(raw.bytes()));
+        let raw = messages
+            .iter()
+            .find(|m| m.id == id)
+            .expect("a batch carries the message files its items use")
+            .clone();
+        let m = Rc::new(Body {
+            wire: WireMessage::prepare(raw.file.bytes()),
+            _file: Some(raw),
+        });
         self.prepared.borrow_mut().insert(id, Rc::downgrade(&m));
         self.inserted();
         m
