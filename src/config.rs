@@ -516,6 +516,23 @@ impl Config {
                 );
             }
         }
+        let names = self.ehlo_name.iter().map(|n| ("ehlo_name".to_string(), n)).chain(
+            self.source_addresses
+                .iter()
+                .map(|s| ("source_addresses".to_string(), s))
+                .chain(
+                    self.domain_source_addresses
+                        .iter()
+                        .flat_map(|(d, v)| v.iter().map(move |s| (format!("domain_source_addresses.{d:?}"), s))),
+                )
+                .filter_map(|(k, s)| s.ehlo_name.as_ref().map(|n| (format!("{k}: ehlo_name"), n))),
+        );
+        for (key, name) in names {
+            // It goes on the EHLO command line as it is (RFC 5321 §4.1.1.1: a domain or an address literal).
+            if name.is_empty() || name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!("{key} = {name:?} is not a host name (printable ASCII without spaces, at most 255 octets)");
+            }
+        }
         self.metrics_addr()?;
         Ok(())
     }
@@ -825,5 +842,25 @@ mod tests {
         assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(cfg.retry_of("slow.example").max_age, Duration::from_secs(3 * 86400));
         assert_eq!(cfg.retry_of("other.example").initial, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_ehlo_name_that_would_break_the_command_line_is_refused_with_its_key() {
+        let cfg: Config = toml::from_str("ehlo_name = \"mta 1\"\n").unwrap();
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "ehlo_name = \"mta 1\" is not a host name (printable ASCII without spaces, at most 255 octets)"
+        );
+        let cfg: Config = toml::from_str(
+            "[domain_source_addresses]\n\"big.example\" = [{ address = \"127.0.0.2\", ehlo_name = \"a\\r\\nQUIT\" }]\n",
+        )
+        .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("domain_source_addresses.\"big.example\": ehlo_name = \"a\\r\\nQUIT\""),
+            "{e}"
+        );
+        let ok: Config = toml::from_str("ehlo_name = \"[192.0.2.1]\"\n").unwrap();
+        ok.validate().unwrap();
     }
 }

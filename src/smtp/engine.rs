@@ -322,6 +322,13 @@ impl Awaited {
     }
 }
 
+/// An address that fits between `<` and `>` on a command line: printable
+/// ASCII without spaces or angle brackets, at most 254 octets (RFC 5321
+/// §4.5.3.1.3 allows a path of 256 with its brackets).
+fn command_safe(addr: &str) -> bool {
+    addr.len() <= 254 && addr.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>')
+}
+
 fn push_command(out: &mut Vec<u8>, expects: &mut Awaited, cmd: std::fmt::Arguments<'_>, expect: Expect) {
     out.write_fmt(cmd).expect("writing to a Vec cannot fail");
     out.extend_from_slice(b"\r\n");
@@ -893,8 +900,18 @@ impl<T: Envelope> Session<T> {
         }
         let txn = self.waiting.take().expect("checked above");
         let chunked = self.is_chunking();
-        if txn.message().eight_bit && !self.caps.eight_bit_mime {
+        let refusal = if txn.message().eight_bit && !self.caps.eight_bit_mime {
             // RFC 6152: 8-bit data only to a server that offers 8BITMIME; volley does not downgrade.
+            Some("the message has 8-bit content and the server does not offer 8BITMIME".to_string())
+        } else {
+            // Ingest lets no such address through; this keeps any other caller from
+            // putting a second command on the line (CRLF) or passing its length limit.
+            std::iter::once(txn.reverse_path())
+                .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
+                .find(|a| !command_safe(a))
+                .map(|a| format!("address {a:?} cannot be written on an SMTP command line"))
+        };
+        if let Some(failure) = refusal {
             let n = txn.recipient_count();
             self.events.push_back(Event::Done(TxnReport {
                 txn,
@@ -902,7 +919,7 @@ impl<T: Envelope> Session<T> {
                 rcpts: vec![None; n],
                 data: None,
                 dot: None,
-                failure: Some("the message has 8-bit content and the server does not offer 8BITMIME".into()),
+                failure: Some(failure),
                 permanent: true,
                 timing: TxnTiming::default(),
                 chunked,
