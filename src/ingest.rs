@@ -23,8 +23,11 @@ use crate::messages::{MessageBudget, MessageFile, NoRoom};
 use crate::outcome::{JobId, LogRecord, Outcome, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
 
-/// Jobs per batch sent to a shard.
+/// Transactions per batch sent to a shard, and recipients: a batch goes when
+/// it has either, so a shard's inbox (a bounded number of batches) holds a
+/// bounded number of recipients however wide the jobs are.
 pub const BATCH_ITEMS: usize = 256;
+const BATCH_RCPTS: usize = 2048;
 /// Where ingest is in one file.
 struct Cursor {
     input: SpoolInput,
@@ -216,6 +219,8 @@ pub struct Ingest {
     batches: Vec<Vec<WorkItem>>,
     /// The message files each shard's next batch refers to.
     batch_messages: Vec<Vec<Arc<MessageFile>>>,
+    /// Recipients in each shard's next batch.
+    batch_rcpts: Vec<usize>,
     /// Message files by (spool file, path), while some work uses them (or
     /// why they cannot be used). Per spool file, so a message file replaced
     /// later under the same name is read anew.
@@ -244,6 +249,7 @@ impl Ingest {
             limits,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
             batch_messages: (0..n).map(|_| Vec::new()).collect(),
+            batch_rcpts: vec![0; n],
             messages: HashMap::new(),
             budget,
             next_message: 0,
@@ -471,6 +477,7 @@ impl Ingest {
         };
         let groups = self.group(input, name, map, line, &job, pending());
         for (shard, _, rcpts) in groups {
+            let n = rcpts.len();
             if let Some(m) = &message
                 && !self.batch_messages[shard].iter().any(|b| b.id == m.id)
             {
@@ -485,7 +492,8 @@ impl Ingest {
                 rcpts,
                 first_seen: input.first_seen,
             });
-            if self.batches[shard].len() >= BATCH_ITEMS {
+            self.batch_rcpts[shard] += n;
+            if self.batches[shard].len() >= BATCH_ITEMS || self.batch_rcpts[shard] >= BATCH_RCPTS {
                 self.send_batch(shard)?;
             }
         }
@@ -677,6 +685,7 @@ impl Ingest {
         }
         let items = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH_ITEMS));
         let messages = std::mem::take(&mut self.batch_messages[shard]);
+        self.batch_rcpts[shard] = 0;
         self.shards[shard]
             .send(ToShard::Work { items, messages })
             .map_err(|_| "a shard stopped")?;

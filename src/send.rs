@@ -29,8 +29,10 @@ use crate::tls::TlsClient;
 const SCAN_EVERY: Duration = Duration::from_millis(200);
 /// Batches of work waiting in each shard's inbox.
 const INBOX_BATCHES: usize = 16;
-/// Outcome batches waiting for the collector.
-const REPORT_BATCHES: usize = 1024;
+/// Outcome batches waiting for the collector (each at most a shard's
+/// flush: 2 ms or 256 KiB of log); a shard whose batch finds no room takes
+/// no new work until it has gone.
+const REPORT_BATCHES: usize = 256;
 /// How often progress is printed when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often the collector publishes `/status` and the spool gauges.
@@ -206,7 +208,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             let moved = w.scan(&cfg, tx).and_then(|()| {
                 for (id, track) in c.take_finished() {
                     w.finished(id, track)?;
-                    // The shards let go of the file and its message files (unmapped once the last goes).
+                    // The shards let go of the spool file (unmapped once the last goes).
                     let _ = tx.send(IngestInput::Forget(id));
                     if let Some(hub) = &hub {
                         // Show it done in /status at once.
@@ -263,6 +265,12 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     budget.close();
     for c in &controls {
         let _ = c.send(Control::Stop);
+    }
+    // Take outcomes while the shards wind down: a shard's last batch must find room.
+    while alive.iter().any(|a| a.try_recv() != Err(TryRecvError::Disconnected)) {
+        if let Ok(report) = report_rx.recv_timeout(Duration::from_millis(5)) {
+            c.take(report);
+        }
     }
     for h in handles {
         if h.join().is_err() {

@@ -54,6 +54,16 @@ impl Drop for SlowSink {
     }
 }
 
+/// A child killed when dropped, so a failing test leaves no volley behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Journal records written so far.
 fn journaled(journal: &std::path::Path) -> u64 {
     std::fs::metadata(journal).map_or(0, |m| m.len().saturating_sub(32) / 9)
@@ -341,12 +351,14 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
     let sink = SlowSink::start(20);
     let route = sink.route();
     let journal = dir.path().join("one.jsonl.journal");
-    let mut first = volley()
-        .args(["send", "--quiet", "--connections", "2", "--route", &route])
-        .arg(&spool)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Reaped(
+        volley()
+            .args(["send", "--quiet", "--connections", "2", "--route", &route])
+            .arg(&spool)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while journaled(&journal) < 50 {
         assert!(Instant::now() < deadline, "no progress");
@@ -359,13 +371,13 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
         err.contains(&format!(
             "spool file {} is in use by another volley process (pid {})",
             spool.display(),
-            first.id()
+            first.0.id()
         )),
         "{err}"
     );
     assert!(!dir.path().join("one.jsonl.journal.stale").exists());
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
     let at_kill = journaled(&journal);
     let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));

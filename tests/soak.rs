@@ -47,7 +47,11 @@ fn sample(pid: u32, at: Duration) -> Option<Sample> {
 fn produce(incoming: &Path, seq: u32, jobs: usize, rng: &mut fastrand::Rng) -> u64 {
     let name = format!("soak-{seq:05}");
     let msg_tmp = incoming.join(format!("{name}.eml.tmp"));
-    std::fs::write(&msg_tmp, format!("Subject: soak {seq}\n\n.first line with a dot\nbody\n")).unwrap();
+    std::fs::write(
+        &msg_tmp,
+        format!("Subject: soak {seq}\n\n.first line with a dot\nbody\n"),
+    )
+    .unwrap();
     std::fs::rename(&msg_tmp, incoming.join(format!("{name}.eml"))).unwrap();
     let mut text = String::new();
     let mut rcpts = 0;
@@ -57,7 +61,8 @@ fn produce(incoming: &Path, seq: u32, jobs: usize, rng: &mut fastrand::Rng) -> u
             .map(|k| format!("f{seq}j{j}k{k}@d{}.test", rng.usize(0..40)))
             .collect();
         rcpts += n as u64;
-        text += &serde_json::json!({"from": "bounces@soak.test", "to": to, "message": format!("{name}.eml")}).to_string();
+        text +=
+            &serde_json::json!({"from": "bounces@soak.test", "to": to, "message": format!("{name}.eml")}).to_string();
         text.push('\n');
     }
     let tmp = incoming.join(format!("{name}.jsonl.tmp"));
@@ -111,7 +116,10 @@ impl Drop for Service {
 
 #[test]
 fn soak_under_faults_with_kills_and_restarts_loses_nothing() {
-    let secs: u64 = std::env::var("VOLLEY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let secs: u64 = std::env::var("VOLLEY_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let long = secs > 60;
     let run_for = Duration::from_secs(secs);
     let dir = tempfile::tempdir().unwrap();
@@ -195,7 +203,10 @@ fn soak_under_faults_with_kills_and_restarts_loses_nothing() {
     // No more faults: every file must reach done/.
     let done = root.join("done");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !files.iter().all(|(name, _)| done.join(format!("{name}.summary.json")).exists()) {
+    while !files
+        .iter()
+        .all(|(name, _)| done.join(format!("{name}.summary.json")).exists())
+    {
         assert!(Instant::now() < deadline, "not every file reached done/");
         if let Some(s) = sample(service.child.id(), started.elapsed()) {
             samples.push(s);
@@ -238,7 +249,11 @@ fn soak_under_faults_with_kills_and_restarts_loses_nothing() {
             e.1 += 1;
         }
     }
-    assert_eq!(finals.len() as u64, expected, "every recipient has its final line in the log");
+    assert_eq!(
+        finals.len() as u64,
+        expected,
+        "every recipient has its final line in the log"
+    );
     let mut at_sink: HashMap<String, u32> = HashMap::new();
     for r in common::dumped_rcpts(&dump) {
         *at_sink.entry(r).or_default() += 1;
@@ -246,7 +261,10 @@ fn soak_under_faults_with_kills_and_restarts_loses_nothing() {
     let mut logged_twice = 0;
     for (rcpt, (delivered, other)) in &finals {
         let got = at_sink.get(*rcpt).copied().unwrap_or(0);
-        assert!(*delivered <= got, "{rcpt}: {delivered} delivered lines, at the sink {got} times");
+        assert!(
+            *delivered <= got,
+            "{rcpt}: {delivered} delivered lines, at the sink {got} times"
+        );
         logged_twice += u32::from(delivered + other > 1);
     }
     let duplicates = at_sink.values().map(|n| n - 1).sum::<u32>();
@@ -273,7 +291,12 @@ fn soak_under_faults_with_kills_and_restarts_loses_nothing() {
     );
     if long {
         for s in samples.iter().step_by((samples.len() / 40).max(1)) {
-            eprintln!("  t={:>6.0}s RssAnon {:>4} MiB fds {}", s.at.as_secs_f64(), s.rss_anon_kb / 1024, s.fds);
+            eprintln!(
+                "  t={:>6.0}s RssAnon {:>4} MiB fds {}",
+                s.at.as_secs_f64(),
+                s.rss_anon_kb / 1024,
+                s.fds
+            );
         }
     }
     assert!(kills + terms > 0, "the run had faults");

@@ -137,6 +137,32 @@ fn fill(path: &Path, leave: u64) {
     f.set_len(len.saturating_sub(leave)).unwrap();
 }
 
+/// Kills the child when dropped, so a failing test leaves no volley behind.
+struct Reaper(Option<std::process::Child>);
+
+impl Reaper {
+    fn spawn(cmd: &mut Command) -> Reaper {
+        Reaper(Some(cmd.spawn().unwrap()))
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+
+    fn output(mut self) -> Output {
+        self.0.take().expect("not waited for yet").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn volley() -> Command {
     Command::new(env!("CARGO_BIN_EXE_volley"))
 }
@@ -306,16 +332,16 @@ fn a_disk_gone_read_only_stops_send_and_a_rerun_loses_nothing() {
     })
     .unwrap();
     let log = fs.at.join("log.jsonl");
-    let child = volley()
-        .args(["send", "--quiet", "--connections", "2"])
-        .args(["--route", &format!("*={}", sink.addr())])
-        .arg("--log")
-        .arg(&log)
-        .arg(&spool)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Reaper::spawn(
+        volley()
+            .args(["send", "--quiet", "--connections", "2"])
+            .args(["--route", &format!("*={}", sink.addr())])
+            .arg("--log")
+            .arg(&log)
+            .arg(&spool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let jpath = journal::path_for(&spool);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&jpath).map_or(0, |m| m.len()) < 32 + 9 * 200 {
@@ -323,7 +349,7 @@ fn a_disk_gone_read_only_stops_send_and_a_rerun_loses_nothing() {
         std::thread::sleep(Duration::from_millis(5));
     }
     fs.fail();
-    let out = child.wait_with_output().unwrap();
+    let out = child.output();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(EXIT_STORAGE), "{err}");
     // The write that meets the error gets EIO (fdatasync) or EROFS (write).
@@ -395,13 +421,13 @@ fn a_full_spool_directory_stops_the_service_and_a_restart_loses_nothing() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains(&root.display().to_string()), "names the file: {err}");
     std::fs::remove_file(fs.0.join("filler")).unwrap();
-    let mut child = volley()
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = Reaper::spawn(
+        volley()
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
     let done = root.join("done");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !["a", "b", "c"]
@@ -411,8 +437,8 @@ fn a_full_spool_directory_stops_the_service_and_a_restart_loses_nothing() {
         assert!(Instant::now() < deadline, "not every file reached done/");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    assert!(child.wait().unwrap().success());
+    assert_eq!(unsafe { libc::kill(child.child().id() as i32, libc::SIGTERM) }, 0);
+    assert!(child.child().wait().unwrap().success());
     sink.stop();
     let records: usize = ["a", "b", "c"]
         .iter()

@@ -339,7 +339,9 @@ async fn run(p: ShardParams) {
             Err(TryRecvError::Empty) => {}
         }
         let mut taken = 0;
-        while taken < INBOX_CHUNK && shard.has_room() {
+        // Outcomes the collector has no room for yet hold new work back: the
+        // shard goes at the pace its outcomes can be recorded.
+        while taken < INBOX_CHUNK && shard.has_room() && unsent.is_none() {
             match p.inbox.try_recv() {
                 Ok(msg) => {
                     shard.accept(msg);
