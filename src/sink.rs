@@ -680,7 +680,9 @@ impl ServerSession {
                     reply(out, "501 5.5.4 Syntax: MAIL FROM:<address>");
                     return Action::Continue;
                 };
-                if !self.greeted {
+                if !path_ok(path.0) {
+                    reply(out, "501 5.1.7 Bad sender address syntax");
+                } else if !self.greeted {
                     reply(out, "503 5.5.1 Error: send HELO/EHLO first");
                 } else if self.auth.is_some() && !self.authed {
                     reply(out, "530 5.7.0 Authentication required");
@@ -700,7 +702,9 @@ impl ServerSession {
                     reply(out, "501 5.5.4 Syntax: RCPT TO:<address>");
                     return Action::Continue;
                 };
-                if self.mail.is_none() {
+                if !path_ok(path) {
+                    reply(out, "501 5.1.3 Bad recipient address syntax");
+                } else if self.mail.is_none() {
                     reply(out, "503 5.5.1 Error: need MAIL command");
                 } else if self.rcpts.len() >= MAX_RCPTS {
                     reply(out, "452 4.5.3 Error: too many recipients");
@@ -867,6 +871,12 @@ fn angle_path(s: &str) -> Option<(&str, &str)> {
     Some((&s[..end], s[end + 1..].trim()))
 }
 
+/// A path the sink takes and may echo in a reply: printable ASCII, at most
+/// 254 octets (RFC 5321 §4.5.3.1.3), so no reply line passes 512 octets.
+fn path_ok(path: &str) -> bool {
+    path.len() <= 254 && path.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn size_param(arg: &str) -> Option<usize> {
     arg.split_ascii_whitespace()
         .find_map(|p| strip_prefix_ci(p, "SIZE="))
@@ -901,6 +911,34 @@ mod tests {
         assert_eq!(s.received.len(), 1);
         assert_eq!(s.received[0].rcpts, vec!["x@y.test", "z@y.test"]);
         assert_eq!(s.received[0].body, b"Subject: x\r\n\r\n.dot\r\n");
+    }
+
+    /// Found by fuzzing: a refused recipient is echoed in the reply, so an
+    /// address of 8-bit bytes (each shown as three) made a reply line of 684
+    /// octets; RFC 5321 §4.5.3.1.5 allows 512.
+    #[test]
+    fn an_address_that_cannot_be_echoed_is_refused_as_bad_syntax() {
+        let opts = SinkOptions {
+            reject_rate: 1.0,
+            ..SinkOptions::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        run(&mut s, "EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
+        let mut out = Vec::new();
+        let mut line = b"RCPT TO:<".to_vec();
+        line.extend_from_slice(&[0xff; 200]);
+        line.extend_from_slice(b"@d.test>\r\n");
+        s.input(&line, &mut out);
+        assert_eq!(out, b"501 5.1.3 Bad recipient address syntax\r\n");
+        let long = format!("RCPT TO:<{}@d.test>\r\n", "a".repeat(250));
+        assert_eq!(run(&mut s, &long), "501 5.1.3 Bad recipient address syntax\r\n");
+        let got = run(&mut s, "RCPT TO:<x@d.test>\r\n");
+        assert_eq!(
+            got,
+            "550 5.1.1 <x@d.test>: Recipient address rejected: User unknown\r\n"
+        );
+        let got = run(&mut s, &format!("RSET\r\nMAIL FROM:<{}@b.test>\r\n", "é".repeat(10)));
+        assert_eq!(got, "250 2.0.0 Ok\r\n501 5.1.7 Bad sender address syntax\r\n");
     }
 
     #[test]
