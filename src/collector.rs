@@ -10,6 +10,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::journal::Journal;
@@ -306,10 +308,13 @@ pub struct Collector {
     failed: bool,
     /// Final outcomes that could not be recorded (after a failed write).
     pub unrecorded: u64,
+    /// Per shard, its outcome records written so far: the shard holds its
+    /// sending back while too many of its outcomes are not.
+    recorded: Vec<Arc<AtomicU64>>,
 }
 
 impl Collector {
-    pub fn new(fsync: bool, log: Option<DeliveryLog>) -> Collector {
+    pub fn new(fsync: bool, log: Option<DeliveryLog>, recorded: Vec<Arc<AtomicU64>>) -> Collector {
         Collector {
             files: HashMap::new(),
             fsync,
@@ -322,6 +327,7 @@ impl Collector {
             total: None,
             failed: false,
             unrecorded: 0,
+            recorded,
         }
     }
 
@@ -407,6 +413,9 @@ impl Collector {
             }
         }
         for batch in self.pending.drain(..) {
+            if let Some(credit) = batch.shard.and_then(|i| self.recorded.get(i)) {
+                credit.fetch_add(batch.records(), Ordering::Relaxed);
+            }
             for (a, b) in self.summary.counts.iter_mut().zip(batch.counts) {
                 *a += b;
             }
@@ -530,7 +539,7 @@ mod tests {
     fn collector_with_journal(dir: &Path, log: &Path) -> Collector {
         let spool = dir.join("s.jsonl");
         let journal = Journal::open(&spool, 10).unwrap().journal;
-        let mut c = Collector::new(true, Some(DeliveryLog::open(log).unwrap()));
+        let mut c = Collector::new(true, Some(DeliveryLog::open(log).unwrap()), Vec::new());
         c.take(Report::FileOpened {
             file: 0,
             name: "s.jsonl".into(),

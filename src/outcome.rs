@@ -133,9 +133,16 @@ pub struct OutcomeBatch {
     pub codes: Vec<(u16, u64)>,
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
+    /// The shard that sent it (none: ingest); the collector credits the
+    /// shard with its records once they are written.
+    pub shard: Option<usize>,
 }
 
 impl OutcomeBatch {
+    /// Log records in the batch (deferrals and final outcomes).
+    pub fn records(&self) -> u64 {
+        self.counts.iter().sum()
+    }
     pub fn final_count(&self) -> u64 {
         Outcome::ALL
             .iter()

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -29,10 +29,13 @@ use crate::tls::TlsClient;
 const SCAN_EVERY: Duration = Duration::from_millis(200);
 /// Batches of work waiting in each shard's inbox.
 const INBOX_BATCHES: usize = 16;
-/// Outcome batches waiting for the collector (each at most a shard's
-/// flush: 2 ms or 256 KiB of log); a shard whose batch finds no room takes
-/// no new work until it has gone.
-const REPORT_BATCHES: usize = 256;
+/// Outcome batches waiting for the collector, per shard (each at most a
+/// shard's flush: 2 ms or 256 KiB of log). A shard whose batch finds no room,
+/// or which has more than `MAX_UNRECORDED_PER_SHARD` outcomes not yet
+/// written, starts no new transaction until the collector catches up: a
+/// slow disk holds the sending back instead of letting delivered but
+/// unrecorded outcomes (a crash's duplicates) pile up.
+const REPORT_BATCHES_PER_SHARD: usize = 16;
 /// How often progress is printed when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often the collector publishes `/status` and the spool gauges.
@@ -106,7 +109,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     let shards = cfg.shards();
     let ehlo_name = cfg.ehlo_name();
     let started = Instant::now();
-    let (report_tx, report_rx) = bounded(REPORT_BATCHES);
+    // One share more for ingest's reports.
+    let (report_tx, report_rx) = bounded(REPORT_BATCHES_PER_SHARD * (shards + 1));
     let metrics_addr = cfg.metrics_addr()?;
     let (hub, links) = match metrics_addr {
         Some(_) => {
@@ -123,6 +127,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
         _ => None,
     };
+    let recorded: Vec<Arc<AtomicU64>> = (0..shards).map(|_| Arc::default()).collect();
     let mut inboxes = Vec::new();
     let mut controls = Vec::new();
     let mut handles = Vec::new();
@@ -149,6 +154,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             reports: report_tx.clone(),
             alive: alive_tx,
             metrics: link,
+            recorded: recorded[index].clone(),
         })?);
     }
     let budget = MessageBudget::new(cfg.max_message_files_in_use, cfg.max_message_bytes_in_use);
@@ -192,7 +198,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     } else {
         Duration::ZERO
     };
-    let mut c = Collector::new(cfg.journal_fsync, log);
+    let mut c = Collector::new(cfg.journal_fsync, log, recorded);
     let files_of = |w: &Option<Watcher>| w.as_ref().map(|w| (w.done, w.failed));
     // Publish at once: /status has something to show from the first scrape.
     let mut last_publish = Instant::now() - PUBLISH_EVERY;

@@ -469,3 +469,88 @@ fn a_full_spool_directory_stops_the_service_and_a_restart_loses_nothing() {
         );
     }
 }
+
+/// A delivery log that stops taking more (here a FIFO whose reader stops
+/// reading, as a disk that stalls) holds the sending back: the shards start
+/// no new transaction while the collector cannot record what they finish,
+/// so what a crash would send twice stays small even with a shard's queue
+/// full. Once the log moves again, everything goes out and is logged.
+#[test]
+fn a_stalled_delivery_log_holds_the_sending_back() {
+    const JOBS: u64 = 200_000;
+    const READ_FIRST: usize = 30_000;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("news.jsonl");
+    generate(&spool, JOBS);
+    let fifo = dir.path().join("log.fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        chunking: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut cfg = volley::config::Config {
+        shards: Some(1),
+        log: Some(fifo.clone()),
+        // A FIFO cannot be fdatasynced.
+        journal_fsync: false,
+        ..Default::default()
+    };
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    // The reader takes the first lines, then stops until told to go on.
+    let (go_on, resume) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&fifo).unwrap();
+        let (mut lines, mut buf, mut chunk) = (0, Vec::new(), vec![0u8; 1 << 16]);
+        while lines < READ_FIRST {
+            let n = f.read(&mut chunk).unwrap();
+            assert!(n > 0, "the log ended early");
+            lines += chunk[..n].iter().filter(|&&b| b == b'\n').count();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        resume.recv().unwrap();
+        f.read_to_end(&mut buf).unwrap();
+        (lines, buf)
+    });
+    let sending = std::thread::spawn(move || {
+        volley::send::send(volley::send::SendOptions {
+            spools: vec![spool],
+            config: cfg,
+            progress: volley::send::Progress::Off,
+            stop: None,
+            watch: None,
+        })
+    });
+    // Wait until the sink's count stands still: the collector is stuck on the log.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = u64::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = sink.counts().messages;
+        if now == last && now as usize > READ_FIRST {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sink never stood still ({now})");
+        last = now;
+    }
+    // What the shard may have unrecorded, what its connections have in flight
+    // (20 connections, 8 transactions each), and the lines in the pipe and
+    // in the reader's last read (64 KiB each, about 200 lines), with room to spare.
+    let unrecorded = last as usize - READ_FIRST;
+    let bound = volley::shard::MAX_UNRECORDED_PER_SHARD as usize + 20 * 8 + 2 * 200 + 500;
+    assert!(
+        unrecorded < bound,
+        "{unrecorded} went out past the {READ_FIRST} recorded while nothing more could be (bound {bound})"
+    );
+    go_on.send(()).unwrap();
+    let summary = sending.join().unwrap().expect("the send finishes once the log moves");
+    let (_, log) = reader.join().unwrap();
+    assert_eq!(summary.count(volley::outcome::Outcome::Delivered), JOBS);
+    assert_eq!(log.iter().filter(|&&b| b == b'\n').count() as u64, JOBS);
+    assert_eq!(sink.stop().messages, JOBS);
+    eprintln!("stalled log: {unrecorded} went out past the {READ_FIRST} read before the sending stood still");
+}

@@ -247,7 +247,7 @@ async fn converse(
         }
         let io = stream.as_mut().expect("the stream is back after STARTTLS");
         if session.is_ready() {
-            while session.wants_txn() && submitted < cfg.max_messages_per_connection {
+            while session.wants_txn() && submitted < cfg.max_messages_per_connection && !shard.held_back() {
                 let Some(mut txn) = dest.queue.borrow_mut().pop_front() else {
                     break;
                 };
@@ -366,12 +366,15 @@ async fn handshake(
 
 /// Parks until the destination has work (true) or the idle timeout passes or the shard stops (false).
 async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
-    let deadline = Instant::now() + shard.cfg.idle_timeout;
+    let mut deadline = Instant::now() + shard.cfg.idle_timeout;
     loop {
-        if !dest.queue.borrow().is_empty() {
+        let now = Instant::now();
+        if shard.held_back() {
+            // Waiting for the collector is not being idle.
+            deadline = now + shard.cfg.idle_timeout;
+        } else if !dest.queue.borrow().is_empty() {
             return true;
         }
-        let now = Instant::now();
         if shard.stopping.get() || now >= deadline {
             return false;
         }

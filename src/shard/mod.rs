@@ -12,6 +12,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -46,6 +47,10 @@ const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// Cache entries added between sweeps of unused domains and messages.
 const SWEEP_EVERY: usize = 4096;
+/// Outcome records a shard may have produced that the collector has not
+/// written yet; past this it starts no new transaction (what is delivered
+/// but not recorded is what a crash sends twice).
+pub const MAX_UNRECORDED_PER_SHARD: u64 = 4096;
 
 pub enum Control {
     /// Every recipient is final: close connections with QUIT and return.
@@ -70,6 +75,8 @@ pub struct ShardParams {
     pub alive: Sender<()>,
     /// The link to the metrics exporter; without one the shard counts nothing.
     pub metrics: Option<ShardLink>,
+    /// Outcome records of this shard the collector has written (it adds to it).
+    pub recorded: Arc<AtomicU64>,
 }
 
 pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
@@ -293,6 +300,14 @@ pub(crate) struct Shard {
     /// Of those, recipients waiting in `retries` for their next attempt.
     waiting: Cell<usize>,
     stopping: Cell<bool>,
+    /// Outcome records this shard has produced, and of those, how many the
+    /// collector had written when the shard last looked (once a turn).
+    produced: Cell<u64>,
+    recorded_seen: Cell<u64>,
+    /// The collector's queue had no room for the last batch.
+    collector_full: Cell<bool>,
+    /// `held_back()` when the shard last looked: connections are woken when it clears.
+    was_held_back: Cell<bool>,
     inserts: Cell<usize>,
     metrics: RefCell<ShardMetrics>,
 }
@@ -326,6 +341,10 @@ async fn run(p: ShardParams) {
         held: Cell::new(0),
         waiting: Cell::new(0),
         stopping: Cell::new(false),
+        produced: Cell::new(0),
+        recorded_seen: Cell::new(0),
+        collector_full: Cell::new(false),
+        was_held_back: Cell::new(false),
         inserts: Cell::new(0),
         metrics: RefCell::new(ShardMetrics::new(p.metrics.is_some(), p.cfg.metrics_max_domains)),
     });
@@ -359,6 +378,14 @@ async fn run(p: ShardParams) {
         if last_flush.elapsed() >= FLUSH_INTERVAL || shard.recorder.borrow().pending_bytes() > FLUSH_BYTES {
             shard.flush(&p.reports, &mut unsent);
             last_flush = Instant::now();
+            shard.collector_full.set(unsent.is_some());
+        }
+        shard.recorded_seen.set(p.recorded.load(AtomicOrdering::Relaxed));
+        let held = shard.held_back();
+        if shard.was_held_back.replace(held) && !held {
+            for d in shard.dests.borrow().values() {
+                d.wake.notify(usize::MAX);
+            }
         }
         if taken == 0 {
             // Poll the inbox every millisecond while work flows, every 20 once idle for a while.
@@ -972,6 +999,7 @@ impl Shard {
             line: txn.line,
             idx: txn.rcpts[i].idx,
         };
+        self.produced.set(self.produced.get() + 1);
         self.recorder.borrow_mut().record(
             key,
             &LogRecord {
@@ -1107,8 +1135,18 @@ impl Shard {
         snap
     }
 
+    /// No new transaction may start: the collector cannot take this shard's
+    /// outcomes, or more than `MAX_UNRECORDED_PER_SHARD` of them are not
+    /// written yet.
+    pub(crate) fn held_back(&self) -> bool {
+        self.collector_full.get() || self.produced.get() - self.recorded_seen.get() > MAX_UNRECORDED_PER_SHARD
+    }
+
     fn flush(&self, reports: &Sender<Report>, unsent: &mut Option<OutcomeBatch>) {
-        let fresh = self.recorder.borrow_mut().take();
+        let fresh = self.recorder.borrow_mut().take().map(|mut b| {
+            b.shard = Some(self.index);
+            b
+        });
         let batch = match (unsent.take(), fresh) {
             (Some(mut old), Some(new)) => {
                 old.merge(new);
