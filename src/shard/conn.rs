@@ -368,14 +368,28 @@ async fn handshake(
 async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
     let mut deadline = Instant::now() + shard.cfg.idle_timeout;
     loop {
-        let now = Instant::now();
+        if shard.stopping.get() {
+            return false;
+        }
         if shard.held_back() {
-            // Waiting for the collector is not being idle.
-            deadline = now + shard.cfg.idle_timeout;
-        } else if !dest.queue.borrow().is_empty() {
+            // Waiting for the collector is not being idle: the shard wakes
+            // these waiters once it has caught up.
+            let listener = shard.caught_up.listen();
+            shard.held_waiters.set(shard.held_waiters.get() + 1);
+            let _ = glommio::timer::timeout(shard.cfg.idle_timeout, async {
+                listener.await;
+                Ok(())
+            })
+            .await;
+            shard.held_waiters.set(shard.held_waiters.get() - 1);
+            deadline = Instant::now() + shard.cfg.idle_timeout;
+            continue;
+        }
+        if !dest.queue.borrow().is_empty() {
             return true;
         }
-        if shard.stopping.get() || now >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return false;
         }
         let listener = dest.wake.listen();

@@ -306,8 +306,9 @@ pub(crate) struct Shard {
     recorded_seen: Cell<u64>,
     /// The collector's queue had no room for the last batch.
     collector_full: Cell<bool>,
-    /// `held_back()` when the shard last looked: connections are woken when it clears.
-    was_held_back: Cell<bool>,
+    /// Idle connections waiting for `held_back()` to clear, and what wakes them.
+    held_waiters: Cell<usize>,
+    caught_up: Event,
     inserts: Cell<usize>,
     metrics: RefCell<ShardMetrics>,
 }
@@ -344,7 +345,8 @@ async fn run(p: ShardParams) {
         produced: Cell::new(0),
         recorded_seen: Cell::new(0),
         collector_full: Cell::new(false),
-        was_held_back: Cell::new(false),
+        held_waiters: Cell::new(0),
+        caught_up: Event::new(),
         inserts: Cell::new(0),
         metrics: RefCell::new(ShardMetrics::new(p.metrics.is_some(), p.cfg.metrics_max_domains)),
     });
@@ -381,11 +383,8 @@ async fn run(p: ShardParams) {
             shard.collector_full.set(unsent.is_some());
         }
         shard.recorded_seen.set(p.recorded.load(AtomicOrdering::Relaxed));
-        let held = shard.held_back();
-        if shard.was_held_back.replace(held) && !held {
-            for d in shard.dests.borrow().values() {
-                d.wake.notify(usize::MAX);
-            }
+        if shard.held_waiters.get() > 0 && !shard.held_back() {
+            shard.caught_up.notify(usize::MAX);
         }
         if taken == 0 {
             // Poll the inbox every millisecond while work flows, every 20 once idle for a while.
@@ -398,6 +397,7 @@ async fn run(p: ShardParams) {
         }
     }
     shard.stopping.set(true);
+    shard.caught_up.notify(usize::MAX);
     let dests: Vec<Rc<Dest>> = shard.dests.borrow().values().cloned().collect();
     for d in &dests {
         d.wake.notify(usize::MAX);
