@@ -7,7 +7,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::dns::{Rr, serve};
+use common::dns::{Rr, a, mx, serve};
 use common::{finals, read_log};
 use volley::collector::Summary;
 use volley::config::Config;
@@ -21,18 +21,18 @@ fn ip(last: u8) -> Ipv4Addr {
 
 fn zone() -> Vec<Rr> {
     vec![
-        Rr::Mx("pref.test", 20, "mx2.pref.test"),
-        Rr::Mx("pref.test", 10, "mx1.pref.test"),
-        Rr::A("mx1.pref.test", ip(2)),
-        Rr::A("mx2.pref.test", ip(3)),
-        Rr::A("implicit.test", ip(4)),
-        Rr::Mx("nullmx.test", 0, "."),
-        Rr::Mx("firstdead.test", 10, "dead.firstdead.test"),
-        Rr::Mx("firstdead.test", 20, "live.firstdead.test"),
-        Rr::A("dead.firstdead.test", ip(9)),
-        Rr::A("live.firstdead.test", ip(5)),
-        Rr::Mx("shared1.test", 10, "mx1.pref.test"),
-        Rr::Mx("shared2.test", 10, "mx1.pref.test"),
+        mx("pref.test", 20, "mx2.pref.test"),
+        mx("pref.test", 10, "mx1.pref.test"),
+        a("mx1.pref.test", ip(2)),
+        a("mx2.pref.test", ip(3)),
+        a("implicit.test", ip(4)),
+        mx("nullmx.test", 0, "."),
+        mx("firstdead.test", 10, "dead.firstdead.test"),
+        mx("firstdead.test", 20, "live.firstdead.test"),
+        a("dead.firstdead.test", ip(9)),
+        a("live.firstdead.test", ip(5)),
+        mx("shared1.test", 10, "mx1.pref.test"),
+        mx("shared2.test", 10, "mx1.pref.test"),
     ]
 }
 
@@ -186,4 +186,38 @@ fn domains_with_the_same_mx_set_share_a_connection() {
         "shared1.test and shared2.test went over one connection: {counts}"
     );
     assert_eq!(counts.messages, 40);
+}
+
+/// A real list has thousands of distinct domains, each needing its own MX
+/// lookup at once: none of them may be deferred by volley's own resolver
+/// (its concurrency or connection limits); lookups queue instead.
+#[test]
+fn thousands_of_domains_are_resolved_without_a_deferral() {
+    const DOMAINS: usize = 3000;
+    let mut records: Vec<Rr> = (0..DOMAINS)
+        .map(|i| mx(&format!("d{i}.test"), 10, "mx.hosting.test"))
+        .collect();
+    records.push(a("mx.hosting.test", ip(2)));
+    let dns = serve(records);
+    let (sinks, port) = sinks(&[2]);
+    let lines: Vec<String> = (0..DOMAINS)
+        .map(|i| job(&format!("j{i}"), &[&format!("r@d{i}.test")]))
+        .collect();
+    let (summary, log) = send_to(dns, port, &lines, |c| {
+        c.shards = Some(2);
+        // Long enough that a lookup is never given up by time on this machine.
+        c.dns.timeout = Duration::from_secs(5);
+    });
+    let deferrals: Vec<&serde_json::Value> = log.iter().filter(|r| r["outcome"] == "deferred").collect();
+    assert!(
+        deferrals.is_empty(),
+        "{} deferrals, the first: {}",
+        deferrals.len(),
+        deferrals[0]["reply"]
+    );
+    assert_eq!(summary.count(Outcome::Delivered), DOMAINS as u64);
+    assert_eq!(
+        sinks.into_iter().map(|s| s.stop().recipients).sum::<u64>(),
+        DOMAINS as u64
+    );
 }

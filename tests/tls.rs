@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use common::dns::{Rr, serve};
+use common::dns::{a, mx, serve};
 use common::{finals, read_log};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::Value;
@@ -161,10 +161,10 @@ fn verify_checks_the_chain_and_the_mx_host_name() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = ca_and_leaf(dir.path(), "mx.good.test");
     let dns = serve(vec![
-        Rr::Mx("good.test", 10, "mx.good.test"),
-        Rr::A("mx.good.test", Ipv4Addr::new(127, 0, 0, 7)),
-        Rr::Mx("bad.test", 10, "mx.bad.test"),
-        Rr::A("mx.bad.test", Ipv4Addr::new(127, 0, 0, 8)),
+        mx("good.test", 10, "mx.good.test"),
+        a("mx.good.test", Ipv4Addr::new(127, 0, 0, 7)),
+        mx("bad.test", 10, "mx.bad.test"),
+        a("mx.bad.test", Ipv4Addr::new(127, 0, 0, 8)),
     ]);
     // Both serve the certificate for mx.good.test; only one is mx.good.test.
     let good = sink("127.0.0.7:0", true, false, Some((&cert, &key)));

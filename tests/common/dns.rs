@@ -12,8 +12,18 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
 pub enum Rr {
-    Mx(&'static str, u16, &'static str),
-    A(&'static str, Ipv4Addr),
+    Mx(String, u16, String),
+    A(String, Ipv4Addr),
+}
+
+/// `owner MX preference exchange`.
+pub fn mx(owner: &str, preference: u16, exchange: &str) -> Rr {
+    Rr::Mx(owner.into(), preference, exchange.into())
+}
+
+/// `owner A ip`.
+pub fn a(owner: &str, ip: Ipv4Addr) -> Rr {
+    Rr::A(owner.into(), ip)
 }
 
 fn name(s: &str) -> Name {
@@ -42,9 +52,9 @@ pub fn serve(records: Vec<Rr>) -> SocketAddr {
             for r in records {
                 let rec = match r {
                     Rr::Mx(owner, pref, exchange) => {
-                        Record::from_rdata(name(owner), 300, RData::MX(MX::new(pref, name(exchange))))
+                        Record::from_rdata(name(&owner), 300, RData::MX(MX::new(pref, name(&exchange))))
                     }
-                    Rr::A(owner, ip) => Record::from_rdata(name(owner), 300, RData::A(A(ip))),
+                    Rr::A(owner, ip) => Record::from_rdata(name(&owner), 300, RData::A(A(ip))),
                 };
                 assert!(zone.upsert_mut(rec, 1));
             }
