@@ -236,6 +236,8 @@ pub struct DnsConfig {
     /// How long "no such domain" and null MX answers are kept.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// Queries in flight at once (each has a socket of its own); the rest wait their turn.
+    pub max_in_flight: usize,
 }
 
 impl Default for DnsConfig {
@@ -246,6 +248,7 @@ impl Default for DnsConfig {
             min_ttl: Duration::from_secs(30),
             max_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(60),
+            max_in_flight: 256,
         }
     }
 }

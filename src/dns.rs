@@ -3,8 +3,15 @@
 //! runtime; shards hand it work with `Handle::spawn` and await the returned
 //! `JoinHandle`, which wakes any executor. The same thread makes connections
 //! that must be bound to a source address first (glommio has no such option).
-//! This module owns no cache: each shard caches the answers of its own domains.
+//! Lookups in flight are bounded (`[dns] max_in_flight`): past the bound
+//! they wait their turn, so a list of 100,000 distinct domains never runs
+//! the process out of sockets (each query has its own UDP socket) and no
+//! recipient is deferred because of volley's own limits. MX hosts' addresses
+//! are cached here, shared by every domain (and shard) that names them, and
+//! one lookup of a host serves everyone who asks while it runs; each shard
+//! caches the MX answers of its own domains.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +21,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::DnsConfig;
 
@@ -38,12 +46,35 @@ pub enum MxAnswer {
     Temporary(String),
 }
 
+/// MX hosts' addresses cached on the side thread, bounded in entries.
+const MAX_CACHED_HOSTS: usize = 100_000;
+
 /// Handle to the side thread, cloned into every shard.
 #[derive(Clone)]
 pub struct Net {
     handle: tokio::runtime::Handle,
-    resolver: Arc<TokioResolver>,
+    lookups: Arc<Lookups>,
 }
+
+/// What the side thread's lookups share.
+struct Lookups {
+    resolver: TokioResolver,
+    /// Queries in flight at once; the rest wait for a permit (FIFO).
+    in_flight: Semaphore,
+    hosts: std::sync::Mutex<HashMap<String, HostEntry>>,
+    min_ttl: Duration,
+    max_ttl: Duration,
+}
+
+/// The addresses of an MX host: known until a time, or being looked up.
+#[derive(Clone)]
+enum HostEntry {
+    Known { addrs: Vec<IpAddr>, until: Instant },
+    Resolving(HostWaiter),
+}
+
+/// Where the answer of a host lookup under way will appear.
+type HostWaiter = watch::Receiver<Option<Result<Vec<IpAddr>, String>>>;
 
 /// Owns the side thread; dropping it stops the thread.
 pub struct NetThread {
@@ -73,6 +104,7 @@ impl NetThread {
         };
         opts.timeout = cfg.timeout;
         opts.attempts = 2;
+        let (max_in_flight, min_ttl, max_ttl) = (cfg.max_in_flight.max(1), cfg.min_ttl, cfg.max_ttl);
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -92,8 +124,15 @@ impl NetThread {
                     builder.build()
                 };
                 match resolver {
-                    Ok(r) => {
-                        let _ = tx.send(Ok((rt.handle().clone(), Arc::new(r))));
+                    Ok(resolver) => {
+                        let lookups = Lookups {
+                            resolver,
+                            in_flight: Semaphore::new(max_in_flight),
+                            hosts: Default::default(),
+                            min_ttl,
+                            max_ttl,
+                        };
+                        let _ = tx.send(Ok((rt.handle().clone(), Arc::new(lookups))));
                         rt.block_on(async {
                             let _ = stop_rx.await;
                         });
@@ -104,9 +143,9 @@ impl NetThread {
                 }
             })
             .context("cannot start the resolver thread")?;
-        let (handle, resolver) = rx.recv().context("the resolver thread ended at start-up")??;
+        let (handle, lookups) = rx.recv().context("the resolver thread ended at start-up")??;
         Ok(NetThread {
-            net: Net { handle, resolver },
+            net: Net { handle, lookups },
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -131,11 +170,11 @@ impl Drop for NetThread {
 impl Net {
     /// The mail exchangers of `domain` (RFC 5321 §5.1, RFC 7505).
     pub async fn resolve_mx(&self, domain: &str) -> MxAnswer {
-        let resolver = self.resolver.clone();
+        let lookups = self.lookups.clone();
         let domain = domain.to_string();
         match self
             .handle
-            .spawn(async move { resolve_mx(&resolver, &domain).await })
+            .spawn(async move { resolve_mx(&lookups, &domain).await })
             .await
         {
             Ok(answer) => answer,
@@ -169,12 +208,20 @@ impl Net {
     }
 }
 
-async fn resolve_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
+async fn resolve_mx(lookups: &Lookups, domain: &str) -> MxAnswer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
-    let lookup = match resolver.mx_lookup(fqdn.as_str()).await {
+    let answer = {
+        let _permit = lookups
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        lookups.resolver.mx_lookup(fqdn.as_str()).await
+    };
+    let lookup = match answer {
         Ok(l) => l,
         Err(e) if e.is_nx_domain() => return MxAnswer::NoSuchDomain(format!("{domain}: no such domain (NXDOMAIN)")),
-        Err(e) if e.is_no_records_found() => return implicit_mx(resolver, domain, &fqdn).await,
+        Err(e) if e.is_no_records_found() => return implicit_mx(lookups, domain, &fqdn).await,
         Err(e) => return MxAnswer::Temporary(format!("MX lookup for {domain} failed: {e}")),
     };
     let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
@@ -190,7 +237,7 @@ async fn resolve_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
         return MxAnswer::NullMx;
     }
     if mx.is_empty() {
-        return implicit_mx(resolver, domain, &fqdn).await;
+        return implicit_mx(lookups, domain, &fqdn).await;
     }
     // By preference; equal preferences in random order (RFC 5321 §5.1).
     fastrand::shuffle(&mut mx);
@@ -198,16 +245,12 @@ async fn resolve_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
     let mut hosts = Vec::with_capacity(mx.len());
     let mut problems = Vec::new();
     for (preference, name) in mx {
-        let fq = if name.ends_with('.') {
-            name.clone()
-        } else {
-            format!("{name}.")
-        };
-        match resolver.lookup_ip(fq.as_str()).await {
-            Ok(ips) => hosts.push(MxHost {
-                name: name.trim_end_matches('.').to_string(),
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match host_addrs(lookups, &name).await {
+            Ok(addrs) => hosts.push(MxHost {
+                name,
                 preference,
-                addrs: ips.iter().collect(),
+                addrs,
             }),
             Err(e) => problems.push(format!("{name}: {e}")),
         }
@@ -221,9 +264,97 @@ async fn resolve_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
     MxAnswer::Hosts { hosts, ttl }
 }
 
+/// The addresses of an MX host: from the cache, from a lookup of it already
+/// running, or from a new one (which then serves the others that ask).
+async fn host_addrs(lookups: &Lookups, host: &str) -> Result<Vec<IpAddr>, String> {
+    loop {
+        match host_entry(lookups, host) {
+            Ok(addrs) => return Ok(addrs),
+            Err(Some(mut rx)) => {
+                if let Ok(done) = rx.wait_for(Option::is_some).await
+                    && let Some(result) = done.clone()
+                {
+                    return result;
+                }
+                // The lookup went away without an answer: ask again.
+            }
+            Err(None) => {
+                let (tx, rx) = watch::channel(None);
+                set_host(lookups, host, Some(HostEntry::Resolving(rx)));
+                let result = lookup_host(lookups, host).await;
+                // A failure is not kept: the next domain that names the host asks again.
+                let entry = result.as_ref().ok().map(|(addrs, until)| HostEntry::Known {
+                    addrs: addrs.clone(),
+                    until: *until,
+                });
+                set_host(lookups, host, entry);
+                let result = result.map(|(addrs, _)| addrs);
+                let _ = tx.send(Some(result.clone()));
+                return result;
+            }
+        }
+    }
+}
+
+/// The cached addresses of `host` (Ok), the lookup of it under way
+/// (Err(Some)), or nothing: the caller looks it up (Err(None)).
+fn host_entry(lookups: &Lookups, host: &str) -> Result<Vec<IpAddr>, Option<HostWaiter>> {
+    let hosts = lookups.hosts.lock().unwrap_or_else(|e| e.into_inner());
+    match hosts.get(host) {
+        Some(HostEntry::Known { addrs, until }) if *until > Instant::now() => Ok(addrs.clone()),
+        Some(HostEntry::Resolving(rx)) => Err(Some(rx.clone())),
+        _ => Err(None),
+    }
+}
+
+fn set_host(lookups: &Lookups, host: &str, entry: Option<HostEntry>) {
+    let mut hosts = lookups.hosts.lock().unwrap_or_else(|e| e.into_inner());
+    match entry {
+        Some(e) => {
+            if hosts.len() >= MAX_CACHED_HOSTS && !hosts.contains_key(host) {
+                let now = Instant::now();
+                hosts.retain(|_, e| matches!(e, HostEntry::Known { until, .. } if *until > now));
+                if hosts.len() >= MAX_CACHED_HOSTS {
+                    hosts.clear();
+                }
+            }
+            hosts.insert(host.to_string(), e);
+        }
+        None => {
+            hosts.remove(host);
+        }
+    }
+}
+
+async fn lookup_host(lookups: &Lookups, host: &str) -> Result<(Vec<IpAddr>, Instant), String> {
+    let _permit = lookups
+        .in_flight
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let ips = lookups
+        .resolver
+        .lookup_ip(format!("{host}.").as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ttl = ips
+        .valid_until()
+        .saturating_duration_since(Instant::now())
+        .clamp(lookups.min_ttl, lookups.max_ttl);
+    Ok((ips.iter().collect(), Instant::now() + ttl))
+}
+
 /// No MX records: the domain's own addresses are its mail exchanger.
-async fn implicit_mx(resolver: &TokioResolver, domain: &str, fqdn: &str) -> MxAnswer {
-    match resolver.lookup_ip(fqdn).await {
+async fn implicit_mx(lookups: &Lookups, domain: &str, fqdn: &str) -> MxAnswer {
+    let answer = {
+        let _permit = lookups
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        lookups.resolver.lookup_ip(fqdn).await
+    };
+    match answer {
         Ok(ips) => MxAnswer::Hosts {
             ttl: ips.valid_until().saturating_duration_since(Instant::now()),
             hosts: vec![MxHost {

@@ -5,9 +5,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_server::Server;
+use hickory_server::net::runtime::Time;
 use hickory_server::net::runtime::TokioRuntimeProvider;
 use hickory_server::proto::rr::rdata::{A, MX, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
@@ -35,8 +37,35 @@ fn name(s: &str) -> Name {
     .unwrap()
 }
 
+/// Answers after a delay, as a busy or distant nameserver does, and leaves
+/// every `drop_every`-th query unanswered (0: none), as a lossy one does.
+struct Delayed {
+    inner: Catalog,
+    delay: std::time::Duration,
+    drop_every: u64,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Delayed {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if self.drop_every > 0 && n.is_multiple_of(self.drop_every) {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.inner.handle_request::<R, T>(request, response).await
+    }
+}
+
 /// Serves the records until the process ends; returns the server's address.
 pub fn serve(records: Vec<Rr>) -> SocketAddr {
+    serve_delayed(records, std::time::Duration::ZERO, 0)
+}
+
+/// Serves the records, each answer `delay` after its query, leaving every
+/// `drop_every`-th query unanswered (0: none).
+pub fn serve_delayed(records: Vec<Rr>, delay: std::time::Duration, drop_every: u64) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -60,7 +89,12 @@ pub fn serve(records: Vec<Rr>) -> SocketAddr {
             }
             let mut catalog = Catalog::new();
             catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
-            let mut server = Server::new(catalog);
+            let mut server = Server::new(Delayed {
+                inner: catalog,
+                delay,
+                drop_every,
+                seen: Default::default(),
+            });
             let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
             tx.send(socket.local_addr().unwrap()).unwrap();
             server.register_socket(socket);
