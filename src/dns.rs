@@ -66,6 +66,13 @@ struct Lookups {
     max_ttl: Duration,
 }
 
+impl Lookups {
+    /// A turn to query: waits while `max_in_flight` queries are out.
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.in_flight.acquire().await.expect("the semaphore is never closed")
+    }
+}
+
 /// The addresses of an MX host: known until a time, or being looked up.
 #[derive(Clone)]
 enum HostEntry {
@@ -211,11 +218,7 @@ impl Net {
 async fn resolve_mx(lookups: &Lookups, domain: &str) -> MxAnswer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let answer = {
-        let _permit = lookups
-            .in_flight
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let _permit = lookups.permit().await;
         lookups.resolver.mx_lookup(fqdn.as_str()).await
     };
     let lookup = match answer {
@@ -327,11 +330,7 @@ fn set_host(lookups: &Lookups, host: &str, entry: Option<HostEntry>) {
 }
 
 async fn lookup_host(lookups: &Lookups, host: &str) -> Result<(Vec<IpAddr>, Instant), String> {
-    let _permit = lookups
-        .in_flight
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
+    let _permit = lookups.permit().await;
     let ips = lookups
         .resolver
         .lookup_ip(format!("{host}.").as_str())
@@ -347,11 +346,7 @@ async fn lookup_host(lookups: &Lookups, host: &str) -> Result<(Vec<IpAddr>, Inst
 /// No MX records: the domain's own addresses are its mail exchanger.
 async fn implicit_mx(lookups: &Lookups, domain: &str, fqdn: &str) -> MxAnswer {
     let answer = {
-        let _permit = lookups
-            .in_flight
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let _permit = lookups.permit().await;
         lookups.resolver.lookup_ip(fqdn).await
     };
     match answer {

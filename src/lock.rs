@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// A held lock; dropping it lets go.
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    file: File,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +60,14 @@ impl Lock {
             .open(&path)
             .map_err(io)?;
         let mut lock = Self::take(file, dir, what)?;
-        lock._file.set_len(0).map_err(io)?;
-        writeln!(lock._file, "{}", std::process::id()).map_err(io)?;
+        lock.file.set_len(0).map_err(io)?;
+        writeln!(lock.file, "{}", std::process::id()).map_err(io)?;
         Ok(lock)
     }
 
     fn take(file: File, path: &Path, what: &'static str) -> Result<Lock, LockError> {
         match file.try_lock() {
-            Ok(()) => Ok(Lock { _file: file }),
+            Ok(()) => Ok(Lock { file }),
             Err(TryLockError::WouldBlock) => Err(LockError::Held {
                 what,
                 path: path.to_path_buf(),

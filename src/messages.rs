@@ -10,8 +10,10 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::spool::MappedFile;
 
@@ -38,20 +40,21 @@ impl Drop for Room {
     }
 }
 
-#[derive(Debug, Default)]
-struct InUse {
-    files: usize,
-    bytes: u64,
-}
-
-/// How many message files, and bytes of them, may be in use at once.
+/// How many message files, and bytes of them, may be in use at once. Only
+/// ingest opens files; whoever drops the last reference to one (a shard's
+/// executor, usually) gives its room back with two atomic subtractions, and
+/// takes the lock only to wake ingest when it is waiting for room.
 #[derive(Debug)]
 pub struct MessageBudget {
     max_files: usize,
     max_bytes: u64,
-    in_use: Mutex<InUse>,
+    files: AtomicUsize,
+    bytes: AtomicU64,
+    /// Ingest waits for room in `open`.
+    waiting: AtomicBool,
+    parked: Mutex<()>,
     freed: Condvar,
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 /// Why no room was given.
@@ -68,14 +71,23 @@ impl MessageBudget {
         Arc::new(MessageBudget {
             max_files: max_files.max(1),
             max_bytes,
-            in_use: Mutex::new(InUse::default()),
+            files: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            parked: Mutex::new(()),
             freed: Condvar::new(),
-            closed: Default::default(),
+            closed: AtomicBool::new(false),
         })
     }
 
+    /// A file of `len` bytes fits now (the first one always does, however big).
+    fn fits(&self, len: u64) -> bool {
+        let files = self.files.load(SeqCst);
+        files == 0 || (files < self.max_files && self.bytes.load(SeqCst) + len <= self.max_bytes)
+    }
+
     /// Maps `path` (of `len` bytes) within the budget, waiting up to `wait`
-    /// for room. The first file always fits, however big.
+    /// for room. Called by one thread only (ingest): room checked is room taken.
     pub fn open(
         self: &Arc<Self>,
         id: u32,
@@ -83,25 +95,33 @@ impl MessageBudget {
         len: u64,
         wait: Duration,
     ) -> Result<io::Result<MessageFile>, NoRoom> {
-        {
-            let mut u = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-            let fits = |u: &InUse| u.files == 0 || (u.files < self.max_files && u.bytes + len <= self.max_bytes);
-            if !fits(&u) {
-                u = self
+        if !self.fits(len) {
+            let deadline = Instant::now() + wait;
+            let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            // Set under the lock, before looking again: a release after this
+            // look sees it and wakes this wait.
+            self.waiting.store(true, SeqCst);
+            while !self.fits(len) && !self.closed.load(SeqCst) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                parked = self
                     .freed
-                    .wait_timeout_while(u, wait, |u| !fits(u) && !self.is_closed())
+                    .wait_timeout(parked, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            if self.is_closed() {
-                return Err(NoRoom::Closed);
-            }
-            if !fits(&u) {
-                return Err(NoRoom::Full);
-            }
-            u.files += 1;
-            u.bytes += len;
+            self.waiting.store(false, SeqCst);
         }
+        if self.closed.load(SeqCst) {
+            return Err(NoRoom::Closed);
+        }
+        if !self.fits(len) {
+            return Err(NoRoom::Full);
+        }
+        self.files.fetch_add(1, SeqCst);
+        self.bytes.fetch_add(len, SeqCst);
         let file = match MappedFile::open(path) {
             Ok(f) => f,
             Err(e) => {
@@ -111,10 +131,8 @@ impl MessageBudget {
         };
         // What was mapped counts, if the file changed since it was measured.
         let mapped = file.bytes().len() as u64;
-        if mapped != len {
-            let mut u = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-            u.bytes = u.bytes + mapped - len;
-        }
+        self.bytes.fetch_add(mapped, SeqCst);
+        self.bytes.fetch_sub(len, SeqCst);
         Ok(Ok(MessageFile {
             id,
             file,
@@ -126,27 +144,24 @@ impl MessageBudget {
     }
 
     fn release(&self, len: u64) {
-        let mut u = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        u.files -= 1;
-        u.bytes -= len;
-        self.freed.notify_all();
+        self.files.fetch_sub(1, SeqCst);
+        self.bytes.fetch_sub(len, SeqCst);
+        if self.waiting.load(SeqCst) {
+            let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            self.freed.notify_all();
+        }
     }
 
     /// Ends every wait: the send is stopping.
     pub fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _guard = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, SeqCst);
+        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         self.freed.notify_all();
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (files, bytes) in use now.
     pub fn in_use(&self) -> (usize, u64) {
-        let u = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        (u.files, u.bytes)
+        (self.files.load(SeqCst), self.bytes.load(SeqCst))
     }
 }
 

@@ -1,5 +1,7 @@
 //! The `volley` binary as a user runs it: exit codes, summaries, errors.
 
+mod common;
+
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -48,16 +50,6 @@ impl SlowSink {
 }
 
 impl Drop for SlowSink {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A child killed when dropped, so a failing test leaves no volley behind.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -351,7 +343,7 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
     let sink = SlowSink::start(20);
     let route = sink.route();
     let journal = dir.path().join("one.jsonl.journal");
-    let mut first = Reaped(
+    let mut first = common::Reaper(
         volley()
             .args(["send", "--quiet", "--connections", "2", "--route", &route])
             .arg(&spool)

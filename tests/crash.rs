@@ -19,15 +19,6 @@ const CONNECTIONS: u64 = 20;
 /// Records journaled when each kill happens.
 const KILL_AT: [u64; 3] = [4_000, 15_000, 30_000];
 
-/// Kills the child when dropped, so a failing test leaves no volley behind.
-struct Reaper(std::process::Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn journal_records(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len().saturating_sub(32) / journal::RECORD_BYTES as u64)
 }
@@ -89,7 +80,7 @@ fn crash_case(chunking: bool) {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .map(Reaper)
+            .map(common::Reaper)
             .unwrap()
     };
     let mut kills = Vec::new();

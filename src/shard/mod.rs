@@ -360,9 +360,9 @@ async fn run(p: ShardParams) {
             Err(TryRecvError::Empty) => {}
         }
         let mut taken = 0;
-        // Outcomes the collector has no room for yet hold new work back: the
-        // shard goes at the pace its outcomes can be recorded.
-        while taken < INBOX_CHUNK && shard.has_room() && unsent.is_none() {
+        // While the collector is behind, no new work either: the shard goes
+        // at the pace its outcomes can be recorded.
+        while taken < INBOX_CHUNK && shard.has_room() && !shard.held_back() {
             match p.inbox.try_recv() {
                 Ok(msg) => {
                     shard.accept(msg);

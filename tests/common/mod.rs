@@ -8,6 +8,16 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// A child process killed when dropped, so a failing test leaves no volley behind.
+pub struct Reaper(pub std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Reads a delivery log into its records.
 pub fn read_log(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
