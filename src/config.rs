@@ -33,6 +33,13 @@ pub struct Config {
     /// Recipients a shard holds waiting for a retry before it stops taking more from ingest
     /// (they do not count against `max_queued_recipients_per_shard`).
     pub max_deferred_recipients_per_shard: usize,
+    /// Recipients of one domain a shard holds queued or in flight before ingest
+    /// passes that domain's lines over (and comes back for them), so a slow
+    /// domain leaves the rest of its shard's room to the other domains.
+    pub max_queued_recipients_per_domain: usize,
+    /// Domains spread over every shard by a hash of the recipient from the
+    /// start (others are spread once they carry a large share of the work).
+    pub spread_domains: Vec<String>,
     /// A spool line longer than this is rejected unread.
     pub max_job_line_bytes: usize,
     /// A message file larger than this is refused: its jobs' recipients are rejected.
@@ -114,6 +121,8 @@ impl Default for Config {
             max_rcpts_per_txn: 100,
             max_queued_recipients_per_shard: 100_000,
             max_deferred_recipients_per_shard: 1_000_000,
+            max_queued_recipients_per_domain: 20_000,
+            spread_domains: Vec::new(),
             max_job_line_bytes: 64 << 20,
             max_message_bytes: 50 << 20,
             max_message_files_in_use: 10_000,
@@ -495,6 +504,10 @@ impl Config {
             ("max_rcpts_per_txn", self.max_rcpts_per_txn),
             ("max_queued_recipients_per_shard", self.max_queued_recipients_per_shard),
             (
+                "max_queued_recipients_per_domain",
+                self.max_queued_recipients_per_domain,
+            ),
+            (
                 "max_deferred_recipients_per_shard",
                 self.max_deferred_recipients_per_shard,
             ),
@@ -506,6 +519,14 @@ impl Config {
         for (name, v) in positive {
             if v == 0 {
                 bail!("{name} must be at least 1");
+            }
+        }
+        for (i, d) in self.spread_domains.iter().enumerate() {
+            if d.is_empty()
+                || d.bytes()
+                    .any(|b| b == b'@' || b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                bail!("spread_domains[{i}] = {d:?} is not a domain name");
             }
         }
         if self.timeouts.connect.is_zero() {

@@ -27,8 +27,6 @@ use crate::tls::TlsClient;
 
 /// How often service mode looks for new and finished files.
 const SCAN_EVERY: Duration = Duration::from_millis(200);
-/// Batches of work waiting in each shard's inbox.
-const INBOX_BATCHES: usize = 16;
 /// Outcome batches waiting for the collector, per shard (each at most a
 /// shard's flush: 2 ms or 256 KiB of log). A shard whose batch finds no room,
 /// or which has more than `MAX_UNRECORDED_PER_SHARD` outcomes not yet
@@ -128,12 +126,15 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         _ => None,
     };
     let recorded: Vec<Arc<AtomicU64>> = (0..shards).map(|_| Arc::default()).collect();
+    let budgets = Arc::new(shard::Budgets::new(shards));
     let mut inboxes = Vec::new();
+    // Unbounded: what a shard's inbox holds is bounded by the credit it grants.
+    let (credit_tx, credit_rx) = unbounded();
     let mut controls = Vec::new();
     let mut handles = Vec::new();
     let mut alive = Vec::new();
     for (index, link) in links.into_iter().enumerate() {
-        let (tx, rx) = bounded(INBOX_BATCHES);
+        let (tx, rx) = unbounded();
         let (ctl_tx, ctl_rx) = unbounded();
         let (alive_tx, alive_rx) = bounded::<()>(0);
         inboxes.push(tx);
@@ -150,15 +151,25 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             ehlo_name: ehlo_name.clone(),
             log: log_enabled,
             inbox: rx,
+            credits: credit_tx.clone(),
             control: ctl_rx,
             reports: report_tx.clone(),
             alive: alive_tx,
             metrics: link,
             recorded: recorded[index].clone(),
+            budgets: budgets.clone(),
         })?);
     }
     let budget = MessageBudget::new(cfg.max_message_files_in_use, cfg.max_message_bytes_in_use);
-    let ingest = Ingest::new(inboxes, report_tx, IngestLimits::of(&cfg), budget.clone(), log_enabled);
+    drop(credit_tx);
+    let ingest = Ingest::new(
+        inboxes,
+        credit_rx,
+        report_tx,
+        IngestLimits::of(&cfg),
+        budget.clone(),
+        log_enabled,
+    );
     let (input_tx, input_rx) = unbounded();
     for input in inputs {
         input_tx.send(IngestInput::Spool(input)).expect("the receiver is alive");

@@ -507,3 +507,84 @@ fn several_files_go_out_side_by_side() {
         "the second file does not wait for the first: {second} of the first 1500"
     );
 }
+
+/// 10,000 recipients, 40% of them to a domain whose server says nothing
+/// until the test opens it; the rest over 100 domains into a sink. Every
+/// other recipient must be final while the slow domain has had none (the
+/// shards' and the domain's queue bounds are far below the slow domain's
+/// share, so ingest must read past it and come back); then the slow domain
+/// goes out too, each recipient once.
+#[test]
+fn a_domain_that_does_not_answer_holds_up_nothing_else() {
+    use common::Gate;
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let gate = Gate::start(sink.addr());
+    std::fs::write(dir.path().join("m.eml"), "Subject: t\n\nbody\n").unwrap();
+    let lines: Vec<String> = (0..10_000)
+        .map(|i| {
+            let rcpt = if i % 5 < 2 {
+                format!("u{i}@slow.test")
+            } else {
+                format!("u{i}@d{}.test", i % 100)
+            };
+            format!("{{\"from\":\"s@x.test\",\"to\":[\"{rcpt}\"],\"message\":\"m.eml\"}}")
+        })
+        .collect();
+    let path = dir.path().join("mixed.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = config(&format!("*={}", sink.addr()), &log);
+    cfg.add_route(&format!("slow.test={}", gate.addr)).unwrap();
+    cfg.max_queued_recipients_per_shard = 1000;
+    cfg.max_queued_recipients_per_domain = 300;
+    let send = std::thread::spawn(move || run_send(vec![path], cfg));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let others_final = loop {
+        if !log.exists() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let log = common::read_log_prefix(&log);
+        let f = finals(&log);
+        let slow = f.keys().filter(|(_, r)| r.ends_with("@slow.test")).count();
+        assert_eq!(slow, 0, "nothing of the slow domain is final while it says nothing");
+        let others = f.len();
+        if others == 6000 || std::time::Instant::now() > deadline {
+            break others;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        others_final, 6000,
+        "every other recipient is final while the slow domain waits"
+    );
+    assert!(
+        gate.accepted() >= 1,
+        "the slow domain's connection is waiting at the gate"
+    );
+    gate.open();
+    let summary = send.join().unwrap();
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 10_000);
+    let mut expected: Vec<String> = (0..10_000)
+        .map(|i| {
+            if i % 5 < 2 {
+                format!("u{i}@slow.test")
+            } else {
+                format!("u{i}@d{}.test", i % 100)
+            }
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(dumped_rcpts(&dump), expected, "each recipient once");
+    let f = finals(&read_log(&log));
+    assert_eq!(f.len(), 10_000);
+}

@@ -66,7 +66,7 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
             }
         }
     }
-    dest.open.set(dest.open.get() - 1);
+    shard.connection_closed(&dest);
     if let Some((reason, auth)) = failure {
         let pause = auth.then_some(shard.cfg.retry.max_delay);
         shard.destination_failed(&dest, &reason, pause);
@@ -176,6 +176,8 @@ async fn converse(
     let mut submitted = 0usize;
     let mut setup_error = None;
     let mut was_ready = false;
+    // Leaving to give the slot to another shard (counted in `dest.leaving` until the end).
+    let mut leaving = false;
     // The STARTTLS reply's time, added to the handshake's for the starttls phase.
     let mut starttls_micros = 0;
     // The clock when the last reply was read; read only when metrics are on.
@@ -256,7 +258,10 @@ async fn converse(
                 session.submit(txn);
                 submitted += 1;
             }
-            if submitted >= cfg.max_messages_per_connection || shard.stopping.get() {
+            if !leaving && dest.shared.get() && shard.should_leave(dest) {
+                leaving = true;
+            }
+            if submitted >= cfg.max_messages_per_connection || shard.stopping.get() || leaving {
                 session.quit();
             }
         }
@@ -301,6 +306,9 @@ async fn converse(
     }
     if was_ready {
         dest.ready.set(dest.ready.get() - 1);
+    }
+    if leaving {
+        dest.leaving.set(dest.leaving.get() - 1);
     }
     if let Some(s) = stream {
         let _ = s.tcp().shutdown(std::net::Shutdown::Both).await;

@@ -4,7 +4,10 @@
 //! (batches of work in), its control channel, and outcome batches out, so
 //! nothing on the per-message path is locked or shared between cores.
 
+mod budget;
 mod conn;
+
+pub use budget::Budgets;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
@@ -23,7 +26,7 @@ use crate::classify::Classifier;
 use crate::collector::Report;
 use crate::config::{Config, Relay, Retry, Routes, SourceAddress, Target};
 use crate::dns::{MxAnswer, MxHost, Net};
-use crate::ingest::{BodyKey, Rcpt, ToShard, WorkItem};
+use crate::ingest::{BodyKey, Credit, Rcpt, ToShard, WorkItem};
 use crate::messages::MessageFile;
 use crate::metrics::Phase;
 use crate::metrics::export::ShardLink;
@@ -45,6 +48,12 @@ const MAX_LINE_OCTETS: usize = 998;
 /// Inbox polling period while work arrives, and once the shard has been idle a while.
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How often a shard tells the connection board its work for the
+/// destinations it shares with other shards.
+const REBALANCE_EVERY: Duration = Duration::from_millis(20);
+/// Credit granted to ingest in steps of this many recipients (or all there
+/// is at each flush interval).
+const CREDIT_STEP: u64 = 256;
 /// Cache entries added between sweeps of unused domains and messages.
 const SWEEP_EVERY: usize = 4096;
 /// Outcome records a shard may have produced that the collector has not
@@ -69,6 +78,8 @@ pub struct ShardParams {
     pub ehlo_name: String,
     pub log: bool,
     pub inbox: Receiver<ToShard>,
+    /// Credit back to ingest (room for more recipients, full domains).
+    pub credits: Sender<Credit>,
     pub control: Receiver<Control>,
     pub reports: Sender<Report>,
     /// Dropped when the shard ends, however it ends.
@@ -77,16 +88,12 @@ pub struct ShardParams {
     pub metrics: Option<ShardLink>,
     /// Outcome records of this shard the collector has written (it adds to it).
     pub recorded: Arc<AtomicU64>,
+    /// Connection budgets, shared by the shards.
+    pub budgets: Arc<Budgets>,
 }
 
 pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
     crate::runtime::spawn_pinned("volley-shard", p.index, move || run(p))
-}
-
-/// The connections one shard may open to one destination: the process-wide
-/// cap split evenly, the first shards taking the remainder, at least one.
-pub fn connection_share(cap: usize, shards: usize, index: usize) -> usize {
-    (cap / shards + usize::from(index < cap % shards)).max(1)
 }
 
 struct LocalFile {
@@ -104,8 +111,11 @@ pub(crate) struct Domain {
     backoff: RefCell<Option<Backoff>>,
     /// Its handle into the shard's metrics.
     slot: Rc<DomainSlot>,
-    /// Recipients not final yet.
+    /// Recipients not final yet, and of those, waiting for a retry.
     held: Cell<u64>,
+    waiting: Cell<u64>,
+    /// The shard told ingest the domain is full (`max_queued_recipients_per_domain`).
+    full: Cell<bool>,
 }
 
 /// Where a domain's mail goes, as far as the shard knows.
@@ -137,6 +147,16 @@ pub(crate) struct Candidate {
 /// connections to it. Domains with the same route or MX set share one.
 pub(crate) struct Dest {
     label: Rc<str>,
+    /// Its name on the connection budget board (the same on every shard).
+    key: Rc<str>,
+    /// This shard's share of the destination's connections, and whether
+    /// other shards want it too (then it is rebalanced periodically).
+    share: Cell<u32>,
+    shared: Cell<bool>,
+    /// Connections leaving to give their slot to another shard.
+    leaving: Cell<u32>,
+    /// The shard turn in which the board last refused a connection (not asked again that turn).
+    refused_turn: Cell<u64>,
     /// The domain that first routed here: connection metrics count under it.
     owner: Rc<str>,
     tls: TlsPolicy,
@@ -285,7 +305,13 @@ pub(crate) struct Shard {
     tls: TlsClient,
     classifier: Arc<Classifier>,
     ehlo_name: String,
-    conn_limit: usize,
+    /// Connections per destination for the whole process.
+    conn_cap: u32,
+    budgets: Arc<Budgets>,
+    /// Destinations other shards want too, rebalanced every REBALANCE_EVERY.
+    shared_dests: RefCell<Vec<Rc<Dest>>>,
+    /// Main loop turns so far.
+    turn: Cell<u64>,
     /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
     no_tls_until: RefCell<HashMap<SocketAddr, Instant>>,
     files: RefCell<HashMap<u32, Rc<LocalFile>>>,
@@ -299,6 +325,12 @@ pub(crate) struct Shard {
     held: Cell<usize>,
     /// Of those, recipients waiting in `retries` for their next attempt.
     waiting: Cell<usize>,
+    /// Recipients taken from the inbox in all, and the credit granted to
+    /// ingest (a running total of recipients it may have sent).
+    received: Cell<u64>,
+    granted: Cell<u64>,
+    /// Domains gone full or open since ingest was last told.
+    domain_news: RefCell<Vec<Credit>>,
     stopping: Cell<bool>,
     /// Outcome records this shard has produced, and of those, how many the
     /// collector had written when the shard last looked (once a turn).
@@ -324,7 +356,10 @@ async fn run(p: ShardParams) {
     ALIVE.with(|a| *a.borrow_mut() = Some(p.alive));
     let shard = Rc::new(Shard {
         index: p.index,
-        conn_limit: connection_share(p.cfg.max_connections_per_destination, p.shards, p.index),
+        conn_cap: p.cfg.max_connections_per_destination.min(u32::MAX as usize) as u32,
+        budgets: p.budgets.clone(),
+        shared_dests: RefCell::default(),
+        turn: Cell::new(0),
         cfg: p.cfg.clone(),
         routes: p.routes.clone(),
         net: p.net.clone(),
@@ -341,6 +376,9 @@ async fn run(p: ShardParams) {
         recorder: RefCell::new(Recorder::new(p.log)),
         held: Cell::new(0),
         waiting: Cell::new(0),
+        received: Cell::new(0),
+        granted: Cell::new(p.cfg.max_queued_recipients_per_shard as u64),
+        domain_news: RefCell::default(),
         stopping: Cell::new(false),
         produced: Cell::new(0),
         recorded_seen: Cell::new(0),
@@ -353,6 +391,7 @@ async fn run(p: ShardParams) {
     let retry_task = glommio::spawn_local(retry_loop(shard.clone()));
     let mut unsent: Option<OutcomeBatch> = None;
     let mut last_flush = Instant::now();
+    let mut last_rebalance = Instant::now();
     let mut idle_rounds = 0u32;
     loop {
         match p.control.try_recv() {
@@ -377,12 +416,19 @@ async fn run(p: ShardParams) {
                 let _ = req.reply.send(shard.snapshot(req.full));
             }
         }
-        if last_flush.elapsed() >= FLUSH_INTERVAL || shard.recorder.borrow().pending_bytes() > FLUSH_BYTES {
+        let flush_due = last_flush.elapsed() >= FLUSH_INTERVAL;
+        if flush_due || shard.recorder.borrow().pending_bytes() > FLUSH_BYTES {
             shard.flush(&p.reports, &mut unsent);
             last_flush = Instant::now();
             shard.collector_full.set(unsent.is_some());
         }
         shard.recorded_seen.set(p.recorded.load(AtomicOrdering::Relaxed));
+        shard.grant(&p.credits, flush_due);
+        shard.turn.set(shard.turn.get() + 1);
+        if last_rebalance.elapsed() >= REBALANCE_EVERY {
+            shard.rebalance();
+            last_rebalance = Instant::now();
+        }
         if shard.held_waiters.get() > 0 && !shard.held_back() {
             shard.caught_up.notify(usize::MAX);
         }
@@ -451,7 +497,11 @@ async fn retry_loop(shard: Rc<Shard>) {
             };
             match due {
                 Some(d) => {
-                    shard.waiting.set(shard.waiting.get() - d.txn.rcpts.len());
+                    let n = d.txn.rcpts.len();
+                    shard.waiting.set(shard.waiting.get() - n);
+                    let domain = &d.txn.domain;
+                    domain.waiting.set(domain.waiting.get() - n as u64);
+                    shard.domain_filled(domain);
                     shard.dispatch(d.txn)
                 }
                 None => break,
@@ -472,6 +522,59 @@ impl Shard {
     /// domains keep flowing.
     fn has_room(&self) -> bool {
         intake_open(self.held.get(), self.waiting.get(), &self.cfg)
+    }
+
+    /// Grants ingest the room the shard has now (none while it is held
+    /// back or at its retry bound), and tells it of domains gone full or
+    /// open. Credit goes in steps, or whatever there is when `due`.
+    fn grant(&self, credits: &Sender<Credit>, due: bool) {
+        for news in self.domain_news.borrow_mut().drain(..) {
+            let _ = credits.send(news);
+        }
+        let room = if self.held_back() || self.waiting.get() >= self.cfg.max_deferred_recipients_per_shard {
+            0
+        } else {
+            let queued = self.held.get() - self.waiting.get();
+            self.cfg.max_queued_recipients_per_shard.saturating_sub(queued) as u64
+        };
+        let allowed = self.received.get() + room;
+        let granted = self.granted.get();
+        if allowed > granted && (due || allowed - granted >= CREDIT_STEP) {
+            self.granted.set(allowed);
+            let _ = credits.send(Credit::Room {
+                shard: self.index,
+                allowed,
+            });
+        }
+    }
+
+    /// Recipients of `domain` queued or in flight (not waiting for a retry).
+    fn domain_queued(domain: &Domain) -> u64 {
+        domain.held.get() - domain.waiting.get()
+    }
+
+    /// After more of the domain is queued: past the per-domain bound, ingest
+    /// passes the domain over (its other domains keep the shard's room).
+    fn domain_filled(&self, domain: &Domain) {
+        if !domain.full.get() && Self::domain_queued(domain) >= self.cfg.max_queued_recipients_per_domain as u64 {
+            domain.full.set(true);
+            self.domain_news.borrow_mut().push(Credit::DomainFull {
+                shard: self.index,
+                domain: Box::from(&*domain.name),
+            });
+        }
+    }
+
+    /// After some of the domain is final or waits for a retry: at half the
+    /// bound, ingest may send the domain again.
+    fn domain_drained(&self, domain: &Domain) {
+        if domain.full.get() && Self::domain_queued(domain) * 2 <= self.cfg.max_queued_recipients_per_domain as u64 {
+            domain.full.set(false);
+            self.domain_news.borrow_mut().push(Credit::DomainOpen {
+                shard: self.index,
+                domain: Box::from(&*domain.name),
+            });
+        }
     }
 
     fn accept(self: &Rc<Self>, msg: ToShard) {
@@ -510,7 +613,9 @@ impl Shard {
         let too_long = body.wire.longest_line > MAX_LINE_OCTETS;
         self.held.set(self.held.get() + item.rcpts.len());
         let n = item.rcpts.len() as u64;
+        self.received.set(self.received.get() + n);
         domain.held.set(domain.held.get() + n);
+        self.domain_filled(&domain);
         self.metrics.borrow_mut().add_volume(&domain.name, &domain.slot, n);
         let txn = Txn {
             file,
@@ -584,6 +689,8 @@ impl Shard {
             deferred_in_a_row: Cell::new(0),
             backoff: RefCell::new(None),
             held: Cell::new(0),
+            waiting: Cell::new(0),
+            full: Cell::new(false),
         });
         self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
         self.inserted();
@@ -641,6 +748,11 @@ impl Shard {
         }
         let d = Rc::new(Dest {
             label: Rc::from(label),
+            key: Rc::from(key.as_str()),
+            share: Cell::new(self.conn_cap),
+            shared: Cell::new(false),
+            leaving: Cell::new(0),
+            refused_turn: Cell::new(u64::MAX),
             owner: Rc::from(owner),
             tls: policy.tls,
             sources: policy.sources,
@@ -812,10 +924,73 @@ impl Shard {
         // Until one connection has got through EHLO, one attempt at a time:
         // a dead or refusing destination costs one failure, not a burst.
         let probing = dest.ready.get() == 0 && dest.open.get() > 0;
-        if !self.stopping.get() && !probing && dest.open.get() < self.conn_limit && queued > dest.parked.get() {
+        if !self.stopping.get()
+            && !probing
+            && (dest.open.get() as u32) < self.conn_cap
+            && queued > dest.parked.get()
+            && self.budget_allows(dest)
+        {
             dest.open.set(dest.open.get() + 1);
             glommio::spawn_local(conn::run(self.clone(), dest.clone())).detach();
         }
+    }
+
+    /// Asks the board for one more connection to `dest` (at most once a turn
+    /// when refused).
+    fn budget_allows(&self, dest: &Rc<Dest>) -> bool {
+        let turn = self.turn.get();
+        if dest.refused_turn.get() == turn {
+            return false;
+        }
+        let want = (dest.queue.borrow().len() + dest.open.get()) as u64;
+        let g = self.budgets.open(&dest.key, self.index, want, self.conn_cap);
+        dest.share.set(g.share);
+        if g.shared && !dest.shared.replace(true) {
+            self.shared_dests.borrow_mut().push(dest.clone());
+        }
+        if !g.granted {
+            dest.refused_turn.set(turn);
+        }
+        g.granted
+    }
+
+    /// A connection to `dest` ended: its slot goes back to the board.
+    fn connection_closed(&self, dest: &Dest) {
+        dest.open.set(dest.open.get() - 1);
+        self.budgets.closed(&dest.key, self.index);
+    }
+
+    /// Whether a connection to `dest` should leave after its transactions
+    /// in flight, giving its slot to a shard below its share (counts it as leaving).
+    fn should_leave(&self, dest: &Dest) -> bool {
+        let staying = dest.open.get() as u32 - dest.leaving.get();
+        if dest.shared.get() && staying > dest.share.get().max(1) {
+            dest.leaving.set(dest.leaving.get() + 1);
+            return true;
+        }
+        false
+    }
+
+    /// Tells the board this shard's work for the destinations other shards
+    /// want too, and takes its new shares: a shard over its share lets
+    /// connections go, one under it opens more.
+    fn rebalance(self: &Rc<Self>) {
+        let dests: Vec<Rc<Dest>> = self.shared_dests.borrow().clone();
+        let mut keep = Vec::with_capacity(dests.len());
+        for d in dests {
+            let want = (d.queue.borrow().len() + d.open.get()) as u64;
+            let g = self.budgets.rebalance(&d.key, self.index, want, self.conn_cap);
+            d.share.set(g.share);
+            if !g.shared && want == 0 {
+                d.shared.set(false);
+                continue;
+            }
+            if (d.open.get() as u32) < g.share {
+                self.kick(&d);
+            }
+            keep.push(d);
+        }
+        *self.shared_dests.borrow_mut() = keep;
     }
 
     /// A connection could not be set up. With no other live connection the
@@ -975,6 +1150,9 @@ impl Shard {
         let seq = self.retry_seq.get();
         self.retry_seq.set(seq + 1);
         self.waiting.set(self.waiting.get() + txn.rcpts.len());
+        let domain = &txn.domain;
+        domain.waiting.set(domain.waiting.get() + txn.rcpts.len() as u64);
+        self.domain_drained(domain);
         self.retries.borrow_mut().push(Due { at: due, seq, txn });
     }
 
@@ -983,6 +1161,7 @@ impl Shard {
         if outcome.is_final() {
             self.held.set(self.held.get() - 1);
             txn.domain.held.set(txn.domain.held.get() - 1);
+            self.domain_drained(&txn.domain);
         }
         let category = match outcome {
             Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(
@@ -1163,7 +1342,7 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::{connection_share, intake_open};
+    use super::intake_open;
     use crate::config::Config;
 
     #[test]
@@ -1185,15 +1364,5 @@ mod tests {
             !intake_open(1099, 999, &cfg),
             "100 in flight beside 999 waiting close it"
         );
-    }
-
-    #[test]
-    fn connection_shares_add_up() {
-        for cap in 1..50 {
-            for shards in 1..9 {
-                let total: usize = (0..shards).map(|i| connection_share(cap, shards, i)).sum();
-                assert_eq!(total, cap.max(shards), "cap {cap} shards {shards}");
-            }
-        }
     }
 }

@@ -124,3 +124,62 @@ pub fn dumped_peers(dir: &Path) -> Vec<(String, String)> {
     }
     out
 }
+
+/// A server that holds every connection it accepts, saying nothing, until
+/// it is opened; then (and from then on) it pipes each connection to `to`.
+/// A destination that answers only when the test says so: no timing in the test.
+pub struct Gate {
+    pub addr: std::net::SocketAddr,
+    open: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    pub fn start(to: std::net::SocketAddr) -> Gate {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (o, a) = (open.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                a.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    let (lock, cv) = &*o;
+                    let mut opened = lock.lock().unwrap();
+                    while !*opened {
+                        opened = cv.wait(opened).unwrap();
+                    }
+                    drop(opened);
+                    let Ok(server) = std::net::TcpStream::connect(to) else {
+                        return;
+                    };
+                    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let up = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut s, mut c) = (server, client);
+                    let _ = std::io::copy(&mut s, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    let _ = up.join();
+                });
+            }
+        });
+        Gate { addr, open, accepted }
+    }
+
+    /// Connections taken so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn open(&self) {
+        let (lock, cv) = &*self.open;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}

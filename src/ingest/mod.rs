@@ -1,11 +1,17 @@
 //! Ingest: scans spool files line by line, validates each job, splits its
 //! recipients by domain, and hands batches to the shard that owns each domain
-//! (a stable hash of the lower-cased domain). It runs on its own thread, so
-//! its blocking sends into the bounded shard inboxes are the back-pressure
-//! that keeps memory flat however large the spool is.
+//! (a stable hash of the lower-cased domain; for a spread domain, of the
+//! recipient). It never waits on one shard: each shard grants credit (room
+//! for recipients) as it finishes work, and a shard or domain without room
+//! is passed over — its lane in the file stays behind (offsets only) and
+//! reads those lines again from the map once room comes back.
 
-use std::collections::HashMap;
+pub mod lanes;
+mod spread;
+
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Weak;
@@ -22,25 +28,87 @@ use crate::lock::Lock;
 use crate::messages::{MessageBudget, MessageFile, NoRoom};
 use crate::outcome::{JobId, LogRecord, Outcome, RcptKey, Recorder};
 use crate::spool::{self, JobBody, MappedFile, Span};
+use lanes::{LaneKey, LaneRef, Lanes};
+use spread::Spread;
 
 /// Transactions per batch sent to a shard, and recipients: a batch goes when
-/// it has either, so a shard's inbox (a bounded number of batches) holds a
-/// bounded number of recipients however wide the jobs are.
+/// it has either, so it holds a bounded number of recipients however wide
+/// the jobs are (what a shard's inbox holds is bounded by its credit).
 pub const BATCH_ITEMS: usize = 256;
 const BATCH_RCPTS: usize = 2048;
-/// Where ingest is in one file.
+/// Lines one pass (the lead, or one lane) reads in a file before the next gets a turn.
+const LINES_PER_TURN: usize = 1024;
+/// Lines in a row the lead may pass over whole (nothing in them could be
+/// sent) before it waits for one of the lanes it passed them to: reading on
+/// would only give those lanes more to read again.
+const LEAD_SKIP_LINES: usize = 2048;
+/// Lanes a waiting lead remembers (one of them catching up wakes it).
+const LEAD_WAKERS: usize = 16;
+/// How long ingest sleeps when nothing can move, before it looks again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// Rejections reported on stderr before the rest are only counted and logged.
+const MAX_REPORTED: u64 = 20;
+
+/// Where ingest is in one file: the lead, the lanes behind it, and where
+/// each spread domain started to spread in this file.
 struct Cursor {
     input: SpoolInput,
     name: String,
-    at: spool::LineCursor,
+    lead: spool::LineCursor,
+    lanes: Lanes,
+    spread_from: HashMap<Box<str>, usize>,
+    /// Lines in a row the lead passed over whole, and lanes it passed them to.
+    lead_skips: usize,
+    lead_wakers: Vec<LaneKey>,
+    /// Lines already counted as bad (a lane that reads one again does not count it twice).
+    bad_lines: HashSet<u32>,
     recipients: u64,
     already_final: u64,
 }
 
-/// Lines read from one spool file before the next file gets a turn.
-const LINES_PER_TURN: usize = 1024;
-/// Rejections reported on stderr before the rest are only counted and logged.
-const MAX_REPORTED: u64 = 20;
+impl Cursor {
+    fn done(&self) -> bool {
+        self.lead.at_end(self.input.file.bytes()) && self.lanes.all_caught_up()
+    }
+}
+
+/// Messages from the shards to ingest: credit and full domains.
+#[derive(Debug)]
+pub enum Credit {
+    /// Shard `shard` takes up to `allowed` recipients in all (a running total
+    /// of what it was sent; it only grows).
+    Room { shard: usize, allowed: u64 },
+    /// The shard holds `max_queued_recipients_per_domain` of `domain`: pass it over.
+    DomainFull { shard: usize, domain: Box<str> },
+    /// The domain has room again on the shard.
+    DomainOpen { shard: usize, domain: Box<str> },
+}
+
+/// Which pass reads a line: the lead (the first read: recipients are
+/// counted and bad ones rejected there) or a lane reading again what the
+/// lead passed over for it.
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    Lead,
+    Lane(LaneRef<'a>),
+}
+
+/// What one pass did with a line.
+#[derive(Default)]
+struct LineSeen {
+    /// Something of it went to a shard (or was settled).
+    sent: bool,
+    /// Something of it was passed over for a lane.
+    passed_over: bool,
+}
+
+/// Recipients of one job for one shard and domain (at most `max_rcpts_per_txn`).
+struct Group<'m> {
+    shard: usize,
+    /// Lower-cased.
+    domain: Cow<'m, str>,
+    rcpts: Vec<Rcpt>,
+}
 
 /// Messages from ingest to a shard.
 pub enum ToShard {
@@ -153,6 +221,9 @@ pub struct IngestLimits {
     pub max_line_bytes: usize,
     /// A message file larger than this is refused (its job's recipients rejected).
     pub max_message_bytes: u64,
+    /// The credit each shard starts with (`max_queued_recipients_per_shard`).
+    pub shard_credit: u64,
+    pub spread_domains: Vec<String>,
 }
 
 impl IngestLimits {
@@ -161,6 +232,8 @@ impl IngestLimits {
             max_rcpts_per_txn: cfg.max_rcpts_per_txn,
             max_line_bytes: cfg.max_job_line_bytes,
             max_message_bytes: cfg.max_message_bytes,
+            shard_credit: cfg.max_queued_recipients_per_shard as u64,
+            spread_domains: cfg.spread_domains.clone(),
         }
     }
 }
@@ -215,7 +288,15 @@ pub fn shard_of(domain: &str, shards: usize) -> usize {
 pub struct Ingest {
     shards: Vec<Sender<ToShard>>,
     reports: Sender<Report>,
+    credits: Receiver<Credit>,
     limits: IngestLimits,
+    /// Per shard: recipients it may still be sent (its credit; below zero
+    /// after a line that took more than was left), the last total it
+    /// allowed, and the domains it says are full.
+    room: Vec<i64>,
+    allowed: Vec<u64>,
+    full: Vec<HashSet<Box<str>>>,
+    spread: Spread,
     batches: Vec<Vec<WorkItem>>,
     /// The message files each shard's next batch refers to.
     batch_messages: Vec<Vec<Arc<MessageFile>>>,
@@ -237,6 +318,7 @@ pub struct Ingest {
 impl Ingest {
     pub fn new(
         shards: Vec<Sender<ToShard>>,
+        credits: Receiver<Credit>,
         reports: Sender<Report>,
         limits: IngestLimits,
         budget: Arc<MessageBudget>,
@@ -246,6 +328,11 @@ impl Ingest {
         Ingest {
             shards,
             reports,
+            credits,
+            room: vec![limits.shard_credit as i64; n],
+            allowed: vec![limits.shard_credit; n],
+            full: (0..n).map(|_| HashSet::new()).collect(),
+            spread: Spread::new(n, &limits.spread_domains),
             limits,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
             batch_messages: (0..n).map(|_| Vec::new()).collect(),
@@ -261,13 +348,14 @@ impl Ingest {
         }
     }
 
-    /// Reads the files that come through `inputs`, in turns of
-    /// LINES_PER_TURN lines each so several files go out side by side,
-    /// until the channel is closed and every file is read. Returns early
-    /// only if a shard or the collector went away.
+    /// Reads the files that come through `inputs`, in turns so several
+    /// files go out side by side (the first turn of each round goes to each
+    /// file in rotation), until the channel is closed and every file is
+    /// read. Returns early only if a shard or the collector went away.
     pub fn run(mut self, inputs: Receiver<IngestInput>) -> Result<(), &'static str> {
         let mut open: Vec<Cursor> = Vec::new();
         let mut closed = false;
+        let mut first = 0usize;
         loop {
             loop {
                 let next = if open.is_empty() && !closed {
@@ -276,12 +364,7 @@ impl Ingest {
                     inputs.try_recv()
                 };
                 match next {
-                    Ok(IngestInput::Spool(input)) => open.push(self.start(input)?),
-                    Ok(IngestInput::Forget(file)) => {
-                        for tx in &self.shards {
-                            tx.send(ToShard::Forget { file }).map_err(|_| "a shard stopped")?;
-                        }
-                    }
+                    Ok(input) => self.take(input, &mut open)?,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -289,22 +372,63 @@ impl Ingest {
                     }
                 }
             }
+            while let Ok(c) = self.credits.try_recv() {
+                self.credit(c);
+            }
             if open.is_empty() {
                 if closed {
                     break;
                 }
                 continue;
             }
-            for c in &mut open {
-                self.turn(c)?;
+            let mut moved = false;
+            let n = open.len();
+            for j in 0..n {
+                moved |= self.turn(&mut open[(first + j) % n])?;
+                let fresh = self.spread.take_fresh();
+                for c in &mut open {
+                    for d in &fresh {
+                        c.spread_from.entry(d.clone()).or_insert(c.lead.pos);
+                    }
+                }
+            }
+            if moved {
+                // Rotated only when something moved: a round that found no
+                // room must not decide who gets the credit that comes next.
+                first = first.wrapping_add(1);
             }
             let mut i = 0;
             while i < open.len() {
-                if open[i].at.at_end(open[i].input.file.bytes()) {
+                if open[i].done() {
                     let c = open.swap_remove(i);
                     self.finish(c)?;
+                    moved = true;
                 } else {
                     i += 1;
+                }
+            }
+            if !moved {
+                // Everything left waits for a shard: what is batched goes now
+                // (it may be what they wait for), then wait for credit or a file.
+                self.send_all()?;
+                self.flush_outcomes()?;
+                let credit = if closed {
+                    self.credits.recv_timeout(IDLE_WAIT).ok()
+                } else {
+                    crossbeam_channel::select! {
+                        recv(self.credits) -> c => c.ok(),
+                        recv(inputs) -> input => {
+                            match input {
+                                Ok(input) => self.take(input, &mut open)?,
+                                Err(_) => closed = true,
+                            }
+                            None
+                        },
+                        default(IDLE_WAIT) => None,
+                    }
+                };
+                if let Some(c) = credit {
+                    self.credit(c);
                 }
             }
         }
@@ -318,6 +442,44 @@ impl Ingest {
                 already_final: self.already_final,
             })
             .map_err(|_| "the collector stopped")
+    }
+
+    fn take(&mut self, input: IngestInput, open: &mut Vec<Cursor>) -> Result<(), &'static str> {
+        match input {
+            IngestInput::Spool(input) => open.push(self.start(input)?),
+            IngestInput::Forget(file) => {
+                for tx in &self.shards {
+                    tx.send(ToShard::Forget { file }).map_err(|_| "a shard stopped")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn credit(&mut self, c: Credit) {
+        match c {
+            Credit::Room { shard, allowed } => {
+                if allowed > self.allowed[shard] {
+                    self.room[shard] += (allowed - self.allowed[shard]) as i64;
+                    self.allowed[shard] = allowed;
+                }
+            }
+            Credit::DomainFull { shard, domain } => {
+                self.full[shard].insert(domain);
+            }
+            Credit::DomainOpen { shard, domain } => {
+                self.full[shard].remove(&domain);
+            }
+        }
+    }
+
+    fn is_full(&self, shard: usize, domain: &str) -> bool {
+        !self.full[shard].is_empty() && self.full[shard].contains(domain)
+    }
+
+    /// Whether what `lane` owns may go to its shard now.
+    fn can_send(&self, lane: LaneRef<'_>) -> bool {
+        self.room[lane.shard] > 0 && lane.domain.is_none_or(|d| !self.is_full(lane.shard, d))
     }
 
     /// Announces a file to the collector (with its journal) and to every shard.
@@ -348,29 +510,83 @@ impl Ingest {
         Ok(Cursor {
             input,
             name,
-            at: spool::LineCursor::default(),
+            lead: spool::LineCursor::default(),
+            lanes: Lanes::new(self.shards.len()),
+            spread_from: self.spread.all().iter().map(|d| (d.clone(), 0)).collect(),
+            lead_skips: 0,
+            lead_wakers: Vec::new(),
+            bad_lines: HashSet::new(),
             recipients: 0,
             already_final: 0,
         })
     }
 
-    /// Reads up to LINES_PER_TURN lines of a file.
-    fn turn(&mut self, c: &mut Cursor) -> Result<(), &'static str> {
+    /// One turn of a file: each lane behind that has room reads again, up
+    /// to LINES_PER_TURN lines, then the lead reads on. Whether anything moved.
+    fn turn(&mut self, c: &mut Cursor) -> Result<bool, &'static str> {
         let file = c.input.file.clone();
         let map = file.bytes();
+        let mut moved = false;
+        for key in c.lanes.behind() {
+            let lane = key.as_ref();
+            for _ in 0..LINES_PER_TURN {
+                if !self.can_send(lane) {
+                    break;
+                }
+                let Some(mut at) = c.lanes.cursor(lane) else {
+                    break;
+                };
+                let before = at;
+                let next = if at.pos < c.lead.pos { at.next_line(map) } else { None };
+                let Some((line_no, line)) = next else {
+                    c.lanes.caught_up(lane);
+                    break;
+                };
+                self.pass_line(c, Pass::Lane(lane), before, line_no, line)?;
+                c.lanes.advance(lane, at);
+                moved = true;
+            }
+            if c.lanes.cursor(lane).is_some_and(|at| at.pos >= c.lead.pos) {
+                c.lanes.caught_up(lane);
+            }
+        }
+        if c.lead_skips >= LEAD_SKIP_LINES {
+            let wake = c.lead_wakers.iter().any(|k| {
+                let lane = k.as_ref();
+                !c.lanes.exists(lane) || (c.lanes.cursor(lane).is_none() && self.can_send(lane))
+            });
+            if wake {
+                c.lead_skips = 0;
+                c.lead_wakers.clear();
+            }
+        }
         for _ in 0..LINES_PER_TURN {
-            let Some((line_no, line)) = c.at.next_line(map) else {
+            if c.lead_skips >= LEAD_SKIP_LINES {
+                break;
+            }
+            let before = c.lead;
+            let Some((line_no, line)) = c.lead.next_line(map) else {
                 break;
             };
             let (r0, a0) = (self.recipients, self.already_final);
-            self.line(&c.input, &c.name, line_no, line)?;
+            let seen = self.pass_line(c, Pass::Lead, before, line_no, line)?;
             c.recipients += self.recipients - r0;
             c.already_final += self.already_final - a0;
+            if seen.sent {
+                c.lead_skips = 0;
+                c.lead_wakers.clear();
+            } else if seen.passed_over {
+                c.lead_skips += 1;
+            }
+            moved = true;
         }
-        Ok(())
+        let full = &self.full;
+        c.lanes.tidy(|shard, d| full[shard].contains(d));
+        Ok(moved)
     }
 
-    /// A file is read: everything of it goes out now, and the collector learns its count.
+    /// A file is read by every lane: everything of it goes out now, and the
+    /// collector learns its count.
     fn finish(&mut self, c: Cursor) -> Result<(), &'static str> {
         self.send_all()?;
         let id = c.input.id;
@@ -385,13 +601,28 @@ impl Ingest {
             .map_err(|_| "the collector stopped")
     }
 
-    fn line(&mut self, input: &SpoolInput, name: &str, line_no: u32, line: &[u8]) -> Result<(), &'static str> {
+    /// One line, by one pass: the lead counts it, rejects what is bad, and
+    /// sends what has room (passing the rest over to its lanes); a lane sends
+    /// what it owns of the line.
+    fn pass_line(
+        &mut self,
+        c: &mut Cursor,
+        pass: Pass<'_>,
+        at: spool::LineCursor,
+        line_no: u32,
+        line: &[u8],
+    ) -> Result<LineSeen, &'static str> {
+        let lead = matches!(pass, Pass::Lead);
+        let input = &c.input;
         let fid = input.id;
-        let file = &input.file;
+        let file = input.file.clone();
         let map = file.bytes();
+        let mut seen = LineSeen::default();
         if input.done.contains(line_no, WHOLE_LINE) {
-            self.already_final += 1;
-            return Ok(());
+            if lead {
+                self.already_final += 1;
+            }
+            return Ok(seen);
         }
         let parsed = if line.len() > self.limits.max_line_bytes {
             Err(format!(
@@ -402,61 +633,97 @@ impl Ingest {
         } else {
             spool::parse_job(map, line)
         };
-        match parsed {
-            Ok(job) => self.job(fid, input, name, map, line_no, job)?,
+        let job = match parsed {
+            Ok(job) => job,
             Err(reason) => {
-                self.bad_lines += 1;
-                let reason = format!("{}:{line_no}: {reason}", file.path().display());
-                self.warn(&reason);
-                let key = RcptKey {
-                    file: fid,
-                    line: line_no,
-                    idx: WHOLE_LINE,
-                };
-                self.reject(key, JobId::Line(name, line_no), None, &reason);
+                if lead {
+                    self.bad_lines += 1;
+                    let reason = format!("{}:{line_no}: {reason}", file.path().display());
+                    self.warn(&reason);
+                    let key = RcptKey {
+                        file: fid,
+                        line: line_no,
+                        idx: WHOLE_LINE,
+                    };
+                    self.recipients += 1;
+                    self.reject(key, JobId::Line(&c.name, line_no), None, &reason);
+                    seen.sent = true;
+                }
+                return Ok(seen);
             }
-        }
-        if self.recorder.pending_bytes() > 64 * 1024 {
-            self.flush_outcomes()?;
-        }
-        Ok(())
-    }
-
-    fn job(
-        &mut self,
-        fid: u32,
-        input: &SpoolInput,
-        name: &str,
-        map: &[u8],
-        line: u32,
-        job: spool::Job,
-    ) -> Result<(), &'static str> {
-        let file = &input.file;
+        };
         let id = match &job.id {
             Some(s) => JobId::Given(s.get(map)),
-            None => JobId::Line(name, line),
-        };
-        let key = |idx: usize| RcptKey {
-            file: fid,
-            line,
-            idx: idx as u32,
+            None => JobId::Line(&c.name, line_no),
         };
         // Recipients an earlier run already finished are not sent again.
         let pending = || {
             job.to
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| !input.done.contains(line, *i as u32))
+                .filter(|(i, _)| !input.done.contains(line_no, *i as u32))
         };
         let pending_count = if input.done.is_empty() {
             job.to.len()
         } else {
             pending().count()
         };
-        self.already_final += (job.to.len() - pending_count) as u64;
-        if pending_count == 0 {
-            return Ok(());
+        if lead {
+            self.already_final += (job.to.len() - pending_count) as u64;
         }
+        if pending_count == 0 {
+            return Ok(seen);
+        }
+        let groups = self.group(
+            input,
+            &c.name,
+            map,
+            line_no,
+            &job,
+            pending(),
+            lead,
+            &c.spread_from,
+            at.pos,
+        );
+        // Which groups go now. The lead decides once per lane and line, so a
+        // lane that passes a line over owns all of its part of that line.
+        let frontier = if lead { at } else { c.lead };
+        let mut chosen: Vec<Group<'_>> = Vec::with_capacity(groups.len());
+        let mut decided: Vec<(LaneKey, bool)> = Vec::new();
+        for g in groups {
+            let full = self.is_full(g.shard, &g.domain);
+            let lane = c.lanes.lane_of(g.shard, &g.domain, full, frontier);
+            let go = match pass {
+                Pass::Lane(own) => lane == own,
+                Pass::Lead => match decided.iter().find(|(k, _)| k.as_ref() == lane) {
+                    Some((_, go)) => *go,
+                    None => {
+                        let go = c.lanes.cursor(lane).is_none() && self.can_send(lane);
+                        if !go {
+                            c.lanes.pass_over(lane, at);
+                            seen.passed_over = true;
+                            if c.lead_wakers.len() < LEAD_WAKERS && !c.lead_wakers.iter().any(|k| k.as_ref() == lane) {
+                                c.lead_wakers.push(lane.to_key());
+                            }
+                        }
+                        decided.push((lane.to_key(), go));
+                        go
+                    }
+                },
+            };
+            if go {
+                chosen.push(g);
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(seen);
+        }
+        seen.sent = true;
+        let key = |idx: u32| RcptKey {
+            file: fid,
+            line: line_no,
+            idx,
+        };
         let body = match &job.body {
             JobBody::Inline(s) => Ok((BodyKey::Inline(s.clone()), None)),
             JobBody::File(s) => self
@@ -466,18 +733,21 @@ impl Ingest {
         let (body, message) = match body {
             Ok(b) => b,
             Err(reason) => {
-                let reason = format!("{}:{line}: {reason}", file.path().display());
-                self.warn(&reason);
-                self.bad_lines += 1;
-                for (i, rcpt) in pending() {
-                    self.reject(key(i), id, Some(rcpt.get(map)), &reason);
+                let reason = format!("{}:{line_no}: {reason}", file.path().display());
+                if c.bad_lines.insert(line_no) {
+                    self.warn(&reason);
+                    self.bad_lines += 1;
                 }
-                return Ok(());
+                for g in &chosen {
+                    for r in &g.rcpts {
+                        self.reject(key(r.idx), id, Some(r.addr.get(map)), &reason);
+                    }
+                }
+                return Ok(seen);
             }
         };
-        let groups = self.group(input, name, map, line, &job, pending());
-        for (shard, _, rcpts) in groups {
-            let n = rcpts.len();
+        for g in chosen {
+            let (shard, n) = (g.shard, g.rcpts.len());
             if let Some(m) = &message
                 && !self.batch_messages[shard].iter().any(|b| b.id == m.id)
             {
@@ -485,24 +755,30 @@ impl Ingest {
             }
             self.batches[shard].push(WorkItem {
                 file: fid,
-                line,
+                line: line_no,
                 id: job.id.clone(),
                 from: job.from.clone(),
                 body: body.clone(),
-                rcpts,
+                rcpts: g.rcpts,
                 first_seen: input.first_seen,
             });
+            self.room[shard] -= n as i64;
             self.batch_rcpts[shard] += n;
             if self.batches[shard].len() >= BATCH_ITEMS || self.batch_rcpts[shard] >= BATCH_RCPTS {
                 self.send_batch(shard)?;
             }
         }
-        Ok(())
+        if self.recorder.pending_bytes() > 64 * 1024 {
+            self.flush_outcomes()?;
+        }
+        Ok(seen)
     }
 
-    /// Splits a job's pending recipients into transactions: (shard, domain,
-    /// up to max_rcpts_per_txn recipients of that domain). Bad and duplicate
-    /// recipients are rejected here.
+    /// Splits a job's pending recipients into transactions: up to
+    /// max_rcpts_per_txn recipients of one domain for one shard. On the
+    /// lead, recipients are counted and bad or duplicate ones rejected; a
+    /// lane reading the line again passes those over silently.
+    #[allow(clippy::too_many_arguments)]
     fn group<'m>(
         &mut self,
         input: &SpoolInput,
@@ -511,7 +787,10 @@ impl Ingest {
         line: u32,
         job: &'m spool::Job,
         pending: impl Iterator<Item = (usize, &'m Span)>,
-    ) -> Vec<(usize, &'m str, Vec<Rcpt>)> {
+        lead: bool,
+        spread_from: &HashMap<Box<str>, usize>,
+        line_pos: usize,
+    ) -> Vec<Group<'m>> {
         let file = &input.file;
         let id = match &job.id {
             Some(s) => JobId::Given(s.get(map)),
@@ -522,33 +801,40 @@ impl Ingest {
             line,
             idx: idx as u32,
         };
+        let shards = self.shards.len();
         // A mailbox named twice in one job is sent once: the domain is
         // case-insensitive, the local part is compared as written (RFC 5321 §2.4).
         let mut first_of: HashMap<Mailbox<'_>, usize> = HashMap::new();
-        // For a long list, the open transaction per lower-cased domain (a
-        // scan of the groups would be quadratic).
-        let mut groups: Vec<(usize, &str, Vec<Rcpt>)> = Vec::new();
-        let mut open: HashMap<String, usize> = HashMap::new();
+        // For a long list, the open transaction per (domain, shard) (a scan
+        // of the groups would be quadratic).
+        let mut groups: Vec<Group<'m>> = Vec::new();
+        let mut open: HashMap<(Cow<'m, str>, usize), usize> = HashMap::new();
         let indexed = job.to.len() > INDEX_GROUPS_OVER;
         let max = self.limits.max_rcpts_per_txn;
         for (i, rcpt) in pending {
             let addr = rcpt.get(map);
             if let Err(why) = spool::validate_address(addr) {
-                let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
-                self.warn(&reason);
-                self.reject(key(i), id, Some(addr), &reason);
+                if lead {
+                    let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
+                    self.warn(&reason);
+                    self.recipients += 1;
+                    self.reject(key(i), id, Some(addr), &reason);
+                }
                 continue;
             }
             if job.to.len() > 1 {
                 match first_of.entry(Mailbox(addr)) {
                     Entry::Occupied(first) => {
-                        let reason = format!(
-                            "{}:{line}: duplicate recipient {addr:?}: the same mailbox as to[{}], which is sent once",
-                            file.path().display(),
-                            first.get()
-                        );
-                        self.warn(&reason);
-                        self.reject(key(i), id, Some(addr), &reason);
+                        if lead {
+                            let reason = format!(
+                                "{}:{line}: duplicate recipient {addr:?}: the same mailbox as to[{}], which is sent once",
+                                file.path().display(),
+                                first.get()
+                            );
+                            self.warn(&reason);
+                            self.recipients += 1;
+                            self.reject(key(i), id, Some(addr), &reason);
+                        }
                         continue;
                     }
                     Entry::Vacant(v) => {
@@ -556,28 +842,44 @@ impl Ingest {
                     }
                 }
             }
-            self.recipients += 1;
             let domain = spool::domain_of(addr);
+            let domain: Cow<'m, str> = if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(domain.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(domain)
+            };
+            if lead {
+                self.recipients += 1;
+                self.spread.observe(&domain);
+            }
+            let spread = !spread_from.is_empty() && spread_from.get(&*domain).is_some_and(|&from| from <= line_pos);
+            let shard = if spread {
+                spread::shard_of_rcpt(addr, shards)
+            } else {
+                shard_of(&domain, shards)
+            };
             let r = Rcpt {
                 addr: rcpt.clone(),
                 idx: i as u32,
             };
-            let slot = if !indexed {
+            let slot = if indexed {
+                open.get(&(Cow::Borrowed(&*domain), shard)).copied()
+            } else {
                 groups
                     .iter()
-                    .position(|(_, d, g)| d.eq_ignore_ascii_case(domain) && g.len() < max)
-            } else if domain.bytes().any(|b| b.is_ascii_uppercase()) {
-                open.get(&domain.to_ascii_lowercase()).copied()
-            } else {
-                open.get(domain).copied()
+                    .position(|g| g.shard == shard && g.domain == domain && g.rcpts.len() < max)
             };
             match slot {
-                Some(g) if groups[g].2.len() < max => groups[g].2.push(r),
+                Some(g) if groups[g].rcpts.len() < max => groups[g].rcpts.push(r),
                 _ => {
                     if indexed {
-                        open.insert(domain.to_ascii_lowercase(), groups.len());
+                        open.insert((domain.clone(), shard), groups.len());
                     }
-                    groups.push((shard_of(domain, self.shards.len()), domain, vec![r]));
+                    groups.push(Group {
+                        shard,
+                        domain,
+                        rcpts: vec![r],
+                    });
                 }
             }
         }
@@ -649,8 +951,8 @@ impl Ingest {
         }
     }
 
+    /// Records a recipient as rejected (the caller has counted it, on the lead).
     fn reject(&mut self, key: RcptKey, id: JobId<'_>, rcpt: Option<&str>, reason: &str) {
-        self.recipients += 1;
         self.recorder.record(
             key,
             &LogRecord {

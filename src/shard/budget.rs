@@ -1,0 +1,224 @@
+//! Connection budgets that follow the work: a destination's
+//! `max_connections_per_destination` is one cap for the whole process,
+//! divided among the shards that have work for it in proportion to that
+//! work (a one-domain spool spread over every shard can use all of it; a
+//! domain on one shard gets the whole cap). The board is the one place the
+//! shards share, and they touch it only when a connection opens or closes
+//! and, for destinations that more than one shard wants, at a slow periodic
+//! rebalance — never per message. The sum of open connections over the
+//! shards never exceeds the cap: a connection is counted on the board
+//! before it is opened.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// What the shards share about one destination.
+struct Slot {
+    /// Per shard: connections open or opening, and the work it has queued (transactions).
+    open: Vec<u32>,
+    want: Vec<u64>,
+}
+
+impl Slot {
+    fn idle(&self) -> bool {
+        self.open.iter().all(|&o| o == 0) && self.want.iter().all(|&w| w == 0)
+    }
+
+    fn wanting(&self) -> usize {
+        self.want.iter().filter(|&&w| w > 0).count()
+    }
+}
+
+pub struct Budgets {
+    shards: usize,
+    slots: Mutex<HashMap<Box<str>, Slot>>,
+}
+
+/// The answer to a shard asking for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The connection may be opened (it is counted already).
+    pub granted: bool,
+    /// The shard's share of the cap now.
+    pub share: u32,
+    /// Other shards want this destination too: rebalance it periodically.
+    pub shared: bool,
+}
+
+impl Budgets {
+    pub fn new(shards: usize) -> Budgets {
+        Budgets {
+            shards,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with<T>(&self, key: &str, f: impl FnOnce(&mut Slot) -> T) -> T {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if !slots.contains_key(key) {
+            slots.insert(
+                Box::from(key),
+                Slot {
+                    open: vec![0; self.shards],
+                    want: vec![0; self.shards],
+                },
+            );
+        }
+        let slot = slots.get_mut(key).expect("inserted above");
+        let out = f(slot);
+        if slot.idle() {
+            slots.remove(key);
+        }
+        out
+    }
+
+    /// Shard `shard`, with `want` transactions for the destination, asks to
+    /// open one more connection under `cap`. Granted while the total is under
+    /// the cap and the shard is under its share — or over it, when no other
+    /// shard wants what is left (the cap is never left idle).
+    pub fn open(&self, key: &str, shard: usize, want: u64, cap: u32) -> Grant {
+        self.with(key, |s| {
+            s.want[shard] = want.max(1);
+            let shares = shares(cap, &s.want);
+            let total: u32 = s.open.iter().sum();
+            let others_short =
+                (0..s.open.len()).any(|j| j != shard && s.open[j] < shares[j] && u64::from(s.open[j]) < s.want[j]);
+            let granted = total < cap && (s.open[shard] < shares[shard] || !others_short);
+            if granted {
+                s.open[shard] += 1;
+            }
+            Grant {
+                granted,
+                share: shares[shard],
+                shared: s.wanting() > 1,
+            }
+        })
+    }
+
+    /// A connection of `shard` to the destination closed (or never opened).
+    pub fn closed(&self, key: &str, shard: usize) {
+        self.with(key, |s| s.open[shard] = s.open[shard].saturating_sub(1));
+    }
+
+    /// The shard's work for the destination now (0: none); returns its share.
+    pub fn rebalance(&self, key: &str, shard: usize, want: u64, cap: u32) -> Grant {
+        self.with(key, |s| {
+            s.want[shard] = want;
+            let shares = shares(cap, &s.want);
+            Grant {
+                granted: false,
+                share: shares[shard],
+                shared: s.wanting() > 1,
+            }
+        })
+    }
+}
+
+/// `cap` divided among the shards in proportion to `want` (largest
+/// remainders first); every shard that wants some gets at least one while
+/// the cap allows, and the shares never add up to more than the cap.
+pub fn shares(cap: u32, want: &[u64]) -> Vec<u32> {
+    let total: u128 = want.iter().map(|&w| u128::from(w)).sum();
+    let mut out = vec![0u32; want.len()];
+    if total == 0 || cap == 0 {
+        return out;
+    }
+    let wanting = want.iter().filter(|&&w| w > 0).count() as u32;
+    // With more shards wanting than the cap, the ones with most work get one each.
+    if wanting >= cap {
+        let mut order: Vec<usize> = (0..want.len()).filter(|&i| want[i] > 0).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(want[i]), i));
+        for &i in order.iter().take(cap as usize) {
+            out[i] = 1;
+        }
+        return out;
+    }
+    // One each first, the rest in proportion.
+    let rest = u128::from(cap - wanting);
+    let mut given = 0u32;
+    let mut remainders: Vec<(u128, usize)> = Vec::new();
+    for (i, &w) in want.iter().enumerate() {
+        if w == 0 {
+            continue;
+        }
+        let exact = rest * u128::from(w);
+        let whole = (exact / total) as u32;
+        out[i] = 1 + whole;
+        given += 1 + whole;
+        remainders.push((exact % total, i));
+    }
+    remainders.sort_by_key(|&(r, i)| (std::cmp::Reverse(r), i));
+    for &(_, i) in remainders.iter().take((cap - given) as usize) {
+        out[i] += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_the_work_and_add_up_to_the_cap() {
+        assert_eq!(
+            shares(20, &[5000, 0]),
+            vec![20, 0],
+            "one shard with work gets the whole cap"
+        );
+        assert_eq!(shares(20, &[5000, 5000]), vec![10, 10]);
+        assert_eq!(shares(20, &[9000, 1000]), vec![18, 2]);
+        assert_eq!(
+            shares(20, &[1_000_000, 1]),
+            vec![19, 1],
+            "a shard with any work gets one"
+        );
+        assert_eq!(
+            shares(2, &[1, 5, 3]),
+            vec![0, 1, 1],
+            "more shards than the cap: the busiest"
+        );
+        assert_eq!(shares(20, &[0, 0]), vec![0, 0]);
+        for cap in 1..40u32 {
+            for want in [[1u64, 2, 3, 0], [7, 7, 7, 7], [100, 0, 0, 1], [3, 1_000, 10, 10]] {
+                let s = shares(cap, &want);
+                assert_eq!(s.iter().sum::<u32>(), cap, "{cap} {want:?}");
+                assert!(s.iter().zip(want).all(|(&s, w)| w > 0 || s == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn the_open_connections_never_pass_the_cap() {
+        let b = Budgets::new(3);
+        let mut open = [0u32; 3];
+        // Shard 0 comes first and takes the whole cap while nobody else wants it.
+        while b.open("mx", 0, 1000, 10).granted {
+            open[0] += 1;
+        }
+        assert_eq!(open[0], 10);
+        // Shard 1 arrives with as much work: refused until shard 0 gives back.
+        let g = b.open("mx", 1, 1000, 10);
+        assert!(!g.granted);
+        assert_eq!(g.share, 5);
+        assert!(g.shared, "shard 0 must learn to give back");
+        assert_eq!(b.rebalance("mx", 0, 1000, 10).share, 5);
+        for _ in 0..5 {
+            b.closed("mx", 0);
+            open[0] -= 1;
+            assert!(b.open("mx", 1, 1000, 10).granted);
+            open[1] += 1;
+        }
+        assert!(!b.open("mx", 1, 1000, 10).granted, "at its share and the cap");
+        assert!(!b.open("mx", 2, 1, 10).granted, "at the cap");
+        assert_eq!(open, [5, 5, 0]);
+        // Everything closes and nobody wants it: the slot is forgotten.
+        for s in 0..2 {
+            for _ in 0..5 {
+                b.closed("mx", s);
+            }
+            b.rebalance("mx", s, 0, 10);
+        }
+        b.rebalance("mx", 2, 0, 10);
+        assert!(b.slots.lock().unwrap().is_empty());
+    }
+}
