@@ -55,6 +55,8 @@ pub enum Report {
         recipients: u64,
         bad_lines: u64,
         already_final: u64,
+        /// Lines read again for shards or domains that were full the first time.
+        lines_read_again: u64,
     },
 }
 
@@ -88,6 +90,8 @@ pub struct Summary {
     /// Recipients found in the spool (each bad line counts as one).
     pub recipients: u64,
     pub bad_lines: u64,
+    /// Spool lines ingest read again for shards or domains that had no room the first time.
+    pub lines_read_again: u64,
     /// Recipients an earlier run had already finished (from the journal).
     pub already_final: u64,
     /// The send was stopped before every recipient was final.
@@ -128,6 +132,12 @@ impl Summary {
             s += &format!(
                 "interrupted: {} recipients are not final yet; run send again on the same files to finish them\n",
                 self.recipients.saturating_sub(self.finals())
+            );
+        }
+        if self.lines_read_again > 0 {
+            s += &format!(
+                "{} spool lines read again for shards or domains that were full when they were first read\n",
+                self.lines_read_again
             );
         }
         if self.already_final > 0 {
@@ -378,7 +388,9 @@ impl Collector {
                 recipients,
                 bad_lines,
                 already_final,
+                lines_read_again,
             } => {
+                self.summary.lines_read_again = lines_read_again;
                 self.ingested = recipients;
                 self.total = Some(recipients);
                 self.summary.recipients = recipients;

@@ -25,16 +25,44 @@ fn journal_records(path: &std::path::Path) -> u64 {
 
 #[test]
 fn killed_sends_resume_without_loss_and_with_few_duplicates() {
-    crash_case(false);
+    crash_case(false, false);
 }
 
 /// The same with BDAT: up to eight transactions in flight per connection.
 #[test]
 fn killed_bdat_sends_resume_without_loss_and_with_few_duplicates() {
-    crash_case(true);
+    crash_case(true, false);
 }
 
-fn crash_case(chunking: bool) {
+/// The same while ingest passes lines over and reads them again: a fifth
+/// of the recipients go to a slower server and their domain may hold only
+/// 100 queued per shard, so the lead reads past them all the time.
+#[test]
+fn killed_sends_that_read_lines_again_resume_without_loss() {
+    crash_case(false, true);
+}
+
+/// The spool of the skewed case: every fifth recipient to slow.test.
+fn skewed_spool(path: &std::path::Path) {
+    std::fs::write(
+        path.with_extension("eml"),
+        format!("Subject: crash\n\n{}\n", "x".repeat(560)),
+    )
+    .unwrap();
+    let lines: Vec<String> = (0..RECIPIENTS)
+        .map(|i| {
+            let domain = if i % 5 == 0 {
+                "slow.test".to_string()
+            } else {
+                format!("d{}.test", i % 100)
+            };
+            format!("{{\"from\":\"s@x.test\",\"to\":[\"u{i}@{domain}\"],\"message\":\"crash.eml\"}}")
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn crash_case(chunking: bool, skewed: bool) {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("dump");
     let sink = Sink::start(SinkOptions {
@@ -45,44 +73,73 @@ fn crash_case(chunking: bool) {
         ..Default::default()
     })
     .unwrap();
+    let slow_dump = dir.path().join("slow-dump");
+    let slow = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        dump: Some(slow_dump.clone()),
+        chunking,
+        latency: Duration::from_millis(5),
+        ..Default::default()
+    })
+    .unwrap();
+    let config = dir.path().join("volley.toml");
+    std::fs::write(
+        &config,
+        "max_queued_recipients_per_shard = 2000\nmax_queued_recipients_per_domain = 100\n",
+    )
+    .unwrap();
     let spool = dir.path().join("crash.jsonl");
-    let generated = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args([
-            "gen",
-            "--jobs",
-            &RECIPIENTS.to_string(),
-            "--domains",
-            "100",
-            "--size",
-            "600",
-            "--out",
-        ])
-        .arg(&spool)
-        .status()
-        .unwrap();
-    assert!(generated.success());
+    if skewed {
+        skewed_spool(&spool);
+    } else {
+        let generated = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args([
+                "gen",
+                "--jobs",
+                &RECIPIENTS.to_string(),
+                "--domains",
+                "100",
+                "--size",
+                "600",
+                "--out",
+            ])
+            .arg(&spool)
+            .status()
+            .unwrap();
+        assert!(generated.success());
+    }
+    let at_sinks = || {
+        let mut all = common::dumped_rcpts(&dump);
+        all.extend(common::dumped_rcpts(&slow_dump));
+        all.sort();
+        all
+    };
     let jpath = journal::path_for(&spool);
     let log = dir.path().join("log.jsonl");
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_volley"))
-            .args([
-                "send",
-                "--quiet",
-                "--shards",
-                "2",
-                "--connections",
-                &CONNECTIONS.to_string(),
-            ])
-            .args(["--route", &format!("*={}", sink.addr())])
-            .arg("--log")
-            .arg(&log)
-            .arg(&spool)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map(common::Reaper)
-            .unwrap()
+    let command = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_volley"));
+        c.args([
+            "send",
+            "--quiet",
+            "--shards",
+            "2",
+            "--connections",
+            &CONNECTIONS.to_string(),
+        ])
+        .args(["--route", &format!("*={}", sink.addr())])
+        .arg("--log")
+        .arg(&log)
+        .stderr(Stdio::inherit());
+        if skewed {
+            c.args(["--route", &format!("slow.test={}", slow.addr())])
+                .arg("--config")
+                .arg(&config);
+        }
+        c.arg(&spool);
+        c
     };
+    let run = || command().stdout(Stdio::null()).spawn().map(common::Reaper).unwrap();
     let mut kills = Vec::new();
     'kills: for at in KILL_AT {
         let mut child = run();
@@ -101,19 +158,27 @@ fn crash_case(chunking: bool) {
         child.0.wait().unwrap();
         // Delivered but not journaled: these are what the next run sends again.
         std::thread::sleep(Duration::from_millis(100));
-        let mut at_sink = common::dumped_rcpts(&dump);
+        let mut at_sink = at_sinks();
         at_sink.dedup();
         kills.push((at_sink.len() as u64).saturating_sub(journal_records(&jpath)));
     }
-    let mut finished = false;
+    let mut finished = None;
     for _ in 0..5 {
-        if run().0.wait().unwrap().success() {
-            finished = true;
+        let out = command().output().unwrap();
+        if out.status.success() {
+            finished = Some(String::from_utf8_lossy(&out.stdout).into_owned());
             break;
         }
     }
-    assert!(finished, "volley send finished after the kills");
+    let summary = finished.expect("volley send finished after the kills");
     sink.stop();
+    slow.stop();
+    if skewed {
+        assert!(
+            summary.contains("spool lines read again"),
+            "the last run read lines again: {summary}"
+        );
+    }
 
     // Exactly one final outcome per recipient in the journal.
     let records = journal::read_records(&jpath).unwrap();
@@ -125,7 +190,7 @@ fn crash_case(chunking: bool) {
     assert_eq!(per_rcpt.len() as u64, RECIPIENTS, "every recipient is journaled");
     assert!(per_rcpt.values().all(|&n| n == 1), "no recipient is journaled twice");
     // The sink has everyone at least once; duplicates come only from kills.
-    let got = common::dumped_rcpts(&dump);
+    let got = at_sinks();
     let mut at_sink: HashMap<&str, usize> = HashMap::new();
     for r in &got {
         *at_sink.entry(r).or_default() += 1;
@@ -155,7 +220,7 @@ fn crash_case(chunking: bool) {
     let per_connection = if chunking { 8 } else { 2 };
     let bound = KILL_AT.len() as u64 * (per_connection * CONNECTIONS + 500);
     eprintln!(
-        "crash (bdat: {chunking}): lost 0, duplicates {duplicates} in all (bound {bound}), {logged_twice} of them logged twice, delivered but not journaled at each kill {kills:?}"
+        "crash (bdat: {chunking}, read again: {skewed}): lost 0, duplicates {duplicates} in all (bound {bound}), {logged_twice} of them logged twice, delivered but not journaled at each kill {kills:?}"
     );
     assert!(
         duplicates <= bound,

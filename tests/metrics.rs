@@ -486,3 +486,55 @@ fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
     drop(svc);
     sink.stop();
 }
+
+/// A one-domain spool on two shards: the domain carries all the work, so
+/// it is spread over both, and its connection cap (6) is one budget that
+/// both shards use in full together — never more. `/status` shows it.
+#[test]
+fn a_one_domain_spool_uses_every_shard_and_the_whole_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    // Replies after 5 ms keep the queue deep enough to want every connection.
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Duration::from_millis(5),
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(
+        dir.path(),
+        sink.addr(),
+        "shards = 2\nmax_connections_per_destination = 6\nmax_rcpts_per_txn = 1",
+    );
+    std::fs::write(svc.incoming.join("news.eml"), "Subject: metrics\n\nhello\n").unwrap();
+    let tmp = svc.incoming.join("one.jsonl.tmp");
+    std::fs::write(&tmp, jobs(6_000, 1).join("\n") + "\n").unwrap();
+    std::fs::rename(&tmp, svc.incoming.join("one.jsonl")).unwrap();
+    let mut most = 0u64;
+    let mut both_full = None;
+    wait_for("both shards sending on the whole cap", Duration::from_secs(60), || {
+        let v: serde_json::Value = serde_json::from_str(&svc.get("/status")).unwrap();
+        let shards = v["shards"].as_array().cloned().unwrap_or_default();
+        let conns: Vec<u64> = shards.iter().map(|s| s["connections_open"].as_u64().unwrap()).collect();
+        let held: Vec<u64> = shards.iter().map(|s| s["recipients"].as_u64().unwrap()).collect();
+        let total: u64 = conns.iter().sum();
+        most = most.max(total);
+        assert!(total <= 6, "more connections than the cap: {conns:?}");
+        let full = shards.len() == 2 && total == 6 && conns.iter().all(|&c| c > 0) && held.iter().all(|&h| h > 0);
+        if full {
+            both_full = Some((conns, held));
+        }
+        full
+    });
+    let (conns, held) = both_full.unwrap();
+    eprintln!("connections per shard {conns:?}, recipients held per shard {held:?}");
+    wait_for("one.jsonl done", Duration::from_secs(120), || {
+        dir.path().join("spool/done/one.jsonl.summary.json").exists()
+    });
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("spool/done/one.jsonl.summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["delivered"], 6_000, "{summary}");
+    assert!(most <= 6);
+    drop(svc);
+    sink.stop();
+}

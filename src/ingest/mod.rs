@@ -313,6 +313,7 @@ pub struct Ingest {
     bad_lines: u64,
     reported: u64,
     already_final: u64,
+    lines_read_again: u64,
 }
 
 impl Ingest {
@@ -345,6 +346,7 @@ impl Ingest {
             bad_lines: 0,
             reported: 0,
             already_final: 0,
+            lines_read_again: 0,
         }
     }
 
@@ -440,6 +442,7 @@ impl Ingest {
                 recipients: self.recipients,
                 bad_lines: self.bad_lines,
                 already_final: self.already_final,
+                lines_read_again: self.lines_read_again,
             })
             .map_err(|_| "the collector stopped")
     }
@@ -543,6 +546,7 @@ impl Ingest {
                     break;
                 };
                 self.pass_line(c, Pass::Lane(lane), before, line_no, line)?;
+                self.lines_read_again += 1;
                 c.lanes.advance(lane, at);
                 moved = true;
             }
