@@ -497,6 +497,15 @@ impl Config {
         out
     }
 
+    /// Recipients of one domain a shard holds queued or in flight before
+    /// ingest passes the domain over: `max_queued_recipients_per_domain`, and
+    /// at most a quarter of `max_queued_recipients_per_shard`, so four domains
+    /// stuck at theirs still leave room for the rest.
+    pub fn domain_queue_bound(&self) -> u64 {
+        let shard = self.max_queued_recipients_per_shard / 4;
+        self.max_queued_recipients_per_domain.min(shard).max(1) as u64
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         let positive = [
             ("max_connections_per_destination", self.max_connections_per_destination),

@@ -260,3 +260,63 @@ fn a_second_service_is_refused_and_a_killed_ones_lock_does_not_block() {
     // Duplicates come only from the kill (delivered, not yet journaled), never from two senders.
     assert!(counts.recipients >= 3000 && counts.recipients < 3000 + 100, "{counts}");
 }
+
+/// A big file whose recipients all go to a server that does not answer
+/// yet, then a small file for other domains: the small one is read, sent
+/// and filed in done/ while the big one waits (ingest reads past the full
+/// shard, and files take turns); then the big one finishes too.
+#[test]
+fn a_small_file_dropped_after_a_big_one_is_not_buried_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let gate = common::Gate::start(sink.addr());
+    let config = dir.path().join("volley.toml");
+    let root = dir.path().join("spool");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = {:?}\nidle_timeout = \"300ms\"\nmetrics_listen = \"\"\nshards = 2\nmax_queued_recipients_per_shard = 500\n[routes]\n\"*\" = \"{}\"\n\"slow.test\" = \"{}\"\n",
+            root.display().to_string(),
+            sink.addr(),
+            gate.addr
+        ),
+    )
+    .unwrap();
+    let mut svc = Service::start(&config, Stdio::null());
+    let incoming = root.join("incoming");
+    let done = root.join("done");
+    wait_for("incoming/", || incoming.is_dir());
+    std::fs::write(incoming.join("news.eml"), "Subject: run\n\nhello\n").unwrap();
+    let write = |name: &str, rcpts: Vec<String>| {
+        let lines: Vec<String> = rcpts
+            .iter()
+            .map(|r| format!("{{\"from\":\"s@x.test\",\"to\":[\"{r}\"],\"message\":\"news.eml\"}}"))
+            .collect();
+        let tmp = incoming.join(format!("{name}.jsonl.tmp"));
+        std::fs::write(&tmp, lines.join("\n") + "\n").unwrap();
+        std::fs::rename(&tmp, incoming.join(format!("{name}.jsonl"))).unwrap();
+    };
+    write("big", (0..5000).map(|i| format!("b{i}@slow.test")).collect());
+    wait_for("the big file's first connection at the gate", || gate.accepted() > 0);
+    write("small", (0..50).map(|i| format!("s{i}@d{}.test", i % 5)).collect());
+    wait_for("the small file in done/", || {
+        done.join("small.jsonl.summary.json").exists()
+    });
+    assert!(
+        !done.join("big.jsonl.summary.json").exists(),
+        "the big file is still waiting for its server"
+    );
+    let small: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(done.join("small.jsonl.summary.json")).unwrap()).unwrap();
+    assert_eq!(small["delivered"], 50, "{small}");
+    gate.open();
+    wait_for("the big file in done/", || done.join("big.jsonl.summary.json").exists());
+    let big: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(done.join("big.jsonl.summary.json")).unwrap()).unwrap();
+    assert_eq!(big["delivered"], 5000, "{big}");
+    assert!(svc.stop().success());
+}

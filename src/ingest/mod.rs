@@ -11,7 +11,7 @@ mod spread;
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Weak;
@@ -76,8 +76,9 @@ impl Cursor {
 #[derive(Debug)]
 pub enum Credit {
     /// Shard `shard` takes up to `allowed` recipients in all (a running total
-    /// of what it was sent; it only grows).
-    Room { shard: usize, allowed: u64 },
+    /// of what it was sent; it only grows), and has taken `received` of
+    /// them from its inbox (each counted in its domain's queue).
+    Room { shard: usize, allowed: u64, received: u64 },
     /// The shard holds `max_queued_recipients_per_domain` of `domain`: pass it over.
     DomainFull { shard: usize, domain: Box<str> },
     /// The domain has room again on the shard.
@@ -223,6 +224,8 @@ pub struct IngestLimits {
     pub max_message_bytes: u64,
     /// The credit each shard starts with (`max_queued_recipients_per_shard`).
     pub shard_credit: u64,
+    /// Recipients of one domain a shard may hold queued (see `Config::domain_queue_bound`).
+    pub domain_bound: u64,
     pub spread_domains: Vec<String>,
 }
 
@@ -233,6 +236,7 @@ impl IngestLimits {
             max_line_bytes: cfg.max_job_line_bytes,
             max_message_bytes: cfg.max_message_bytes,
             shard_credit: cfg.max_queued_recipients_per_shard as u64,
+            domain_bound: cfg.domain_queue_bound(),
             spread_domains: cfg.spread_domains.clone(),
         }
     }
@@ -274,15 +278,24 @@ impl std::hash::Hash for Mailbox<'_> {
     }
 }
 
-/// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
-/// across runs and platforms.
-pub fn shard_of(domain: &str, shards: usize) -> usize {
+/// A lower-cased domain's key in ingest's per-domain counts.
+fn domain_hash(domain: &str) -> u64 {
+    fnv1a(domain)
+}
+
+fn fnv1a(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in domain.bytes() {
+    for b in s.bytes() {
         h ^= u64::from(b.to_ascii_lowercase());
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h % shards as u64) as usize
+    h
+}
+
+/// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
+/// across runs and platforms.
+pub fn shard_of(domain: &str, shards: usize) -> usize {
+    (fnv1a(domain) % shards as u64) as usize
 }
 
 pub struct Ingest {
@@ -296,6 +309,14 @@ pub struct Ingest {
     room: Vec<i64>,
     allowed: Vec<u64>,
     full: Vec<HashSet<Box<str>>>,
+    /// Per shard: recipients sent that it has not taken from its inbox yet,
+    /// per domain (by hash), and the groups they went in (running total of
+    /// recipients sent to the shard, domain hash, count), oldest first. A
+    /// domain with `domain_bound` of them is full before the shard can say
+    /// so: ingest reads far faster than a shard takes work.
+    unconfirmed: Vec<HashMap<u64, u64>>,
+    in_inbox: Vec<VecDeque<(u64, u64, u64)>>,
+    sent: Vec<u64>,
     spread: Spread,
     batches: Vec<Vec<WorkItem>>,
     /// The message files each shard's next batch refers to.
@@ -333,6 +354,9 @@ impl Ingest {
             room: vec![limits.shard_credit as i64; n],
             allowed: vec![limits.shard_credit; n],
             full: (0..n).map(|_| HashSet::new()).collect(),
+            unconfirmed: (0..n).map(|_| HashMap::new()).collect(),
+            in_inbox: (0..n).map(|_| VecDeque::new()).collect(),
+            sent: vec![0; n],
             spread: Spread::new(n, &limits.spread_domains),
             limits,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
@@ -461,10 +485,26 @@ impl Ingest {
 
     fn credit(&mut self, c: Credit) {
         match c {
-            Credit::Room { shard, allowed } => {
+            Credit::Room {
+                shard,
+                allowed,
+                received,
+            } => {
                 if allowed > self.allowed[shard] {
                     self.room[shard] += (allowed - self.allowed[shard]) as i64;
                     self.allowed[shard] = allowed;
+                }
+                let (queue, unconfirmed) = (&mut self.in_inbox[shard], &mut self.unconfirmed[shard]);
+                while let Some(&(upto, domain, n)) = queue.front()
+                    && upto <= received
+                {
+                    queue.pop_front();
+                    if let Entry::Occupied(mut e) = unconfirmed.entry(domain) {
+                        *e.get_mut() -= n;
+                        if *e.get() == 0 {
+                            e.remove();
+                        }
+                    }
                 }
             }
             Credit::DomainFull { shard, domain } => {
@@ -477,7 +517,11 @@ impl Ingest {
     }
 
     fn is_full(&self, shard: usize, domain: &str) -> bool {
-        !self.full[shard].is_empty() && self.full[shard].contains(domain)
+        (!self.full[shard].is_empty() && self.full[shard].contains(domain))
+            || (!self.unconfirmed[shard].is_empty()
+                && self.unconfirmed[shard]
+                    .get(&domain_hash(domain))
+                    .is_some_and(|&n| n >= self.limits.domain_bound))
     }
 
     /// Whether what `lane` owns may go to its shard now.
@@ -584,8 +628,8 @@ impl Ingest {
             }
             moved = true;
         }
-        let full = &self.full;
-        c.lanes.tidy(|shard, d| full[shard].contains(d));
+        let this = &*self;
+        c.lanes.tidy(|shard, d| this.is_full(shard, d));
         Ok(moved)
     }
 
@@ -767,6 +811,10 @@ impl Ingest {
                 first_seen: input.first_seen,
             });
             self.room[shard] -= n as i64;
+            self.sent[shard] += n as u64;
+            let h = domain_hash(&g.domain);
+            self.in_inbox[shard].push_back((self.sent[shard], h, n as u64));
+            *self.unconfirmed[shard].entry(h).or_default() += n as u64;
             self.batch_rcpts[shard] += n;
             if self.batches[shard].len() >= BATCH_ITEMS || self.batch_rcpts[shard] >= BATCH_RCPTS {
                 self.send_batch(shard)?;

@@ -133,23 +133,31 @@ pub fn shares(cap: u32, want: &[u64]) -> Vec<u32> {
         }
         return out;
     }
-    // One each first, the rest in proportion.
-    let rest = u128::from(cap - wanting);
+    // In proportion, largest remainders first; then one for every shard
+    // that wants some, taken from the largest shares.
     let mut given = 0u32;
     let mut remainders: Vec<(u128, usize)> = Vec::new();
     for (i, &w) in want.iter().enumerate() {
         if w == 0 {
             continue;
         }
-        let exact = rest * u128::from(w);
-        let whole = (exact / total) as u32;
-        out[i] = 1 + whole;
-        given += 1 + whole;
+        let exact = u128::from(cap) * u128::from(w);
+        out[i] = (exact / total) as u32;
+        given += out[i];
         remainders.push((exact % total, i));
     }
     remainders.sort_by_key(|&(r, i)| (std::cmp::Reverse(r), i));
     for &(_, i) in remainders.iter().take((cap - given) as usize) {
         out[i] += 1;
+    }
+    for i in 0..want.len() {
+        if want[i] > 0 && out[i] == 0 {
+            let largest = (0..out.len())
+                .max_by_key(|&j| (out[j], std::cmp::Reverse(j)))
+                .expect("not empty");
+            out[largest] -= 1;
+            out[i] = 1;
+        }
     }
     out
 }

@@ -329,6 +329,8 @@ pub(crate) struct Shard {
     /// ingest (a running total of recipients it may have sent).
     received: Cell<u64>,
     granted: Cell<u64>,
+    /// `received` as last told to ingest.
+    received_told: Cell<u64>,
     /// Domains gone full or open since ingest was last told.
     domain_news: RefCell<Vec<Credit>>,
     stopping: Cell<bool>,
@@ -377,6 +379,7 @@ async fn run(p: ShardParams) {
         held: Cell::new(0),
         waiting: Cell::new(0),
         received: Cell::new(0),
+        received_told: Cell::new(0),
         granted: Cell::new(p.cfg.max_queued_recipients_per_shard as u64),
         domain_news: RefCell::default(),
         stopping: Cell::new(false),
@@ -537,13 +540,18 @@ impl Shard {
             let queued = self.held.get() - self.waiting.get();
             self.cfg.max_queued_recipients_per_shard.saturating_sub(queued) as u64
         };
-        let allowed = self.received.get() + room;
+        let received = self.received.get();
+        let allowed = received + room;
         let granted = self.granted.get();
-        if allowed > granted && (due || allowed - granted >= CREDIT_STEP) {
-            self.granted.set(allowed);
+        // Also when only `received` moved: ingest counts what the shard has not taken yet.
+        let news = allowed > granted || received > self.received_told.get();
+        if news && (due || allowed >= granted + CREDIT_STEP) {
+            self.granted.set(allowed.max(granted));
+            self.received_told.set(received);
             let _ = credits.send(Credit::Room {
                 shard: self.index,
                 allowed,
+                received,
             });
         }
     }
@@ -556,7 +564,7 @@ impl Shard {
     /// After more of the domain is queued: past the per-domain bound, ingest
     /// passes the domain over (its other domains keep the shard's room).
     fn domain_filled(&self, domain: &Domain) {
-        if !domain.full.get() && Self::domain_queued(domain) >= self.cfg.max_queued_recipients_per_domain as u64 {
+        if !domain.full.get() && Self::domain_queued(domain) >= self.cfg.domain_queue_bound() {
             domain.full.set(true);
             self.domain_news.borrow_mut().push(Credit::DomainFull {
                 shard: self.index,
@@ -568,7 +576,7 @@ impl Shard {
     /// After some of the domain is final or waits for a retry: at half the
     /// bound, ingest may send the domain again.
     fn domain_drained(&self, domain: &Domain) {
-        if domain.full.get() && Self::domain_queued(domain) * 2 <= self.cfg.max_queued_recipients_per_domain as u64 {
+        if domain.full.get() && Self::domain_queued(domain) * 2 <= self.cfg.domain_queue_bound() {
             domain.full.set(false);
             self.domain_news.borrow_mut().push(Credit::DomainOpen {
                 shard: self.index,
