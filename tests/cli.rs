@@ -379,3 +379,52 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
         text(&out.stdout)
     );
 }
+
+/// SIGTERM while ingest has read past a full shard (it waits for credit, not
+/// on a send): the shards stop, ingest sees them gone, and the process ends.
+#[test]
+fn sigterm_ends_the_send_while_ingest_waits_for_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("slow.jsonl");
+    let out = run(volley()
+        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
+        .arg(&spool));
+    assert!(out.status.success());
+    let config = dir.path().join("volley.toml");
+    std::fs::write(&config, "max_queued_recipients_per_shard = 100\n").unwrap();
+    let sink = SlowSink::start(20);
+    let journal = dir.path().join("slow.jsonl.journal");
+    let mut child = volley()
+        .args([
+            "send",
+            "--quiet",
+            "--connections",
+            "2",
+            "--route",
+            &sink.route(),
+            "--config",
+        ])
+        .arg(&config)
+        .arg(&spool)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while journaled(&journal) < 100 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("volley send did not end after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(4));
+}

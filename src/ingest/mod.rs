@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use crate::collector::{Report, StorageError};
 use crate::config::Config;
@@ -438,11 +438,17 @@ impl Ingest {
                 // (it may be what they wait for), then wait for credit or a file.
                 self.send_all()?;
                 self.flush_outcomes()?;
+                // The shards gone (stopped, or failed) end ingest too.
+                let gone = "the shards stopped";
                 let credit = if closed {
-                    self.credits.recv_timeout(IDLE_WAIT).ok()
+                    match self.credits.recv_timeout(IDLE_WAIT) {
+                        Ok(c) => Some(c),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return Err(gone),
+                    }
                 } else {
                     crossbeam_channel::select! {
-                        recv(self.credits) -> c => c.ok(),
+                        recv(self.credits) -> c => Some(c.map_err(|_| gone)?),
                         recv(inputs) -> input => {
                             match input {
                                 Ok(input) => self.take(input, &mut open)?,
