@@ -705,6 +705,8 @@ mod tests {
             cfg.max_deferred_recipients_per_shard,
             d.max_deferred_recipients_per_shard
         );
+        assert_eq!(cfg.max_queued_recipients_per_domain, d.max_queued_recipients_per_domain);
+        assert_eq!(cfg.spread_domains, d.spread_domains);
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
