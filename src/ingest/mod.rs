@@ -12,6 +12,7 @@ mod spread;
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Weak;
@@ -44,8 +45,11 @@ const LINES_PER_TURN: usize = 1024;
 const LEAD_SKIP_LINES: usize = 2048;
 /// Lanes a waiting lead remembers (one of them catching up wakes it).
 const LEAD_WAKERS: usize = 16;
-/// How long ingest sleeps when nothing can move, before it looks again.
-const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How long ingest sleeps when nothing can move, before it looks again
+/// (short: a shard's PASS_OVER_AFTER may run out meanwhile).
+const IDLE_WAIT: Duration = Duration::from_millis(10);
+/// How long a shard may be out of room before the lead passes it over.
+const PASS_OVER_AFTER: Duration = Duration::from_millis(20);
 /// Rejections reported on stderr before the rest are only counted and logged.
 const MAX_REPORTED: u64 = 20;
 
@@ -278,6 +282,24 @@ impl std::hash::Hash for Mailbox<'_> {
     }
 }
 
+/// A hasher for keys that are hashes already (domain hashes).
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// A lower-cased domain's key in ingest's per-domain counts.
 fn domain_hash(domain: &str) -> u64 {
     fnv1a(domain)
@@ -308,13 +330,15 @@ pub struct Ingest {
     /// allowed, and the domains it says are full.
     room: Vec<i64>,
     allowed: Vec<u64>,
+    /// Per shard: since when it has had no room (while it has none).
+    starved_since: Vec<Option<Instant>>,
     full: Vec<HashSet<Box<str>>>,
     /// Per shard: recipients sent that it has not taken from its inbox yet,
     /// per domain (by hash), and the groups they went in (running total of
     /// recipients sent to the shard, domain hash, count), oldest first. A
     /// domain with `domain_bound` of them is full before the shard can say
     /// so: ingest reads far faster than a shard takes work.
-    unconfirmed: Vec<HashMap<u64, u64>>,
+    unconfirmed: Vec<HashMap<u64, u64, BuildHasherDefault<Prehashed>>>,
     in_inbox: Vec<VecDeque<(u64, u64, u64)>>,
     sent: Vec<u64>,
     spread: Spread,
@@ -353,8 +377,9 @@ impl Ingest {
             credits,
             room: vec![limits.shard_credit as i64; n],
             allowed: vec![limits.shard_credit; n],
+            starved_since: vec![None; n],
             full: (0..n).map(|_| HashSet::new()).collect(),
-            unconfirmed: (0..n).map(|_| HashMap::new()).collect(),
+            unconfirmed: (0..n).map(|_| HashMap::default()).collect(),
             in_inbox: (0..n).map(|_| VecDeque::new()).collect(),
             sent: vec![0; n],
             spread: Spread::new(n, &limits.spread_domains),
@@ -499,6 +524,9 @@ impl Ingest {
                 if allowed > self.allowed[shard] {
                     self.room[shard] += (allowed - self.allowed[shard]) as i64;
                     self.allowed[shard] = allowed;
+                    if self.room[shard] > 0 {
+                        self.starved_since[shard] = None;
+                    }
                 }
                 let (queue, unconfirmed) = (&mut self.in_inbox[shard], &mut self.unconfirmed[shard]);
                 while let Some(&(upto, domain, n)) = queue.front()
@@ -528,6 +556,23 @@ impl Ingest {
                 && self.unconfirmed[shard]
                     .get(&domain_hash(domain))
                     .is_some_and(|&n| n >= self.limits.domain_bound))
+    }
+
+    /// Whether the lead may read on. Not while every shard is out of room
+    /// (nothing could be sent), nor while a shard has been out of room for
+    /// less than PASS_OVER_AFTER: credit usually comes back within
+    /// milliseconds, and what the lead passes over must be read twice. A
+    /// shard out of room for longer is passed over.
+    fn lead_may_read(&self) -> bool {
+        let mut any_room = false;
+        for (k, &room) in self.room.iter().enumerate() {
+            if room > 0 {
+                any_room = true;
+            } else if self.starved_since[k].is_some_and(|t| t.elapsed() < PASS_OVER_AFTER) {
+                return false;
+            }
+        }
+        any_room
     }
 
     /// Whether what `lane` owns may go to its shard now.
@@ -615,7 +660,7 @@ impl Ingest {
             }
         }
         for _ in 0..LINES_PER_TURN {
-            if c.lead_skips >= LEAD_SKIP_LINES {
+            if c.lead_skips >= LEAD_SKIP_LINES || !self.lead_may_read() {
                 break;
             }
             let before = c.lead;
@@ -817,6 +862,9 @@ impl Ingest {
                 first_seen: input.first_seen,
             });
             self.room[shard] -= n as i64;
+            if self.room[shard] <= 0 && self.starved_since[shard].is_none() {
+                self.starved_since[shard] = Some(Instant::now());
+            }
             self.sent[shard] += n as u64;
             let h = domain_hash(&g.domain);
             self.in_inbox[shard].push_back((self.sent[shard], h, n as u64));

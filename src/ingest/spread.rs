@@ -1,8 +1,8 @@
 //! Which domains are spread over every shard by a hash of the recipient
 //! instead of living on one shard: those named in `spread_domains`, and
 //! those whose share of the recipients read so far reaches 1/(2 × shards)
-//! (counted with a Misra–Gries summary: a few dozen counters, whatever the
-//! number of domains). A domain spreads from a point in each file: lines
+//! (estimated from one recipient in eight, with a Misra–Gries summary: a few
+//! dozen counters, whatever the number of domains). A domain spreads from a point in each file: lines
 //! before it keep the domain's shard, lines after go by recipient, so a line
 //! read again is routed as it was the first time. Nothing persistent depends
 //! on the shard, so a restart may spread differently without harm.
@@ -11,6 +11,8 @@ use std::collections::HashMap;
 
 /// Recipients read before a domain may spread on its share alone.
 pub const MIN_RECIPIENTS: u64 = 2_000;
+/// One recipient in this many is counted (shares are estimated from a sample).
+const SAMPLE_EVERY: u64 = 8;
 
 /// The shard of a recipient of a spread domain: FNV-1a of the address, lower-cased.
 pub fn shard_of_rcpt(addr: &str, shards: usize) -> usize {
@@ -25,6 +27,8 @@ pub struct Spread {
     /// recipients seen is among them, counted at most n/(k+1) short.
     counters: HashMap<Box<str>, u64>,
     capacity: usize,
+    /// Recipients read, and of those counted (one in SAMPLE_EVERY).
+    read: u64,
     seen: u64,
     /// Spread since the files last took note.
     fresh: Vec<Box<str>>,
@@ -46,6 +50,7 @@ impl Spread {
             spread,
             counters: HashMap::new(),
             capacity: 4 * shards + 4,
+            read: 0,
             seen: 0,
             fresh: Vec::new(),
         }
@@ -61,11 +66,15 @@ impl Spread {
         if self.shards < 2 {
             return;
         }
+        self.read += 1;
+        if !self.read.is_multiple_of(SAMPLE_EVERY) {
+            return;
+        }
         self.seen += 1;
         if let Some(n) = self.counters.get_mut(domain) {
             *n += 1;
             let n = *n;
-            if self.seen >= MIN_RECIPIENTS && n * 2 * self.shards as u64 >= self.seen {
+            if self.read >= MIN_RECIPIENTS && n * 2 * self.shards as u64 >= self.seen {
                 self.found(domain);
             }
             return;
@@ -122,11 +131,13 @@ mod tests {
     #[test]
     fn nothing_spreads_before_enough_is_read_or_on_one_shard() {
         let mut s = Spread::new(4, &[]);
-        for _ in 0..MIN_RECIPIENTS - 1 {
+        for _ in 0..MIN_RECIPIENTS - SAMPLE_EVERY {
             s.observe("only.test");
         }
         assert!(s.all().is_empty());
-        s.observe("only.test");
+        for _ in 0..SAMPLE_EVERY {
+            s.observe("only.test");
+        }
         assert_eq!(s.all().len(), 1);
         let mut one = Spread::new(1, &["named.test".into()]);
         for _ in 0..10_000 {
