@@ -194,7 +194,9 @@ fn domains_with_the_same_mx_set_share_a_connection() {
 /// at the common limit of 1,024 open files out of sockets (`no connections
 /// available`); they now wait their turn. The nameserver here answers after
 /// 20 ms and leaves one query in 50 unanswered. `VOLLEY_MX_DOMAINS` sets the
-/// count (5,000); the time against the same spool routed is printed.
+/// count (5,000), `VOLLEY_MX_DELAY_MS` and `VOLLEY_MX_DROP_EVERY` the
+/// nameserver's delay and drops (0: none); the time against the same spool
+/// routed is printed.
 #[test]
 fn thousands_of_domains_are_resolved_without_a_deferral() {
     let domains: usize = std::env::var("VOLLEY_MX_DOMAINS")
@@ -215,7 +217,9 @@ fn thousands_of_domains_are_resolved_without_a_deferral() {
         .map(|i| mx(&format!("d{i}.test"), 10, "mx.hosting.test"))
         .collect();
     records.push(a("mx.hosting.test", ip(2)));
-    let dns = common::dns::serve_delayed(records, Duration::from_millis(20), 50);
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let delay = Duration::from_millis(env("VOLLEY_MX_DELAY_MS", 20));
+    let dns = common::dns::serve_delayed(records, delay, env("VOLLEY_MX_DROP_EVERY", 50));
     let (sinks, port) = sinks(&[2]);
     let lines: Vec<String> = (0..domains)
         .map(|i| job(&format!("j{i}"), &[&format!("r@d{i}.test")]))
