@@ -56,6 +56,8 @@ pub struct Lanes {
     /// Per shard, its domain lanes (lower-cased name → cursor as above).
     domains: Vec<HashMap<Box<str>, Option<LineCursor>>>,
     domain_lanes: usize,
+    /// A domain lane was opened (behind) since `pass_over` last said so.
+    opened: bool,
 }
 
 impl Lanes {
@@ -64,6 +66,7 @@ impl Lanes {
             shards: vec![None; shards],
             domains: (0..shards).map(|_| HashMap::new()).collect(),
             domain_lanes: 0,
+            opened: false,
         }
     }
 
@@ -82,6 +85,7 @@ impl Lanes {
             let from = self.shards[shard].unwrap_or(lead);
             self.domains[shard].insert(Box::from(domain), Some(from));
             self.domain_lanes += 1;
+            self.opened = true;
             return own;
         }
         LaneRef { shard, domain: None }
@@ -106,10 +110,16 @@ impl Lanes {
         lane.domain.is_none_or(|d| self.domains[lane.shard].contains_key(d))
     }
 
-    /// The lane's recipients from `at` on are not sent yet (kept if it is behind already).
-    pub fn pass_over(&mut self, lane: LaneRef<'_>, at: LineCursor) {
-        if let Some(c) = self.cursor_mut(lane) {
-            c.get_or_insert(at);
+    /// The lane's recipients from `at` on are not sent yet (kept if it is
+    /// behind already). Whether it has just fallen behind (or a domain lane
+    /// was just opened behind for it).
+    pub fn pass_over(&mut self, lane: LaneRef<'_>, at: LineCursor) -> bool {
+        match self.cursor_mut(lane) {
+            Some(c @ None) => {
+                *c = Some(at);
+                true
+            }
+            _ => std::mem::take(&mut self.opened),
         }
     }
 

@@ -799,7 +799,14 @@ impl Ingest {
                     None => {
                         let go = c.lanes.cursor(lane).is_none() && self.can_send(lane);
                         if !go {
-                            c.lanes.pass_over(lane, at);
+                            if c.lanes.pass_over(lane, at) {
+                                tracing::debug!(
+                                    "{}:{line_no}: shard {}{} has no room; reading on, and coming back for it",
+                                    c.name,
+                                    lane.shard,
+                                    lane.domain.map(|d| format!(", domain {d},")).unwrap_or_default()
+                                );
+                            }
                             seen.passed_over = true;
                             if c.lead_wakers.len() < LEAD_WAKERS && !c.lead_wakers.iter().any(|k| k.as_ref() == lane) {
                                 c.lead_wakers.push(lane.to_key());
