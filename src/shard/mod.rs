@@ -6,6 +6,7 @@
 
 mod budget;
 mod conn;
+mod intake;
 
 pub use budget::Budgets;
 
@@ -35,6 +36,7 @@ use crate::outcome::{JobId, LogRecord, Outcome, OutcomeBatch, RcptKey, Recorder}
 use crate::smtp::{Command, Decider, Enhanced, Envelope, Status, TxnReport, WireMessage};
 use crate::spool::{self, MappedFile, Span};
 use crate::tls::{TlsClient, TlsPolicy};
+use intake::{Bounds, DomainLoad, Fullness, Intake};
 
 /// How often a shard hands its outcomes to the collector (short: an outcome
 /// not yet journaled is a possible duplicate after a crash).
@@ -51,9 +53,6 @@ const IDLE_POLL: Duration = Duration::from_millis(20);
 /// How often a shard tells the connection board its work for the
 /// destinations it shares with other shards.
 const REBALANCE_EVERY: Duration = Duration::from_millis(20);
-/// Credit granted to ingest in steps of this many recipients (or all there
-/// is at each flush interval).
-const CREDIT_STEP: u64 = 256;
 /// Cache entries added between sweeps of unused domains and messages.
 const SWEEP_EVERY: usize = 4096;
 /// Outcome records a shard may have produced that the collector has not
@@ -111,11 +110,8 @@ pub(crate) struct Domain {
     backoff: RefCell<Option<Backoff>>,
     /// Its handle into the shard's metrics.
     slot: Rc<DomainSlot>,
-    /// Recipients not final yet, and of those, waiting for a retry.
-    held: Cell<u64>,
-    waiting: Cell<u64>,
-    /// The shard told ingest the domain is full (`max_queued_recipients_per_domain`).
-    full: Cell<bool>,
+    /// Its recipients on the shard (not final yet, waiting for a retry, full).
+    load: Cell<DomainLoad>,
 }
 
 /// Where a domain's mail goes, as far as the shard knows.
@@ -321,17 +317,10 @@ pub(crate) struct Shard {
     retries: RefCell<BinaryHeap<Due>>,
     retry_seq: Cell<u64>,
     recorder: RefCell<Recorder>,
-    /// Recipients on this shard that are not final yet.
-    held: Cell<usize>,
-    /// Of those, recipients waiting in `retries` for their next attempt.
-    waiting: Cell<usize>,
-    /// Recipients taken from the inbox in all, and the credit granted to
-    /// ingest (a running total of recipients it may have sent).
-    received: Cell<u64>,
-    granted: Cell<u64>,
-    /// `received` as last told to ingest.
-    received_told: Cell<u64>,
-    /// Domains gone full or open since ingest was last told.
+    /// Recipients held and credit granted (`intake.rs`), and domains gone
+    /// full or open since ingest was last told.
+    intake: RefCell<Intake>,
+    bounds: Bounds,
     domain_news: RefCell<Vec<Credit>>,
     stopping: Cell<bool>,
     /// Outcome records this shard has produced, and of those, how many the
@@ -376,11 +365,8 @@ async fn run(p: ShardParams) {
         retries: RefCell::default(),
         retry_seq: Cell::new(0),
         recorder: RefCell::new(Recorder::new(p.log)),
-        held: Cell::new(0),
-        waiting: Cell::new(0),
-        received: Cell::new(0),
-        received_told: Cell::new(0),
-        granted: Cell::new(p.cfg.max_queued_recipients_per_shard as u64),
+        intake: RefCell::new(Intake::new(Bounds::of(&p.cfg))),
+        bounds: Bounds::of(&p.cfg),
         domain_news: RefCell::default(),
         stopping: Cell::new(false),
         produced: Cell::new(0),
@@ -474,11 +460,6 @@ async fn run(p: ShardParams) {
     }
 }
 
-fn intake_open(held: usize, waiting: usize, cfg: &Config) -> bool {
-    held.saturating_sub(waiting) < cfg.max_queued_recipients_per_shard
-        && waiting < cfg.max_deferred_recipients_per_shard
-}
-
 async fn retry_loop(shard: Rc<Shard>) {
     loop {
         let now = Instant::now();
@@ -500,11 +481,9 @@ async fn retry_loop(shard: Rc<Shard>) {
             };
             match due {
                 Some(d) => {
-                    let n = d.txn.rcpts.len();
-                    shard.waiting.set(shard.waiting.get() - n);
-                    let domain = &d.txn.domain;
-                    domain.waiting.set(domain.waiting.get() - n as u64);
-                    shard.domain_filled(domain);
+                    let n = d.txn.rcpts.len() as u64;
+                    shard.intake.borrow_mut().retry(n);
+                    shard.domain_load(&d.txn.domain, |l, b| l.retry(n, b));
                     shard.dispatch(d.txn)
                 }
                 None => break,
@@ -524,30 +503,17 @@ impl Shard {
     /// domain that defers everything fills only the second and the shard's other
     /// domains keep flowing.
     fn has_room(&self) -> bool {
-        intake_open(self.held.get(), self.waiting.get(), &self.cfg)
+        self.intake.borrow().has_room()
     }
 
-    /// Grants ingest the room the shard has now (none while it is held
-    /// back or at its retry bound), and tells it of domains gone full or
-    /// open. Credit goes in steps, or whatever there is when `due`.
+    /// Tells ingest of domains gone full or open, and grants it the room the
+    /// shard has now (see `Intake::credit`).
     fn grant(&self, credits: &Sender<Credit>, due: bool) {
         for news in self.domain_news.borrow_mut().drain(..) {
             let _ = credits.send(news);
         }
-        let room = if self.held_back() || self.waiting.get() >= self.cfg.max_deferred_recipients_per_shard {
-            0
-        } else {
-            let queued = self.held.get() - self.waiting.get();
-            self.cfg.max_queued_recipients_per_shard.saturating_sub(queued) as u64
-        };
-        let received = self.received.get();
-        let allowed = received + room;
-        let granted = self.granted.get();
-        // Also when only `received` moved: ingest counts what the shard has not taken yet.
-        let news = allowed > granted || received > self.received_told.get();
-        if news && (due || allowed >= granted + CREDIT_STEP) {
-            self.granted.set(allowed.max(granted));
-            self.received_told.set(received);
+        let credit = self.intake.borrow_mut().credit(self.held_back(), due);
+        if let Some((allowed, received)) = credit {
             let _ = credits.send(Credit::Room {
                 shard: self.index,
                 allowed,
@@ -556,32 +522,22 @@ impl Shard {
         }
     }
 
-    /// Recipients of `domain` queued or in flight (not waiting for a retry).
-    fn domain_queued(domain: &Domain) -> u64 {
-        domain.held.get() - domain.waiting.get()
-    }
-
-    /// After more of the domain is queued: past the per-domain bound, ingest
-    /// passes the domain over (its other domains keep the shard's room).
-    fn domain_filled(&self, domain: &Domain) {
-        if !domain.full.get() && Self::domain_queued(domain) >= self.cfg.domain_queue_bound() {
-            domain.full.set(true);
-            self.domain_news.borrow_mut().push(Credit::DomainFull {
+    /// Changes a domain's load; a domain gone full or open is news for ingest.
+    fn domain_load(&self, domain: &Domain, f: impl FnOnce(&mut DomainLoad, u64) -> Option<Fullness>) {
+        let mut load = domain.load.get();
+        let news = f(&mut load, self.bounds.domain);
+        domain.load.set(load);
+        let name = || Box::from(&*domain.name);
+        match news {
+            Some(Fullness::Full) => self.domain_news.borrow_mut().push(Credit::DomainFull {
                 shard: self.index,
-                domain: Box::from(&*domain.name),
-            });
-        }
-    }
-
-    /// After some of the domain is final or waits for a retry: at half the
-    /// bound, ingest may send the domain again.
-    fn domain_drained(&self, domain: &Domain) {
-        if domain.full.get() && Self::domain_queued(domain) * 2 <= self.cfg.domain_queue_bound() {
-            domain.full.set(false);
-            self.domain_news.borrow_mut().push(Credit::DomainOpen {
+                domain: name(),
+            }),
+            Some(Fullness::Open) => self.domain_news.borrow_mut().push(Credit::DomainOpen {
                 shard: self.index,
-                domain: Box::from(&*domain.name),
-            });
+                domain: name(),
+            }),
+            None => {}
         }
     }
 
@@ -619,11 +575,9 @@ impl Shard {
         };
         let domain = self.domain(spool::domain_of(item.rcpts[0].addr.get(file.file.bytes())));
         let too_long = body.wire.longest_line > MAX_LINE_OCTETS;
-        self.held.set(self.held.get() + item.rcpts.len());
         let n = item.rcpts.len() as u64;
-        self.received.set(self.received.get() + n);
-        domain.held.set(domain.held.get() + n);
-        self.domain_filled(&domain);
+        self.intake.borrow_mut().received(n);
+        self.domain_load(&domain, |l, b| l.received(n, b));
         self.metrics.borrow_mut().add_volume(&domain.name, &domain.slot, n);
         let txn = Txn {
             file,
@@ -696,9 +650,7 @@ impl Shard {
             retry: self.cfg.retry_of(&lower).clone(),
             deferred_in_a_row: Cell::new(0),
             backoff: RefCell::new(None),
-            held: Cell::new(0),
-            waiting: Cell::new(0),
-            full: Cell::new(false),
+            load: Cell::new(DomainLoad::default()),
         });
         self.domains.borrow_mut().insert(lower.into_boxed_str(), d.clone());
         self.inserted();
@@ -1157,19 +1109,17 @@ impl Shard {
         txn.attempt += 1;
         let seq = self.retry_seq.get();
         self.retry_seq.set(seq + 1);
-        self.waiting.set(self.waiting.get() + txn.rcpts.len());
-        let domain = &txn.domain;
-        domain.waiting.set(domain.waiting.get() + txn.rcpts.len() as u64);
-        self.domain_drained(domain);
+        let n = txn.rcpts.len() as u64;
+        self.intake.borrow_mut().wait(n);
+        self.domain_load(&txn.domain, |l, b| l.wait(n, b));
         self.retries.borrow_mut().push(Due { at: due, seq, txn });
     }
 
     fn record(&self, txn: &Txn, i: usize, outcome: Outcome, said: Said<'_>, at: At<'_>) {
         let map = txn.file.file.bytes();
         if outcome.is_final() {
-            self.held.set(self.held.get() - 1);
-            txn.domain.held.set(txn.domain.held.get() - 1);
-            self.domain_drained(&txn.domain);
+            self.intake.borrow_mut().finished(1);
+            self.domain_load(&txn.domain, |l, b| l.finished(1, b));
         }
         let category = match outcome {
             Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(
@@ -1259,8 +1209,8 @@ impl Shard {
             shard: self.index,
             dns_lookups: metrics.dns_lookups,
             dns_cache_hits: metrics.dns_cache_hits,
-            held: self.held.get() as u64,
-            retry_backlog: self.waiting.get() as u64,
+            held: self.intake.borrow().held(),
+            retry_backlog: self.intake.borrow().waiting(),
             domains_known: self.domains.borrow().len() as u64,
             destinations: self.dests.borrow().len() as u64,
             connections_open: self.dests.borrow().values().map(|d| d.open.get() as u64).sum(),
@@ -1279,8 +1229,8 @@ impl Shard {
             }
         };
         let mut gauges: HashMap<Rc<str>, DomainGauges> = HashMap::new();
-        for d in domains.values().filter(|d| d.held.get() > 0) {
-            gauges.entry(label(&d.name)).or_default().queued += d.held.get();
+        for d in domains.values().filter(|d| d.load.get().held > 0) {
+            gauges.entry(label(&d.name)).or_default().queued += d.load.get().held;
         }
         let mut oldest = |name: &Rc<str>, first_seen: Instant| {
             let g = gauges.entry(label(name)).or_default();
@@ -1345,32 +1295,5 @@ impl Shard {
         if let Err(TrySendError::Full(Report::Outcomes(b))) = reports.try_send(Report::Outcomes(batch)) {
             *unsent = Some(b);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::intake_open;
-    use crate::config::Config;
-
-    #[test]
-    fn recipients_waiting_for_a_retry_have_their_own_bound() {
-        let cfg = Config {
-            max_queued_recipients_per_shard: 100,
-            max_deferred_recipients_per_shard: 1000,
-            ..Config::default()
-        };
-        assert!(intake_open(0, 0, &cfg));
-        assert!(intake_open(99, 0, &cfg));
-        assert!(!intake_open(100, 0, &cfg), "100 queued or in flight fill the shard");
-        assert!(
-            intake_open(900, 900, &cfg),
-            "900 waiting for a retry leave room for new work"
-        );
-        assert!(!intake_open(1000, 1000, &cfg), "so many waiting close it");
-        assert!(
-            !intake_open(1099, 999, &cfg),
-            "100 in flight beside 999 waiting close it"
-        );
     }
 }
