@@ -1,8 +1,11 @@
 //! A shard: one glommio executor pinned to a core. It owns the domains that
-//! hash to it (their queues, destinations, connections and retry timers) and
-//! touches nothing else. It talks to other threads only through its inbox
-//! (batches of work in), its control channel, and outcome batches out, so
+//! hash to it and its part of the spread ones (their queues, destinations,
+//! connections and retry timers) and touches nothing else. It talks to other
+//! threads only through its inbox (batches of work in), credit back to
+//! ingest, its control channel, outcome batches out, and the connection
+//! board (`budget.rs`, at connection open and close, never per message), so
 //! nothing on the per-message path is locked or shared between cores.
+//! Intake and credit are plain numbers in `intake.rs`.
 
 mod budget;
 mod conn;
