@@ -11,12 +11,15 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What the shards share about one destination.
 struct Slot {
     /// Per shard: connections open or opening, and the work it has queued (transactions).
     open: Vec<u32>,
     want: Vec<u64>,
+    /// A shard was refused while others held connections: they must rebalance.
+    contended: bool,
 }
 
 impl Slot {
@@ -32,6 +35,9 @@ impl Slot {
 pub struct Budgets {
     shards: usize,
     slots: Mutex<HashMap<Box<str>, Slot>>,
+    /// Per shard: another shard was refused a destination this one holds
+    /// connections to (it looks at the board at its next rebalance).
+    attention: Vec<AtomicBool>,
 }
 
 /// The answer to a shard asking for a connection.
@@ -50,6 +56,7 @@ impl Budgets {
         Budgets {
             shards,
             slots: Mutex::new(HashMap::new()),
+            attention: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -61,6 +68,7 @@ impl Budgets {
                 Slot {
                     open: vec![0; self.shards],
                     want: vec![0; self.shards],
+                    contended: false,
                 },
             );
         }
@@ -86,6 +94,14 @@ impl Budgets {
             let granted = total < cap && (s.open[shard] < shares[shard] || !others_short);
             if granted {
                 s.open[shard] += 1;
+            } else if s.open[shard] < shares[shard] {
+                // Below its share and refused: those holding more must learn of it.
+                s.contended = true;
+                for (j, &open) in s.open.iter().enumerate() {
+                    if j != shard && open > 0 {
+                        self.attention[j].store(true, Ordering::Relaxed);
+                    }
+                }
             }
             Grant {
                 granted,
@@ -100,10 +116,27 @@ impl Budgets {
         self.with(key, |s| s.open[shard] = s.open[shard].saturating_sub(1));
     }
 
+    /// The destinations `shard` holds connections to that another shard was
+    /// refused since it last asked (it rebalances them from now on).
+    pub fn wanted_elsewhere(&self, shard: usize) -> Vec<Box<str>> {
+        if !self.attention[shard].swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter(|(_, s)| s.contended && s.open[shard] > 0)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// The shard's work for the destination now (0: none); returns its share.
     pub fn rebalance(&self, key: &str, shard: usize, want: u64, cap: u32) -> Grant {
         self.with(key, |s| {
             s.want[shard] = want;
+            if s.wanting() <= 1 {
+                s.contended = false;
+            }
             let shares = shares(cap, &s.want);
             Grant {
                 granted: false,
@@ -205,10 +238,17 @@ mod tests {
         }
         assert_eq!(open[0], 10);
         // Shard 1 arrives with as much work: refused until shard 0 gives back.
+        assert!(b.wanted_elsewhere(0).is_empty());
         let g = b.open("mx", 1, 1000, 10);
         assert!(!g.granted);
         assert_eq!(g.share, 5);
-        assert!(g.shared, "shard 0 must learn to give back");
+        assert!(g.shared);
+        assert_eq!(
+            b.wanted_elsewhere(0),
+            vec![Box::<str>::from("mx")],
+            "shard 0 learns to give back"
+        );
+        assert!(b.wanted_elsewhere(0).is_empty(), "told once");
         assert_eq!(b.rebalance("mx", 0, 1000, 10).share, 5);
         for _ in 0..5 {
             b.closed("mx", 0);

@@ -938,6 +938,14 @@ impl Shard {
     /// want too, and takes its new shares: a shard over its share lets
     /// connections go, one under it opens more.
     fn rebalance(self: &Rc<Self>) {
+        // Destinations this shard took whole before another shard wanted them.
+        for key in self.budgets.wanted_elsewhere(self.index) {
+            if let Some(d) = self.dests.borrow().get(&*key)
+                && !d.shared.replace(true)
+            {
+                self.shared_dests.borrow_mut().push(d.clone());
+            }
+        }
         let dests: Vec<Rc<Dest>> = self.shared_dests.borrow().clone();
         let mut keep = Vec::with_capacity(dests.len());
         for d in dests {
