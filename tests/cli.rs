@@ -56,6 +56,25 @@ impl Drop for SlowSink {
     }
 }
 
+/// `volley gen` of `jobs` jobs over 10 domains into `dir/NAME.jsonl`.
+fn gen_spool(dir: &std::path::Path, name: &str, jobs: usize) -> std::path::PathBuf {
+    let spool = dir.join(format!("{name}.jsonl"));
+    let out = run(volley()
+        .args(["gen", "--jobs", &jobs.to_string(), "--domains", "10", "--out"])
+        .arg(&spool));
+    assert!(out.status.success());
+    spool
+}
+
+/// Waits (20 s at most) until the journal holds `n` records.
+fn wait_journaled(journal: &std::path::Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while journaled(journal) < n {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Journal records written so far.
 fn journaled(journal: &std::path::Path) -> u64 {
     std::fs::metadata(journal).map_or(0, |m| m.len().saturating_sub(32) / 9)
@@ -234,11 +253,7 @@ fn bad_lines_are_reported_on_stderr_with_file_and_line() {
 #[test]
 fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("slow.jsonl");
-    let out = run(volley()
-        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
-        .arg(&spool));
-    assert!(out.status.success());
+    let spool = gen_spool(dir.path(), "slow", 3000);
     // A slow sink: every batch of replies waits 20 ms.
     let sink = SlowSink::start(20);
     let route = sink.route();
@@ -250,11 +265,7 @@ fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while records() < 100 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_journaled(&journal, 100);
     // SIGTERM
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
@@ -280,16 +291,11 @@ fn sigterm_stops_gracefully_and_a_rerun_finishes_the_file() {
 #[test]
 fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("shrinking.jsonl");
-    let out = run(volley()
-        .args(["gen", "--jobs", "20000", "--domains", "10", "--out"])
-        .arg(&spool));
-    assert!(out.status.success());
+    let spool = gen_spool(dir.path(), "shrinking", 20000);
     let original = std::fs::read(&spool).unwrap();
     let sink = SlowSink::start(5);
     let route = sink.route();
     let journal = dir.path().join("shrinking.jsonl.journal");
-    let records = || journaled(&journal);
     let child = volley()
         .args(["send", "--quiet", "--connections", "2", "--route", &route])
         .arg(&spool)
@@ -297,11 +303,7 @@ fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while records() < 200 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_journaled(&journal, 200);
     // The producer breaks the contract: the file shrinks under volley.
     std::fs::OpenOptions::new()
         .write(true)
@@ -335,11 +337,7 @@ fn a_spool_truncated_while_sending_is_a_clear_error_and_a_rerun_resumes() {
 #[test]
 fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_not_block() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("one.jsonl");
-    let out = run(volley()
-        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
-        .arg(&spool));
-    assert!(out.status.success());
+    let spool = gen_spool(dir.path(), "one", 3000);
     let sink = SlowSink::start(20);
     let route = sink.route();
     let journal = dir.path().join("one.jsonl.journal");
@@ -351,11 +349,7 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while journaled(&journal) < 50 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_journaled(&journal, 50);
     let out = run(volley().args(["send", "--quiet", "--route", &route]).arg(&spool));
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -385,11 +379,7 @@ fn a_second_send_of_a_spool_being_sent_is_refused_and_a_killed_ones_lock_does_no
 #[test]
 fn sigterm_ends_the_send_while_ingest_waits_for_credit() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("slow.jsonl");
-    let out = run(volley()
-        .args(["gen", "--jobs", "3000", "--domains", "10", "--out"])
-        .arg(&spool));
-    assert!(out.status.success());
+    let spool = gen_spool(dir.path(), "slow", 3000);
     let config = dir.path().join("volley.toml");
     std::fs::write(&config, "max_queued_recipients_per_shard = 100\n").unwrap();
     let sink = SlowSink::start(20);
@@ -409,11 +399,7 @@ fn sigterm_ends_the_send_while_ingest_waits_for_credit() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while journaled(&journal) < 100 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_journaled(&journal, 100);
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

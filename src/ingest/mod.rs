@@ -110,8 +110,9 @@ struct LineSeen {
 /// Recipients of one job for one shard and domain (at most `max_rcpts_per_txn`).
 struct Group<'m> {
     shard: usize,
-    /// Lower-cased.
+    /// Lower-cased, and its key in the per-domain counts.
     domain: Cow<'m, str>,
+    hash: u64,
     rcpts: Vec<Rcpt>,
 }
 
@@ -325,10 +326,9 @@ pub struct Ingest {
     reports: Sender<Report>,
     credits: Receiver<Credit>,
     limits: IngestLimits,
-    /// Per shard: recipients it may still be sent (its credit; below zero
-    /// after a line that took more than was left), the last total it
-    /// allowed, and the domains it says are full.
-    room: Vec<i64>,
+    /// Per shard: the running total of recipients it allows (its room is
+    /// that less `sent`; below zero after a line that took more than was
+    /// left), and the domains it says are full.
     allowed: Vec<u64>,
     /// Per shard: since when it has had no room (while it has none).
     starved_since: Vec<Option<Instant>>,
@@ -342,6 +342,8 @@ pub struct Ingest {
     in_inbox: Vec<VecDeque<(u64, u64, u64)>>,
     sent: Vec<u64>,
     spread: Spread,
+    /// The lead's decision per lane for the line it reads (kept to reuse its allocation).
+    decided: Vec<(LaneKey, bool)>,
     batches: Vec<Vec<WorkItem>>,
     /// The message files each shard's next batch refers to.
     batch_messages: Vec<Vec<Arc<MessageFile>>>,
@@ -375,7 +377,6 @@ impl Ingest {
             shards,
             reports,
             credits,
-            room: vec![limits.shard_credit as i64; n],
             allowed: vec![limits.shard_credit; n],
             starved_since: vec![None; n],
             full: (0..n).map(|_| HashSet::new()).collect(),
@@ -383,6 +384,7 @@ impl Ingest {
             in_inbox: (0..n).map(|_| VecDeque::new()).collect(),
             sent: vec![0; n],
             spread: Spread::new(n, &limits.spread_domains),
+            decided: Vec::new(),
             limits,
             batches: (0..n).map(|_| Vec::with_capacity(BATCH_ITEMS)).collect(),
             batch_messages: (0..n).map(|_| Vec::new()).collect(),
@@ -522,9 +524,8 @@ impl Ingest {
                 received,
             } => {
                 if allowed > self.allowed[shard] {
-                    self.room[shard] += (allowed - self.allowed[shard]) as i64;
                     self.allowed[shard] = allowed;
-                    if self.room[shard] > 0 {
+                    if self.room(shard) > 0 {
                         self.starved_since[shard] = None;
                     }
                 }
@@ -551,10 +552,15 @@ impl Ingest {
     }
 
     fn is_full(&self, shard: usize, domain: &str) -> bool {
+        self.is_full_hashed(shard, domain, domain_hash(domain))
+    }
+
+    /// `is_full`, with the domain's hash at hand.
+    fn is_full_hashed(&self, shard: usize, domain: &str, hash: u64) -> bool {
         (!self.full[shard].is_empty() && self.full[shard].contains(domain))
             || (!self.unconfirmed[shard].is_empty()
                 && self.unconfirmed[shard]
-                    .get(&domain_hash(domain))
+                    .get(&hash)
                     .is_some_and(|&n| n >= self.limits.domain_bound))
     }
 
@@ -565,8 +571,8 @@ impl Ingest {
     /// shard out of room for longer is passed over.
     fn lead_may_read(&self) -> bool {
         let mut any_room = false;
-        for (k, &room) in self.room.iter().enumerate() {
-            if room > 0 {
+        for k in 0..self.allowed.len() {
+            if self.room(k) > 0 {
                 any_room = true;
             } else if self.starved_since[k].is_some_and(|t| t.elapsed() < PASS_OVER_AFTER) {
                 return false;
@@ -575,9 +581,14 @@ impl Ingest {
         any_room
     }
 
+    /// Recipients shard `k` may still be sent.
+    fn room(&self, k: usize) -> i64 {
+        self.allowed[k] as i64 - self.sent[k] as i64
+    }
+
     /// Whether what `lane` owns may go to its shard now.
     fn can_send(&self, lane: LaneRef<'_>) -> bool {
-        self.room[lane.shard] > 0 && lane.domain.is_none_or(|d| !self.is_full(lane.shard, d))
+        self.room(lane.shard) > 0 && lane.domain.is_none_or(|d| !self.is_full(lane.shard, d))
     }
 
     /// Announces a file to the collector (with its journal) and to every shard.
@@ -787,12 +798,13 @@ impl Ingest {
         // Which groups go now. The lead decides once per lane and line, so a
         // lane that passes a line over owns all of its part of that line.
         let frontier = if lead { at } else { c.lead };
-        let mut chosen: Vec<Group<'_>> = Vec::with_capacity(groups.len());
-        let mut decided: Vec<(LaneKey, bool)> = Vec::new();
-        for g in groups {
-            let full = self.is_full(g.shard, &g.domain);
+        let mut groups = groups;
+        let mut decided = std::mem::take(&mut self.decided);
+        decided.clear();
+        groups.retain(|g| {
+            let full = self.is_full_hashed(g.shard, &g.domain, g.hash);
             let lane = c.lanes.lane_of(g.shard, &g.domain, full, frontier);
-            let go = match pass {
+            match pass {
                 Pass::Lane(own) => lane == own,
                 Pass::Lead => match decided.iter().find(|(k, _)| k.as_ref() == lane) {
                     Some((_, go)) => *go,
@@ -816,11 +828,10 @@ impl Ingest {
                         go
                     }
                 },
-            };
-            if go {
-                chosen.push(g);
             }
-        }
+        });
+        self.decided = decided;
+        let chosen = groups;
         if chosen.is_empty() {
             return Ok(seen);
         }
@@ -868,14 +879,12 @@ impl Ingest {
                 rcpts: g.rcpts,
                 first_seen: input.first_seen,
             });
-            self.room[shard] -= n as i64;
-            if self.room[shard] <= 0 && self.starved_since[shard].is_none() {
+            self.sent[shard] += n as u64;
+            if self.room(shard) <= 0 && self.starved_since[shard].is_none() {
                 self.starved_since[shard] = Some(Instant::now());
             }
-            self.sent[shard] += n as u64;
-            let h = domain_hash(&g.domain);
-            self.in_inbox[shard].push_back((self.sent[shard], h, n as u64));
-            *self.unconfirmed[shard].entry(h).or_default() += n as u64;
+            self.in_inbox[shard].push_back((self.sent[shard], g.hash, n as u64));
+            *self.unconfirmed[shard].entry(g.hash).or_default() += n as u64;
             self.batch_rcpts[shard] += n;
             if self.batches[shard].len() >= BATCH_ITEMS || self.batch_rcpts[shard] >= BATCH_RCPTS {
                 self.send_batch(shard)?;
@@ -990,6 +999,7 @@ impl Ingest {
                     }
                     groups.push(Group {
                         shard,
+                        hash: domain_hash(&domain),
                         domain,
                         rcpts: vec![r],
                     });

@@ -58,6 +58,10 @@ impl Intake {
         }
     }
 
+    pub fn bounds(&self) -> Bounds {
+        self.bounds
+    }
+
     pub fn held(&self) -> u64 {
         self.held
     }

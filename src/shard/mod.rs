@@ -323,7 +323,6 @@ pub(crate) struct Shard {
     /// Recipients held and credit granted (`intake.rs`), and domains gone
     /// full or open since ingest was last told.
     intake: RefCell<Intake>,
-    bounds: Bounds,
     domain_news: RefCell<Vec<Credit>>,
     stopping: Cell<bool>,
     /// Outcome records this shard has produced, and of those, how many the
@@ -369,7 +368,6 @@ async fn run(p: ShardParams) {
         retry_seq: Cell::new(0),
         recorder: RefCell::new(Recorder::new(p.log)),
         intake: RefCell::new(Intake::new(Bounds::of(&p.cfg))),
-        bounds: Bounds::of(&p.cfg),
         domain_news: RefCell::default(),
         stopping: Cell::new(false),
         produced: Cell::new(0),
@@ -528,7 +526,7 @@ impl Shard {
     /// Changes a domain's load; a domain gone full or open is news for ingest.
     fn domain_load(&self, domain: &Domain, f: impl FnOnce(&mut DomainLoad, u64) -> Option<Fullness>) {
         let mut load = domain.load.get();
-        let news = f(&mut load, self.bounds.domain);
+        let news = f(&mut load, self.intake.borrow().bounds().domain);
         domain.load.set(load);
         let name = || Box::from(&*domain.name);
         match news {
