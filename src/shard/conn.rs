@@ -12,7 +12,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::client::TlsStream;
 use glommio::net::TcpStream;
 
-use super::{Candidate, Dest, Shard, Txn};
+use super::core::Candidate;
+use super::{Dest, Shard, Txn};
 use crate::config::SourceAddress;
 use crate::metrics::{ConnResult, DomainStats, Phase};
 use crate::smtp::{Command, Event, Extensions, Session, TlsMode};
@@ -39,10 +40,11 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     let mut failure = Some((format!("{}: no host to connect to", dest.label), false));
     for host in hosts.iter() {
         let implicit = dest.relay.as_ref().is_some_and(|r| r.implicit_tls);
+        let broken = || shard.with(|c| c.tls_broken(host.addr, Instant::now()));
         let mode = match dest.tls {
             _ if implicit => TlsMode::Off,
             TlsPolicy::Disabled => TlsMode::Off,
-            TlsPolicy::Opportunistic if shard.tls_broken(host.addr) => TlsMode::Off,
+            TlsPolicy::Opportunistic if broken() => TlsMode::Off,
             TlsPolicy::Opportunistic => TlsMode::Offer,
             TlsPolicy::Required | TlsPolicy::Verify => TlsMode::Require,
         };
@@ -52,7 +54,7 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
             && dest.tls == TlsPolicy::Opportunistic
         {
             tracing::debug!("{}; retrying in plaintext", e.reason);
-            shard.remember_tls_broken(host.addr);
+            shard.with(|c| c.remember_tls_broken(host.addr, Instant::now()));
             result = drive(&shard, &dest, host, TlsMode::Off).await;
         }
         match result {
@@ -66,14 +68,8 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
             }
         }
     }
-    shard.connection_closed(&dest);
-    if let Some((reason, auth)) = failure {
-        let pause = auth.then_some(shard.cfg.retry.max_delay);
-        shard.destination_failed(&dest, &reason, pause);
-    }
-    if !dest.queue.borrow().is_empty() {
-        shard.kick(&dest);
-    }
+    let failed = failure.as_ref().map(|(reason, auth)| (reason.as_str(), *auth));
+    shard.with(|c| c.connection_closed(&dest, failed, Instant::now()));
 }
 
 /// Runs one connection to `host` to its end. `Err` means it never got ready
@@ -85,7 +81,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         tls: false,
         auth: false,
     };
-    let source = pick_source(dest);
+    let source = dest.pick_source();
     let connecting = Instant::now();
     let tcp = match connect(shard, host, source.as_ref().map(|s| s.address)).await {
         Ok(tcp) => tcp,
@@ -117,7 +113,7 @@ fn micros(d: std::time::Duration) -> u64 {
 
 /// Counts a connection event under the destination's domain.
 fn count(shard: &Shard, dest: &Dest, f: impl FnOnce(&mut DomainStats)) {
-    shard.metrics.borrow_mut().with_name(&dest.owner, f);
+    shard.core.borrow_mut().metrics.with_name(&dest.owner, f);
 }
 
 /// The session on a connected socket, to its end.
@@ -182,7 +178,7 @@ async fn converse(
     let mut starttls_micros = 0;
     // The clock when the last reply was read; read only when metrics are on.
     let mut session_clock = 0;
-    let timed = shard.metrics.borrow().enabled();
+    let timed = shard.core.borrow().metrics.enabled();
     loop {
         // Drained every turn, counted only with metrics on and only when there is something.
         if timed && session.has_seen() {
@@ -208,10 +204,7 @@ async fn converse(
                 Event::Ready => {
                     was_ready = true;
                     count(shard, dest, |m| m.connections[ConnResult::Ok as usize] += 1);
-                    dest.ready.set(dest.ready.get() + 1);
-                    shard.destination_up(dest);
-                    // The destination works: open more connections if its queue wants them.
-                    shard.kick(dest);
+                    shard.with(|c| c.connection_ready(dest));
                 }
                 Event::StartTls => match handshake(shard, dest, host, stream.take()).await {
                     Ok(upgraded) => {
@@ -235,8 +228,8 @@ async fn converse(
                         });
                     }
                 },
-                Event::Done(report) => shard.complete(report, host, tls.as_deref()),
-                Event::Unsent(txn) => dest.queue.borrow_mut().push_front(txn),
+                Event::Done(report) => shard.with(|c| c.complete(report, host, tls.as_deref(), Instant::now())),
+                Event::Unsent(txn) => shard.with(|c| c.unsent(dest, txn)),
                 Event::Failed { reason, reply } => {
                     // 530-539 to AUTH: the credentials (or their use) were refused.
                     auth_refused = credentials.is_some() && reply.is_some_and(|r| (530..540).contains(&r.code));
@@ -249,19 +242,17 @@ async fn converse(
         }
         let io = stream.as_mut().expect("the stream is back after STARTTLS");
         if session.is_ready() {
-            while session.wants_txn() && submitted < cfg.max_messages_per_connection && !shard.held_back() {
-                let Some(mut txn) = dest.queue.borrow_mut().pop_front() else {
+            while session.wants_txn() && submitted < cfg.max_messages_per_connection {
+                let Some(txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
                     break;
                 };
-                txn.started = Instant::now();
-                txn.first_attempt.get_or_insert(txn.started);
                 session.submit(txn);
                 submitted += 1;
             }
-            if !leaving && dest.shared.get() && shard.should_leave(dest) {
+            if !leaving && shard.with(|c| c.should_leave(dest)) {
                 leaving = true;
             }
-            if submitted >= cfg.max_messages_per_connection || shard.stopping.get() || leaving {
+            if submitted >= cfg.max_messages_per_connection || shard.core.borrow().stopping() || leaving {
                 session.quit();
             }
         }
@@ -304,12 +295,7 @@ async fn converse(
             Err(e) => session.connection_lost(&format!("read from {peer} failed: {e}")),
         }
     }
-    if was_ready {
-        dest.ready.set(dest.ready.get() - 1);
-    }
-    if leaving {
-        dest.leaving.set(dest.leaving.get() - 1);
-    }
+    shard.with(|c| c.session_ended(dest, was_ready, leaving));
     if let Some(s) = stream {
         let _ = s.tcp().shutdown(std::net::Shutdown::Both).await;
     }
@@ -325,16 +311,6 @@ async fn converse(
         }),
         _ => Ok(()),
     }
-}
-
-/// The next source address of the destination's rotation, if it has any.
-fn pick_source(dest: &Dest) -> Option<SourceAddress> {
-    if dest.sources.is_empty() {
-        return None;
-    }
-    let n = dest.next_source.get();
-    dest.next_source.set(n.wrapping_add(1));
-    Some(dest.sources[n % dest.sources.len()].clone())
 }
 
 /// Connects to `host`, from `source` when given. glommio cannot bind before
@@ -376,7 +352,7 @@ async fn handshake(
 async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
     let mut deadline = Instant::now() + shard.cfg.idle_timeout;
     loop {
-        if shard.stopping.get() {
+        if shard.core.borrow().stopping() {
             return false;
         }
         if shard.held_back() {
@@ -393,7 +369,7 @@ async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
             deadline = Instant::now() + shard.cfg.idle_timeout;
             continue;
         }
-        if !dest.queue.borrow().is_empty() {
+        if dest.has_work() {
             return true;
         }
         let now = Instant::now();

@@ -1,0 +1,230 @@
+//! Settling outcomes: a finished transaction's replies, or a local reason
+//! (a lookup that failed, a destination down, a domain backed off), become
+//! one outcome per recipient — delivered, bounced, deferred (and retried)
+//! or expired past `max_age` — each recorded for the log and the journal
+//! and counted in the metrics.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::{Candidate, Core, Dest, Job, Txn};
+use crate::metrics::Phase;
+use crate::outcome::{LogRecord, Outcome};
+use crate::smtp::{Command, Decider, Enhanced, Status, TxnReport};
+
+/// What a recipient's attempt ended with, for the log.
+struct Said<'a> {
+    code: Option<u16>,
+    enhanced: Option<Enhanced>,
+    text: &'a str,
+    /// A category decided beforehand instead of classifying this.
+    category: Option<&'a str>,
+}
+
+impl<'a> From<Decider<'a>> for Said<'a> {
+    fn from(d: Decider<'a>) -> Self {
+        match d {
+            Decider::Reply(r) => Said {
+                code: Some(r.code),
+                enhanced: r.enhanced,
+                text: &r.text,
+                category: None,
+            },
+            Decider::Failure(s) => Said {
+                code: None,
+                enhanced: None,
+                text: s,
+                category: None,
+            },
+        }
+    }
+}
+
+/// Where and how an attempt went, for the log.
+#[derive(Default)]
+struct At<'a> {
+    mx: Option<&'a str>,
+    ip: Option<IpAddr>,
+    latency_ms: Option<u64>,
+    tls: Option<&'a str>,
+}
+
+impl<J: Job> Core<J> {
+    /// Settles every recipient of a transaction that went to `host` and
+    /// ended at `now` (`tls`: the connection's TLS, described).
+    pub fn complete(&mut self, report: TxnReport<Txn<J>>, host: &Candidate, tls: Option<&str>, now: Instant) {
+        let txn = &report.txn;
+        let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
+        let expired = now >= txn.first_seen + txn.domain.retry.max_age;
+        let mut deferred = Vec::new();
+        let mut delivered = 0u64;
+        for i in 0..txn.job.rcpt_count() {
+            let (status, decider) = report.verdict(i);
+            let outcome = match status {
+                Status::Delivered => {
+                    delivered += 1;
+                    Outcome::Delivered
+                }
+                Status::Bounced => Outcome::Bounced,
+                Status::Deferred if expired => Outcome::Expired,
+                Status::Deferred => {
+                    deferred.push(i);
+                    Outcome::Deferred
+                }
+            };
+            let at = At {
+                mx: Some(&host.name),
+                ip: Some(host.addr.ip()),
+                latency_ms,
+                tls,
+            };
+            self.record(txn, i, outcome, decider.into(), at, now);
+        }
+        self.count_replies(&report, now, delivered);
+        if delivered > 0 {
+            self.recorder.message_delivered();
+        }
+        let classifier = self.classifier.clone();
+        self.domain_streak(&txn.domain, deferred.len() == txn.job.rcpt_count(), now, || {
+            let decider = report.verdict(0).1;
+            let text = match decider {
+                Decider::Reply(r) => r.to_string(),
+                Decider::Failure(f) => f.to_string(),
+            };
+            let said = Said::from(decider);
+            (text, classifier.classify(said.code, said.enhanced, said.text))
+        });
+        if deferred.is_empty() {
+            return;
+        }
+        let TxnReport { mut txn, .. } = report;
+        if deferred.len() < txn.job.rcpt_count() {
+            txn.job.keep(&deferred);
+        }
+        self.schedule_retry(txn, now);
+    }
+
+    /// Defers (or expires) every recipient of a transaction for a local reason.
+    pub(super) fn defer(&mut self, txn: Txn<J>, reason: &str, dest: Option<&Dest<J>>, now: Instant) {
+        self.defer_as(txn, reason, dest, None, now)
+    }
+
+    /// `defer`, with the category given instead of classified from the reason.
+    pub(super) fn defer_as(
+        &mut self,
+        txn: Txn<J>,
+        reason: &str,
+        dest: Option<&Dest<J>>,
+        category: Option<&str>,
+        now: Instant,
+    ) {
+        let expired = now >= txn.first_seen + txn.domain.retry.max_age;
+        let outcome = if expired { Outcome::Expired } else { Outcome::Deferred };
+        for i in 0..txn.job.rcpt_count() {
+            let said = Said {
+                code: None,
+                enhanced: None,
+                text: reason,
+                category,
+            };
+            let at = At {
+                mx: dest.map(|d| &*d.label),
+                ..At::default()
+            };
+            self.record(&txn, i, outcome, said, at, now);
+        }
+        if !expired {
+            self.schedule_retry(txn, now);
+        }
+    }
+
+    /// Bounces every recipient of a transaction for a local, permanent reason.
+    pub(super) fn bounce(&mut self, txn: Txn<J>, enhanced: Enhanced, reason: &str, now: Instant) {
+        for i in 0..txn.job.rcpt_count() {
+            let said = Said {
+                code: None,
+                enhanced: Some(enhanced),
+                text: reason,
+                category: None,
+            };
+            self.record(&txn, i, Outcome::Bounced, said, At::default(), now);
+        }
+    }
+
+    fn record(&mut self, txn: &Txn<J>, i: usize, outcome: Outcome, said: Said<'_>, at: At<'_>, now: Instant) {
+        if outcome.is_final() {
+            self.intake.finished(1);
+            self.domain_load(&txn.domain, |l, b| l.finished(1, b));
+        }
+        let category = match outcome {
+            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(
+                said.category
+                    .unwrap_or_else(|| self.classifier.classify(said.code, said.enhanced, said.text)),
+            ),
+            Outcome::Delivered | Outcome::Rejected => None,
+        };
+        self.metrics.with(&txn.domain.slot, |m| m.outcome(outcome, category));
+        self.produced += 1;
+        let ts = self.wall_at(now);
+        self.recorder.record(
+            txn.job.key(i),
+            &LogRecord {
+                ts,
+                id: txn.job.id(),
+                rcpt: Some(txn.job.rcpt(i)),
+                domain: Some(&txn.domain.name),
+                outcome,
+                code: said.code,
+                enhanced: said.enhanced,
+                reply: Some(said.text),
+                mx: at.mx,
+                ip: at.ip,
+                attempt: txn.attempt,
+                latency_ms: at.latency_ms,
+                tls: at.tls,
+                category,
+            },
+        );
+    }
+
+    /// Counts a finished transaction's replies, times its phases, and the
+    /// delivery duration of its delivered recipients.
+    fn count_replies(&mut self, report: &TxnReport<Txn<J>>, now: Instant, delivered: u64) {
+        if !self.metrics.enabled() {
+            return;
+        }
+        let slot: Rc<_> = report.txn.domain.slot.clone();
+        self.metrics.with(&slot, |m| {
+            let replies = [
+                (Command::Mail, &report.mail),
+                (Command::Data, &report.data),
+                (if report.chunked { Command::Bdat } else { Command::Dot }, &report.dot),
+            ];
+            for (c, r) in replies {
+                if let Some(r) = r {
+                    m.reply(c, r.code, r.enhanced);
+                }
+            }
+            for r in report.rcpts.iter().flatten() {
+                m.reply(Command::Rcpt, r.code, r.enhanced);
+            }
+            let t = &report.timing;
+            let phases = [
+                (Phase::Mail, t.mail),
+                (Phase::Rcpt, t.rcpt),
+                (Phase::Data, t.data),
+                (Phase::Dot, t.dot),
+            ];
+            for (p, us) in phases {
+                if let Some(us) = us {
+                    m.phase(p, us);
+                }
+            }
+            if delivered > 0 {
+                let first = report.txn.first_attempt.unwrap_or(report.txn.started);
+                m.delivered(now.duration_since(first).as_micros() as u64, delivered);
+            }
+        });
+    }
+}

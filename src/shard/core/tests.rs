@@ -1,0 +1,604 @@
+//! The core driven by hand: a fake clock, connections that are only
+//! numbers, replies made up. No sockets, no sleeps.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::config::{Retry, RouteSpec};
+use crate::dns::{MxAnswer, MxHost};
+use crate::outcome::Outcome;
+use crate::smtp::{Reply, TxnReport, TxnTiming};
+
+struct TestJob {
+    line: u32,
+    rcpts: Vec<(String, u32)>,
+    wire: WireMessage,
+}
+
+impl Job for TestJob {
+    fn rcpt_count(&self) -> usize {
+        self.rcpts.len()
+    }
+    fn rcpt(&self, i: usize) -> &str {
+        &self.rcpts[i].0
+    }
+    fn reverse_path(&self) -> &str {
+        "news@sender.test"
+    }
+    fn message(&self) -> &WireMessage {
+        &self.wire
+    }
+    fn key(&self, i: usize) -> RcptKey {
+        RcptKey {
+            file: 0,
+            line: self.line,
+            idx: self.rcpts[i].1,
+        }
+    }
+    fn id(&self) -> JobId<'_> {
+        JobId::Line("test.jsonl", self.line)
+    }
+    fn keep(&mut self, keep: &[usize]) {
+        self.rcpts = keep.iter().map(|&i| self.rcpts[i].clone()).collect();
+    }
+}
+
+/// A core, its clock, and what it asked for so far.
+struct Rig {
+    core: Core<TestJob>,
+    t0: Instant,
+    now: Instant,
+    line: u32,
+}
+
+/// The configuration the tests start from: retries without jitter.
+fn config() -> Config {
+    Config {
+        retry: Retry {
+            initial: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(60),
+            max_age: Duration::from_secs(100),
+            jitter: 0.0,
+        },
+        ..Config::default()
+    }
+}
+
+impl Rig {
+    /// `route`: where `routed.test` goes (the other domains need MX lookups).
+    fn new(cfg: Config) -> Rig {
+        Rig::with_board(cfg, Arc::new(Budgets::new(1)), 0)
+    }
+
+    fn with_board(cfg: Config, budgets: Arc<Budgets>, index: usize) -> Rig {
+        let mut specs = BTreeMap::new();
+        specs.insert("routed.test".to_string(), RouteSpec::Target("127.0.0.1:2525".into()));
+        let t0 = Instant::now();
+        let core = Core::new(
+            CoreParams {
+                index,
+                cfg: Arc::new(cfg),
+                routes: Arc::new(Routes::resolve(&specs).unwrap()),
+                resolver: true,
+                classifier: Arc::new(Classifier::default()),
+                budgets,
+                log: true,
+                metrics: true,
+            },
+            t0,
+            SystemTime::UNIX_EPOCH,
+        );
+        Rig {
+            core,
+            t0,
+            now: t0,
+            line: 0,
+        }
+    }
+
+    fn at(&mut self, secs: f64) {
+        self.now = self.t0 + Duration::from_secs_f64(secs);
+        self.core.turn(self.now, SystemTime::UNIX_EPOCH + (self.now - self.t0));
+    }
+
+    /// A job of `n` recipients at `domain`, accepted now.
+    fn send(&mut self, domain: &str, n: u32) {
+        self.line += 1;
+        let job = TestJob {
+            line: self.line,
+            rcpts: (0..n).map(|i| (format!("r{i}@{domain}"), i)).collect(),
+            wire: WireMessage::prepare(b"Subject: t\r\n\r\nhello\r\n"),
+        };
+        self.core.accept(job, domain, self.now, self.now);
+    }
+
+    fn actions(&mut self) -> Vec<Action<TestJob>> {
+        std::iter::from_fn(|| self.core.poll_action()).collect()
+    }
+
+    /// The destinations it asked to open connections to, in order.
+    fn opened(&mut self) -> Vec<Rc<Dest<TestJob>>> {
+        self.actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Open(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The outcomes recorded since last asked: (line, idx, outcome, reply text).
+    fn outcomes(&mut self) -> Vec<(u32, u32, Outcome, String)> {
+        let Some(batch) = self.core.take_outcomes() else {
+            return Vec::new();
+        };
+        let text = String::from_utf8(batch.log).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let outcome = match v["outcome"].as_str().unwrap() {
+                    "delivered" => Outcome::Delivered,
+                    "bounced" => Outcome::Bounced,
+                    "deferred" => Outcome::Deferred,
+                    "expired" => Outcome::Expired,
+                    o => panic!("outcome {o}"),
+                };
+                let line = v["id"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+                let rcpt = v["rcpt"].as_str().unwrap();
+                let idx = rcpt[1..rcpt.find('@').unwrap()].parse().unwrap();
+                (line, idx, outcome, v["reply"].as_str().unwrap_or("").to_string())
+            })
+            .collect()
+    }
+
+    /// A connection that got ready, as a real one would report it.
+    fn ready(&mut self, dest: &Rc<Dest<TestJob>>) {
+        self.core.connection_ready(dest);
+    }
+
+    /// Takes the next transaction for `dest` and answers every command with `code`.
+    fn answer(&mut self, dest: &Rc<Dest<TestJob>>, code: u16) -> bool {
+        let Some(txn) = self.core.next_txn(dest, self.now) else {
+            return false;
+        };
+        let n = txn.job.rcpt_count();
+        let reply = |c: u16| Some(Reply::new(c, if c < 300 { "2.0.0 ok" } else { "4.7.0 try later" }));
+        let report = TxnReport {
+            txn,
+            mail: reply(250),
+            rcpts: vec![reply(code); n],
+            data: if code < 300 { reply(354) } else { None },
+            dot: if code < 300 { reply(250) } else { None },
+            failure: None,
+            permanent: false,
+            timing: TxnTiming::default(),
+            chunked: false,
+        };
+        let host = dest.hosts.borrow()[0].clone();
+        self.core.complete(report, &host, None, self.now);
+        true
+    }
+
+    /// A connection that ends (after it got ready).
+    fn close(&mut self, dest: &Rc<Dest<TestJob>>) {
+        self.core.session_ended(dest, true, false);
+        self.core.connection_closed(dest, None, self.now);
+    }
+
+    /// A connection that never got ready with any host.
+    fn fail(&mut self, dest: &Rc<Dest<TestJob>>, reason: &str) {
+        self.core.session_ended(dest, false, false);
+        self.core.connection_closed(dest, Some((reason, false)), self.now);
+    }
+
+    fn timeout(&mut self) {
+        let now = self.now;
+        self.core.handle_timeout(now);
+    }
+}
+
+fn mx(host: &str, ttl: u64) -> MxAnswer {
+    MxAnswer::Hosts {
+        hosts: vec![MxHost {
+            name: host.into(),
+            preference: 10,
+            addrs: vec!["127.0.0.9".parse().unwrap()],
+        }],
+        ttl: Duration::from_secs(ttl),
+    }
+}
+
+#[test]
+fn connections_ramp_up_one_at_a_time_until_one_is_ready_then_to_the_cap() {
+    let mut r = Rig::new(Config {
+        max_connections_per_destination: 4,
+        ..config()
+    });
+    for _ in 0..10 {
+        r.send("routed.test", 1);
+    }
+    let first = r.opened();
+    assert_eq!(first.len(), 1, "until one connection is ready, one attempt at a time");
+    let dest = first[0].clone();
+    assert_eq!(&*dest.label, "127.0.0.1:2525");
+    r.ready(&dest);
+    assert_eq!(r.opened().len(), 1, "a ready connection lets one more open");
+    r.ready(&dest);
+    r.send("routed.test", 1);
+    r.send("routed.test", 1);
+    assert_eq!(r.opened().len(), 2, "the queue wants more: up to the cap");
+    r.send("routed.test", 1);
+    assert!(r.opened().is_empty(), "never past max_connections_per_destination");
+    assert_eq!(r.core.connections_open(), 4);
+    // Parked connections are woken before another opens.
+    while r.answer(&dest, 250) {}
+    dest.parked.set(4);
+    r.send("routed.test", 1);
+    let actions = r.actions();
+    assert!(
+        matches!(actions.as_slice(), [Action::Wake(_)]),
+        "one parked connection woken"
+    );
+    let delivered = r.outcomes().iter().filter(|o| o.2 == Outcome::Delivered).count();
+    assert_eq!(delivered, 13);
+}
+
+#[test]
+fn a_deferred_recipient_is_retried_on_the_schedule_and_expires_at_max_age() {
+    let mut r = Rig::new(config());
+    r.send("routed.test", 2);
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    assert!(r.answer(&dest, 451));
+    let o = r.outcomes();
+    assert_eq!(o.len(), 2);
+    assert!(o.iter().all(|o| o.2 == Outcome::Deferred));
+    assert_eq!(
+        r.core.next_timeout().map(|t| t <= r.t0 + Duration::from_secs(1)),
+        Some(true)
+    );
+    // Not due before its delay (1 s, then 2, 4, … capped at 60).
+    let mut due = 0.0;
+    let mut delay = 1.0;
+    let mut attempts = 1;
+    loop {
+        r.at(due + delay - 0.01);
+        r.timeout();
+        assert!(!dest.has_work(), "attempt {attempts}: not due before {delay}s");
+        due += delay;
+        r.at(due.min(100.0));
+        r.timeout();
+        assert!(dest.has_work(), "attempt {attempts}: due after {delay}s");
+        assert!(r.answer(&dest, 451));
+        attempts += 1;
+        let o = r.outcomes();
+        if due >= 100.0 {
+            assert!(o.iter().all(|o| o.2 == Outcome::Expired), "{o:?}");
+            break;
+        }
+        assert!(o.iter().all(|o| o.2 == Outcome::Deferred), "{o:?}");
+        delay = (delay * 2.0f64).min(60.0);
+        if due + delay > 100.0 {
+            // The last retry comes at max_age, not after it.
+            delay = 100.0 - due;
+        }
+    }
+    assert_eq!(attempts, 8, "1+2+4+8+16+32 s, then one at max_age");
+    r.at(1000.0);
+    r.timeout();
+    assert!(!dest.has_work(), "an expired recipient is not retried");
+    assert_eq!(r.core.snapshot(false, r.now).held, 0);
+}
+
+#[test]
+fn only_the_deferred_recipients_of_a_transaction_are_retried() {
+    let mut r = Rig::new(config());
+    r.send("routed.test", 3);
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    let txn = r.core.next_txn(&dest, r.now).unwrap();
+    let ok = Some(Reply::new(250, "ok"));
+    let report = TxnReport {
+        txn,
+        mail: ok.clone(),
+        rcpts: vec![
+            ok.clone(),
+            Some(Reply::new(452, "4.2.2 full")),
+            Some(Reply::new(550, "5.1.1 no")),
+        ],
+        data: Some(Reply::new(354, "go")),
+        dot: ok,
+        failure: None,
+        permanent: false,
+        timing: TxnTiming::default(),
+        chunked: false,
+    };
+    let host = dest.hosts.borrow()[0].clone();
+    r.core.complete(report, &host, None, r.now);
+    let o: Vec<(u32, Outcome)> = r.outcomes().into_iter().map(|o| (o.1, o.2)).collect();
+    assert_eq!(
+        o,
+        [(0, Outcome::Delivered), (1, Outcome::Deferred), (2, Outcome::Bounced)]
+    );
+    r.at(1.0);
+    r.timeout();
+    let retried = r.core.next_txn(&dest, r.now).unwrap();
+    assert_eq!(retried.job.rcpts, [("r1@routed.test".to_string(), 1)]);
+    assert_eq!(retried.attempt, 2);
+}
+
+#[test]
+fn a_domain_deferred_whole_again_and_again_is_backed_off_as_a_whole_until_one_gets_through() {
+    let mut r = Rig::new(Config {
+        domain_backoff_after: 3,
+        ..config()
+    });
+    let dest = {
+        r.send("routed.test", 1);
+        r.opened().remove(0)
+    };
+    r.ready(&dest);
+    for _ in 1..3 {
+        r.send("routed.test", 1);
+    }
+    for _ in 0..3 {
+        assert!(r.answer(&dest, 421));
+    }
+    r.outcomes();
+    // The streak tripped: new work for the domain is deferred without a connection.
+    r.send("routed.test", 1);
+    assert!(!dest.has_work());
+    let o = r.outcomes();
+    assert_eq!(o.len(), 1);
+    assert_eq!(o[0].2, Outcome::Deferred);
+    assert!(
+        o[0].3
+            .contains("backed off as a whole: 3 transactions in a row deferred"),
+        "{}",
+        o[0].3
+    );
+    // Other domains are not affected.
+    r.actions();
+    r.send("other.test", 1);
+    assert!(matches!(r.actions().as_slice(), [Action::Resolve(d)] if d.name() == "other.test"));
+    // After the backoff (1 s, the domain's first delay) retries go out; one delivered ends it.
+    r.at(1.0);
+    r.timeout();
+    assert!(dest.has_work());
+    assert!(r.answer(&dest, 250));
+    r.send("routed.test", 1);
+    assert!(dest.has_work(), "the streak is over: queued again");
+}
+
+#[test]
+fn a_destination_that_cannot_be_reached_is_suspended_and_comes_back() {
+    let mut r = Rig::new(config());
+    r.send("routed.test", 1);
+    r.send("routed.test", 1);
+    let dest = r.opened().remove(0);
+    r.fail(&dest, "connect to 127.0.0.1:2525 failed: refused");
+    let o = r.outcomes();
+    assert_eq!(o.len(), 2, "what was queued is deferred");
+    assert!(o.iter().all(|o| o.2 == Outcome::Deferred && o.3.contains("refused")));
+    assert!(r.opened().is_empty(), "no new attempt while it is down");
+    r.at(0.5);
+    r.send("routed.test", 1);
+    let o = r.outcomes();
+    assert!(
+        o[0].3.starts_with("delivery to 127.0.0.1:2525 temporarily suspended"),
+        "{}",
+        o[0].3
+    );
+    assert!(r.opened().is_empty());
+    // Its first backoff is the first retry delay: then the retries bring a new attempt.
+    r.at(1.0);
+    r.timeout();
+    let again = r.opened();
+    assert_eq!(again.len(), 1, "one probing attempt once it is due");
+    r.ready(&dest);
+    while r.answer(&dest, 250) {}
+    r.at(1.5);
+    r.timeout();
+    while r.answer(&dest, 250) {}
+    let delivered = r.outcomes().iter().filter(|o| o.2 == Outcome::Delivered).count();
+    assert_eq!(delivered, 3, "everything deferred while it was down is delivered");
+    // A second failure while one connection works does not suspend it.
+    r.fail(&dest, "a second connection failed");
+    r.send("routed.test", 1);
+    assert!(dest.has_work(), "a destination with a live connection is not down");
+}
+
+#[test]
+fn a_domain_is_looked_up_once_its_answer_is_kept_for_its_ttl_and_a_failure_defers() {
+    let mut r = Rig::new(config());
+    r.send("mx.test", 1);
+    r.send("MX.Test", 2);
+    let actions = r.actions();
+    assert_eq!(actions.len(), 1, "one lookup for both (domains are case-insensitive)");
+    let Action::Resolve(domain) = &actions[0] else {
+        panic!("a lookup first")
+    };
+    let domain = domain.clone();
+    r.core.resolved(&domain, mx("mail.mx.test", 300), r.now);
+    let opened = r.opened();
+    assert_eq!(opened.len(), 1);
+    let dest = opened[0].clone();
+    assert_eq!(&*dest.label, "mail.mx.test:25");
+    r.ready(&dest);
+    r.at(299.0);
+    r.send("mx.test", 1);
+    assert!(!r.actions().iter().any(|a| matches!(a, Action::Resolve(_))), "cached");
+    assert_eq!(
+        r.core.snapshot(false, r.now).dns_cache_hits,
+        1,
+        "what waited for the lookup is not a cache hit"
+    );
+    r.at(300.0);
+    r.send("mx.test", 1);
+    assert!(
+        matches!(r.actions().as_slice(), [Action::Resolve(_)]),
+        "the TTL ran out"
+    );
+    r.core.resolved(&domain, MxAnswer::Temporary("SERVFAIL".into()), r.now);
+    let o = r.outcomes();
+    assert_eq!((o.len(), o[0].2, o[0].3.as_str()), (1, Outcome::Deferred, "SERVFAIL"));
+    // Null MX: bounced, and remembered for negative_ttl.
+    r.send("null.test", 1);
+    let Some(Action::Resolve(null)) = r.actions().pop() else {
+        panic!("a lookup")
+    };
+    r.core.resolved(&null, MxAnswer::NullMx, r.now);
+    r.send("null.test", 1);
+    assert!(r.actions().is_empty(), "kept for negative_ttl");
+    let o = r.outcomes();
+    assert_eq!(o.len(), 2);
+    assert!(o.iter().all(|o| o.2 == Outcome::Bounced && o.3.contains("null MX")));
+}
+
+#[test]
+fn intake_bounds_fill_a_domain_then_the_shard_and_credit_comes_back_as_work_finishes() {
+    let mut r = Rig::new(Config {
+        max_queued_recipients_per_shard: 400,
+        max_queued_recipients_per_domain: 100,
+        ..config()
+    });
+    let mut credits = Vec::new();
+    for _ in 0..10 {
+        r.send("routed.test", 10);
+    }
+    r.core.credits(true, &mut credits);
+    assert!(
+        credits
+            .iter()
+            .any(|c| matches!(c, Credit::DomainFull { domain, .. } if &**domain == "routed.test")),
+        "100 queued fill the domain"
+    );
+    assert!(credits.iter().any(|c| matches!(c, Credit::Room { received: 100, .. })));
+    for _ in 0..30 {
+        r.send("other.test", 10);
+    }
+    assert!(!r.core.has_room(), "400 held fill the shard");
+    credits.clear();
+    r.core.credits(true, &mut credits);
+    assert!(
+        credits.iter().any(|c| matches!(
+            c,
+            Credit::Room {
+                allowed: 400,
+                received: 400,
+                ..
+            }
+        )),
+        "{credits:?}"
+    );
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    for _ in 0..5 {
+        assert!(r.answer(&dest, 250));
+    }
+    credits.clear();
+    r.core.credits(true, &mut credits);
+    assert!(
+        credits
+            .iter()
+            .any(|c| matches!(c, Credit::DomainOpen { domain, .. } if &**domain == "routed.test")),
+        "half of the domain's bound: open again"
+    );
+    assert!(credits.iter().any(|c| matches!(c, Credit::Room { allowed: 450, .. })));
+    assert!(r.core.has_room());
+}
+
+#[test]
+fn no_transaction_starts_while_the_collector_is_behind() {
+    let mut r = Rig::new(config());
+    r.send("routed.test", 1);
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.core.collector(true, 0);
+    assert!(
+        r.core.next_txn(&dest, r.now).is_none(),
+        "its queue refused the last batch"
+    );
+    r.core.collector(false, 0);
+    assert!(r.answer(&dest, 250));
+    for _ in 0..=MAX_UNRECORDED_PER_SHARD {
+        r.send("routed.test", 1);
+    }
+    while r.answer(&dest, 250) {}
+    assert!(
+        dest.has_work(),
+        "past MAX_UNRECORDED_PER_SHARD records not yet written, it waits"
+    );
+    r.core.collector(false, MAX_UNRECORDED_PER_SHARD);
+    assert!(r.answer(&dest, 250));
+}
+
+#[test]
+fn stopping_wakes_parked_connections_and_opens_no_more() {
+    let mut r = Rig::new(Config {
+        max_connections_per_destination: 1,
+        ..config()
+    });
+    r.send("routed.test", 1);
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    assert!(r.answer(&dest, 250));
+    r.actions();
+    r.core.stop();
+    assert!(matches!(r.actions().as_slice(), [Action::WakeAll(_)]));
+    assert!(r.core.stopping());
+    r.send("routed.test", 5);
+    r.close(&dest);
+    assert!(r.opened().is_empty(), "no connection opens once stopping");
+    assert_eq!(r.core.connections_open(), 0);
+}
+
+#[test]
+fn two_shards_share_one_cap_in_proportion_to_their_work() {
+    let board = Arc::new(Budgets::new(2));
+    let cfg = Config {
+        max_connections_per_destination: 4,
+        ..config()
+    };
+    let mut a = Rig::with_board(cfg.clone(), board.clone(), 0);
+    let mut b = Rig::with_board(cfg, board, 1);
+    for _ in 0..40 {
+        a.send("routed.test", 1);
+    }
+    let da = a.opened().remove(0);
+    a.ready(&da);
+    for _ in 0..3 {
+        a.at(0.0);
+        a.ready(&da);
+    }
+    a.opened();
+    assert_eq!(a.core.connections_open(), 4, "alone, shard 0 takes the whole cap");
+    for _ in 0..40 {
+        b.send("routed.test", 1);
+    }
+    assert!(b.opened().is_empty(), "the cap is taken");
+    // Both rebalance: each gets half, and shard 0's extra connections leave.
+    a.at(1.0);
+    a.timeout();
+    b.at(1.0);
+    b.timeout();
+    a.at(2.0);
+    a.timeout();
+    let leaving = (0..4).filter(|_| a.core.should_leave(&da)).count();
+    assert_eq!(leaving, 2, "shard 0 gives two connections back");
+    a.core.session_ended(&da, true, true);
+    a.core.connection_closed(&da, None, a.now);
+    a.core.session_ended(&da, true, true);
+    a.core.connection_closed(&da, None, a.now);
+    b.at(3.0);
+    b.timeout();
+    let opened = b.opened();
+    assert_eq!(opened.len(), 1, "shard 1 probes first");
+    b.ready(&opened[0]);
+    assert_eq!(b.opened().len(), 1);
+    assert_eq!(a.core.connections_open() + b.core.connections_open(), 4);
+}
