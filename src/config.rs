@@ -247,6 +247,9 @@ pub struct DnsConfig {
     pub negative_ttl: Duration,
     /// Queries in flight at once (each has a socket of its own); the rest wait their turn.
     pub max_in_flight: usize,
+    /// Side threads that make the lookups, each with its own resolver
+    /// (lookups go to them in turn; the MX hosts' addresses are shared).
+    pub threads: usize,
 }
 
 impl Default for DnsConfig {
@@ -258,6 +261,7 @@ impl Default for DnsConfig {
             max_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(60),
             max_in_flight: 256,
+            threads: 4,
         }
     }
 }
@@ -524,6 +528,8 @@ impl Config {
             ("max_message_files_in_use", self.max_message_files_in_use),
             ("max_message_bytes", self.max_message_bytes as usize),
             ("max_message_bytes_in_use", self.max_message_bytes_in_use as usize),
+            ("dns.max_in_flight", self.dns.max_in_flight),
+            ("dns.threads", self.dns.threads),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -812,6 +818,17 @@ mod tests {
                 .starts_with("timeouts.data_term")
         );
         let cfg: Config = toml::from_str("[retry]\nmax_age = \"5days\"\n").unwrap();
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn no_resolver_threads_is_refused_by_its_key() {
+        let cfg: Config = toml::from_str("[dns]\nthreads = 0\n").unwrap();
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "dns.threads must be at least 1"
+        );
+        let cfg: Config = toml::from_str("[dns]\nthreads = 1\n").unwrap();
         cfg.validate().unwrap();
     }
 
