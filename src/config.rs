@@ -58,6 +58,9 @@ pub struct Config {
     pub retry_domain: BTreeMap<String, Retry>,
     /// Deferred transactions in a row after which a whole domain is backed off.
     pub domain_backoff_after: u32,
+    /// Traffic shaping files, layered in order over the built-in
+    /// deploy/shaping.toml (paths as given, like `bounce_rules`).
+    pub shaping: Vec<PathBuf>,
     /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
@@ -132,6 +135,7 @@ impl Default for Config {
             retry: Retry::default(),
             retry_domain: BTreeMap::new(),
             domain_backoff_after: 10,
+            shaping: Vec::new(),
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod runtime;
 pub mod send;
 pub mod service;
+pub mod shaping;
 pub mod shard;
 pub mod sink;
 pub mod smtp;

@@ -194,6 +194,19 @@ struct SinkArgs {
     /// Exit after this many messages.
     #[arg(long)]
     max_messages: Option<u64>,
+    /// Sessions at once; beyond, a new one is greeted with 421 and closed.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Messages per client address, as a provider throttles (e.g. 500/s, 20000/h):
+    /// over it, MAIL gets --throttle-reply.
+    #[arg(long)]
+    rate_limit: Option<volley::shaping::Rate>,
+    /// The reply to MAIL over --rate-limit (a 421 also closes the session).
+    #[arg(long, default_value = volley::sink::THROTTLE_REPLY)]
+    throttle_reply: String,
+    /// Messages per session; the next MAIL gets 421 and the session closes.
+    #[arg(long)]
+    max_messages_per_connection: Option<u64>,
     /// Write each message received into this folder.
     #[arg(long)]
     dump: Option<PathBuf>,
@@ -436,6 +449,12 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
     ] {
         anyhow::ensure!((0.0..=1.0).contains(&p), "{name} must be between 0 and 1, got {p}");
     }
+    let reply_code = a.throttle_reply.get(..3).and_then(|c| c.parse::<u16>().ok());
+    anyhow::ensure!(
+        reply_code.is_some_and(|c| (400..600).contains(&c)) && a.throttle_reply.as_bytes().get(3) == Some(&b' '),
+        "--throttle-reply must start with a 4xx or 5xx code and a space, got {:?}",
+        a.throttle_reply
+    );
     let shards = a.shards.unwrap_or_else(|| Config::default().shards());
     let auth = match &a.auth {
         Some(s) => {
@@ -465,6 +484,10 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         implicit_tls: a.implicit_tls,
         auth,
         chunking: a.chunking,
+        max_connections: a.max_connections,
+        rate_limit: a.rate_limit,
+        throttle_reply: a.throttle_reply,
+        max_messages_per_connection: a.max_messages_per_connection,
     })?;
     eprintln!("volley sink listening on {} ({shards} shards)", sink.addr());
     let stop = Arc::new(AtomicBool::new(false));

@@ -100,6 +100,10 @@ pub struct LogRecord<'a> {
     pub tls: Option<&'a str>,
     /// Bounce classification of a bounce, deferral or expiry.
     pub category: Option<&'a str>,
+    /// The automation rule in force on the destination when it was deferred
+    /// (it waits for the rule's end, not for the retry schedule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
 }
 
 /// Where a recipient is in the spool: its file, line and index in `to`
@@ -251,6 +255,7 @@ mod tests {
                 latency_ms: Some(3),
                 tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
                 category: Some("invalid-recipient"),
+                rule: None,
             },
         );
         let b = r.take().unwrap();

@@ -98,6 +98,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         Some(p) => Classifier::load(p)?,
         None => Classifier::default(),
     });
+    let shaping = Arc::new(crate::shaping::Shaping::load(&cfg.shaping)?);
     // Appended to: a run that finishes a half-done spool adds to the log of the runs before.
     let log = match &cfg.log {
         Some(p) => Some(DeliveryLog::open(p).map_err(|e| StorageError::new("the delivery log", p, e))?),
@@ -158,6 +159,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             metrics: link,
             recorded: recorded[index].clone(),
             budgets: budgets.clone(),
+            shaping: shaping.clone(),
         })?);
     }
     let budget = MessageBudget::new(cfg.max_message_files_in_use, cfg.max_message_bytes_in_use);

@@ -5,14 +5,15 @@
 //! Message dumps (`--dump`) are written with blocking file I/O: the sink is a
 //! test tool, and dumping is for content checks, not for speed.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_utils::CachePadded;
@@ -20,6 +21,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::ExecutorJoinHandle;
 use glommio::net::{TcpListener, TcpStream};
 
+use crate::shaping::Rate;
 use crate::tls::MaybeTls;
 
 /// Longest command line accepted (RFC 5321 allows 512 plus extension parameters).
@@ -58,6 +60,56 @@ pub struct SinkOptions {
     pub auth: Option<(String, String)>,
     /// Offer CHUNKING (RFC 3030): take BDAT as well as DATA.
     pub chunking: bool,
+    /// Sessions at once (over every shard); beyond, a new one is greeted with 421 and closed.
+    pub max_connections: Option<usize>,
+    /// Messages per client address (MAIL commands accepted), like a provider's
+    /// throttle; over it MAIL is answered `throttle_reply` (and a 421 closes).
+    pub rate_limit: Option<Rate>,
+    pub throttle_reply: String,
+    /// Messages per session; the next MAIL gets 421 and the session closes.
+    pub max_messages_per_connection: Option<u64>,
+}
+
+/// The reply to MAIL while a client is over `rate_limit`, by default (Gmail's words).
+pub const THROTTLE_REPLY: &str = "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address. Try again later";
+
+/// What the sink's shards share to throttle like a provider.
+struct Limits {
+    active: AtomicUsize,
+    throttle: Option<Arc<Throttle>>,
+}
+
+/// `rate_limit` per client address: GCRA with a burst of a tenth of a
+/// second's worth (at least one message).
+pub struct Throttle {
+    interval: Duration,
+    burst: Duration,
+    tat: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Throttle {
+    pub fn new(rate: Rate) -> Throttle {
+        let interval = rate.interval();
+        // GCRA's tolerance: this many intervals early, so that a burst of
+        // (tolerance + 1) messages passes at once.
+        let burst = interval * ((rate.per_second() / 10.0).max(1.0) as u32 - 1);
+        Throttle {
+            interval,
+            burst,
+            tat: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `ip` may send one more message at `now`.
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tat.entry(ip).or_insert(now);
+        if t.saturating_duration_since(now) > self.burst {
+            return false;
+        }
+        *t = (*t).max(now) + self.interval;
+        true
+    }
 }
 
 impl Default for SinkOptions {
@@ -77,6 +129,10 @@ impl Default for SinkOptions {
             implicit_tls: false,
             auth: None,
             chunking: false,
+            max_connections: None,
+            rate_limit: None,
+            throttle_reply: THROTTLE_REPLY.to_string(),
+            max_messages_per_connection: None,
         }
     }
 }
@@ -92,14 +148,25 @@ pub struct SinkCounts {
     pub chunked: u64,
     pub recipients: u64,
     pub bytes: u64,
+    /// MAIL commands answered with the throttle reply.
+    pub throttled: u64,
+    /// Sessions refused with 421 at `max_connections`.
+    pub refused: u64,
 }
 
 impl std::fmt::Display for SinkCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sessions {} tls {} messages {} recipients {} bytes {} (bdat messages {})",
-            self.sessions, self.tls_sessions, self.messages, self.recipients, self.bytes, self.chunked
+            "sessions {} tls {} messages {} recipients {} bytes {} (bdat messages {}) throttled {} refused {}",
+            self.sessions,
+            self.tls_sessions,
+            self.messages,
+            self.recipients,
+            self.bytes,
+            self.chunked,
+            self.throttled,
+            self.refused
         )
     }
 }
@@ -113,6 +180,8 @@ struct ShardStats {
     chunked: AtomicU64,
     recipients: AtomicU64,
     bytes: AtomicU64,
+    throttled: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl ShardStats {
@@ -138,13 +207,17 @@ impl Sink {
         let shards = opts.shards.max(1);
         let stats: Arc<Vec<CachePadded<ShardStats>>> = Arc::new((0..shards).map(|_| CachePadded::default()).collect());
         let stop = Arc::new(AtomicBool::new(false));
+        let limits = Arc::new(Limits {
+            active: AtomicUsize::new(0),
+            throttle: opts.rate_limit.map(|r| Arc::new(Throttle::new(r))),
+        });
         let mut handles = Vec::new();
         let mut addr = opts.listen;
         for index in 0..shards {
             let (tx, rx) = std::sync::mpsc::channel();
             let mut o = opts.clone();
             o.listen = addr;
-            let (stats, stop) = (stats.clone(), stop.clone());
+            let (stats, stop, limits) = (stats.clone(), stop.clone(), limits.clone());
             handles.push(crate::runtime::spawn_pinned(
                 "volley-sink",
                 index,
@@ -152,7 +225,7 @@ impl Sink {
                     match TcpListener::bind(o.listen) {
                         Ok(listener) => {
                             let _ = tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                            serve(listener, index, o, stats, stop).await;
+                            serve(listener, index, o, stats, stop, limits).await;
                         }
                         Err(e) => {
                             let _ = tx.send(Err(e.to_string()));
@@ -202,6 +275,8 @@ impl Sink {
             c.chunked += s.chunked.load(Ordering::Relaxed);
             c.recipients += s.recipients.load(Ordering::Relaxed);
             c.bytes += s.bytes.load(Ordering::Relaxed);
+            c.throttled += s.throttled.load(Ordering::Relaxed);
+            c.refused += s.refused.load(Ordering::Relaxed);
         }
         c
     }
@@ -212,6 +287,7 @@ struct Ctx {
     opts: SinkOptions,
     stats: Arc<Vec<CachePadded<ShardStats>>>,
     stop: Arc<AtomicBool>,
+    limits: Arc<Limits>,
     active: std::cell::Cell<usize>,
     next_conn: std::cell::Cell<u64>,
 }
@@ -222,12 +298,14 @@ async fn serve(
     opts: SinkOptions,
     stats: Arc<Vec<CachePadded<ShardStats>>>,
     stop: Arc<AtomicBool>,
+    limits: Arc<Limits>,
 ) {
     let ctx = Rc::new(Ctx {
         index,
         opts,
         stats,
         stop,
+        limits,
         active: Default::default(),
         next_conn: Default::default(),
     });
@@ -247,7 +325,20 @@ async fn serve(
                 ctx.active.set(ctx.active.get() + 1);
                 let ctx2 = ctx.clone();
                 glommio::spawn_local(async move {
-                    session(stream, &ctx2).await;
+                    let limits = &ctx2.limits;
+                    let open = limits.active.fetch_add(1, Ordering::Relaxed);
+                    if ctx2.opts.max_connections.is_some_and(|max| open >= max) {
+                        let stats = &ctx2.stats[ctx2.index];
+                        stats.add(&stats.refused, 1);
+                        let mut stream = stream;
+                        let _ = stream
+                            .write_all(b"421 4.7.0 Too many connections from your host, try again later\r\n")
+                            .await;
+                        let _ = stream.shutdown(std::net::Shutdown::Both).await;
+                    } else {
+                        session(stream, &ctx2).await;
+                    }
+                    limits.active.fetch_sub(1, Ordering::Relaxed);
                     ctx2.active.set(ctx2.active.get() - 1);
                 })
                 .detach();
@@ -276,6 +367,9 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
     let mut stream: Stream = MaybeTls::Plain(tcp);
     let seed = ctx.opts.seed ^ ((ctx.index as u64) << 48) ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut s = ServerSession::new(&ctx.opts, seed, ctx.opts.dump.is_some());
+    if let (Some(t), Some(peer)) = (&ctx.limits.throttle, peer) {
+        s = s.throttled_by(t.clone(), peer.ip());
+    }
     if ctx.opts.implicit_tls
         && let Some(config) = &ctx.opts.tls
     {
@@ -308,6 +402,9 @@ async fn session(tcp: TcpStream, ctx: &Ctx) {
         };
         idle = Duration::ZERO;
         let action = s.input(&buf[..n], &mut out);
+        if s.throttled > 0 {
+            stats.add(&stats.throttled, std::mem::take(&mut s.throttled));
+        }
         for m in s.received.drain(..) {
             stats.add(&stats.messages, 1);
             stats.add(&stats.chunked, u64::from(m.chunked));
@@ -459,6 +556,14 @@ pub struct ServerSession {
     queued: u64,
     /// Messages completed by the last `input`.
     pub received: Vec<Received>,
+    /// The client's address and the throttle it is under (`rate_limit`).
+    throttle: Option<(Arc<Throttle>, IpAddr)>,
+    throttle_reply: String,
+    max_messages: Option<u64>,
+    /// MAIL commands accepted in this session.
+    mails: u64,
+    /// MAIL commands answered with the throttle reply since last taken.
+    pub throttled: u64,
 }
 
 impl ServerSession {
@@ -487,7 +592,18 @@ impl ServerSession {
             mid_line: false,
             queued: 0,
             received: Vec::new(),
+            throttle: None,
+            throttle_reply: opts.throttle_reply.clone(),
+            max_messages: opts.max_messages_per_connection,
+            mails: 0,
+            throttled: 0,
         }
+    }
+
+    /// Throttles the session's client, `peer`, with `throttle`.
+    pub fn throttled_by(mut self, throttle: Arc<Throttle>, peer: IpAddr) -> ServerSession {
+        self.throttle = Some((throttle, peer));
+        self
     }
 
     /// TLS is up: forget the plaintext session, including anything the client
@@ -692,7 +808,19 @@ impl ServerSession {
                     return Action::Drop;
                 } else if size_param(arg).is_some_and(|n| n > MAX_MESSAGE_BYTES) {
                     reply(out, "552 5.3.4 Message size exceeds fixed limit");
+                } else if self.max_messages.is_some_and(|max| self.mails >= max) {
+                    reply(out, "421 4.7.0 Too many messages on this connection, try again later");
+                    return Action::Close;
+                } else if let Some((t, ip)) = &self.throttle
+                    && !t.allow(*ip, Instant::now())
+                {
+                    self.throttled += 1;
+                    reply(out, &self.throttle_reply);
+                    if self.throttle_reply.starts_with("421") {
+                        return Action::Close;
+                    }
                 } else {
+                    self.mails += 1;
                     self.mail = Some(path.0.to_string());
                     reply(out, "250 2.1.0 Ok");
                 }
@@ -968,6 +1096,59 @@ mod tests {
         let mut plain = ServerSession::new(&SinkOptions::default(), 1, false);
         assert!(!run(&mut plain, "EHLO c.test\r\n").contains("CHUNKING"));
         assert!(run(&mut plain, "BDAT 1 LAST\r\n").starts_with("502"));
+    }
+
+    #[test]
+    fn a_client_over_the_rate_gets_the_throttle_reply_and_a_421_ends_the_session() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "127.0.0.7".parse().unwrap();
+        let t = Throttle::new("100/s".parse().unwrap());
+        // A burst of a tenth of a second's worth, then one every 10 ms.
+        let burst = (0..20).filter(|_| t.allow(ip, t0)).count();
+        assert_eq!(burst, 10);
+        assert!(!t.allow(ip, t0 + Duration::from_millis(5)));
+        assert!(t.allow(ip, t0 + Duration::from_millis(10)));
+        assert!(t.allow("127.0.0.8".parse().unwrap(), t0), "per client address");
+        let throttle = Arc::new(Throttle::new("1/h".parse().unwrap()));
+        let mut s = ServerSession::new(&SinkOptions::default(), 1, false).throttled_by(throttle, ip);
+        run(&mut s, "EHLO c\r\n");
+        assert!(run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("250"));
+        run(&mut s, "RSET\r\n");
+        let mut out = Vec::new();
+        assert_eq!(s.input(b"MAIL FROM:<a@b>\r\n", &mut out), Action::Close);
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{THROTTLE_REPLY}\r\n"));
+        assert_eq!(s.throttled, 1);
+        let opts = SinkOptions {
+            throttle_reply: "451 4.7.500 Server busy. Please try again later".into(),
+            ..SinkOptions::default()
+        };
+        let throttle = Arc::new(Throttle::new("1/h".parse().unwrap()));
+        let mut s = ServerSession::new(&opts, 1, false).throttled_by(throttle, ip);
+        run(&mut s, "EHLO c\r\nMAIL FROM:<a@b>\r\nRSET\r\n");
+        assert!(
+            run(&mut s, "MAIL FROM:<a@b>\r\n").starts_with("451 4.7.500"),
+            "not a 421: the session goes on"
+        );
+    }
+
+    #[test]
+    fn the_message_after_the_last_a_connection_may_carry_gets_421() {
+        let opts = SinkOptions {
+            max_messages_per_connection: Some(1),
+            ..SinkOptions::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, false);
+        run(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhi\r\n.\r\n",
+        );
+        let mut out = Vec::new();
+        assert_eq!(s.input(b"MAIL FROM:<a@b>\r\n", &mut out), Action::Close);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with("421 4.7.0 Too many messages")
+        );
     }
 
     #[test]

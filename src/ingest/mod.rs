@@ -1093,6 +1093,7 @@ impl Ingest {
                 latency_ms: None,
                 tls: None,
                 category: None,
+                rule: None,
             },
         );
     }

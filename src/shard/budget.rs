@@ -20,6 +20,20 @@ struct Slot {
     want: Vec<u64>,
     /// A shard was refused while others held connections: they must rebalance.
     contended: bool,
+    /// Per shard: the part of the destination's rates it uses, in shares of
+    /// the cap; the sum never exceeds the cap (a shard gets only what the
+    /// others have let go, so rates are never oversubscribed, not even while
+    /// shares move).
+    rate: Vec<u32>,
+}
+
+impl Slot {
+    /// Shard `shard`'s part of the rates, given its share now.
+    fn take_rate(&mut self, shard: usize, share: u32, cap: u32) -> u32 {
+        let others: u32 = (0..self.rate.len()).filter(|&j| j != shard).map(|j| self.rate[j]).sum();
+        self.rate[shard] = share.min(cap.saturating_sub(others));
+        self.rate[shard]
+    }
 }
 
 impl Slot {
@@ -49,6 +63,9 @@ pub struct Grant {
     pub share: u32,
     /// Other shards want this destination too: rebalance it periodically.
     pub shared: bool,
+    /// The shard's part of the destination's rates, in shares of the cap
+    /// (at most `share`; less while other shards still hold theirs).
+    pub rate_share: u32,
 }
 
 impl Budgets {
@@ -69,6 +86,7 @@ impl Budgets {
                     open: vec![0; self.shards],
                     want: vec![0; self.shards],
                     contended: false,
+                    rate: vec![0; self.shards],
                 },
             );
         }
@@ -107,6 +125,7 @@ impl Budgets {
                 granted,
                 share: shares[shard],
                 shared: s.wanting() > 1,
+                rate_share: s.take_rate(shard, shares[shard], cap),
             }
         })
     }
@@ -142,6 +161,7 @@ impl Budgets {
                 granted: false,
                 share: shares[shard],
                 shared: s.wanting() > 1,
+                rate_share: s.take_rate(shard, shares[shard], cap),
             }
         })
     }

@@ -12,7 +12,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::client::TlsStream;
 use glommio::net::TcpStream;
 
-use super::core::Candidate;
+use super::core::{Candidate, SetupFailure};
 use super::{Dest, Shard, Txn};
 use crate::config::SourceAddress;
 use crate::metrics::{ConnResult, DomainStats, Phase};
@@ -31,13 +31,20 @@ struct SetupError {
     tls: bool,
     /// The relay refused our credentials: pause the destination.
     auth: bool,
+    /// The server's reply that refused us, if one did (for the automation rules).
+    reply: Option<String>,
 }
 
 pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
     // Try the hosts in order (MX preference, then each address) until one
     // gets as far as EHLO; only when none does is the destination at fault.
     let hosts = dest.hosts.borrow().clone();
-    let mut failure = Some((format!("{}: no host to connect to", dest.label), false));
+    let mut failure = Some(SetupError {
+        reason: format!("{}: no host to connect to", dest.label),
+        tls: false,
+        auth: false,
+        reply: None,
+    });
     for host in hosts.iter() {
         let implicit = dest.relay.as_ref().is_some_and(|r| r.implicit_tls);
         let broken = || shard.with(|c| c.tls_broken(host.addr, Instant::now()));
@@ -64,11 +71,15 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
             }
             Err(e) => {
                 tracing::debug!("{}", e.reason);
-                failure = Some((e.reason, e.auth));
+                failure = Some(e);
             }
         }
     }
-    let failed = failure.as_ref().map(|(reason, auth)| (reason.as_str(), *auth));
+    let failed = failure.as_ref().map(|e| SetupFailure {
+        reason: &e.reason,
+        auth: e.auth,
+        reply: e.reply.as_deref(),
+    });
     shard.with(|c| c.connection_closed(&dest, failed, Instant::now()));
 }
 
@@ -80,6 +91,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         reason,
         tls: false,
         auth: false,
+        reply: None,
     };
     let source = dest.pick_source();
     let connecting = Instant::now();
@@ -139,7 +151,7 @@ async fn converse(
     let mut session: Session<Txn> = Session::new(&ehlo_name, mode).with_extensions(Extensions {
         pipelining: cfg.pipelining,
         chunking: cfg.chunking,
-        window: cfg.pipeline_window,
+        window: dest.policy.pipeline_window,
         window_bytes: cfg.pipeline_window_bytes,
     });
     let relay = dest.relay.as_deref();
@@ -158,6 +170,7 @@ async fn converse(
             reason: format!("{peer}: TLS handshake failed: {reason}"),
             tls: true,
             auth: false,
+            reply: None,
         })?;
         tls = Some(upgraded.describe());
         stream = Some(MaybeTls::Tls(Box::new(upgraded)));
@@ -171,6 +184,7 @@ async fn converse(
     let mut buf = vec![0u8; READ_BUF_BYTES];
     let mut submitted = 0usize;
     let mut setup_error = None;
+    let mut setup_reply = None;
     let mut was_ready = false;
     // Leaving to give the slot to another shard (counted in `dest.leaving` until the end).
     let mut leaving = false;
@@ -204,7 +218,7 @@ async fn converse(
                 Event::Ready => {
                     was_ready = true;
                     count(shard, dest, |m| m.connections[ConnResult::Ok as usize] += 1);
-                    shard.with(|c| c.connection_ready(dest));
+                    shard.with(|c| c.connection_ready(dest, Instant::now()));
                 }
                 Event::StartTls => match handshake(shard, dest, host, stream.take()).await {
                     Ok(upgraded) => {
@@ -225,12 +239,14 @@ async fn converse(
                             reason,
                             tls: true,
                             auth: false,
+                            reply: None,
                         });
                     }
                 },
-                Event::Done(report) => shard.with(|c| c.complete(report, host, tls.as_deref(), Instant::now())),
+                Event::Done(report) => shard.with(|c| c.complete(report, dest, host, tls.as_deref(), Instant::now())),
                 Event::Unsent(txn) => shard.with(|c| c.unsent(dest, txn)),
                 Event::Failed { reason, reply } => {
+                    setup_reply = reply.as_ref().map(|r| r.to_string());
                     // 530-539 to AUTH: the credentials (or their use) were refused.
                     auth_refused = credentials.is_some() && reply.is_some_and(|r| (530..540).contains(&r.code));
                     setup_error = Some(format!("{peer}: {reason}"));
@@ -242,7 +258,8 @@ async fn converse(
         }
         let io = stream.as_mut().expect("the stream is back after STARTTLS");
         if session.is_ready() {
-            while session.wants_txn() && submitted < cfg.max_messages_per_connection {
+            let most = dest.deliveries_per_connection();
+            while session.wants_txn() && submitted < most {
                 let Some(txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
                     break;
                 };
@@ -252,7 +269,7 @@ async fn converse(
             if !leaving && shard.with(|c| c.should_leave(dest)) {
                 leaving = true;
             }
-            if submitted >= cfg.max_messages_per_connection || shard.core.borrow().stopping() || leaving {
+            if submitted >= most || shard.core.borrow().stopping() || leaving {
                 session.quit();
             }
         }
@@ -308,6 +325,7 @@ async fn converse(
             },
             tls: false,
             auth: auth_refused,
+            reply: setup_reply,
         }),
         _ => Ok(()),
     }
@@ -348,9 +366,11 @@ async fn handshake(
     }
 }
 
-/// Parks until the destination has work (true) or the idle timeout passes or the shard stops (false).
-async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
-    let mut deadline = Instant::now() + shard.cfg.idle_timeout;
+/// Parks until the destination has work (true) or the idle timeout passes or
+/// the shard stops (false). Waiting for a pacing slot is not being idle.
+async fn wait_for_work(shard: &Rc<Shard>, dest: &Rc<Dest>) -> bool {
+    let idle = dest.policy.idle_timeout;
+    let mut deadline = Instant::now() + idle;
     loop {
         if shard.core.borrow().stopping() {
             return false;
@@ -360,19 +380,22 @@ async fn wait_for_work(shard: &Shard, dest: &Dest) -> bool {
             // these waiters once it has caught up.
             let listener = shard.caught_up.listen();
             shard.held_waiters.set(shard.held_waiters.get() + 1);
-            let _ = glommio::timer::timeout(shard.cfg.idle_timeout, async {
+            let _ = glommio::timer::timeout(idle, async {
                 listener.await;
                 Ok(())
             })
             .await;
             shard.held_waiters.set(shard.held_waiters.get() - 1);
-            deadline = Instant::now() + shard.cfg.idle_timeout;
+            deadline = Instant::now() + idle;
             continue;
         }
-        if dest.has_work() {
+        let now = Instant::now();
+        if shard.with(|c| c.work_now(dest, now)) {
             return true;
         }
-        let now = Instant::now();
+        if dest.has_work() {
+            deadline = now + idle;
+        }
         if now >= deadline {
             return false;
         }

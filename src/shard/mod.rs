@@ -87,6 +87,8 @@ pub struct ShardParams {
     pub recorded: Arc<AtomicU64>,
     /// Connection budgets, shared by the shards.
     pub budgets: Arc<Budgets>,
+    /// Traffic shaping: the policies destinations get.
+    pub shaping: Arc<crate::shaping::Shaping>,
 }
 
 pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
@@ -139,6 +141,16 @@ impl Job for SpoolJob {
     fn keep(&mut self, keep: &[usize]) {
         self.rcpts = keep.iter().map(|&i| self.rcpts[i].clone()).collect();
     }
+    fn split_off(&mut self, at: usize) -> SpoolJob {
+        SpoolJob {
+            file: self.file.clone(),
+            line: self.line,
+            id: self.id.clone(),
+            from: self.from.clone(),
+            body: self.body.clone(),
+            rcpts: self.rcpts.split_off(at),
+        }
+    }
 }
 
 pub(crate) type Txn = self::core::Txn<SpoolJob>;
@@ -165,6 +177,10 @@ pub(crate) struct Shard {
     /// Idle connections waiting for `held_back()` to clear, and what wakes them.
     held_waiters: Cell<usize>,
     caught_up: Event,
+    /// When the timer task wakes next, and what wakes it earlier (the core's
+    /// next timeout moved before it).
+    timer_at: Cell<Instant>,
+    timer_moved: Event,
 }
 
 thread_local! {
@@ -184,6 +200,7 @@ async fn run(p: ShardParams) {
             resolver: p.net.is_some(),
             classifier: p.classifier.clone(),
             budgets: p.budgets.clone(),
+            shaping: p.shaping.clone(),
             log: p.log,
             metrics: p.metrics.is_some(),
         },
@@ -201,7 +218,10 @@ async fn run(p: ShardParams) {
         prepared_inserts: Cell::new(0),
         held_waiters: Cell::new(0),
         caught_up: Event::new(),
+        timer_at: Cell::new(Instant::now()),
+        timer_moved: Event::new(),
     });
+    let timer_task = glommio::spawn_local(timers(shard.clone()));
     let mut unsent: Option<OutcomeBatch> = None;
     let mut credits = Vec::new();
     let mut last_flush = Instant::now();
@@ -241,9 +261,6 @@ async fn run(p: ShardParams) {
         shard.with(|c| {
             c.collector(unsent.is_some(), recorded);
             c.credits(flush_due, &mut credits);
-            if c.next_timeout().is_some_and(|t| t <= now) {
-                c.handle_timeout(now);
-            }
         });
         for credit in credits.drain(..) {
             let _ = p.credits.send(credit);
@@ -252,12 +269,9 @@ async fn run(p: ShardParams) {
             shard.caught_up.notify(usize::MAX);
         }
         if taken == 0 {
-            // Poll the inbox every millisecond while work flows, every 20 once
-            // idle for a while, and no later than the core's next timeout.
+            // Poll the inbox every millisecond while work flows, every 20 once idle for a while.
             idle_rounds += 1;
             let nap = if idle_rounds > 1000 { IDLE_POLL } else { BUSY_POLL };
-            let until = shard.core.borrow().next_timeout();
-            let nap = until.map_or(nap, |t| nap.min(t.saturating_duration_since(Instant::now())));
             glommio::timer::sleep(nap).await;
         } else {
             idle_rounds = 0;
@@ -271,6 +285,7 @@ async fn run(p: ShardParams) {
     while shard.core.borrow().connections_open() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    timer_task.cancel().await;
     if let Some(link) = &p.metrics {
         // Counters must not go back when the shard is gone: leave the last snapshot behind.
         let last = shard.core.borrow().snapshot(true, Instant::now());
@@ -289,6 +304,27 @@ async fn run(p: ShardParams) {
     }
 }
 
+/// The core's timers (retries, pacing slots, rebalancing): sleeps until its
+/// next timeout, or until `with` sees that timeout move earlier.
+async fn timers(shard: Rc<Shard>) {
+    loop {
+        let now = Instant::now();
+        let next = shard.core.borrow().next_timeout();
+        if next.is_some_and(|t| t <= now) {
+            shard.with(|c| c.handle_timeout(now));
+            continue;
+        }
+        let wait = next.map_or(IDLE_POLL, |t| t - now).min(IDLE_POLL);
+        shard.timer_at.set(now + wait);
+        let moved = shard.timer_moved.listen();
+        let _ = glommio::timer::timeout(wait, async {
+            moved.await;
+            Ok(())
+        })
+        .await;
+    }
+}
+
 async fn resolve(shard: Rc<Shard>, net: Net, domain: Rc<Domain>) {
     let answer = net.resolve_mx(domain.name()).await;
     shard.with(|c| c.resolved(&domain, answer, Instant::now()));
@@ -298,6 +334,16 @@ impl Shard {
     /// Calls the core, then carries out what it asks for.
     fn with<T>(self: &Rc<Self>, f: impl FnOnce(&mut Core<SpoolJob>) -> T) -> T {
         let out = f(&mut self.core.borrow_mut());
+        if self
+            .core
+            .borrow()
+            .next_timeout()
+            .is_some_and(|t| t < self.timer_at.get())
+        {
+            // Wake the timer task for the earlier timeout (once).
+            self.timer_at.set(Instant::now());
+            self.timer_moved.notify(1);
+        }
         loop {
             let Some(action) = self.core.borrow_mut().poll_action() else {
                 return out;

@@ -16,6 +16,8 @@
 //!   records and metrics;
 //! - `../intake.rs`: the intake bounds and ingest's credit, as numbers.
 
+mod automation;
+mod pace;
 mod pool;
 mod retry;
 mod route;
@@ -23,7 +25,7 @@ mod settle;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use pool::{Candidate, Dest};
+pub(crate) use pool::{Candidate, Dest, SetupFailure};
 pub(crate) use route::Domain;
 
 use std::collections::{HashMap, VecDeque};
@@ -39,6 +41,7 @@ use crate::config::{Config, Routes};
 use crate::ingest::Credit;
 use crate::metrics::{DomainGauges, DomainSnapshot, ShardMetrics, ShardSnapshot};
 use crate::outcome::{JobId, OutcomeBatch, RcptKey, Recorder};
+use crate::shaping::Shaping;
 use crate::smtp::{Envelope, WireMessage};
 
 /// How often the shard tells the connection board its work for the
@@ -65,6 +68,8 @@ pub trait Job {
     fn id(&self) -> JobId<'_>;
     /// Keeps only the recipients at `keep` (ascending).
     fn keep(&mut self, keep: &[usize]);
+    /// Splits off the recipients from `at` on into a job of their own.
+    fn split_off(&mut self, at: usize) -> Self;
 }
 
 /// One transaction: recipients of one job and one domain.
@@ -116,6 +121,7 @@ pub struct CoreParams {
     pub resolver: bool,
     pub classifier: Arc<Classifier>,
     pub budgets: Arc<Budgets>,
+    pub shaping: Arc<Shaping>,
     pub log: bool,
     pub metrics: bool,
 }
@@ -127,8 +133,6 @@ pub struct Core<J> {
     resolver: bool,
     classifier: Arc<Classifier>,
     budgets: Arc<Budgets>,
-    /// Connections per destination for the whole process.
-    conn_cap: u32,
     domains: HashMap<Box<str>, Rc<Domain<J>>>,
     dests: HashMap<Rc<str>, Rc<Dest<J>>>,
     /// Destinations other shards want too, rebalanced every REBALANCE_EVERY.
@@ -137,6 +141,9 @@ pub struct Core<J> {
     /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
     no_tls_until: HashMap<SocketAddr, Instant>,
     retries: retry::Retries<J>,
+    /// Destinations waiting for their next pacing slot.
+    paced: std::collections::BinaryHeap<pool::Paced<J>>,
+    shaping: Arc<Shaping>,
     /// Recipients held and credit granted, and domains gone full or open
     /// since ingest was last told.
     intake: Intake,
@@ -163,7 +170,6 @@ impl<J: Job> Core<J> {
     pub fn new(p: CoreParams, now: Instant, wall: SystemTime) -> Core<J> {
         Core {
             index: p.index,
-            conn_cap: p.cfg.max_connections_per_destination.min(u32::MAX as usize) as u32,
             intake: Intake::new(Bounds::of(&p.cfg)),
             metrics: ShardMetrics::new(p.metrics, p.cfg.metrics_max_domains),
             cfg: p.cfg,
@@ -177,6 +183,8 @@ impl<J: Job> Core<J> {
             last_rebalance: None,
             no_tls_until: HashMap::new(),
             retries: retry::Retries::default(),
+            paced: std::collections::BinaryHeap::new(),
+            shaping: p.shaping,
             domain_news: Vec::new(),
             recorder: Recorder::new(p.log),
             stopping: false,
@@ -249,10 +257,11 @@ impl<J: Job> Core<J> {
     /// When the core wants [`Core::handle_timeout`] called next.
     pub fn next_timeout(&self) -> Option<Instant> {
         let rebalance = self.last_rebalance.map_or(self.wall.0, |t| t + REBALANCE_EVERY);
-        Some(match self.retries.next() {
-            Some(at) => at.min(rebalance),
-            None => rebalance,
-        })
+        [self.retries.next(), self.next_paced()]
+            .into_iter()
+            .flatten()
+            .chain([rebalance])
+            .min()
     }
 
     /// Retries that are due go out again; shared destinations are rebalanced.
@@ -263,8 +272,9 @@ impl<J: Job> Core<J> {
             self.domain_load(&txn.domain, |l, b| l.retry(n, b));
             self.dispatch(txn, now);
         }
+        self.paced_due(now);
         if self.last_rebalance.is_none_or(|t| now >= t + REBALANCE_EVERY) {
-            self.rebalance();
+            self.rebalance(now);
             self.last_rebalance = Some(now);
         }
     }

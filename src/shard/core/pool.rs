@@ -15,9 +15,21 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
+use super::automation::Automation;
+use super::pace::Pacer;
 use super::{Action, Core, Job, Txn};
 use crate::config::{Relay, SourceAddress};
+use crate::shaping::{Policy, Rate};
 use crate::tls::TlsPolicy;
+
+/// Why a connection never got ready with any host.
+pub(crate) struct SetupFailure<'a> {
+    pub reason: &'a str,
+    /// The relay refused our credentials: the destination pauses.
+    pub auth: bool,
+    /// The server's reply that refused us, if one did.
+    pub reply: Option<&'a str>,
+}
 
 /// A host to connect to: its name (for the log and TLS) and one of its addresses.
 #[derive(Debug, Clone)]
@@ -26,10 +38,9 @@ pub(crate) struct Candidate {
     pub addr: SocketAddr,
 }
 
-/// What connections to a destination must be like.
+/// What applies to a destination: its shaping policy, and its relay if it is one.
 pub(super) struct ConnPolicy {
-    pub tls: TlsPolicy,
-    pub sources: Rc<[SourceAddress]>,
+    pub shaping: Rc<Policy>,
     pub relay: Option<Arc<Relay>>,
 }
 
@@ -42,6 +53,8 @@ pub(crate) struct Dest<J> {
     /// This shard's share of the destination's connections, and whether
     /// other shards want it too (then it is rebalanced periodically).
     share: Cell<u32>,
+    /// Its part of the destination's rates, from the board (see `Grant::rate_share`).
+    rate_share: Cell<u32>,
     pub(super) shared: Cell<bool>,
     /// Connections leaving to give their slot to another shard.
     leaving: Cell<u32>,
@@ -49,6 +62,15 @@ pub(crate) struct Dest<J> {
     refused_turn: Cell<u64>,
     /// The domain that first routed here: connection metrics count under it.
     pub owner: Rc<str>,
+    /// Its limits (`shaping.rs`); domains of different scopes never share a destination.
+    pub policy: Rc<Policy>,
+    /// Slots for its transactions (`max_message_rate`) and connections (`max_connection_rate`).
+    message_pace: Cell<Pacer>,
+    connection_pace: Cell<Pacer>,
+    /// A timer is set for its next slot (see `Core::handle_timeout`).
+    pace_wake: Cell<Option<Instant>>,
+    /// Its automation rules' hits and what they put in force.
+    pub(super) automation: RefCell<Automation>,
     pub tls: TlsPolicy,
     /// Local addresses its connections are bound to, in rotation (empty: any).
     sources: Rc<[SourceAddress]>,
@@ -72,6 +94,53 @@ pub(crate) struct Dest<J> {
 }
 
 impl<J> Dest<J> {
+    /// Its connection cap for the whole process (a rule's override first).
+    pub fn cap(&self) -> u32 {
+        self.overridden(|k| k.max_connections)
+            .unwrap_or(self.policy.max_connections)
+    }
+
+    /// Its `max_message_rate` (a rule's override first).
+    pub fn message_rate(&self) -> Option<Rate> {
+        self.overridden(|k| k.max_message_rate).or(self.policy.max_message_rate)
+    }
+
+    /// Its `max_connection_rate` (a rule's override first).
+    pub fn connection_rate(&self) -> Option<Rate> {
+        self.overridden(|k| k.max_connection_rate)
+            .or(self.policy.max_connection_rate)
+    }
+
+    /// Transactions a connection may carry (a rule's override first).
+    pub fn deliveries_per_connection(&self) -> usize {
+        self.overridden(|k| k.max_deliveries_per_connection)
+            .unwrap_or(self.policy.max_deliveries_per_connection)
+    }
+
+    fn overridden<T>(&self, f: impl FnOnce(&crate::shaping::Knobs) -> Option<T>) -> Option<T> {
+        self.automation.borrow().overridden.as_ref().and_then(|(_, k)| f(k))
+    }
+
+    /// A rule suspended it, until after `now`.
+    pub fn suspended(&self, now: Instant) -> bool {
+        self.suspension(now).is_some()
+    }
+
+    /// The name of the rule that suspended it, until after `now`.
+    pub(super) fn suspension(&self, now: Instant) -> Option<String> {
+        let a = self.automation.borrow();
+        a.suspended
+            .as_ref()
+            .filter(|a| now < a.until)
+            .map(|a| a.rule.name.clone())
+    }
+
+    /// A rule makes its recipients bounce, until after `now`: the rule and why.
+    pub(super) fn bouncing(&self, now: Instant) -> Option<Arc<crate::shaping::Rule>> {
+        let a = self.automation.borrow();
+        a.bouncing.as_ref().filter(|a| now < a.until).map(|a| a.rule.clone())
+    }
+
     /// Whether a transaction is queued for it.
     pub fn has_work(&self) -> bool {
         !self.queue.borrow().is_empty()
@@ -92,21 +161,34 @@ impl<J: Job> Core<J> {
     /// The destination `label` under `policy` (domains with different TLS
     /// policies or source addresses never share a connection).
     pub(super) fn dest(&mut self, label: &str, policy: ConnPolicy, hosts: Rc<[Candidate]>, owner: &str) -> Rc<Dest<J>> {
-        let sources: Vec<String> = policy.sources.iter().map(|s| s.address.to_string()).collect();
-        let key = format!("{label} tls={} from={}", policy.tls, sources.join(","));
+        let shaping = policy.shaping;
+        let sources: Vec<String> = shaping.sources.iter().map(|s| s.address.to_string()).collect();
+        let key = format!(
+            "{label} tls={} from={} scope={}",
+            shaping.tls,
+            sources.join(","),
+            shaping.scope
+        );
         if let Some(d) = self.dests.get(key.as_str()) {
             return d.clone();
         }
         let d = Rc::new(Dest {
             label: Rc::from(label),
             key: Rc::from(key.as_str()),
-            share: Cell::new(self.conn_cap),
+            share: Cell::new(shaping.max_connections),
+            // Until the board first answers (at the first connection's opening).
+            rate_share: Cell::new(shaping.max_connections),
             shared: Cell::new(false),
             leaving: Cell::new(0),
             refused_turn: Cell::new(u64::MAX),
             owner: Rc::from(owner),
-            tls: policy.tls,
-            sources: policy.sources,
+            message_pace: Cell::default(),
+            connection_pace: Cell::default(),
+            pace_wake: Cell::new(None),
+            automation: RefCell::default(),
+            tls: shaping.tls,
+            sources: shaping.sources.clone().into(),
+            policy: shaping,
             relay: policy.relay,
             next_source: Cell::new(self.index),
             hosts: RefCell::new(hosts),
@@ -124,7 +206,10 @@ impl<J: Job> Core<J> {
     }
 
     /// Wakes a parked connection, or opens another while the queue outgrows the parked ones.
-    pub(super) fn kick(&mut self, dest: &Rc<Dest<J>>) {
+    pub(super) fn kick(&mut self, dest: &Rc<Dest<J>>, now: Instant) {
+        if dest.suspended(now) {
+            return;
+        }
         if dest.parked.get() > 0 {
             self.actions.push_back(Action::Wake(dest.clone()));
         }
@@ -132,15 +217,88 @@ impl<J: Job> Core<J> {
         // Until one connection has got through EHLO, one attempt at a time:
         // a dead or refusing destination costs one failure, not a burst.
         let probing = dest.ready.get() == 0 && dest.open.get() > 0;
+        // A paced destination's parked connections wait for slots: another
+        // one helps only when none is free.
+        let wanted = match dest.message_rate() {
+            Some(_) => queued > 0 && dest.parked.get() == 0,
+            None => queued > dest.parked.get(),
+        };
         if !self.stopping
             && !probing
-            && (dest.open.get() as u32) < self.conn_cap
-            && queued > dest.parked.get()
+            && (dest.open.get() as u32) < dest.cap()
+            && wanted
+            && self.connection_slot_due(dest, now)
             && self.budget_allows(dest)
         {
+            if let Some(rate) = dest.connection_rate() {
+                let _ = self.take_slot(dest, &dest.connection_pace, rate, now);
+            }
             dest.open.set(dest.open.get() + 1);
             self.actions.push_back(Action::Open(dest.clone()));
         }
+    }
+
+    /// Whether `max_connection_rate` lets a connection open now (if not, a
+    /// timer brings the destination back at its next slot).
+    fn connection_slot_due(&mut self, dest: &Rc<Dest<J>>, now: Instant) -> bool {
+        let Some(rate) = dest.connection_rate() else {
+            return true;
+        };
+        // Only asked here (a copy); the slot is taken when the connection opens.
+        let copy = Cell::new(dest.connection_pace.get());
+        match self.take_slot(dest, &copy, rate, now) {
+            Ok(()) => true,
+            Err(at) => {
+                self.pace_timer(dest, at);
+                false
+            }
+        }
+    }
+
+    /// The time between two of this shard's events for `dest` at `rate`: the
+    /// destination's rate for the whole process, divided among the shards
+    /// that carry it as its connections are. None while the shard has no
+    /// part of it (another shard has not let go of its part yet).
+    fn pace_interval(&self, dest: &Dest<J>, rate: Rate) -> Option<Duration> {
+        let (cap, share) = (dest.cap().max(1), dest.rate_share.get().min(dest.cap().max(1)));
+        (share > 0).then(|| rate.interval() * cap / share)
+    }
+
+    /// Takes one of `pace`'s slots for `dest` at `rate`, or answers when to look again.
+    fn take_slot(&self, dest: &Dest<J>, pace: &Cell<Pacer>, rate: Rate, now: Instant) -> Result<(), Instant> {
+        let Some(interval) = self.pace_interval(dest, rate) else {
+            return Err(now + super::REBALANCE_EVERY);
+        };
+        let mut p = pace.get();
+        let slot = p.take(now, interval);
+        pace.set(p);
+        slot
+    }
+
+    /// Brings `dest` back (`kick`) at `at`, its next pacing slot.
+    pub(super) fn pace_timer(&mut self, dest: &Rc<Dest<J>>, at: Instant) {
+        if dest.pace_wake.get().is_some_and(|t| t <= at) {
+            return;
+        }
+        dest.pace_wake.set(Some(at));
+        self.paced.push(Paced { at, dest: dest.clone() });
+    }
+
+    /// Destinations whose pacing slot has come: their connections look again.
+    pub(super) fn paced_due(&mut self, now: Instant) {
+        while self.paced.peek().is_some_and(|p| p.at <= now) {
+            let p = self.paced.pop().expect("peeked");
+            if p.dest.pace_wake.get() == Some(p.at) {
+                p.dest.pace_wake.set(None);
+                self.lift_due(&p.dest, now);
+                self.kick(&p.dest, now);
+            }
+        }
+    }
+
+    /// When the next pacing slot is.
+    pub(super) fn next_paced(&self) -> Option<Instant> {
+        self.paced.peek().map(|p| p.at)
     }
 
     /// Asks the board for one more connection to `dest` (at most once a turn
@@ -150,8 +308,9 @@ impl<J: Job> Core<J> {
             return false;
         }
         let want = (dest.queue.borrow().len() + dest.open.get()) as u64;
-        let g = self.budgets.open(&dest.key, self.index, want, self.conn_cap);
+        let g = self.budgets.open(&dest.key, self.index, want, dest.cap());
         dest.share.set(g.share);
+        dest.rate_share.set(g.rate_share);
         if g.shared && !dest.shared.replace(true) {
             self.shared_dests.push(dest.clone());
         }
@@ -163,11 +322,11 @@ impl<J: Job> Core<J> {
 
     /// A connection to `dest` got through EHLO: the destination works, and
     /// more connections open if its queue wants them.
-    pub fn connection_ready(&mut self, dest: &Rc<Dest<J>>) {
+    pub fn connection_ready(&mut self, dest: &Rc<Dest<J>>, now: Instant) {
         dest.ready.set(dest.ready.get() + 1);
         dest.failures.set(0);
         dest.down_until.set(None);
-        self.kick(dest);
+        self.kick(dest, now);
     }
 
     /// A session with one of `dest`'s hosts ended; `was_ready` when it had
@@ -182,17 +341,25 @@ impl<J: Job> Core<J> {
     }
 
     /// A connection to `dest` ended (every host it tried). `failed`: it never
-    /// got ready with any of them (the reason, and whether the relay refused
-    /// our credentials). Its slot goes back to the board.
-    pub fn connection_closed(&mut self, dest: &Rc<Dest<J>>, failed: Option<(&str, bool)>, now: Instant) {
+    /// got ready with any of them. Its slot goes back to the board; the
+    /// failure counts against the destination's rules (a reply as a reply,
+    /// volley's own failure as local), and unless a rule suspends it, the
+    /// destination is backed off.
+    pub fn connection_closed(&mut self, dest: &Rc<Dest<J>>, failed: Option<SetupFailure<'_>>, now: Instant) {
         dest.open.set(dest.open.get() - 1);
         self.budgets.closed(&dest.key, self.index);
-        if let Some((reason, auth)) = failed {
-            let pause = auth.then_some(self.cfg.retry.max_delay);
-            self.destination_failed(dest, reason, pause, now);
+        if let Some(f) = failed {
+            match f.reply {
+                Some(reply) => self.automation_hit(dest, reply, false, now),
+                None => self.automation_hit(dest, f.reason, true, now),
+            }
+            if !dest.suspended(now) {
+                let pause = f.auth.then_some(self.cfg.retry.max_delay);
+                self.destination_failed(dest, f.reason, pause, now);
+            }
         }
         if dest.has_work() {
-            self.kick(dest);
+            self.kick(dest, now);
         }
     }
 
@@ -215,9 +382,16 @@ impl<J: Job> Core<J> {
     }
 
     /// The next transaction for a connection to `dest`, started at `now`;
-    /// none while the shard is held back by the collector.
-    pub fn next_txn(&mut self, dest: &Dest<J>, now: Instant) -> Option<Txn<J>> {
-        if self.held_back() {
+    /// none while the shard is held back by the collector, or before the
+    /// destination's next `max_message_rate` slot (a timer then brings it back).
+    pub fn next_txn(&mut self, dest: &Rc<Dest<J>>, now: Instant) -> Option<Txn<J>> {
+        if self.held_back() || !dest.has_work() || dest.suspended(now) {
+            return None;
+        }
+        if let Some(rate) = dest.message_rate()
+            && let Err(at) = self.take_slot(dest, &dest.message_pace, rate, now)
+        {
+            self.pace_timer(dest, at);
             return None;
         }
         let mut txn = dest.queue.borrow_mut().pop_front()?;
@@ -231,11 +405,34 @@ impl<J: Job> Core<J> {
         dest.queue.borrow_mut().push_front(txn);
     }
 
+    /// Whether a connection to `dest` has something to send now: queued,
+    /// and its next `max_message_rate` slot has come (if not, a timer brings
+    /// the destination back then).
+    pub fn work_now(&mut self, dest: &Rc<Dest<J>>, now: Instant) -> bool {
+        if !dest.has_work() || dest.suspended(now) {
+            return false;
+        }
+        let Some(rate) = dest.message_rate() else {
+            return true;
+        };
+        // As `next_txn` would take it (a copy): a connection told there is
+        // work must find it there, or it would spin.
+        let copy = Cell::new(dest.message_pace.get());
+        match self.take_slot(dest, &copy, rate, now) {
+            Ok(()) => true,
+            Err(at) => {
+                self.pace_timer(dest, at);
+                false
+            }
+        }
+    }
+
     /// Whether a connection to `dest` should leave after its transactions
     /// in flight, giving its slot to a shard below its share (counts it as leaving).
     pub fn should_leave(&mut self, dest: &Dest<J>) -> bool {
         let staying = dest.open.get() as u32 - dest.leaving.get();
-        if dest.shared.get() && staying > dest.share.get().max(1) {
+        let over_share = dest.shared.get() && staying > dest.share.get().max(1);
+        if over_share || staying > dest.cap() {
             dest.leaving.set(dest.leaving.get() + 1);
             return true;
         }
@@ -245,7 +442,7 @@ impl<J: Job> Core<J> {
     /// Tells the board this shard's work for the destinations other shards
     /// want too, and takes its new shares: a shard over its share lets
     /// connections go, one under it opens more.
-    pub(super) fn rebalance(&mut self) {
+    pub(super) fn rebalance(&mut self, now: Instant) {
         // Destinations this shard took whole before another shard wanted them.
         for key in self.budgets.wanted_elsewhere(self.index) {
             if let Some(d) = self.dests.get(&*key)
@@ -258,14 +455,15 @@ impl<J: Job> Core<J> {
         let mut keep = Vec::with_capacity(dests.len());
         for d in dests {
             let want = (d.queue.borrow().len() + d.open.get()) as u64;
-            let g = self.budgets.rebalance(&d.key, self.index, want, self.conn_cap);
+            let g = self.budgets.rebalance(&d.key, self.index, want, d.cap());
             d.share.set(g.share);
+            d.rate_share.set(g.rate_share);
             if !g.shared && want == 0 {
                 d.shared.set(false);
                 continue;
             }
             if (d.open.get() as u32) < g.share {
-                self.kick(&d);
+                self.kick(&d, now);
             }
             keep.push(d);
         }
@@ -288,5 +486,29 @@ impl<J: Job> Core<J> {
     /// `addr` failed a TLS handshake: plaintext to it for `tls_fallback`.
     pub fn remember_tls_broken(&mut self, addr: SocketAddr, now: Instant) {
         self.no_tls_until.insert(addr, now + self.cfg.tls_fallback);
+    }
+}
+
+/// A destination waiting for its next pacing slot.
+pub(super) struct Paced<J> {
+    at: Instant,
+    dest: Rc<Dest<J>>,
+}
+
+impl<J> PartialEq for Paced<J> {
+    fn eq(&self, o: &Self) -> bool {
+        self.at == o.at
+    }
+}
+impl<J> Eq for Paced<J> {}
+impl<J> PartialOrd for Paced<J> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl<J> Ord for Paced<J> {
+    // Reversed: the earliest first out of a max-heap.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.at.cmp(&self.at)
     }
 }

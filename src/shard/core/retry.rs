@@ -87,7 +87,7 @@ pub(crate) struct Backoff {
 impl<J: Job> Core<J> {
     /// Puts a deferred transaction in line for its next attempt.
     pub(super) fn schedule_retry(&mut self, mut txn: Txn<J>, now: Instant) {
-        let retry = &txn.domain.retry;
+        let retry = txn.domain.retry();
         let due = (now + retry.delay(txn.attempt)).min(txn.first_seen + retry.max_age);
         txn.attempt += 1;
         let n = txn.job.rcpt_count() as u64;
@@ -116,7 +116,7 @@ impl<J: Job> Core<J> {
         domain.deferred_in_a_row.set(n);
         let after = self.cfg.domain_backoff_after.max(1);
         if n >= after {
-            let until = now + domain.retry.delay(n - after + 1);
+            let until = now + domain.retry().delay(n - after + 1);
             let (text, category) = last();
             let reason = format!(
                 "{} is backed off as a whole: {n} transactions in a row deferred, the last with: {text}",

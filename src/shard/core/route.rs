@@ -20,7 +20,8 @@ use crate::smtp::Enhanced;
 pub struct Domain<J> {
     pub(crate) name: Rc<str>,
     route: RefCell<DomainRoute<J>>,
-    pub(super) retry: Retry,
+    /// Its retry schedule (its destination's policy, once it has one).
+    retry: RefCell<Rc<Retry>>,
     /// Transactions in a row deferred whole; past `domain_backoff_after` the domain is backed off.
     pub(super) deferred_in_a_row: Cell<u32>,
     pub(super) backoff: RefCell<Option<Backoff>>,
@@ -40,6 +41,10 @@ impl<J> Domain<J> {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(super) fn retry(&self) -> Rc<Retry> {
+        self.retry.borrow().clone()
     }
 }
 
@@ -84,16 +89,23 @@ impl<J: Job> Core<J> {
             return d.clone();
         }
         let routes = self.routes.clone();
-        let route = match routes.lookup(&lower) {
-            Some(t) => DomainRoute::Fixed(self.route_dest(t, self.policy_of(&lower), &lower)),
-            None => DomainRoute::Unknown,
+        let (route, retry) = match routes.lookup(&lower) {
+            Some(t) => {
+                let policy = self.policy_of(&lower, &[&t.host]);
+                let retry = Rc::new(policy.shaping.retry.clone());
+                (DomainRoute::Fixed(self.route_dest(t, policy, &lower)), retry)
+            }
+            None => (
+                DomainRoute::Unknown,
+                Rc::new(self.policy_of(&lower, &[]).shaping.retry.clone()),
+            ),
         };
         let name: Rc<str> = Rc::from(lower.as_str());
         let d = Rc::new(Domain {
             slot: self.metrics.slot_for(&name),
             name,
             route: RefCell::new(route),
-            retry: self.cfg.retry_of(&lower).clone(),
+            retry: RefCell::new(retry),
             deferred_in_a_row: Cell::new(0),
             backoff: RefCell::new(None),
             load: Cell::new(DomainLoad::default()),
@@ -103,11 +115,10 @@ impl<J: Job> Core<J> {
         d
     }
 
-    /// What a domain's connections must be like: its TLS policy and source addresses.
-    fn policy_of(&self, domain: &str) -> ConnPolicy {
+    /// What applies to a domain's destination, its MX hosts (or route host) being `mx`.
+    fn policy_of(&self, domain: &str, mx: &[&str]) -> ConnPolicy {
         ConnPolicy {
-            tls: self.cfg.tls_policy_of(domain),
-            sources: self.cfg.sources_of(domain).into(),
+            shaping: Rc::new(self.shaping.policy(&self.cfg, domain, mx)),
             relay: None,
         }
     }
@@ -118,7 +129,7 @@ impl<J: Job> Core<J> {
             addr: target.addr,
         }];
         if let Some(tls) = target.relay.as_ref().and_then(|r| r.tls) {
-            policy.tls = tls;
+            Rc::make_mut(&mut policy.shaping).tls = tls;
         }
         policy.relay = target.relay.clone();
         self.dest(&target.label, policy, hosts.into(), owner)
@@ -197,8 +208,12 @@ impl<J: Job> Core<J> {
         self.enqueue(txn, &dest, now);
     }
 
-    /// Queues a transaction for its destination, unless the destination is down.
+    /// Queues a transaction for its destination, unless the destination is
+    /// down or a rule makes it bounce.
     fn enqueue(&mut self, txn: Txn<J>, dest: &Rc<Dest<J>>, now: Instant) {
+        if let Some(rule) = dest.bouncing(now) {
+            return self.bounce_by_rule(txn, dest, &rule, now);
+        }
         if let Some(until) = dest.down_until.get()
             && now < until
         {
@@ -209,8 +224,23 @@ impl<J: Job> Core<J> {
             );
             return self.defer(txn, &reason, Some(dest), now);
         }
+        // A destination may take fewer recipients per transaction than ingest groups.
+        let max = dest.policy.max_rcpts_per_txn.max(1);
+        let mut txn = txn;
+        while txn.job.rcpt_count() > max {
+            let rest = Txn {
+                job: txn.job.split_off(max),
+                domain: txn.domain.clone(),
+                attempt: txn.attempt,
+                first_seen: txn.first_seen,
+                first_attempt: txn.first_attempt,
+                started: txn.started,
+            };
+            dest.queue.borrow_mut().push_back(txn);
+            txn = rest;
+        }
         dest.queue.borrow_mut().push_back(txn);
-        self.kick(dest);
+        self.kick(dest, now);
     }
 
     /// Takes an MX answer for a domain and releases the transactions that waited for it.
@@ -226,7 +256,10 @@ impl<J: Job> Core<J> {
         let mut found = None;
         let (next, temporary) = match answer {
             MxAnswer::Hosts { hosts, ttl } => {
-                let dest = self.mx_dest(&hosts, self.policy_of(&domain.name), &domain.name);
+                let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                let policy = self.policy_of(&domain.name, &names);
+                *domain.retry.borrow_mut() = Rc::new(policy.shaping.retry.clone());
+                let dest = self.mx_dest(&hosts, policy, &domain.name);
                 found = Some(dest.clone());
                 (
                     DomainRoute::Known {

@@ -48,15 +48,36 @@ struct At<'a> {
     ip: Option<IpAddr>,
     latency_ms: Option<u64>,
     tls: Option<&'a str>,
+    /// The rule in force on the destination (a suspension's deferral).
+    rule: Option<&'a str>,
 }
 
 impl<J: Job> Core<J> {
     /// Settles every recipient of a transaction that went to `host` and
     /// ended at `now` (`tls`: the connection's TLS, described).
-    pub fn complete(&mut self, report: TxnReport<Txn<J>>, host: &Candidate, tls: Option<&str>, now: Instant) {
+    pub fn complete(
+        &mut self,
+        report: TxnReport<Txn<J>>,
+        dest: &Rc<Dest<J>>,
+        host: &Candidate,
+        tls: Option<&str>,
+        now: Instant,
+    ) {
         let txn = &report.txn;
+        // The first reply that did not deliver counts against the
+        // destination's rules (before the outcomes: a rule it fires decides
+        // where the deferred recipients wait).
+        let refusal = (0..txn.job.rcpt_count()).find_map(|i| match report.verdict(i) {
+            (Status::Delivered, _) => None,
+            (_, Decider::Reply(r)) => Some((r.to_string(), false)),
+            (_, Decider::Failure(f)) => Some((f.to_string(), true)),
+        });
+        if let Some((text, local)) = refusal {
+            self.automation_hit(dest, &text, local, now);
+        }
+        let suspension = dest.suspension(now);
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
-        let expired = now >= txn.first_seen + txn.domain.retry.max_age;
+        let expired = now >= txn.first_seen + txn.domain.retry().max_age;
         let mut deferred = Vec::new();
         let mut delivered = 0u64;
         for i in 0..txn.job.rcpt_count() {
@@ -78,6 +99,7 @@ impl<J: Job> Core<J> {
                 ip: Some(host.addr.ip()),
                 latency_ms,
                 tls,
+                rule: suspension.as_deref().filter(|_| outcome == Outcome::Deferred),
             };
             self.record(txn, i, outcome, decider.into(), at, now);
         }
@@ -102,6 +124,15 @@ impl<J: Job> Core<J> {
         if deferred.len() < txn.job.rcpt_count() {
             txn.job.keep(&deferred);
         }
+        if suspension.is_some() {
+            // Back in line, to go out when the suspension ends.
+            txn.attempt += 1;
+            dest.queue.borrow_mut().push_front(txn);
+            return;
+        }
+        if let Some(rule) = dest.bouncing(now) {
+            return self.bounce_by_rule(txn, dest, &rule, now);
+        }
         self.schedule_retry(txn, now);
     }
 
@@ -119,7 +150,7 @@ impl<J: Job> Core<J> {
         category: Option<&str>,
         now: Instant,
     ) {
-        let expired = now >= txn.first_seen + txn.domain.retry.max_age;
+        let expired = now >= txn.first_seen + txn.domain.retry().max_age;
         let outcome = if expired { Outcome::Expired } else { Outcome::Deferred };
         for i in 0..txn.job.rcpt_count() {
             let said = Said {
@@ -137,6 +168,17 @@ impl<J: Job> Core<J> {
         if !expired {
             self.schedule_retry(txn, now);
         }
+    }
+
+    /// Bounces a transaction for `dest` while `rule` makes its recipients bounce.
+    pub(super) fn bounce_by_rule(&mut self, txn: Txn<J>, dest: &Dest<J>, rule: &crate::shaping::Rule, now: Instant) {
+        let reason = format!("bounced by rule {} while it is in force on {}", rule.name, dest.label);
+        let enhanced = Enhanced {
+            class: 5,
+            subject: 7,
+            detail: 1,
+        };
+        self.bounce(txn, enhanced, &reason, now);
     }
 
     /// Bounces every recipient of a transaction for a local, permanent reason.
@@ -184,6 +226,7 @@ impl<J: Job> Core<J> {
                 latency_ms: at.latency_ms,
                 tls: at.tls,
                 category,
+                rule: at.rule,
             },
         );
     }

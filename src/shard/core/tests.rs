@@ -44,6 +44,13 @@ impl Job for TestJob {
     fn keep(&mut self, keep: &[usize]) {
         self.rcpts = keep.iter().map(|&i| self.rcpts[i].clone()).collect();
     }
+    fn split_off(&mut self, at: usize) -> TestJob {
+        TestJob {
+            line: self.line,
+            rcpts: self.rcpts.split_off(at),
+            wire: self.wire.clone(),
+        }
+    }
 }
 
 /// A core, its clock, and what it asked for so far.
@@ -74,7 +81,29 @@ impl Rig {
         Rig::with_board(cfg, Arc::new(Budgets::new(1)), 0)
     }
 
+    /// With a shaping file over none (not the built-in one).
+    fn shaped(cfg: Config, shaping: &str) -> Rig {
+        let mut s = Shaping::default();
+        s.add(shaping, "test.toml").unwrap();
+        Rig::build(cfg, Arc::new(Budgets::new(1)), 0, s)
+    }
+
+    /// Two shards sharing one connection board, with `shaping`.
+    fn pair(shaping: &str) -> (Rig, Rig) {
+        let board = Arc::new(Budgets::new(2));
+        let mk = |i| {
+            let mut s = Shaping::default();
+            s.add(shaping, "t.toml").unwrap();
+            Rig::build(config(), board.clone(), i, s)
+        };
+        (mk(0), mk(1))
+    }
+
     fn with_board(cfg: Config, budgets: Arc<Budgets>, index: usize) -> Rig {
+        Rig::build(cfg, budgets, index, Shaping::default())
+    }
+
+    fn build(cfg: Config, budgets: Arc<Budgets>, index: usize, shaping: Shaping) -> Rig {
         let mut specs = BTreeMap::new();
         specs.insert("routed.test".to_string(), RouteSpec::Target("127.0.0.1:2525".into()));
         let t0 = Instant::now();
@@ -86,6 +115,7 @@ impl Rig {
                 resolver: true,
                 classifier: Arc::new(Classifier::default()),
                 budgets,
+                shaping: Arc::new(shaping),
                 log: true,
                 metrics: true,
             },
@@ -157,7 +187,8 @@ impl Rig {
 
     /// A connection that got ready, as a real one would report it.
     fn ready(&mut self, dest: &Rc<Dest<TestJob>>) {
-        self.core.connection_ready(dest);
+        let now = self.now;
+        self.core.connection_ready(dest, now);
     }
 
     /// Takes the next transaction for `dest` and answers every command with `code`.
@@ -179,7 +210,7 @@ impl Rig {
             chunked: false,
         };
         let host = dest.hosts.borrow()[0].clone();
-        self.core.complete(report, &host, None, self.now);
+        self.core.complete(report, dest, &host, None, self.now);
         true
     }
 
@@ -192,7 +223,12 @@ impl Rig {
     /// A connection that never got ready with any host.
     fn fail(&mut self, dest: &Rc<Dest<TestJob>>, reason: &str) {
         self.core.session_ended(dest, false, false);
-        self.core.connection_closed(dest, Some((reason, false)), self.now);
+        let failed = SetupFailure {
+            reason,
+            auth: false,
+            reply: None,
+        };
+        self.core.connection_closed(dest, Some(failed), self.now);
     }
 
     fn timeout(&mut self) {
@@ -318,7 +354,7 @@ fn only_the_deferred_recipients_of_a_transaction_are_retried() {
         chunked: false,
     };
     let host = dest.hosts.borrow()[0].clone();
-    r.core.complete(report, &host, None, r.now);
+    r.core.complete(report, &dest, &host, None, r.now);
     let o: Vec<(u32, Outcome)> = r.outcomes().into_iter().map(|o| (o.1, o.2)).collect();
     assert_eq!(
         o,
@@ -601,4 +637,255 @@ fn two_shards_share_one_cap_in_proportion_to_their_work() {
     b.ready(&opened[0]);
     assert_eq!(b.opened().len(), 1);
     assert_eq!(a.core.connections_open() + b.core.connections_open(), 4);
+}
+
+#[test]
+fn a_destination_over_its_message_rate_waits_for_its_next_slot_and_holds_up_nothing_else() {
+    let mut r = Rig::shaped(config(), "[\"routed.test\"]\nmax_message_rate = \"10/s\"\n");
+    for _ in 0..3 {
+        r.send("routed.test", 1);
+    }
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.actions();
+    assert!(r.answer(&dest, 250), "the first slot is free");
+    assert!(!r.answer(&dest, 250), "the next is 100 ms away");
+    assert_eq!(r.core.next_paced(), Some(r.t0 + Duration::from_millis(100)));
+    // Another domain's destination is not paced.
+    r.send("mx.test", 1);
+    let Some(Action::Resolve(d)) = r.actions().pop() else {
+        panic!("a lookup")
+    };
+    r.core.resolved(&d, mx("mail.mx.test", 300), r.now);
+    let other = r.opened().remove(0);
+    r.ready(&other);
+    assert!(r.answer(&other, 250));
+    r.at(0.099);
+    r.timeout();
+    assert!(!r.core.work_now(&dest, r.now));
+    dest.parked.set(1);
+    r.at(0.1);
+    r.timeout();
+    assert!(
+        r.actions()
+            .iter()
+            .any(|a| matches!(a, Action::Wake(d) if Rc::ptr_eq(d, &dest))),
+        "its slot wakes a parked connection"
+    );
+    assert!(r.core.work_now(&dest, r.now));
+    assert!(r.answer(&dest, 250));
+    assert!(!r.answer(&dest, 250));
+    r.at(0.2);
+    assert!(r.answer(&dest, 250));
+    assert!(!dest.has_work());
+}
+
+#[test]
+fn shaping_sets_a_destinations_connections_and_recipients_per_transaction() {
+    let mut r = Rig::shaped(
+        config(),
+        "[\"routed.test\"]\nmax_connections = 2\nmax_rcpts_per_txn = 3\nmax_connection_rate = \"1/s\"\n",
+    );
+    r.send("routed.test", 7);
+    let dest = r.opened().remove(0);
+    assert_eq!(dest.cap(), 2);
+    let sizes: Vec<usize> = dest.queue.borrow().iter().map(|t| t.job.rcpt_count()).collect();
+    assert_eq!(sizes, [3, 3, 1], "split to the destination's max_rcpts_per_txn");
+    r.ready(&dest);
+    assert!(
+        r.opened().is_empty(),
+        "max_connection_rate: the next connection is a second away"
+    );
+    r.at(1.0);
+    r.timeout();
+    assert_eq!(r.opened().len(), 1);
+    r.ready(&dest);
+    r.send("routed.test", 7);
+    r.at(2.0);
+    r.timeout();
+    assert!(r.opened().is_empty(), "max_connections = 2");
+    while r.answer(&dest, 250) {}
+    let delivered: Vec<u32> = r.outcomes().iter().map(|o| o.1).collect();
+    assert_eq!(delivered.len(), 14);
+}
+
+#[test]
+fn a_shared_destinations_rate_is_divided_as_its_connections_are() {
+    let (mut a, mut b) = Rig::pair("[\"routed.test\"]\nmax_connections = 4\nmax_message_rate = \"100/s\"\n");
+    for _ in 0..50 {
+        a.send("routed.test", 1);
+        b.send("routed.test", 1);
+    }
+    let da = a.opened().remove(0);
+    a.ready(&da);
+    a.opened();
+    let db = b.opened();
+    for r in [&mut a, &mut b] {
+        r.at(0.05);
+        r.timeout();
+    }
+    let db = match db.first() {
+        Some(d) => d.clone(),
+        None => b.opened().remove(0),
+    };
+    b.ready(&db);
+    // Each takes a slot; the next one is as far as its share of the rate says.
+    let mut gaps = Vec::new();
+    for (r, d) in [(&mut a, &da), (&mut b, &db)] {
+        assert!(r.answer(d, 250));
+        assert!(!r.answer(d, 250));
+        gaps.push(r.core.next_paced().unwrap() - r.now);
+    }
+    let total: f64 = gaps.iter().map(|g| 1.0 / g.as_secs_f64()).sum();
+    assert!(
+        gaps.iter().all(|g| *g > Duration::from_millis(10)),
+        "neither has the whole rate: {gaps:?}"
+    );
+    assert!(total <= 100.0 + 1e-3, "together at most 100/s: {total} ({gaps:?})");
+}
+
+#[test]
+fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time() {
+    let mut r = Rig::shaped(
+        config(),
+        "[[\"routed.test\".automation]]\nname = \"tss04\"\nregex = '\\[TSS04\\]'\naction = \"suspend\"\nduration = \"30m\"\n",
+    );
+    for _ in 0..3 {
+        r.send("routed.test", 1);
+    }
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.actions();
+    let txn = r.core.next_txn(&dest, r.now).unwrap();
+    let reply = Some(Reply::new(
+        421,
+        "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+    ));
+    let report = TxnReport {
+        txn,
+        mail: reply,
+        rcpts: vec![None],
+        data: None,
+        dot: None,
+        failure: None,
+        permanent: false,
+        timing: TxnTiming::default(),
+        chunked: false,
+    };
+    let host = dest.hosts.borrow()[0].clone();
+    r.core.complete(report, &dest, &host, None, r.now);
+    assert!(dest.suspended(r.now));
+    let log = String::from_utf8(r.core.take_outcomes().unwrap().log).unwrap();
+    assert_eq!(log.lines().count(), 1, "the attempt that drew it is logged");
+    assert!(
+        log.contains("\"outcome\":\"deferred\"") && log.contains("\"rule\":\"tss04\""),
+        "a deferral that waits for a suspension names its rule: {log}"
+    );
+    assert_eq!(
+        dest.queue.borrow().len(),
+        3,
+        "it waits in the queue, not on the retry schedule"
+    );
+    assert!(
+        r.core.next_txn(&dest, r.now).is_none(),
+        "nothing is sent while suspended"
+    );
+    // New work for it waits too, without an attempt or a record.
+    r.send("routed.test", 1);
+    assert_eq!(dest.queue.borrow().len(), 4);
+    assert!(r.outcomes().is_empty());
+    assert!(r.opened().is_empty());
+    r.at(30.0 * 60.0 - 0.001);
+    r.timeout();
+    assert!(r.core.next_txn(&dest, r.now).is_none());
+    r.at(30.0 * 60.0);
+    r.timeout();
+    assert!(!dest.suspended(r.now), "lifted at its end");
+    let attempts: Vec<u32> = std::iter::from_fn(|| r.core.next_txn(&dest, r.now))
+        .map(|t| t.attempt)
+        .collect();
+    assert_eq!(attempts, [2, 1, 1, 1], "only the one that was tried used an attempt");
+}
+
+#[test]
+fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
+    let mut r = Rig::shaped(
+        Config {
+            max_connections_per_destination: 10,
+            ..config()
+        },
+        "[[default.automation]]\nregex = 'Server busy'\ntrigger = { threshold = \"2/1min\" }\naction = { set = { max_connections = 1, max_message_rate = \"1/s\" } }\nduration = \"10m\"\n",
+    );
+    for _ in 0..10 {
+        r.send("routed.test", 1);
+    }
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.ready(&dest);
+    assert_eq!(dest.cap(), 10);
+    let busy = |r: &mut Rig, dest: &Rc<Dest<TestJob>>| {
+        let txn = r.core.next_txn(dest, r.now).unwrap();
+        let report = TxnReport {
+            txn,
+            mail: Some(Reply::new(
+                451,
+                "4.7.500 Server busy. Please try again later from [192.0.2.1].",
+            )),
+            rcpts: vec![None],
+            data: None,
+            dot: None,
+            failure: None,
+            permanent: false,
+            timing: TxnTiming::default(),
+            chunked: false,
+        };
+        let host = dest.hosts.borrow()[0].clone();
+        r.core.complete(report, dest, &host, None, r.now);
+    };
+    busy(&mut r, &dest);
+    assert_eq!(dest.cap(), 10, "one hit of two");
+    busy(&mut r, &dest);
+    assert_eq!(dest.cap(), 1, "fired: one connection");
+    assert_eq!(dest.message_rate(), Some("1/s".parse().unwrap()));
+    assert!(r.core.should_leave(&dest), "connections over the new cap leave");
+    assert!(r.answer(&dest, 250));
+    assert!(!r.answer(&dest, 250), "one a second");
+    r.at(600.0);
+    r.timeout();
+    assert_eq!(dest.cap(), 10, "lifted after its duration");
+    assert_eq!(dest.message_rate(), None);
+    assert!(r.answer(&dest, 250));
+    assert!(r.answer(&dest, 250));
+}
+
+#[test]
+fn a_connection_told_there_is_work_finds_it_even_before_its_shard_has_a_part_of_the_rate() {
+    let (mut a, mut b) = Rig::pair("[\"routed.test\"]\nmax_connections = 2\nmax_message_rate = \"100/s\"\n");
+    a.send("routed.test", 1);
+    a.send("routed.test", 1);
+    let da = a.opened().remove(0);
+    a.ready(&da);
+    a.opened();
+    // Shard 0 holds the whole rate; shard 1 gets a connection slot only once 0 lets one go.
+    b.send("routed.test", 1);
+    assert!(b.opened().is_empty());
+    a.core.session_ended(&da, true, false);
+    a.core.connection_closed(&da, None, a.now);
+    b.at(0.001);
+    b.timeout();
+    let db = b.opened().remove(0);
+    b.ready(&db);
+    for _ in 0..3 {
+        let told = b.core.work_now(&db, b.now);
+        let found = b.core.next_txn(&db, b.now);
+        assert_eq!(told, found.is_some(), "work_now and next_txn agree");
+        if let Some(t) = found {
+            db.queue.borrow_mut().push_front(t);
+            break;
+        }
+        b.at(b.now.duration_since(b.t0).as_secs_f64() + 0.05);
+        a.at(b.now.duration_since(a.t0).as_secs_f64());
+        a.timeout();
+        b.timeout();
+    }
 }

@@ -1,0 +1,231 @@
+//! Automation rules (`shaping.rs`): a reply that matches a rule of the
+//! destination's policy counts towards its trigger; when the rule fires,
+//! the destination is suspended, gets other limits, or bounces, for the
+//! rule's duration. While suspended nothing is sent to it: what is queued
+//! waits in its queue without using attempts, what is deferred meanwhile
+//! goes back to the queue instead of the retry schedule, and everything
+//! goes out the moment the suspension ends (a timer), not at the next step
+//! of an exponential schedule.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Core, Dest, Job};
+use crate::shaping::{Knobs, Rule, RuleAction, Trigger};
+
+/// A rule in force on a destination until a time.
+#[derive(Debug, Clone)]
+pub(crate) struct Active {
+    pub until: Instant,
+    pub rule: Arc<Rule>,
+}
+
+/// A destination's rules: their recent hits, and what is in force.
+#[derive(Debug, Default)]
+pub(crate) struct Automation {
+    /// Per rule of the policy (same order): the times of recent matches.
+    hits: Vec<VecDeque<Instant>>,
+    pub suspended: Option<Active>,
+    pub overridden: Option<(Active, Box<Knobs>)>,
+    pub bouncing: Option<Active>,
+}
+
+impl Automation {
+    /// Counts a reply (`text`: "CODE ENHANCED TEXT", `local`: volley's own
+    /// failure) against `rules`; answers the rule that fires, if one does.
+    pub fn hit(&mut self, rules: &[Arc<Rule>], text: &str, local: bool, now: Instant) -> Option<Arc<Rule>> {
+        if self.hits.len() < rules.len() {
+            self.hits.resize_with(rules.len(), VecDeque::new);
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            if (local && !rule.match_local) || !rule.regex.is_match(text) {
+                continue;
+            }
+            if self.in_force(rule, now) {
+                // Already acting on it: replies still in flight do not extend it.
+                return None;
+            }
+            let fires = match rule.trigger {
+                Trigger::Immediate => true,
+                Trigger::Threshold { hits, window } => {
+                    let seen = &mut self.hits[i];
+                    seen.push_back(now);
+                    while seen.front().is_some_and(|t| now.duration_since(*t) > window) {
+                        seen.pop_front();
+                    }
+                    let fires = seen.len() >= hits as usize;
+                    if fires {
+                        seen.clear();
+                    }
+                    fires
+                }
+            };
+            if !fires {
+                return None;
+            }
+            let active = Active {
+                until: now + rule.duration,
+                rule: rule.clone(),
+            };
+            match &rule.action {
+                RuleAction::Suspend => self.suspended = Some(active),
+                RuleAction::Set(knobs) => self.overridden = Some((active, knobs.clone())),
+                RuleAction::Bounce => self.bouncing = Some(active),
+            }
+            return Some(rule.clone());
+        }
+        None
+    }
+
+    fn in_force(&self, rule: &Arc<Rule>, now: Instant) -> bool {
+        let active = |a: &Active| Arc::ptr_eq(&a.rule, rule) && now < a.until;
+        self.suspended.as_ref().is_some_and(active)
+            || self.overridden.as_ref().is_some_and(|(a, _)| active(a))
+            || self.bouncing.as_ref().is_some_and(active)
+    }
+
+    /// Lifts what ended by `now`; answers whether anything did.
+    pub fn lift(&mut self, now: Instant) -> bool {
+        let mut lifted = false;
+        if self.suspended.as_ref().is_some_and(|a| now >= a.until) {
+            self.suspended = None;
+            lifted = true;
+        }
+        if self.overridden.as_ref().is_some_and(|(a, _)| now >= a.until) {
+            self.overridden = None;
+            lifted = true;
+        }
+        if self.bouncing.as_ref().is_some_and(|a| now >= a.until) {
+            self.bouncing = None;
+            lifted = true;
+        }
+        lifted
+    }
+
+    /// When the next thing in force ends.
+    pub fn next_end(&self) -> Option<Instant> {
+        [
+            self.suspended.as_ref().map(|a| a.until),
+            self.overridden.as_ref().map(|(a, _)| a.until),
+            self.bouncing.as_ref().map(|a| a.until),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+impl<J: Job> Core<J> {
+    /// A reply from `dest` (or volley's own failure with it, `local`) that
+    /// did not deliver: counted against the destination's rules. A rule
+    /// that fires takes effect at once, and a timer lifts it.
+    pub(super) fn automation_hit(&mut self, dest: &Rc<Dest<J>>, text: &str, local: bool, now: Instant) {
+        if dest.policy.rules.is_empty() {
+            return;
+        }
+        let fired = dest.automation.borrow_mut().hit(&dest.policy.rules, text, local, now);
+        let Some(rule) = fired else {
+            return;
+        };
+        let until = now + rule.duration;
+        tracing::info!(
+            "{}: rule {} fired on \"{text}\": {} until {} from now",
+            dest.label,
+            rule.name,
+            match &rule.action {
+                RuleAction::Suspend => "suspended".to_string(),
+                RuleAction::Set(_) => "limits lowered".to_string(),
+                RuleAction::Bounce => "bouncing".to_string(),
+            },
+            humantime::format_duration(rule.duration)
+        );
+        self.lift_timer(dest, until);
+        if let RuleAction::Bounce = rule.action {
+            let queued: Vec<_> = dest.queue.borrow_mut().drain(..).collect();
+            for txn in queued {
+                self.bounce_by_rule(txn, dest, &rule, now);
+            }
+        }
+    }
+
+    /// What is in force on `dest` ends at `at`: a timer brings it back then.
+    fn lift_timer(&mut self, dest: &Rc<Dest<J>>, at: Instant) {
+        self.pace_timer(dest, at);
+    }
+
+    /// Lifts what ended on `dest` by `now` (at its timer).
+    pub(super) fn lift_due(&mut self, dest: &Rc<Dest<J>>, now: Instant) {
+        let mut a = dest.automation.borrow_mut();
+        if a.lift(now) {
+            tracing::info!("{}: automation lifted", dest.label);
+        }
+        if let Some(end) = a.next_end() {
+            drop(a);
+            self.lift_timer(dest, end);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shaping::Shaping;
+    use std::time::Duration;
+
+    fn rules(text: &str) -> Vec<Arc<Rule>> {
+        let mut s = Shaping::default();
+        s.add(text, "t.toml").unwrap();
+        s.policy(&crate::config::Config::default(), "d.test", &[]).rules
+    }
+
+    #[test]
+    fn a_threshold_counts_hits_within_its_window() {
+        let r = rules(
+            "[[default.automation]]\nregex = \"busy\"\ntrigger = { threshold = \"3/1min\" }\naction = \"suspend\"\nduration = \"10m\"\n",
+        );
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut a = Automation::default();
+        assert!(a.hit(&r, "451 4.7.500 Server busy", false, s(0)).is_none());
+        assert!(a.hit(&r, "250 fine", false, s(1)).is_none(), "no match, no count");
+        assert!(a.hit(&r, "451 4.7.500 Server busy", false, s(30)).is_none());
+        assert!(
+            a.hit(&r, "451 4.7.500 Server busy", false, s(70)).is_none(),
+            "the first hit left the window"
+        );
+        assert!(
+            a.hit(&r, "451 4.7.500 Server busy", false, s(80)).is_some(),
+            "three within a minute"
+        );
+        assert_eq!(a.suspended.as_ref().map(|x| x.until), Some(s(680)));
+        assert!(
+            a.hit(&r, "451 4.7.500 Server busy", false, s(90)).is_none(),
+            "in force: not again"
+        );
+        assert!(!a.lift(s(679)));
+        assert!(a.lift(s(680)));
+        assert!(a.suspended.is_none());
+    }
+
+    #[test]
+    fn local_failures_match_only_rules_that_ask_for_them() {
+        let r = rules(
+            "[[default.automation]]\nregex = \"refused\"\naction = \"suspend\"\nduration = \"1m\"\n\n[[default.automation]]\nregex = \"timed out\"\nmatch_local = true\naction = { set = { max_connections = 1 } }\nduration = \"1m\"\n",
+        );
+        let now = Instant::now();
+        let mut a = Automation::default();
+        assert!(
+            a.hit(&r, "connect to x failed: Connection refused", true, now)
+                .is_none()
+        );
+        let fired = a.hit(&r, "timed out after 300s waiting for x", true, now).unwrap();
+        assert!(matches!(fired.action, RuleAction::Set(_)));
+        assert_eq!(a.overridden.as_ref().unwrap().1.max_connections, Some(1));
+        assert!(
+            a.hit(&r, "550 refused", false, now).is_some(),
+            "a reply matches the first"
+        );
+    }
+}
