@@ -214,6 +214,24 @@ impl Rig {
         true
     }
 
+    /// Takes the next transaction for `dest` and refuses its MAIL with `code text`.
+    fn refuse_mail(&mut self, dest: &Rc<Dest<TestJob>>, code: u16, text: &str) {
+        let txn = self.core.next_txn(dest, self.now).expect("a transaction to refuse");
+        let report = TxnReport {
+            txn,
+            mail: Some(Reply::new(code, text)),
+            rcpts: vec![None],
+            data: None,
+            dot: None,
+            failure: None,
+            permanent: false,
+            timing: TxnTiming::default(),
+            chunked: false,
+        };
+        let host = dest.hosts.borrow()[0].clone();
+        self.core.complete(report, dest, &host, None, self.now);
+    }
+
     /// A connection that ends (after it got ready).
     fn close(&mut self, dest: &Rc<Dest<TestJob>>) {
         self.core.session_ended(dest, true, false);
@@ -756,24 +774,11 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
     let dest = r.opened().remove(0);
     r.ready(&dest);
     r.actions();
-    let txn = r.core.next_txn(&dest, r.now).unwrap();
-    let reply = Some(Reply::new(
+    r.refuse_mail(
+        &dest,
         421,
         "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
-    ));
-    let report = TxnReport {
-        txn,
-        mail: reply,
-        rcpts: vec![None],
-        data: None,
-        dot: None,
-        failure: None,
-        permanent: false,
-        timing: TxnTiming::default(),
-        chunked: false,
-    };
-    let host = dest.hosts.borrow()[0].clone();
-    r.core.complete(report, &dest, &host, None, r.now);
+    );
     assert!(dest.suspended(r.now));
     let log = String::from_utf8(r.core.take_outcomes().unwrap().log).unwrap();
     assert_eq!(log.lines().count(), 1, "the attempt that drew it is logged");
@@ -824,23 +829,11 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
     r.ready(&dest);
     assert_eq!(dest.cap(), 10);
     let busy = |r: &mut Rig, dest: &Rc<Dest<TestJob>>| {
-        let txn = r.core.next_txn(dest, r.now).unwrap();
-        let report = TxnReport {
-            txn,
-            mail: Some(Reply::new(
-                451,
-                "4.7.500 Server busy. Please try again later from [192.0.2.1].",
-            )),
-            rcpts: vec![None],
-            data: None,
-            dot: None,
-            failure: None,
-            permanent: false,
-            timing: TxnTiming::default(),
-            chunked: false,
-        };
-        let host = dest.hosts.borrow()[0].clone();
-        r.core.complete(report, dest, &host, None, r.now);
+        r.refuse_mail(
+            dest,
+            451,
+            "4.7.500 Server busy. Please try again later from [192.0.2.1].",
+        )
     };
     busy(&mut r, &dest);
     assert_eq!(dest.cap(), 10, "one hit of two");
