@@ -182,6 +182,17 @@ pub enum RuleAction {
     Bounce,
 }
 
+impl RuleAction {
+    /// Its name in metrics and `/status`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuleAction::Suspend => "suspend",
+            RuleAction::Set(_) => "set",
+            RuleAction::Bounce => "bounce",
+        }
+    }
+}
+
 /// An automation rule: a reply pattern and what it does.
 #[derive(Debug, Clone)]
 pub struct Rule {

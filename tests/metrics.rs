@@ -451,7 +451,8 @@ fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // A scrape with deliveries and bounces has every family the dashboard and the alerts use.
+    // A scrape with deliveries, bounces and an automation rule that fired
+    // (on the bounces) has every family the dashboard and the alerts use.
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(SinkOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -459,7 +460,17 @@ fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
         ..Default::default()
     })
     .unwrap();
-    let svc = Service::start(dir.path(), sink.addr(), "");
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[[default.automation]]\nregex = '^550 5\\.1\\.1'\naction = { set = { max_connections = 20 } }\nduration = \"10m\"\n",
+    )
+    .unwrap();
+    let svc = Service::start(
+        dir.path(),
+        sink.addr(),
+        &format!("shaping = [{:?}]", shaping.display().to_string()),
+    );
     svc.send_and_wait("news", &jobs(100, 3));
     let scraped: BTreeSet<String> = parse(&svc.get("/metrics")).into_iter().map(|s| s.name).collect();
     let dashboard = std::fs::read_to_string(deploy.join("grafana-dashboard.json")).unwrap();

@@ -170,9 +170,13 @@ impl Hub {
             spool: &'a SpoolGauges,
             files: &'a [FileStatus],
             shards: Vec<ShardStatus>,
+            /// Automation rules in force, per destination and shard.
+            automation: Vec<super::ActiveRule>,
         }
-        let shards = self
-            .snapshots(false)
+        let snaps = self.snapshots(false);
+        let mut automation: Vec<super::ActiveRule> = snaps.iter().flat_map(|s| s.active_rules.clone()).collect();
+        automation.sort_by(|a, b| (&a.scope, &a.destination, a.shard).cmp(&(&b.scope, &b.destination, b.shard)));
+        let shards = snaps
             .into_iter()
             .map(|s| ShardStatus {
                 shard: s.shard,
@@ -190,6 +194,7 @@ impl Hub {
             spool: &board.spool,
             files: &board.files,
             shards,
+            automation,
         };
         serde_json::to_string_pretty(&status).expect("status serializes") + "\n"
     }

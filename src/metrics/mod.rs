@@ -546,6 +546,19 @@ pub struct DomainSnapshot {
     pub gauges: DomainGauges,
 }
 
+/// An automation rule in force on one destination.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActiveRule {
+    pub destination: String,
+    /// The destination's shaping scope (`default`, `provider.NAME`, a domain).
+    pub scope: String,
+    pub rule: String,
+    /// `suspend`, `set` or `bounce`.
+    pub action: &'static str,
+    pub ends_in_seconds: f64,
+    pub shard: usize,
+}
+
 /// What a shard reports when asked.
 #[derive(Clone, Default)]
 pub struct ShardSnapshot {
@@ -562,6 +575,12 @@ pub struct ShardSnapshot {
     pub domains_known: u64,
     pub destinations: u64,
     pub connections_open: u64,
+    /// Automation rules in force now.
+    pub active_rules: Vec<ActiveRule>,
+    /// Rules fired since the start: (scope, rule, action) and how often.
+    pub rule_firings: Vec<((String, String, &'static str), u64)>,
+    /// Seconds destinations spent suspended or under an override, by scope and action.
+    pub shaped_seconds: Vec<((String, &'static str), f64)>,
 }
 
 /// A request to a shard for its snapshot.

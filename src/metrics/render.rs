@@ -95,8 +95,11 @@ impl Family {
         }
     }
     fn counter(&mut self, l: &[(&str, &str)], v: u64) {
+        self.counter_f(l, v as f64);
+    }
+    fn counter_f(&mut self, l: &[(&str, &str)], v: f64) {
         let mut c = Counter::default();
-        c.set_value(v as f64);
+        c.set_value(v);
         let mut m = Metric::default();
         m.set_label(labels(l));
         m.set_counter(c);
@@ -316,10 +319,107 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     files.gauge(&[("state", "active")], spool.files_active as f64);
     files.gauge(&[("state", "done")], spool.files_done as f64);
     files.gauge(&[("state", "failed")], spool.files_failed as f64);
+    let mut firings = Family::new(
+        "volley_automation_firings_total",
+        COUNTER,
+        "Automation rules fired, by shaping scope (default, provider.NAME or a domain), rule and action (suspend, set, bounce); a spread destination counts once per shard.",
+    );
+    let mut active = Family::new(
+        "volley_automation_active",
+        GAUGE,
+        "Automation rules in force now, by scope, rule and action (destinations, each shard counted).",
+    );
+    let mut shaped = Family::new(
+        "volley_automation_seconds_total",
+        COUNTER,
+        "Time destinations spent under automation rules, by scope and action (seconds, summed over destinations and shards).",
+    );
+    let mut fired: std::collections::BTreeMap<(String, String, &str), u64> = Default::default();
+    let mut in_force: std::collections::BTreeMap<(String, String, &str), u64> = Default::default();
+    let mut seconds: std::collections::BTreeMap<(String, &str), f64> = Default::default();
+    for s in &m.shards {
+        for (k, n) in &s.rule_firings {
+            *fired.entry(k.clone()).or_default() += n;
+        }
+        for r in &s.active_rules {
+            *in_force.entry((r.scope.clone(), r.rule.clone(), r.action)).or_default() += 1;
+        }
+        for (k, secs) in &s.shaped_seconds {
+            *seconds.entry(k.clone()).or_default() += secs;
+        }
+    }
+    for ((scope, rule, action), n) in &fired {
+        firings.counter(&[("scope", scope), ("rule", rule), ("action", action)], *n);
+        let now = in_force
+            .get(&(scope.clone(), rule.clone(), *action))
+            .copied()
+            .unwrap_or(0);
+        active.gauge(&[("scope", scope), ("rule", rule), ("action", action)], now as f64);
+    }
+    for ((scope, action), secs) in &seconds {
+        shaped.counter_f(&[("scope", scope), ("action", action)], *secs);
+    }
     let mut info = Family::new("volley_build_info", GAUGE, "Always 1; the version in a label.");
     info.gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
-    for f in [dns, hits, held, backlog, spool_rcpts, files, info] {
+    for f in [
+        dns,
+        hits,
+        held,
+        backlog,
+        spool_rcpts,
+        files,
+        firings,
+        active,
+        shaped,
+        info,
+    ] {
         f.done(&mut out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ActiveRule;
+
+    fn text(m: &Merged) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&families(m, &SpoolGauges::default()), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn automation_is_counted_over_the_shards() {
+        let shard = |i: usize, active: bool| ShardSnapshot {
+            shard: i,
+            rule_firings: vec![(("provider.google".into(), "google-rate-limited".into(), "set"), 2)],
+            active_rules: if active {
+                vec![ActiveRule {
+                    destination: "gmail-smtp-in.l.google.com:25".into(),
+                    scope: "provider.google".into(),
+                    rule: "google-rate-limited".into(),
+                    action: "set",
+                    ends_in_seconds: 60.0,
+                    shard: i,
+                }]
+            } else {
+                Vec::new()
+            },
+            shaped_seconds: vec![(("provider.google".into(), "set"), 1.5)],
+            ..ShardSnapshot::default()
+        };
+        let m = merge(vec![shard(0, true), shard(1, false)], 10);
+        let t = text(&m);
+        let labels = r#"{scope="provider.google",rule="google-rate-limited",action="set"}"#;
+        assert!(t.contains(&format!("volley_automation_firings_total{labels} 4")), "{t}");
+        assert!(t.contains(&format!("volley_automation_active{labels} 1")), "{t}");
+        assert!(
+            t.contains(r#"volley_automation_seconds_total{scope="provider.google",action="set"} 3"#),
+            "{t}"
+        );
+    }
 }

@@ -18,6 +18,7 @@ use crate::shaping::{Knobs, Rule, RuleAction, Trigger};
 /// A rule in force on a destination until a time.
 #[derive(Debug, Clone)]
 pub(crate) struct Active {
+    pub since: Instant,
     pub until: Instant,
     pub rule: Arc<Rule>,
 }
@@ -66,6 +67,7 @@ impl Automation {
                 return None;
             }
             let active = Active {
+                since: now,
                 until: now + rule.duration,
                 rule: rule.clone(),
             };
@@ -86,22 +88,31 @@ impl Automation {
             || self.bouncing.as_ref().is_some_and(active)
     }
 
-    /// Lifts what ended by `now`; answers whether anything did.
-    pub fn lift(&mut self, now: Instant) -> bool {
-        let mut lifted = false;
+    /// Lifts what ended by `now`; answers what it lifted.
+    pub fn lift(&mut self, now: Instant) -> Vec<Active> {
+        let mut lifted = Vec::new();
         if self.suspended.as_ref().is_some_and(|a| now >= a.until) {
-            self.suspended = None;
-            lifted = true;
+            lifted.extend(self.suspended.take());
         }
         if self.overridden.as_ref().is_some_and(|(a, _)| now >= a.until) {
-            self.overridden = None;
-            lifted = true;
+            lifted.extend(self.overridden.take().map(|(a, _)| a));
         }
         if self.bouncing.as_ref().is_some_and(|a| now >= a.until) {
-            self.bouncing = None;
-            lifted = true;
+            lifted.extend(self.bouncing.take());
         }
         lifted
+    }
+
+    /// What is in force at `now`.
+    pub fn in_force_now(&self, now: Instant) -> impl Iterator<Item = &Active> {
+        [
+            self.suspended.as_ref(),
+            self.overridden.as_ref().map(|(a, _)| a),
+            self.bouncing.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(move |a| now < a.until)
     }
 
     /// When the next thing in force ends.
@@ -130,6 +141,8 @@ impl<J: Job> Core<J> {
             return;
         };
         let until = now + rule.duration;
+        let key = (dest.policy.scope.clone(), rule.name.clone(), rule.action.name());
+        *self.rule_firings.entry(key).or_default() += 1;
         tracing::info!(
             "{}: rule {} fired on \"{text}\": {} until {} from now",
             dest.label,
@@ -158,8 +171,10 @@ impl<J: Job> Core<J> {
     /// Lifts what ended on `dest` by `now` (at its timer).
     pub(super) fn lift_due(&mut self, dest: &Rc<Dest<J>>, now: Instant) {
         let mut a = dest.automation.borrow_mut();
-        if a.lift(now) {
-            tracing::info!("{}: automation lifted", dest.label);
+        for done in a.lift(now) {
+            tracing::info!("{}: rule {} lifted", dest.label, done.rule.name);
+            let key = (dest.policy.scope.clone(), done.rule.action.name());
+            *self.shaped_seconds.entry(key).or_default() += (done.until - done.since).as_secs_f64();
         }
         if let Some(end) = a.next_end() {
             drop(a);
@@ -204,8 +219,8 @@ mod tests {
             a.hit(&r, "451 4.7.500 Server busy", false, s(90)).is_none(),
             "in force: not again"
         );
-        assert!(!a.lift(s(679)));
-        assert!(a.lift(s(680)));
+        assert!(a.lift(s(679)).is_empty());
+        assert_eq!(a.lift(s(680)).len(), 1);
         assert!(a.suspended.is_none());
     }
 

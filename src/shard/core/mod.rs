@@ -39,7 +39,7 @@ use super::intake::{Bounds, DomainLoad, Fullness, Intake};
 use crate::classify::Classifier;
 use crate::config::{Config, Routes};
 use crate::ingest::Credit;
-use crate::metrics::{DomainGauges, DomainSnapshot, ShardMetrics, ShardSnapshot};
+use crate::metrics::{ActiveRule, DomainGauges, DomainSnapshot, ShardMetrics, ShardSnapshot};
 use crate::outcome::{JobId, OutcomeBatch, RcptKey, Recorder};
 use crate::shaping::Shaping;
 use crate::smtp::{Envelope, WireMessage};
@@ -164,6 +164,10 @@ pub struct Core<J> {
     /// from `now` without reading the clock per record.
     wall: (Instant, SystemTime),
     actions: VecDeque<Action<J>>,
+    /// Automation rules fired: (scope, rule, action) → times.
+    rule_firings: std::collections::BTreeMap<(String, String, &'static str), u64>,
+    /// Seconds destinations spent under rules that ended: (scope, action) → seconds.
+    shaped_seconds: std::collections::BTreeMap<(String, &'static str), f64>,
 }
 
 impl<J: Job> Core<J> {
@@ -195,6 +199,8 @@ impl<J: Job> Core<J> {
             inserts: 0,
             wall: (now, wall),
             actions: VecDeque::new(),
+            rule_firings: Default::default(),
+            shaped_seconds: Default::default(),
         }
     }
 
@@ -384,6 +390,24 @@ impl<J: Job> Core<J> {
             connections_open: self.connections_open() as u64,
             ..ShardSnapshot::default()
         };
+        let mut shaped = self.shaped_seconds.clone();
+        for d in self.dests.values() {
+            let a = d.automation.borrow();
+            for active in a.in_force_now(now) {
+                snap.active_rules.push(ActiveRule {
+                    destination: d.label.to_string(),
+                    scope: d.policy.scope.clone(),
+                    rule: active.rule.name.clone(),
+                    action: active.rule.action.name(),
+                    ends_in_seconds: (active.until - now).as_secs_f64(),
+                    shard: self.index,
+                });
+                let key = (d.policy.scope.clone(), active.rule.action.name());
+                *shaped.entry(key).or_default() += (now - active.since).as_secs_f64();
+            }
+        }
+        snap.rule_firings = self.rule_firings.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        snap.shaped_seconds = shaped.into_iter().collect();
         if !full || !metrics.enabled() {
             return snap;
         }

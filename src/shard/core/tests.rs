@@ -800,6 +800,16 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
     assert_eq!(dest.queue.borrow().len(), 4);
     assert!(r.outcomes().is_empty());
     assert!(r.opened().is_empty());
+    let snap = r.core.snapshot(false, r.now);
+    assert_eq!(snap.active_rules.len(), 1, "/status lists it");
+    assert_eq!(
+        (snap.active_rules[0].rule.as_str(), snap.active_rules[0].action),
+        ("tss04", "suspend")
+    );
+    assert_eq!(
+        snap.rule_firings,
+        [(("routed.test".to_string(), "tss04".to_string(), "suspend"), 1)]
+    );
     r.at(30.0 * 60.0 - 0.001);
     r.timeout();
     assert!(r.core.next_txn(&dest, r.now).is_none());
@@ -810,6 +820,13 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
         .map(|t| t.attempt)
         .collect();
     assert_eq!(attempts, [2, 1, 1, 1], "only the one that was tried used an attempt");
+    let snap = r.core.snapshot(false, r.now);
+    assert!(snap.active_rules.is_empty());
+    assert_eq!(
+        snap.shaped_seconds,
+        [(("routed.test".to_string(), "suspend"), 1800.0)],
+        "the time it spent suspended"
+    );
 }
 
 #[test]
