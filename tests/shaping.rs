@@ -147,3 +147,93 @@ fn a_rule_slows_a_throttling_destination_and_the_throttle_replies_stop() {
     assert_eq!(finals(&read_log(&log)).len(), 400);
     assert_eq!(dumped_rcpts(&dump), all, "each recipient delivered exactly once");
 }
+
+#[test]
+fn a_suspended_destination_holds_up_no_other_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    // One message an hour, then Yahoo's words; every other domain goes to a plain sink.
+    let throttled = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        rate_limit: Some("1/h".parse().unwrap()),
+        throttle_reply:
+            "421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user complaints"
+                .into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let plain = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let msg = dir.path().join("m.eml");
+    std::fs::write(&msg, "Subject: s\n\nhello\n").unwrap();
+    let mut lines = String::new();
+    for i in 0..30 {
+        lines += &format!("{{\"from\":\"n@s.test\",\"to\":[\"u{i}@slow.test\"],\"message\":\"m.eml\"}}\n");
+    }
+    let mut others = Vec::new();
+    for i in 0..300 {
+        let r = format!("v{i}@d{}.test", i % 20);
+        lines += &format!("{{\"from\":\"n@s.test\",\"to\":[\"{r}\"],\"message\":\"m.eml\"}}\n");
+        others.push(r);
+    }
+    others.sort();
+    let path = dir.path().join("mixed.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[[\"slow.test\".automation]]\nname = \"tss04\"\nregex = '\\[TSS04\\]'\naction = \"suspend\"\nduration = \"2s\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = Config {
+        shards: Some(2),
+        log: Some(log.clone()),
+        shaping: vec![shaping],
+        ..Config::default()
+    };
+    cfg.add_route(&format!("slow.test={}", throttled.addr())).unwrap();
+    cfg.add_route(&format!("*={}", plain.addr())).unwrap();
+    cfg.retry_domain.insert(
+        "slow.test".into(),
+        volley::config::Retry {
+            max_age: Duration::from_secs(1),
+            ..Default::default()
+        },
+    );
+    let summary = run(cfg, path);
+    throttled.stop();
+    plain.stop();
+    let records = read_log(&log);
+    let slow: Vec<_> = records.iter().filter(|r| r["domain"] == "slow.test").collect();
+    assert!(
+        slow.iter()
+            .any(|r| r["outcome"] == "deferred" && r["rule"] == "tss04" && r["enhanced"] == "4.7.0"),
+        "the deferral that drew the suspension names its rule"
+    );
+    let expired: Vec<_> = slow.iter().filter(|r| r["outcome"] == "expired").collect();
+    let delivered = slow.iter().filter(|r| r["outcome"] == "delivered").count();
+    assert_eq!(expired.len() + delivered, 30, "every slow.test recipient ends once");
+    assert!(!expired.is_empty());
+    assert!(
+        slow.iter().filter(|r| r["outcome"] == "deferred").count() <= 20,
+        "suspended recipients wait without further attempts"
+    );
+    // Every other domain was done while slow.test's recipients still waited.
+    let first_expiry = expired.iter().map(|r| r["ts"].as_str().unwrap()).min().unwrap();
+    let last_other = records
+        .iter()
+        .filter(|r| r["domain"] != "slow.test")
+        .map(|r| r["ts"].as_str().unwrap())
+        .max()
+        .unwrap();
+    assert!(last_other < first_expiry, "{last_other} vs {first_expiry}");
+    assert_eq!(summary.count(Outcome::Delivered) as usize, 300 + delivered);
+    assert_eq!(dumped_rcpts(&dump), others);
+}

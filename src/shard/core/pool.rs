@@ -394,10 +394,18 @@ impl<J: Job> Core<J> {
             self.pace_timer(dest, at);
             return None;
         }
-        let mut txn = dest.queue.borrow_mut().pop_front()?;
-        txn.started = now;
-        txn.first_attempt.get_or_insert(now);
-        Some(txn)
+        loop {
+            let mut txn = dest.queue.borrow_mut().pop_front()?;
+            if now >= txn.first_seen + txn.domain.retry().max_age {
+                // Waited in the queue (a suspension, a long line) past max_age.
+                let reason = format!("not sent within max_age: waited in the queue for {}", dest.label);
+                self.defer(txn, &reason, Some(dest), now);
+                continue;
+            }
+            txn.started = now;
+            txn.first_attempt.get_or_insert(now);
+            return Some(txn);
+        }
     }
 
     /// A transaction a connection took but never sent (it ended first): first in line again.
