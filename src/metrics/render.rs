@@ -322,7 +322,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut firings = Family::new(
         "volley_automation_firings_total",
         COUNTER,
-        "Automation rules fired, by shaping scope (default, provider.NAME or a domain), rule and action (suspend, set, bounce); a spread destination counts once per shard.",
+        "Automation rules fired, by shaping scope (default, provider.NAME or a domain), rule and action (suspend, set, bounce).",
     );
     let mut active = Family::new(
         "volley_automation_active",

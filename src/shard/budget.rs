@@ -52,6 +52,19 @@ pub struct Budgets {
     /// Per shard: another shard was refused a destination this one holds
     /// connections to (it looks at the board at its next rebalance).
     attention: Vec<AtomicBool>,
+    /// Per shard: automation rules other shards fired on destinations it
+    /// may carry too (a spread domain), and whether there are any.
+    rule_news: Vec<Mutex<Vec<RuleNews>>>,
+    has_rule_news: Vec<AtomicBool>,
+}
+
+/// A rule one shard fired on a destination, for the others that carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleNews {
+    /// The destination's name on the board.
+    pub key: Box<str>,
+    pub rule: String,
+    pub until: std::time::Instant,
 }
 
 /// The answer to a shard asking for a connection.
@@ -74,7 +87,29 @@ impl Budgets {
             shards,
             slots: Mutex::new(HashMap::new()),
             attention: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            rule_news: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            has_rule_news: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Shard `from` fired `news.rule` on a destination: the other shards
+    /// apply it too, at their next look (rare: never per message).
+    pub fn announce(&self, from: usize, news: RuleNews) {
+        for shard in (0..self.shards).filter(|&s| s != from) {
+            self.rule_news[shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(news.clone());
+            self.has_rule_news[shard].store(true, Ordering::Release);
+        }
+    }
+
+    /// What other shards fired since `shard` last looked.
+    pub fn rule_news(&self, shard: usize) -> Vec<RuleNews> {
+        if !self.has_rule_news[shard].swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.rule_news[shard].lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn with<T>(&self, key: &str, f: impl FnOnce(&mut Slot) -> T) -> T {

@@ -81,6 +81,24 @@ impl Automation {
         None
     }
 
+    /// Puts `rule` in force until `until` (another shard fired it), unless it is already.
+    pub fn apply(&mut self, rule: &Arc<Rule>, now: Instant, until: Instant) -> bool {
+        if self.in_force(rule, now) || until <= now {
+            return false;
+        }
+        let active = Active {
+            since: now,
+            until,
+            rule: rule.clone(),
+        };
+        match &rule.action {
+            RuleAction::Suspend => self.suspended = Some(active),
+            RuleAction::Set(knobs) => self.overridden = Some((active, knobs.clone())),
+            RuleAction::Bounce => self.bouncing = Some(active),
+        }
+        true
+    }
+
     fn in_force(&self, rule: &Arc<Rule>, now: Instant) -> bool {
         let active = |a: &Active| Arc::ptr_eq(&a.rule, rule) && now < a.until;
         self.suspended.as_ref().is_some_and(active)
@@ -143,6 +161,15 @@ impl<J: Job> Core<J> {
         let until = now + rule.duration;
         let key = (dest.policy.scope.clone(), rule.name.clone(), rule.action.name());
         *self.rule_firings.entry(key).or_default() += 1;
+        // The other shards carrying this destination (a spread domain) apply it too.
+        self.budgets.announce(
+            self.index,
+            crate::shard::budget::RuleNews {
+                key: Box::from(&*dest.key),
+                rule: rule.name.clone(),
+                until,
+            },
+        );
         tracing::info!(
             "{}: rule {} fired on \"{text}\": {} until {} from now",
             dest.label,
@@ -155,10 +182,43 @@ impl<J: Job> Core<J> {
             humantime::format_duration(rule.duration)
         );
         self.lift_timer(dest, until);
+        self.hold_queue(dest, &rule);
+        self.bounce_queue(dest, &rule, now);
+    }
+
+    /// Rules other shards fired on destinations this shard carries too: in force here as well.
+    pub(super) fn apply_rule_news(&mut self, now: Instant) {
+        for news in self.budgets.rule_news(self.index) {
+            let Some(dest) = self.dests.get(&*news.key).cloned() else {
+                continue;
+            };
+            let Some(rule) = dest.policy.rules.iter().find(|r| r.name == news.rule).cloned() else {
+                continue;
+            };
+            if dest.automation.borrow_mut().apply(&rule, now, news.until) {
+                tracing::debug!("{}: rule {} applied from another shard", dest.label, rule.name);
+                self.lift_timer(&dest, news.until);
+                self.hold_queue(&dest, &rule);
+                self.bounce_queue(&dest, &rule, now);
+            }
+        }
+    }
+
+    /// A suspension took effect: what is queued for `dest` waits for its end.
+    fn hold_queue(&mut self, dest: &Dest<J>, rule: &Rule) {
+        if let RuleAction::Suspend = rule.action {
+            for txn in dest.queue.borrow_mut().iter_mut() {
+                txn.held = true;
+            }
+        }
+    }
+
+    /// A bounce rule took effect: what is queued for `dest` bounces now.
+    fn bounce_queue(&mut self, dest: &Rc<Dest<J>>, rule: &Rule, now: Instant) {
         if let RuleAction::Bounce = rule.action {
             let queued: Vec<_> = dest.queue.borrow_mut().drain(..).collect();
             for txn in queued {
-                self.bounce_by_rule(txn, dest, &rule, now);
+                self.bounce_by_rule(txn, dest, rule, now);
             }
         }
     }

@@ -82,6 +82,9 @@ pub struct Txn<J> {
     pub first_attempt: Option<Instant>,
     /// When its current attempt started.
     pub started: Instant,
+    /// It waited in its destination's queue for a suspension to end (then,
+    /// past max_age, it expires instead of going out).
+    pub held: bool,
 }
 
 impl<J: Job> Envelope for Txn<J> {
@@ -257,6 +260,7 @@ impl<J: Job> Core<J> {
             first_seen,
             first_attempt: None,
             started: now,
+            held: false,
         }
     }
 
@@ -280,6 +284,7 @@ impl<J: Job> Core<J> {
         }
         self.paced_due(now);
         if self.last_rebalance.is_none_or(|t| now >= t + REBALANCE_EVERY) {
+            self.apply_rule_news(now);
             self.rebalance(now);
             self.last_rebalance = Some(now);
         }

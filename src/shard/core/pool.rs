@@ -49,7 +49,7 @@ pub(super) struct ConnPolicy {
 pub(crate) struct Dest<J> {
     pub label: Rc<str>,
     /// Its name on the connection budget board (the same on every shard).
-    key: Rc<str>,
+    pub(super) key: Rc<str>,
     /// This shard's share of the destination's connections, and whether
     /// other shards want it too (then it is rebalanced periodically).
     share: Cell<u32>,
@@ -396,9 +396,9 @@ impl<J: Job> Core<J> {
         }
         loop {
             let mut txn = dest.queue.borrow_mut().pop_front()?;
-            if now >= txn.first_seen + txn.domain.retry().max_age {
-                // Waited in the queue (a suspension, a long line) past max_age.
-                let reason = format!("not sent within max_age: waited in the queue for {}", dest.label);
+            if txn.held && now >= txn.first_seen + txn.domain.retry().max_age {
+                // Waited for a suspension to end past max_age.
+                let reason = format!("not sent within max_age: {} was suspended", dest.label);
                 self.defer(txn, &reason, Some(dest), now);
                 continue;
             }

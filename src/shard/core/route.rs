@@ -227,6 +227,7 @@ impl<J: Job> Core<J> {
         // A destination may take fewer recipients per transaction than ingest groups.
         let max = dest.policy.max_rcpts_per_txn.max(1);
         let mut txn = txn;
+        txn.held |= dest.suspended(now);
         while txn.job.rcpt_count() > max {
             let rest = Txn {
                 job: txn.job.split_off(max),
@@ -235,6 +236,7 @@ impl<J: Job> Core<J> {
                 first_seen: txn.first_seen,
                 first_attempt: txn.first_attempt,
                 started: txn.started,
+                held: txn.held,
             };
             dest.queue.borrow_mut().push_back(txn);
             txn = rest;

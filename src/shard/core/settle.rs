@@ -127,6 +127,7 @@ impl<J: Job> Core<J> {
         if suspension.is_some() {
             // Back in line, to go out when the suspension ends.
             txn.attempt += 1;
+            txn.held = true;
             dest.queue.borrow_mut().push_front(txn);
             return;
         }

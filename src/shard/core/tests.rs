@@ -766,7 +766,7 @@ fn a_shared_destinations_rate_is_divided_as_its_connections_are() {
 fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time() {
     let mut r = Rig::shaped(
         config(),
-        "[[\"routed.test\".automation]]\nname = \"tss04\"\nregex = '\\[TSS04\\]'\naction = \"suspend\"\nduration = \"30m\"\n",
+        "[[\"routed.test\".automation]]\nname = \"tss04\"\nregex = '\\[TSS04\\]'\naction = \"suspend\"\nduration = \"60s\"\n",
     );
     for _ in 0..3 {
         r.send("routed.test", 1);
@@ -810,10 +810,10 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
         snap.rule_firings,
         [(("routed.test".to_string(), "tss04".to_string(), "suspend"), 1)]
     );
-    r.at(30.0 * 60.0 - 0.001);
+    r.at(60.0 - 0.001);
     r.timeout();
     assert!(r.core.next_txn(&dest, r.now).is_none());
-    r.at(30.0 * 60.0);
+    r.at(60.0);
     r.timeout();
     assert!(!dest.suspended(r.now), "lifted at its end");
     let attempts: Vec<u32> = std::iter::from_fn(|| r.core.next_txn(&dest, r.now))
@@ -824,7 +824,7 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
     assert!(snap.active_rules.is_empty());
     assert_eq!(
         snap.shaped_seconds,
-        [(("routed.test".to_string(), "suspend"), 1800.0)],
+        [(("routed.test".to_string(), "suspend"), 60.0)],
         "the time it spent suspended"
     );
 }
@@ -898,4 +898,59 @@ fn a_connection_told_there_is_work_finds_it_even_before_its_shard_has_a_part_of_
         a.timeout();
         b.timeout();
     }
+}
+
+#[test]
+fn a_rule_one_shard_fires_is_in_force_on_the_others_that_carry_the_destination() {
+    let (mut a, mut b) = Rig::pair(
+        "[[\"routed.test\".automation]]\nname = \"tss04\"\nregex = 'TSS04'\naction = \"suspend\"\nduration = \"60s\"\n",
+    );
+    for r in [&mut a, &mut b] {
+        r.send("routed.test", 1);
+        r.send("routed.test", 1);
+    }
+    let da = a.opened().remove(0);
+    let db = b.opened().remove(0);
+    a.ready(&da);
+    b.ready(&db);
+    a.refuse_mail(&da, 421, "4.7.0 [TSS04] Messages temporarily deferred");
+    assert!(da.suspended(a.now));
+    assert!(!db.suspended(b.now), "not before shard 1 looks");
+    b.at(0.05);
+    b.timeout();
+    assert!(db.suspended(b.now), "shard 1 applies it at its next look");
+    assert!(b.core.next_txn(&db, b.now).is_none());
+    b.at(60.0);
+    b.timeout();
+    assert!(!db.suspended(b.now), "and lifts it at the same end");
+    assert!(b.core.next_txn(&db, b.now).is_some());
+}
+
+#[test]
+fn recipients_held_by_a_suspension_past_max_age_expire_when_it_ends() {
+    let mut r = Rig::shaped(
+        config(),
+        "[[\"routed.test\".automation]]\nregex = 'TSS04'\naction = \"suspend\"\nduration = \"200s\"\n",
+    );
+    for _ in 0..3 {
+        r.send("routed.test", 1);
+    }
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.refuse_mail(&dest, 421, "4.7.0 [TSS04] Messages temporarily deferred");
+    r.outcomes();
+    r.at(200.0);
+    r.timeout();
+    assert!(
+        r.core.next_txn(&dest, r.now).is_none(),
+        "max_age (100 s) passed while they waited"
+    );
+    let o = r.outcomes();
+    assert_eq!(o.len(), 3);
+    assert!(
+        o.iter()
+            .all(|o| o.2 == Outcome::Expired && o.3.contains("was suspended")),
+        "{o:?}"
+    );
+    assert_eq!(r.core.snapshot(false, r.now).held, 0);
 }
