@@ -393,6 +393,10 @@ async fn wait_for_work(shard: &Rc<Shard>, dest: &Rc<Dest>) -> bool {
         if shard.with(|c| c.work_now(dest, now)) {
             return true;
         }
+        if dest.suspended(now) {
+            // Nothing goes out until the suspension ends: say QUIT, reconnect then.
+            return false;
+        }
         if dest.has_work() {
             deadline = now + idle;
         }
