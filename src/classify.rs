@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::local::Local;
 use crate::smtp::Enhanced;
 
 /// The built-in rules.
@@ -43,6 +44,9 @@ struct Rule {
     category: String,
     #[serde(default)]
     local: bool,
+    /// For `local` rules: the kinds of volley's own failures (`local.rs`) it matches.
+    #[serde(default)]
+    kinds: Vec<String>,
     #[serde(default)]
     codes: Vec<u16>,
     #[serde(default)]
@@ -70,6 +74,25 @@ impl Classifier {
             for t in &mut r.text {
                 *t = t.to_lowercase();
             }
+            anyhow::ensure!(
+                !r.local || r.text.is_empty(),
+                "{origin}: rule {} matches text with local = true: volley's own failures are matched by kinds = [...] ({})",
+                i + 1,
+                Local::ALL.map(Local::name).join(", ")
+            );
+            anyhow::ensure!(
+                r.local || r.kinds.is_empty(),
+                "{origin}: rule {} has kinds without local = true",
+                i + 1
+            );
+            for k in &r.kinds {
+                anyhow::ensure!(
+                    Local::parse(k).is_some(),
+                    "{origin}: rule {} has unknown kind {k:?} (one of {})",
+                    i + 1,
+                    Local::ALL.map(Local::name).join(", ")
+                );
+            }
         }
         Ok(Classifier { rules: file.rule })
     }
@@ -80,12 +103,24 @@ impl Classifier {
         Self::parse(&text, &path.display().to_string())
     }
 
-    /// The category of an outcome: `code` is `None` when no reply decided it.
-    pub fn classify(&self, code: Option<u16>, enhanced: Option<Enhanced>, text: &str) -> &str {
+    /// The category of an outcome: decided by a reply (`code`, `enhanced`,
+    /// `text`), or by volley's own failure (`local`: its kind; the text is
+    /// then not looked at).
+    pub fn classify(&self, code: Option<u16>, enhanced: Option<Enhanced>, text: &str, local: Option<Local>) -> &str {
+        if code.is_none() {
+            let Some(kind) = local else {
+                return OTHER;
+            };
+            return self
+                .rules
+                .iter()
+                .find(|r| r.local && r.kinds.iter().any(|k| k == kind.name()))
+                .map_or(OTHER, |r| &r.category);
+        }
         let text = text.to_lowercase();
         let enhanced = enhanced.map(|e| e.to_string());
         for r in &self.rules {
-            if r.local != code.is_none() {
+            if r.local {
                 continue;
             }
             if !r.codes.is_empty() && !code.is_some_and(|c| r.codes.contains(&c)) {
@@ -130,7 +165,8 @@ mod tests {
         let (code, text) = wire.split_at(3);
         let text = text.trim_start_matches([' ', '-']);
         let code: u16 = code.parse().unwrap();
-        c.classify(Some(code), Enhanced::parse_prefix(text), text).to_string()
+        c.classify(Some(code), Enhanced::parse_prefix(text), text, None)
+            .to_string()
     }
 
     #[test]
@@ -201,29 +237,34 @@ mod tests {
     }
 
     #[test]
-    fn volleys_own_reasons() {
+    fn volleys_own_failures_are_classified_by_their_kind_not_their_words() {
         let c = Classifier::default();
-        let local = |t: &str| c.classify(None, None, t).to_string();
-        assert_eq!(local("MX lookup for a.test failed: request timed out"), "dns-failure");
-        assert_eq!(local("a.test: no such domain (NXDOMAIN)"), "dns-failure");
+        let local = |k: Local, t: &str| c.classify(None, None, t, Some(k)).to_string();
+        let cases = [
+            (Local::Dns, "dns-failure"),
+            (Local::NoSuchDomain, "dns-failure"),
+            (Local::NoResolver, "dns-failure"),
+            (Local::Tls, "tls-failure"),
+            (Local::Connect, "connection-failure"),
+            (Local::Closed, "connection-failure"),
+            (Local::Timeout, "connection-failure"),
+            (Local::Refused, "connection-failure"),
+            (Local::DestinationDown, "connection-failure"),
+            (Local::Protocol, "protocol-error"),
+            (Local::Policy, "protocol-error"),
+            (Local::Suspended, "rate-limited"),
+            (Local::RuleBounce, "policy-or-spam-block"),
+        ];
+        for (kind, want) in cases {
+            // The words do not matter: a reason that reads like another kind's.
+            assert_eq!(local(kind, "TLS handshake failed: connection refused"), want, "{kind}");
+        }
+        assert_eq!(local(Local::Message, "x"), "other");
         assert_eq!(
-            local("a.test: the domain accepts no mail (null MX, RFC 7505)"),
-            "dns-failure"
+            c.classify(None, None, "timed out", None),
+            "other",
+            "no kind, no local rule"
         );
-        assert_eq!(
-            local("mx [127.0.0.1:25]: TLS handshake failed: invalid peer certificate"),
-            "tls-failure"
-        );
-        assert_eq!(
-            local("TLS is required and the server does not offer STARTTLS"),
-            "tls-failure"
-        );
-        assert_eq!(
-            local("connect to mx [127.0.0.1:25] failed: Connection refused"),
-            "connection-failure"
-        );
-        assert_eq!(local("mx [127.0.0.1:25] closed the connection"), "connection-failure");
-        assert_eq!(local("protocol error: malformed reply line"), "protocol-error");
     }
 
     #[test]
@@ -234,5 +275,17 @@ mod tests {
             "{err:#}"
         );
         assert!(Classifier::parse("[[rule]]\ncategori = \"other\"\n", "rules.toml").is_err());
+        let err = Classifier::parse(
+            "[[rule]]\ncategory = \"other\"\nlocal = true\ntext = [\"timed out\"]\n",
+            "rules.toml",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("kinds = [...]"), "{err:#}");
+        let err = Classifier::parse(
+            "[[rule]]\ncategory = \"other\"\nlocal = true\nkinds = [\"slow\"]\n",
+            "rules.toml",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown kind \"slow\""), "{err:#}");
     }
 }

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod generator;
 pub mod ingest;
 pub mod journal;
+pub mod local;
 pub mod lock;
 pub mod messages;
 pub mod metrics;

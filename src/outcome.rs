@@ -104,6 +104,9 @@ pub struct LogRecord<'a> {
     /// (it waits for the rule's end, not for the retry schedule).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<&'a str>,
+    /// The kind of volley's own failure, when no reply decided (`local.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<&'a str>,
 }
 
 /// Where a recipient is in the spool: its file, line and index in `to`
@@ -256,6 +259,7 @@ mod tests {
                 tls: Some("TLSv1.3 TLS13_AES_128_GCM_SHA256"),
                 category: Some("invalid-recipient"),
                 rule: None,
+                local: None,
             },
         );
         let b = r.take().unwrap();

@@ -528,6 +528,94 @@ mod tests {
         assert_eq!(s.provider_of("d1.test", &["mx.hosting.test"]), None);
     }
 
+    /// Each built-in rule on the reply its provider really sends.
+    #[test]
+    fn the_built_in_rules_match_the_providers_throttling_replies() {
+        let s = Shaping::built_in();
+        let cfg = Config::default();
+        let cases: [(&str, &[&str], &str, &str); 11] = [
+            (
+                "gmail.com",
+                &["gmail-smtp-in.l.google.com"],
+                "421 4.7.28 [192.0.2.1] Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited.",
+                "google-rate-limited",
+            ),
+            (
+                "example-workspace.com",
+                &["aspmx.l.google.com"],
+                "421 4.7.0 Try again later, closing connection. (EHLO) d75a77b69052e-4a7",
+                "google-try-later",
+            ),
+            (
+                "yahoo.com",
+                &["mta5.am0.yahoodns.net"],
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
+                "yahoo-tss04",
+            ),
+            (
+                "aol.com",
+                &["mx-aol.mail.gm0.yahoodns.net"],
+                "421 4.7.0 [TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT succeed. See https://postmaster.yahooinc.com/error-codes",
+                "yahoo-tss09",
+            ),
+            (
+                "outlook.com",
+                &["outlook-com.olc.protection.outlook.com"],
+                "451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719) [BN8NAM11FT066.eop-nam11.prod.protection.outlook.com]",
+                "microsoft-busy",
+            ),
+            (
+                "contoso.com",
+                &["contoso-com.mail.protection.outlook.com"],
+                "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel",
+                "microsoft-connections",
+            ),
+            (
+                "icloud.com",
+                &["mx01.mail.icloud.com"],
+                "421 4.7.0 Too many messages from 192.0.2.1, try again later",
+                "apple-throttled",
+            ),
+            (
+                "comcast.net",
+                &["mx1a1.comcast.net"],
+                "421 4.7.0 resimta-po-25v.sys.comcast.net Comcast block for spam. Please see http://postmaster.comcast.net/smtp-error-codes.php#RL000001",
+                "comcast-rate-limited",
+            ),
+            (
+                "web.de",
+                &["mx-ha03.web.de"],
+                "421 web.de (mxweb111) Nemesis ESMTP Service not available, too many connections from your IP 192.0.2.1",
+                "gmx-too-many",
+            ),
+            (
+                "gmx.net",
+                &["mx00.emig.gmx.net"],
+                "421 gmx.net (mxgmx116) Nemesis ESMTP Service not available, too many messages from your IP",
+                "gmx-too-many",
+            ),
+            (
+                "small-isp.test",
+                &["mx.small-isp.test"],
+                "421 4.7.0 Too many messages from your IP, slow down",
+                "throttled",
+            ),
+        ];
+        for (domain, mx, reply, want) in cases {
+            let p = s.policy(&cfg, domain, mx);
+            let first = p
+                .rules
+                .iter()
+                .find(|r| r.regex.is_match(reply))
+                .map(|r| r.name.as_str());
+            assert_eq!(first, Some(want), "{domain} ({}): {reply}", p.scope);
+        }
+        // A reply that is not a throttle fires nothing.
+        let p = s.policy(&cfg, "gmail.com", &["gmail-smtp-in.l.google.com"]);
+        let bounce = "550 5.1.1 The email account that you tried to reach does not exist.";
+        assert!(p.rules.iter().all(|r| !r.regex.is_match(bounce)));
+    }
+
     #[test]
     fn later_files_override_earlier_keys_and_the_domain_scope_wins() {
         let mut s = Shaping::built_in();

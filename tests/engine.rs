@@ -1,6 +1,7 @@
 //! Transcripts of the client session engine: literal wire text in both
 //! directions, with the fate of each recipient. No sockets, no clocks.
 
+use volley::local::Local;
 use volley::smtp::{Decider, Envelope, Event, Extensions, Session, Status, TlsMode, WireMessage};
 
 #[derive(Debug)]
@@ -58,7 +59,7 @@ struct Seen {
 fn describe(d: Decider<'_>) -> String {
     match d {
         Decider::Reply(r) => r.code.to_string(),
-        Decider::Failure(f) => format!("failure: {f}"),
+        Decider::Failure(kind, f) => format!("failure ({kind}): {f}"),
     }
 }
 
@@ -351,7 +352,7 @@ fn a_421_mid_group_defers_what_is_in_flight_and_closes() {
     assert!(
         seen.done[0][1]
             .1
-            .starts_with("failure: server closed the connection: 421"),
+            .starts_with("failure (closed): server closed the connection: 421"),
         "{:?}",
         seen.done
     );
@@ -517,14 +518,17 @@ fn connection_lost_reports_in_flight_and_returns_waiting() {
     s.feed(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n");
     s.submit(txn(&["a@y.test"], "x\n"));
     s.submit(txn(&["b@y.test"], "x\n"));
-    s.connection_lost("mx.test closed the connection");
+    s.connection_lost(Local::Closed, "mx.test closed the connection");
     let mut done = 0;
     let mut unsent = 0;
     while let Some(e) = s.poll_event() {
         match e {
             Event::Done(r) => {
                 done += 1;
-                assert_eq!(r.verdict(0), (D, Decider::Failure("mx.test closed the connection")));
+                assert_eq!(
+                    r.verdict(0),
+                    (D, Decider::Failure(Local::Closed, "mx.test closed the connection"))
+                );
             }
             Event::Unsent(_) => unsent += 1,
             _ => {}

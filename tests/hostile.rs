@@ -65,7 +65,9 @@ fn deliver(addr: std::net::SocketAddr, body: &str) -> serde_json::Value {
     cfg.timeouts.data_term = t;
     cfg.timeouts.quit = t;
     cfg.retry.initial = Duration::from_millis(50);
-    cfg.retry.max_age = Duration::from_millis(2000);
+    // Long enough that a first attempt on a loaded machine (a 36 MB body in a
+    // debug build) still ends deferred, not expired.
+    cfg.retry.max_age = Duration::from_millis(4000);
     let summary = send(SendOptions {
         spools: vec![spool],
         config: cfg,

@@ -517,7 +517,7 @@ fn run_engine(s: Script) -> usize {
             break;
         }
     }
-    session.connection_lost("the model server is gone");
+    session.connection_lost(volley::local::Local::Closed, "the model server is gone");
     while let Some(e) = session.poll_event() {
         match e {
             Event::Done(r) => {

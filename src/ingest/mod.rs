@@ -1094,6 +1094,7 @@ impl Ingest {
                 tls: None,
                 category: None,
                 rule: None,
+                local: None,
             },
         );
     }

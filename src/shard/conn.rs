@@ -15,6 +15,7 @@ use glommio::net::TcpStream;
 use super::core::{Candidate, SetupFailure};
 use super::{Dest, Shard, Txn};
 use crate::config::SourceAddress;
+use crate::local::Local;
 use crate::metrics::{ConnResult, DomainStats, Phase};
 use crate::smtp::{Command, Event, Extensions, Session, TlsMode};
 use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
@@ -33,6 +34,8 @@ struct SetupError {
     auth: bool,
     /// The server's reply that refused us, if one did (for the automation rules).
     reply: Option<String>,
+    /// What went wrong, when no reply says it.
+    kind: Local,
 }
 
 pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
@@ -44,6 +47,7 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
         tls: false,
         auth: false,
         reply: None,
+        kind: Local::Connect,
     });
     for host in hosts.iter() {
         let implicit = dest.relay.as_ref().is_some_and(|r| r.implicit_tls);
@@ -79,6 +83,7 @@ pub(super) async fn run(shard: Rc<Shard>, dest: Rc<Dest>) {
         reason: &e.reason,
         auth: e.auth,
         reply: e.reply.as_deref(),
+        kind: e.kind,
     });
     shard.with(|c| c.connection_closed(&dest, failed, Instant::now()));
 }
@@ -92,6 +97,7 @@ async fn drive(shard: &Rc<Shard>, dest: &Rc<Dest>, host: &Candidate, mode: TlsMo
         tls: false,
         auth: false,
         reply: None,
+        kind: Local::Connect,
     };
     let source = dest.pick_source();
     let connecting = Instant::now();
@@ -171,6 +177,7 @@ async fn converse(
             tls: true,
             auth: false,
             reply: None,
+            kind: Local::Tls,
         })?;
         tls = Some(upgraded.describe());
         stream = Some(MaybeTls::Tls(Box::new(upgraded)));
@@ -185,6 +192,7 @@ async fn converse(
     let mut submitted = 0usize;
     let mut setup_error = None;
     let mut setup_reply = None;
+    let mut setup_kind = Local::Closed;
     let mut was_ready = false;
     // Leaving to give the slot to another shard (counted in `dest.leaving` until the end).
     let mut leaving = false;
@@ -240,13 +248,15 @@ async fn converse(
                             tls: true,
                             auth: false,
                             reply: None,
+                            kind: Local::Tls,
                         });
                     }
                 },
                 Event::Done(report) => shard.with(|c| c.complete(report, dest, host, tls.as_deref(), Instant::now())),
                 Event::Unsent(txn) => shard.with(|c| c.unsent(dest, txn)),
-                Event::Failed { reason, reply } => {
+                Event::Failed { reason, reply, kind } => {
                     setup_reply = reply.as_ref().map(|r| r.to_string());
+                    setup_kind = kind;
                     // 530-539 to AUTH: the credentials (or their use) were refused.
                     auth_refused = credentials.is_some() && reply.is_some_and(|r| (530..540).contains(&r.code));
                     setup_error = Some(format!("{peer}: {reason}"));
@@ -278,7 +288,12 @@ async fn converse(
                 session.set_clock(micros(origin.elapsed()));
             }
             if let Err(e) = io.write_all(session.output()).await {
-                session.connection_lost(&format!("write to {peer} failed: {e}"));
+                let kind = if e.kind() == io::ErrorKind::TimedOut {
+                    Local::Timeout
+                } else {
+                    Local::Closed
+                };
+                session.connection_lost(kind, &format!("write to {peer} failed: {e}"));
                 continue;
             }
             let n = session.output().len();
@@ -297,7 +312,7 @@ async fn converse(
         let limit = cfg.timeouts.for_wait(wait);
         let _ = io.tcp().set_read_timeout(Some(limit));
         match io.read(&mut buf).await {
-            Ok(0) => session.connection_lost(&format!("{peer} closed the connection")),
+            Ok(0) => session.connection_lost(Local::Closed, &format!("{peer} closed the connection")),
             Ok(n) => {
                 if timed {
                     session_clock = micros(origin.elapsed());
@@ -305,11 +320,14 @@ async fn converse(
                 }
                 session.feed(&buf[..n]);
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(&format!(
-                "timed out after {}s waiting for {peer} to answer {wait:?}",
-                limit.as_secs()
-            )),
-            Err(e) => session.connection_lost(&format!("read from {peer} failed: {e}")),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => session.connection_lost(
+                Local::Timeout,
+                &format!(
+                    "timed out after {}s waiting for {peer} to answer {wait:?}",
+                    limit.as_secs()
+                ),
+            ),
+            Err(e) => session.connection_lost(Local::Closed, &format!("read from {peer} failed: {e}")),
         }
     }
     shard.with(|c| c.session_ended(dest, was_ready, leaving));
@@ -326,6 +344,7 @@ async fn converse(
             tls: false,
             auth: auth_refused,
             reply: setup_reply,
+            kind: setup_kind,
         }),
         _ => Ok(()),
     }

@@ -19,6 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use super::caps::Capabilities;
 use super::reply::{Reply, ReplyParser};
 use super::wire::WireMessage;
+use crate::local::{Failure, Local};
 
 /// What the engine needs to know of a transaction; the shard's type implements it.
 pub trait Envelope {
@@ -57,7 +58,8 @@ pub enum Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decider<'a> {
     Reply(&'a Reply),
-    Failure(&'a str),
+    /// volley's own failure: its kind and its reason.
+    Failure(Local, &'a str),
 }
 
 /// A finished transaction with every reply it got.
@@ -69,7 +71,7 @@ pub struct TxnReport<T> {
     pub data: Option<Reply>,
     pub dot: Option<Reply>,
     /// Set when the transaction ended before all its replies came.
-    pub failure: Option<String>,
+    pub failure: Option<Failure>,
     /// The failure is permanent (the message cannot go to this server as it is).
     pub permanent: bool,
     /// How long its replies took.
@@ -172,7 +174,11 @@ impl<T> TxnReport<T> {
             } else {
                 Status::Deferred
             };
-            (status, Decider::Failure(self.failure.as_deref().unwrap_or("no reply")))
+            let decider = match &self.failure {
+                Some(f) => Decider::Failure(f.kind, &f.reason),
+                None => Decider::Failure(Local::Protocol, "no reply"),
+            };
+            (status, decider)
         };
         match &self.mail {
             None => return failure(),
@@ -240,7 +246,12 @@ pub enum Event<T> {
     /// A submitted transaction that never went on the wire (the session ended first).
     Unsent(T),
     /// The session could not be set up (greeting or EHLO/HELO refused, or lost before it was ready).
-    Failed { reason: String, reply: Option<Reply> },
+    Failed {
+        reason: String,
+        reply: Option<Reply>,
+        /// What went wrong when no reply says it.
+        kind: Local,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,12 +566,12 @@ impl<T: Envelope> Session<T> {
             }
         }
         if let Err(e) = parsed {
-            self.connection_lost(&format!("protocol error: {e}"));
+            self.connection_lost(Local::Protocol, &format!("protocol error: {e}"));
         }
     }
 
     /// The connection broke, timed out or was closed: everything in flight fails with `reason`.
-    pub fn connection_lost(&mut self, reason: &str) {
+    pub fn connection_lost(&mut self, kind: Local, reason: &str) {
         if self.phase == Phase::Closed {
             return;
         }
@@ -571,10 +582,11 @@ impl<T: Envelope> Session<T> {
             self.events.push_back(Event::Failed {
                 reason: reason.to_string(),
                 reply: None,
+                kind,
             });
         }
         while let Some(mut flight) = self.flights.pop_front() {
-            flight.report.failure = Some(reason.to_string());
+            flight.report.failure = Some(Failure::new(kind, reason));
             self.events.push_back(Event::Done(flight.report));
         }
         if let Some(txn) = self.waiting.take() {
@@ -587,7 +599,7 @@ impl<T: Envelope> Session<T> {
 
     fn on_reply(&mut self, reply: Reply) {
         let Some((expect, sent)) = self.expects.pop_front() else {
-            return self.connection_lost(&format!("unexpected reply from server: {reply}"));
+            return self.connection_lost(Local::Protocol, &format!("unexpected reply from server: {reply}"));
         };
         let micros = if sent == UNSENT {
             0
@@ -630,7 +642,7 @@ impl<T: Envelope> Session<T> {
                     );
                     self.phase = Phase::StartTls;
                 } else if !self.secure && self.tls == TlsMode::Require {
-                    return self.give_up("TLS is required and the server does not offer STARTTLS");
+                    return self.give_up(Local::Tls, "TLS is required and the server does not offer STARTTLS");
                 } else {
                     self.authenticate_or_ready();
                 }
@@ -646,7 +658,10 @@ impl<T: Envelope> Session<T> {
             }
             Expect::Ehlo => return self.setup_failed("EHLO", reply),
             Expect::Helo if reply.is_positive() && self.tls == TlsMode::Require => {
-                return self.give_up("TLS is required and the server speaks HELO only, without STARTTLS");
+                return self.give_up(
+                    Local::Tls,
+                    "TLS is required and the server speaks HELO only, without STARTTLS",
+                );
             }
             Expect::Helo if reply.is_positive() => {
                 self.caps = Capabilities::default();
@@ -666,7 +681,10 @@ impl<T: Envelope> Session<T> {
                 // The server kept the transaction whose BDAT failed (RFC 3030 leaves its
                 // state open): this MAIL was refused for that, not for itself. Retry it.
                 let flight = self.flight(seq);
-                flight.report.failure = Some(format!("{reply} (after a failed BDAT; retried)"));
+                flight.report.failure = Some(Failure::new(
+                    Local::Protocol,
+                    format!("{reply} (after a failed BDAT; retried)"),
+                ));
                 flight.report.timing.mail = Some(micros);
                 self.rset_first = true;
             }
@@ -781,7 +799,7 @@ impl<T: Envelope> Session<T> {
             }
         }
         if let Some(summary) = summary {
-            return self.connection_lost(&format!("server closed the connection: {summary}"));
+            return self.connection_lost(Local::Closed, &format!("server closed the connection: {summary}"));
         }
         self.pump();
         self.maybe_quit();
@@ -793,7 +811,7 @@ impl<T: Envelope> Session<T> {
             return self.ready();
         };
         if !self.secure && !auth.allow_plaintext {
-            return self.give_up("AUTH needs TLS first (allow_plaintext_auth is off)");
+            return self.give_up(Local::Policy, "AUTH needs TLS first (allow_plaintext_auth is off)");
         }
         if self.caps.auth_plain {
             let token = BASE64.encode(format!("\0{}\0{}", auth.user, auth.password));
@@ -811,7 +829,7 @@ impl<T: Envelope> Session<T> {
                 Expect::AuthLoginUser,
             );
         } else {
-            return self.give_up("the server offers neither AUTH PLAIN nor AUTH LOGIN");
+            return self.give_up(Local::Policy, "the server offers neither AUTH PLAIN nor AUTH LOGIN");
         }
         self.phase = Phase::Auth;
     }
@@ -844,6 +862,7 @@ impl<T: Envelope> Session<T> {
         self.events.push_back(Event::Failed {
             reason,
             reply: Some(reply.clone()),
+            kind: Local::Refused,
         });
         if reply.code == 421 {
             self.expects.clear();
@@ -857,10 +876,11 @@ impl<T: Envelope> Session<T> {
     }
 
     /// Ends a session that cannot be used as policy wants, politely.
-    fn give_up(&mut self, reason: &str) {
+    fn give_up(&mut self, kind: Local, reason: &str) {
         self.events.push_back(Event::Failed {
             reason: reason.to_string(),
             reply: None,
+            kind,
         });
         self.expects.clear();
         push_command(&mut self.out, &mut self.expects, format_args!("QUIT"), Expect::Quit);
@@ -919,7 +939,7 @@ impl<T: Envelope> Session<T> {
                 rcpts: vec![None; n],
                 data: None,
                 dot: None,
-                failure: Some(failure),
+                failure: Some(Failure::new(Local::Message, failure)),
                 permanent: true,
                 timing: TxnTiming::default(),
                 chunked,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Core, Dest, Job};
+use crate::local::Local;
 use crate::shaping::{Knobs, Rule, RuleAction, Trigger};
 
 /// A rule in force on a destination until a time.
@@ -34,14 +35,24 @@ pub(crate) struct Automation {
 }
 
 impl Automation {
-    /// Counts a reply (`text`: "CODE ENHANCED TEXT", `local`: volley's own
-    /// failure) against `rules`; answers the rule that fires, if one does.
-    pub fn hit(&mut self, rules: &[Arc<Rule>], text: &str, local: bool, now: Instant) -> Option<Arc<Rule>> {
+    /// Counts a reply (`text`: "CODE ENHANCED TEXT") or volley's own failure
+    /// (`local`: its kind; then the regex sees "KIND: reason", and only
+    /// rules with `match_local` look) against `rules`; answers the rule that
+    /// fires, if one does.
+    pub fn hit(&mut self, rules: &[Arc<Rule>], text: &str, local: Option<Local>, now: Instant) -> Option<Arc<Rule>> {
         if self.hits.len() < rules.len() {
             self.hits.resize_with(rules.len(), VecDeque::new);
         }
+        let typed;
+        let text = match local {
+            Some(kind) => {
+                typed = format!("{kind}: {text}");
+                typed.as_str()
+            }
+            None => text,
+        };
         for (i, rule) in rules.iter().enumerate() {
-            if (local && !rule.match_local) || !rule.regex.is_match(text) {
+            if (local.is_some() && !rule.match_local) || !rule.regex.is_match(text) {
                 continue;
             }
             if self.in_force(rule, now) {
@@ -150,7 +161,7 @@ impl<J: Job> Core<J> {
     /// A reply from `dest` (or volley's own failure with it, `local`) that
     /// did not deliver: counted against the destination's rules. A rule
     /// that fires takes effect at once, and a timer lifts it.
-    pub(super) fn automation_hit(&mut self, dest: &Rc<Dest<J>>, text: &str, local: bool, now: Instant) {
+    pub(super) fn automation_hit(&mut self, dest: &Rc<Dest<J>>, text: &str, local: Option<Local>, now: Instant) {
         if dest.policy.rules.is_empty() {
             return;
         }
@@ -263,20 +274,20 @@ mod tests {
         let t0 = Instant::now();
         let s = |n| t0 + Duration::from_secs(n);
         let mut a = Automation::default();
-        assert!(a.hit(&r, "451 4.7.500 Server busy", false, s(0)).is_none());
-        assert!(a.hit(&r, "250 fine", false, s(1)).is_none(), "no match, no count");
-        assert!(a.hit(&r, "451 4.7.500 Server busy", false, s(30)).is_none());
+        assert!(a.hit(&r, "451 4.7.500 Server busy", None, s(0)).is_none());
+        assert!(a.hit(&r, "250 fine", None, s(1)).is_none(), "no match, no count");
+        assert!(a.hit(&r, "451 4.7.500 Server busy", None, s(30)).is_none());
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", false, s(70)).is_none(),
+            a.hit(&r, "451 4.7.500 Server busy", None, s(70)).is_none(),
             "the first hit left the window"
         );
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", false, s(80)).is_some(),
+            a.hit(&r, "451 4.7.500 Server busy", None, s(80)).is_some(),
             "three within a minute"
         );
         assert_eq!(a.suspended.as_ref().map(|x| x.until), Some(s(680)));
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", false, s(90)).is_none(),
+            a.hit(&r, "451 4.7.500 Server busy", None, s(90)).is_none(),
             "in force: not again"
         );
         assert!(a.lift(s(679)).is_empty());
@@ -292,14 +303,16 @@ mod tests {
         let now = Instant::now();
         let mut a = Automation::default();
         assert!(
-            a.hit(&r, "connect to x failed: Connection refused", true, now)
+            a.hit(&r, "connect to x failed: Connection refused", Some(Local::Connect), now)
                 .is_none()
         );
-        let fired = a.hit(&r, "timed out after 300s waiting for x", true, now).unwrap();
+        let fired = a
+            .hit(&r, "timed out after 300s waiting for x", Some(Local::Timeout), now)
+            .unwrap();
         assert!(matches!(fired.action, RuleAction::Set(_)));
         assert_eq!(a.overridden.as_ref().unwrap().1.max_connections, Some(1));
         assert!(
-            a.hit(&r, "550 refused", false, now).is_some(),
+            a.hit(&r, "550 refused", None, now).is_some(),
             "a reply matches the first"
         );
     }

@@ -244,7 +244,7 @@ impl<J: Job> Core<J> {
         now: Instant,
     ) {
         let txn = self.admit(job, domain, first_seen, now);
-        self.bounce(txn, enhanced, reason, now);
+        self.bounce(txn, crate::local::Local::Message, enhanced, reason, now);
     }
 
     fn admit(&mut self, job: J, domain: &str, first_seen: Instant, now: Instant) -> Txn<J> {

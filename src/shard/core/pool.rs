@@ -19,6 +19,7 @@ use super::automation::Automation;
 use super::pace::Pacer;
 use super::{Action, Core, Job, Txn};
 use crate::config::{Relay, SourceAddress};
+use crate::local::Local;
 use crate::shaping::{Policy, Rate};
 use crate::tls::TlsPolicy;
 
@@ -29,6 +30,8 @@ pub(crate) struct SetupFailure<'a> {
     pub auth: bool,
     /// The server's reply that refused us, if one did.
     pub reply: Option<&'a str>,
+    /// What went wrong, when no reply says it.
+    pub kind: Local,
 }
 
 /// A host to connect to: its name (for the log and TLS) and one of its addresses.
@@ -350,12 +353,13 @@ impl<J: Job> Core<J> {
         self.budgets.closed(&dest.key, self.index);
         if let Some(f) = failed {
             match f.reply {
-                Some(reply) => self.automation_hit(dest, reply, false, now),
-                None => self.automation_hit(dest, f.reason, true, now),
+                Some(reply) => self.automation_hit(dest, reply, None, now),
+                None => self.automation_hit(dest, f.reason, Some(f.kind), now),
             }
             if !dest.suspended(now) {
                 let pause = f.auth.then_some(self.cfg.retry.max_delay);
-                self.destination_failed(dest, f.reason, pause, now);
+                let kind = if f.reply.is_some() { Local::Refused } else { f.kind };
+                self.destination_failed(dest, kind, f.reason, pause, now);
             }
         }
         if dest.has_work() {
@@ -366,7 +370,14 @@ impl<J: Job> Core<J> {
     /// A connection could not be set up. With no other live connection the
     /// destination is backed off and everything queued for it is deferred;
     /// `pause` backs it off for at least that long (a relay refusing our credentials).
-    fn destination_failed(&mut self, dest: &Rc<Dest<J>>, reason: &str, pause: Option<Duration>, now: Instant) {
+    fn destination_failed(
+        &mut self,
+        dest: &Rc<Dest<J>>,
+        kind: Local,
+        reason: &str,
+        pause: Option<Duration>,
+        now: Instant,
+    ) {
         if dest.ready.get() > 0 && pause.is_none() {
             return;
         }
@@ -377,7 +388,7 @@ impl<J: Job> Core<J> {
         *dest.last_error.borrow_mut() = reason.to_string();
         let queued: Vec<Txn<J>> = dest.queue.borrow_mut().drain(..).collect();
         for txn in queued {
-            self.defer(txn, reason, Some(dest), now);
+            self.defer(txn, kind, reason, Some(dest), now);
         }
     }
 
@@ -399,7 +410,7 @@ impl<J: Job> Core<J> {
             if txn.held && now >= txn.first_seen + txn.domain.retry().max_age {
                 // Waited for a suspension to end past max_age.
                 let reason = format!("not sent within max_age: {} was suspended", dest.label);
-                self.defer(txn, &reason, Some(dest), now);
+                self.defer(txn, Local::Suspended, &reason, Some(dest), now);
                 continue;
             }
             txn.started = now;

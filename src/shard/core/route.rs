@@ -13,6 +13,7 @@ use super::retry::Backoff;
 use super::{Action, Core, Dest, Job, Txn};
 use crate::config::{Retry, Target};
 use crate::dns::{MxAnswer, MxHost};
+use crate::local::Local;
 use crate::metrics::DomainSlot;
 use crate::shard::intake::DomainLoad;
 use crate::smtp::Enhanced;
@@ -166,7 +167,7 @@ impl<J: Job> Core<J> {
             _ => None,
         };
         if let Some((reason, category)) = backed_off {
-            return self.defer_as(txn, &reason, None, Some(&category), now);
+            return self.defer_as(txn, Local::DomainBackedOff, &reason, None, Some(&category), now);
         }
         let way = {
             let route = domain.route.borrow();
@@ -188,7 +189,7 @@ impl<J: Job> Core<J> {
         };
         let dest = match way {
             Way::Dest(d) => d,
-            Way::Bounce(enhanced, reason) => return self.bounce(txn, enhanced, &reason, now),
+            Way::Bounce(enhanced, reason) => return self.bounce(txn, Local::NoSuchDomain, enhanced, &reason, now),
             Way::Waiting => {
                 if let DomainRoute::Resolving(waiting) = &mut *domain.route.borrow_mut() {
                     waiting.push(txn);
@@ -202,7 +203,7 @@ impl<J: Job> Core<J> {
             }
             Way::NoResolver => {
                 let reason = format!("no route for {} and no resolver", domain.name);
-                return self.defer(txn, &reason, None, now);
+                return self.defer(txn, Local::NoResolver, &reason, None, now);
             }
         };
         self.enqueue(txn, &dest, now);
@@ -222,7 +223,7 @@ impl<J: Job> Core<J> {
                 dest.label,
                 dest.last_error.borrow()
             );
-            return self.defer(txn, &reason, Some(dest), now);
+            return self.defer(txn, Local::DestinationDown, &reason, Some(dest), now);
         }
         // A destination may take fewer recipients per transaction than ingest groups.
         let max = dest.policy.max_rcpts_per_txn.max(1);
@@ -307,7 +308,7 @@ impl<J: Job> Core<J> {
         // They were routed before they waited: the answer is not a cache hit.
         for txn in waiting {
             match (&temporary, &found) {
-                (Some(why), _) => self.defer(txn, why, None, now),
+                (Some(why), _) => self.defer(txn, Local::Dns, why, None, now),
                 (None, Some(dest)) => self.enqueue(txn, dest, now),
                 (None, None) => self.dispatch(txn, now),
             }

@@ -9,6 +9,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use super::{Candidate, Core, Dest, Job, Txn};
+use crate::local::Local;
 use crate::metrics::Phase;
 use crate::outcome::{LogRecord, Outcome};
 use crate::smtp::{Command, Decider, Enhanced, Status, TxnReport};
@@ -18,6 +19,8 @@ struct Said<'a> {
     code: Option<u16>,
     enhanced: Option<Enhanced>,
     text: &'a str,
+    /// volley's own failure, when no reply decided.
+    local: Option<Local>,
     /// A category decided beforehand instead of classifying this.
     category: Option<&'a str>,
 }
@@ -29,12 +32,14 @@ impl<'a> From<Decider<'a>> for Said<'a> {
                 code: Some(r.code),
                 enhanced: r.enhanced,
                 text: &r.text,
+                local: None,
                 category: None,
             },
-            Decider::Failure(s) => Said {
+            Decider::Failure(kind, s) => Said {
                 code: None,
                 enhanced: None,
                 text: s,
+                local: Some(kind),
                 category: None,
             },
         }
@@ -69,8 +74,8 @@ impl<J: Job> Core<J> {
         // where the deferred recipients wait).
         let refusal = (0..txn.job.rcpt_count()).find_map(|i| match report.verdict(i) {
             (Status::Delivered, _) => None,
-            (_, Decider::Reply(r)) => Some((r.to_string(), false)),
-            (_, Decider::Failure(f)) => Some((f.to_string(), true)),
+            (_, Decider::Reply(r)) => Some((r.to_string(), None)),
+            (_, Decider::Failure(kind, f)) => Some((f.to_string(), Some(kind))),
         });
         if let Some((text, local)) = refusal {
             self.automation_hit(dest, &text, local, now);
@@ -112,10 +117,13 @@ impl<J: Job> Core<J> {
             let decider = report.verdict(0).1;
             let text = match decider {
                 Decider::Reply(r) => r.to_string(),
-                Decider::Failure(f) => f.to_string(),
+                Decider::Failure(_, f) => f.to_string(),
             };
             let said = Said::from(decider);
-            (text, classifier.classify(said.code, said.enhanced, said.text))
+            (
+                text,
+                classifier.classify(said.code, said.enhanced, said.text, said.local),
+            )
         });
         if deferred.is_empty() {
             return;
@@ -138,14 +146,15 @@ impl<J: Job> Core<J> {
     }
 
     /// Defers (or expires) every recipient of a transaction for a local reason.
-    pub(super) fn defer(&mut self, txn: Txn<J>, reason: &str, dest: Option<&Dest<J>>, now: Instant) {
-        self.defer_as(txn, reason, dest, None, now)
+    pub(super) fn defer(&mut self, txn: Txn<J>, kind: Local, reason: &str, dest: Option<&Dest<J>>, now: Instant) {
+        self.defer_as(txn, kind, reason, dest, None, now)
     }
 
     /// `defer`, with the category given instead of classified from the reason.
     pub(super) fn defer_as(
         &mut self,
         txn: Txn<J>,
+        kind: Local,
         reason: &str,
         dest: Option<&Dest<J>>,
         category: Option<&str>,
@@ -158,6 +167,7 @@ impl<J: Job> Core<J> {
                 code: None,
                 enhanced: None,
                 text: reason,
+                local: Some(kind),
                 category,
             };
             let at = At {
@@ -179,16 +189,17 @@ impl<J: Job> Core<J> {
             subject: 7,
             detail: 1,
         };
-        self.bounce(txn, enhanced, &reason, now);
+        self.bounce(txn, Local::RuleBounce, enhanced, &reason, now);
     }
 
     /// Bounces every recipient of a transaction for a local, permanent reason.
-    pub(super) fn bounce(&mut self, txn: Txn<J>, enhanced: Enhanced, reason: &str, now: Instant) {
+    pub(super) fn bounce(&mut self, txn: Txn<J>, kind: Local, enhanced: Enhanced, reason: &str, now: Instant) {
         for i in 0..txn.job.rcpt_count() {
             let said = Said {
                 code: None,
                 enhanced: Some(enhanced),
                 text: reason,
+                local: Some(kind),
                 category: None,
             };
             self.record(&txn, i, Outcome::Bounced, said, At::default(), now);
@@ -201,10 +212,10 @@ impl<J: Job> Core<J> {
             self.domain_load(&txn.domain, |l, b| l.finished(1, b));
         }
         let category = match outcome {
-            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(
-                said.category
-                    .unwrap_or_else(|| self.classifier.classify(said.code, said.enhanced, said.text)),
-            ),
+            Outcome::Bounced | Outcome::Deferred | Outcome::Expired => Some(said.category.unwrap_or_else(|| {
+                self.classifier
+                    .classify(said.code, said.enhanced, said.text, said.local)
+            })),
             Outcome::Delivered | Outcome::Rejected => None,
         };
         self.metrics.with(&txn.domain.slot, |m| m.outcome(outcome, category));
@@ -228,6 +239,7 @@ impl<J: Job> Core<J> {
                 tls: at.tls,
                 category,
                 rule: at.rule,
+                local: said.local.map(Local::name),
             },
         );
     }

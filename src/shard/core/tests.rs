@@ -245,6 +245,7 @@ impl Rig {
             reason,
             auth: false,
             reply: None,
+            kind: crate::local::Local::Connect,
         };
         self.core.connection_closed(dest, Some(failed), self.now);
     }
