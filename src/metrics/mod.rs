@@ -581,6 +581,9 @@ pub struct ShardSnapshot {
     pub rule_firings: Vec<((String, String, &'static str), u64)>,
     /// Seconds destinations spent suspended or under an override, by scope and action.
     pub shaped_seconds: Vec<((String, &'static str), f64)>,
+    /// The shaping limits in force, by scope and limit: the most restrictive
+    /// over the scope's destinations (a rule's override included).
+    pub limits: Vec<((String, &'static str), f64)>,
 }
 
 /// A request to a shard for its snapshot.

@@ -334,6 +334,21 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         COUNTER,
         "Time destinations spent under automation rules, by scope and action (seconds, summed over destinations and shards).",
     );
+    let mut limit = Family::new(
+        "volley_shaping_limit",
+        GAUGE,
+        "Shaping limits in force by scope: max_connections, max_deliveries_per_connection, max_message_rate and max_connection_rate (per second); the most restrictive over the scope's destinations, a rule's override included.",
+    );
+    let mut limits: std::collections::BTreeMap<(String, &str), f64> = Default::default();
+    for s in &m.shards {
+        for ((scope, l), v) in &s.limits {
+            let e = limits.entry((scope.clone(), *l)).or_insert(*v);
+            *e = e.min(*v);
+        }
+    }
+    for ((scope, l), v) in &limits {
+        limit.gauge(&[("scope", scope), ("limit", l)], *v);
+    }
     let mut fired: std::collections::BTreeMap<(String, String, &str), u64> = Default::default();
     let mut in_force: std::collections::BTreeMap<(String, String, &str), u64> = Default::default();
     let mut seconds: std::collections::BTreeMap<(String, &str), f64> = Default::default();
@@ -368,6 +383,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         backlog,
         spool_rcpts,
         files,
+        limit,
         firings,
         active,
         shaped,
@@ -410,6 +426,10 @@ mod tests {
                 Vec::new()
             },
             shaped_seconds: vec![(("provider.google".into(), "set"), 1.5)],
+            limits: vec![(
+                ("provider.google".into(), "max_connections"),
+                if active { 2.0 } else { 20.0 },
+            )],
             ..ShardSnapshot::default()
         };
         let m = merge(vec![shard(0, true), shard(1, false)], 10);
@@ -420,6 +440,10 @@ mod tests {
         assert!(
             t.contains(r#"volley_automation_seconds_total{scope="provider.google",action="set"} 3"#),
             "{t}"
+        );
+        assert!(
+            t.contains(r#"volley_shaping_limit{scope="provider.google",limit="max_connections"} 2"#),
+            "the most restrictive over the shards: {t}"
         );
     }
 }

@@ -411,6 +411,22 @@ impl<J: Job> Core<J> {
                 *shaped.entry(key).or_default() += (now - active.since).as_secs_f64();
             }
         }
+        let mut limits: std::collections::BTreeMap<(String, &'static str), f64> = Default::default();
+        for d in self.dests.values() {
+            let mut put = |limit: &'static str, v: f64| {
+                let e = limits.entry((d.policy.scope.clone(), limit)).or_insert(v);
+                *e = e.min(v);
+            };
+            put("max_connections", f64::from(d.cap()));
+            put("max_deliveries_per_connection", d.deliveries_per_connection() as f64);
+            if let Some(r) = d.message_rate() {
+                put("max_message_rate", r.per_second());
+            }
+            if let Some(r) = d.connection_rate() {
+                put("max_connection_rate", r.per_second());
+            }
+        }
+        snap.limits = limits.into_iter().collect();
         snap.rule_firings = self.rule_firings.iter().map(|(k, v)| (k.clone(), *v)).collect();
         snap.shaped_seconds = shaped.into_iter().collect();
         if !full || !metrics.enabled() {

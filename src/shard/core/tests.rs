@@ -857,6 +857,15 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
     assert_eq!(dest.cap(), 10, "one hit of two");
     busy(&mut r, &dest);
     assert_eq!(dest.cap(), 1, "fired: one connection");
+    let limits = r.core.snapshot(false, r.now).limits;
+    assert!(
+        limits.contains(&(("default".to_string(), "max_connections"), 1.0)),
+        "{limits:?}"
+    );
+    assert!(
+        limits.contains(&(("default".to_string(), "max_message_rate"), 1.0)),
+        "{limits:?}"
+    );
     assert_eq!(dest.message_rate(), Some("1/s".parse().unwrap()));
     assert!(r.core.should_leave(&dest), "connections over the new cap leave");
     assert!(r.answer(&dest, 250));
