@@ -5,11 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dumped_rcpts, finals, read_log, spool};
-use volley::collector::Summary;
+use common::{dumped_rcpts, finals, read_log, send_all, spool};
 use volley::config::Config;
 use volley::outcome::Outcome;
-use volley::send::{Progress, SendOptions, send};
 use volley::sink::{Sink, SinkOptions};
 
 fn config(route: &str, log: &std::path::Path) -> Config {
@@ -23,17 +21,6 @@ fn config(route: &str, log: &std::path::Path) -> Config {
     c.retry.max_delay = Duration::from_millis(200);
     c.idle_timeout = Duration::from_millis(500);
     c
-}
-
-fn run_send(spools: Vec<std::path::PathBuf>, config: Config) -> Summary {
-    send(SendOptions {
-        spools,
-        config,
-        progress: Progress::Off,
-        stop: None,
-        watch: None,
-    })
-    .expect("send completes")
 }
 
 #[test]
@@ -52,7 +39,7 @@ fn clean_run_delivers_each_recipient_exactly_once() {
     let mut cfg = config(&format!("*={}", sink.addr()), &log);
     cfg.max_connections_per_destination = 4;
     cfg.max_messages_per_connection = 50;
-    let summary = run_send(vec![path], cfg);
+    let summary = send_all(vec![path], cfg);
     let counts = sink.stop();
     assert_eq!(summary.count(Outcome::Delivered), 2100);
     assert_eq!(summary.recipients, 2100);
@@ -103,7 +90,7 @@ fn faults_case(chunking: bool) -> volley::sink::SinkCounts {
     .unwrap();
     let (path, all) = spool(dir.path(), "faults", 1500, 2, 30);
     let log = dir.path().join("log.jsonl");
-    let summary = run_send(vec![path], config(&format!("*={}", sink.addr()), &log));
+    let summary = send_all(vec![path], config(&format!("*={}", sink.addr()), &log));
     let counts = sink.stop();
     let records = read_log(&log);
     let f = finals(&records);
@@ -178,7 +165,7 @@ fn an_unreachable_destination_is_retried_then_expires_at_max_age() {
     let log = dir.path().join("log.jsonl");
     let mut cfg = config(&format!("*={dead}"), &log);
     cfg.retry.max_age = Duration::from_millis(400);
-    let summary = run_send(vec![path], cfg);
+    let summary = send_all(vec![path], cfg);
     assert_eq!(summary.count(Outcome::Expired), 1);
     let records = read_log(&log);
     let f = finals(&records);
@@ -215,7 +202,7 @@ fn bad_lines_are_rejected_with_file_and_line_and_the_rest_goes_out() {
     let path = dir.path().join("bad.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     let log = dir.path().join("log.jsonl");
-    let summary = run_send(vec![path], config(&format!("*={}", sink.addr()), &log));
+    let summary = send_all(vec![path], config(&format!("*={}", sink.addr()), &log));
     let counts = sink.stop();
     let f = finals(&read_log(&log));
     let get = |id: &str, rcpt: &str| f[&(id.to_string(), rcpt.to_string())].clone();
@@ -275,7 +262,7 @@ fn connections_rotate_over_source_addresses_with_their_ehlo_names() {
     .unwrap()
     .source_addresses;
     cfg.ehlo_name = Some("default.sender.test".into());
-    let summary = run_send(vec![path], cfg);
+    let summary = send_all(vec![path], cfg);
     sink.stop();
     assert_eq!(summary.count(Outcome::Delivered), all.len() as u64);
     let peers = common::dumped_peers(&dump);
@@ -316,7 +303,7 @@ fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
     std::fs::write(&rules, "[[rule]]\ncategory = \"rate-limited\"\ncodes = [450]\n").unwrap();
     cfg.bounce_rules = Some(rules);
     cfg.retry.max_age = Duration::from_millis(600);
-    let summary = run_send(vec![path], cfg);
+    let summary = send_all(vec![path], cfg);
     let counts = sink.stop();
     assert_eq!(summary.count(Outcome::Expired), all.len() as u64);
     let records = read_log(&log);
@@ -374,7 +361,7 @@ fn throttled_domain_case(max_deferred: usize) -> (u64, u64, bool) {
     cfg.retry.initial = Duration::from_secs(60);
     cfg.retry.max_delay = Duration::from_secs(60);
     cfg.retry.max_age = Duration::from_secs(3);
-    let summary = run_send(vec![path], cfg);
+    let summary = send_all(vec![path], cfg);
     throttling.stop();
     open.stop();
     let outcomes: Vec<String> = read_log(&log)
@@ -437,7 +424,7 @@ fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
     let log = dir.path().join("log.jsonl");
     let mut cfg = config(&format!("*={}", sink.addr()), &log);
     cfg.max_job_line_bytes = 4096;
-    let summary = run_send(vec![path, empty], cfg);
+    let summary = send_all(vec![path, empty], cfg);
     let counts = sink.stop();
     let f = finals(&read_log(&log));
     let by_id = |id: &str| f.iter().find(|((i, _), _)| i == id).map(|(_, r)| r.clone()).unwrap();
@@ -496,7 +483,7 @@ fn several_files_go_out_side_by_side() {
     let mut cfg = config(&format!("*={}", sink.addr()), &log);
     cfg.shards = Some(1);
     cfg.max_queued_recipients_per_shard = 300;
-    let summary = run_send(spools, cfg);
+    let summary = send_all(spools, cfg);
     sink.stop();
     assert_eq!(summary.count(Outcome::Delivered), 6000);
     let records = read_log(&log);
@@ -548,7 +535,7 @@ fn a_domain_that_does_not_answer_holds_up_nothing_else() {
     cfg.add_route(&format!("slow.test={}", gate.addr)).unwrap();
     cfg.max_queued_recipients_per_shard = 1000;
     cfg.max_queued_recipients_per_domain = 300;
-    let send = std::thread::spawn(move || run_send(vec![path], cfg));
+    let send = std::thread::spawn(move || send_all(vec![path], cfg));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let others_final = loop {
         if !log.exists() {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dumped_rcpts, finals, read_log, spool};
+use common::{dumped_rcpts, finals, read_log, send_all, spool};
 use volley::config::Config;
 use volley::outcome::Outcome;
 use volley::send::{Progress, SendOptions, send};
@@ -38,17 +38,6 @@ fn config(sink: &Sink, log: &std::path::Path, shaping: Option<&std::path::Path>)
     c
 }
 
-fn run(cfg: Config, spool: std::path::PathBuf) -> volley::collector::Summary {
-    send(SendOptions {
-        spools: vec![spool],
-        config: cfg,
-        progress: Progress::Off,
-        stop: None,
-        watch: None,
-    })
-    .expect("send completes")
-}
-
 #[test]
 fn a_configured_rate_under_the_receivers_draws_no_throttle_reply() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,7 +47,7 @@ fn a_configured_rate_under_the_receivers_draws_no_throttle_reply() {
     let shaping = dir.path().join("shaping.toml");
     std::fs::write(&shaping, "[\"d0.test\"]\nmax_message_rate = \"150/s\"\n").unwrap();
     let log = dir.path().join("log.jsonl");
-    let summary = run(config(&sink, &log, Some(&shaping)), path);
+    let summary = send_all(vec![path], config(&sink, &log, Some(&shaping)));
     let counts = sink.stop();
     assert_eq!(counts.throttled, 0, "{counts}");
     assert_eq!(summary.count(Outcome::Delivered), 300);
@@ -77,7 +66,7 @@ fn without_a_limit_the_receiver_throttles_and_every_recipient_still_ends_once() 
     let sink = throttling_sink(&dump, "200/s");
     let (path, all) = spool(dir.path(), "unpaced", 150, 1, 1);
     let log = dir.path().join("log.jsonl");
-    let summary = run(config(&sink, &log, None), path);
+    let summary = send_all(vec![path], config(&sink, &log, None));
     let counts = sink.stop();
     assert!(counts.throttled > 0, "unshaped, the sink throttles: {counts}");
     let records = read_log(&log);
@@ -134,7 +123,7 @@ fn a_rule_slows_a_throttling_destination_and_the_throttle_replies_stop() {
     let log = dir.path().join("log.jsonl");
     let cfg = config(&sink, &log, Some(&shaping));
     let most = cfg.max_connections_per_destination as u64;
-    let summary = run(cfg, path);
+    let summary = send_all(vec![path], cfg);
     let counts = sink.stop();
     // The first throttle reply fires the rule; a 421 closes its session, so
     // at most one more per connection open at that moment.
@@ -207,7 +196,7 @@ fn a_suspended_destination_holds_up_no_other_domain() {
             ..Default::default()
         },
     );
-    let summary = run(cfg, path);
+    let summary = send_all(vec![path], cfg);
     throttled.stop();
     plain.stop();
     let records = read_log(&log);

@@ -40,7 +40,7 @@ use crate::messages::MessageFile;
 use crate::metrics::export::ShardLink;
 use crate::outcome::{JobId, OutcomeBatch, RcptKey};
 use crate::smtp::{Enhanced, WireMessage};
-use crate::spool::{self, MappedFile, Span};
+use crate::spool::{MappedFile, Span};
 use crate::tls::TlsClient;
 
 /// How often a shard hands its outcomes to the collector (short: an outcome
@@ -312,6 +312,8 @@ async fn timers(shard: Rc<Shard>) {
         let next = shard.core.borrow().next_timeout();
         if next.is_some_and(|t| t <= now) {
             shard.with(|c| c.handle_timeout(now));
+            // Let the connections run before looking again.
+            futures_lite::future::yield_now().await;
             continue;
         }
         let wait = next.map_or(IDLE_POLL, |t| t - now).min(IDLE_POLL);
@@ -400,8 +402,6 @@ impl Shard {
             }),
         };
         let longest = body.wire.longest_line;
-        let first = item.rcpts[0].addr.clone();
-        let domain = spool::domain_of(first.get(file.file.bytes()));
         let job = SpoolJob {
             file: file.clone(),
             line: item.line,
@@ -419,9 +419,9 @@ impl Shard {
                 subject: 6,
                 detail: 0,
             };
-            return self.with(|c| c.refuse(job, domain, item.first_seen, enhanced, &reason, now));
+            return self.with(|c| c.refuse(job, item.first_seen, enhanced, &reason, now));
         }
-        self.with(|c| c.accept(job, domain, item.first_seen, now));
+        self.with(|c| c.accept(job, item.first_seen, now));
     }
 
     /// The wire form of a message file, prepared once and shared while any

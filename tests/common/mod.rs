@@ -183,3 +183,15 @@ impl Gate {
         cv.notify_all();
     }
 }
+
+/// Sends `spools` with `config` in this process, without a progress bar, to the end.
+pub fn send_all(spools: Vec<PathBuf>, config: volley::config::Config) -> volley::collector::Summary {
+    volley::send::send(volley::send::SendOptions {
+        spools,
+        config,
+        progress: volley::send::Progress::Off,
+        stop: None,
+        watch: None,
+    })
+    .expect("send completes")
+}

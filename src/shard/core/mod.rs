@@ -226,29 +226,21 @@ impl<J: Job> Core<J> {
         }
     }
 
-    /// A new transaction from ingest, for `domain`, sent on its way.
-    pub fn accept(&mut self, job: J, domain: &str, first_seen: Instant, now: Instant) {
-        let txn = self.admit(job, domain, first_seen, now);
+    /// A new transaction from ingest (its recipients share a domain), sent on its way.
+    pub fn accept(&mut self, job: J, first_seen: Instant, now: Instant) {
+        let txn = self.admit(job, first_seen, now);
         self.dispatch(txn, now);
     }
 
     /// A new transaction from ingest that cannot be sent as it is: its
     /// recipients bounce with `reason`.
-    pub fn refuse(
-        &mut self,
-        job: J,
-        domain: &str,
-        first_seen: Instant,
-        enhanced: crate::smtp::Enhanced,
-        reason: &str,
-        now: Instant,
-    ) {
-        let txn = self.admit(job, domain, first_seen, now);
+    pub fn refuse(&mut self, job: J, first_seen: Instant, enhanced: crate::smtp::Enhanced, reason: &str, now: Instant) {
+        let txn = self.admit(job, first_seen, now);
         self.bounce(txn, crate::local::Local::Message, enhanced, reason, now);
     }
 
-    fn admit(&mut self, job: J, domain: &str, first_seen: Instant, now: Instant) -> Txn<J> {
-        let domain = self.domain(domain);
+    fn admit(&mut self, job: J, first_seen: Instant, now: Instant) -> Txn<J> {
+        let domain = self.domain(crate::spool::domain_of(job.rcpt(0)));
         let n = job.rcpt_count() as u64;
         self.intake.received(n);
         self.domain_load(&domain, |l, b| l.received(n, b));

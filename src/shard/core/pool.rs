@@ -358,8 +358,7 @@ impl<J: Job> Core<J> {
             }
             if !dest.suspended(now) {
                 let pause = f.auth.then_some(self.cfg.retry.max_delay);
-                let kind = if f.reply.is_some() { Local::Refused } else { f.kind };
-                self.destination_failed(dest, kind, f.reason, pause, now);
+                self.destination_failed(dest, f.kind, f.reason, pause, now);
             }
         }
         if dest.has_work() {

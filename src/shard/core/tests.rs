@@ -143,7 +143,7 @@ impl Rig {
             rcpts: (0..n).map(|i| (format!("r{i}@{domain}"), i)).collect(),
             wire: WireMessage::prepare(b"Subject: t\r\n\r\nhello\r\n"),
         };
-        self.core.accept(job, domain, self.now, self.now);
+        self.core.accept(job, self.now, self.now);
     }
 
     fn actions(&mut self) -> Vec<Action<TestJob>> {
