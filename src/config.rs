@@ -56,8 +56,6 @@ pub struct Config {
     pub retry: Retry,
     /// Retry schedules per domain (complete tables; unset keys take the built-in defaults).
     pub retry_domain: BTreeMap<String, Retry>,
-    /// Deferred transactions in a row after which a whole domain is backed off.
-    pub domain_backoff_after: u32,
     /// Traffic shaping files, layered in order over the built-in
     /// deploy/shaping.toml (paths as given, like `bounce_rules`).
     pub shaping: Vec<PathBuf>,
@@ -134,7 +132,6 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             retry: Retry::default(),
             retry_domain: BTreeMap::new(),
-            domain_backoff_after: 10,
             shaping: Vec::new(),
             routes: BTreeMap::new(),
             mx_port: 25,
@@ -379,6 +376,17 @@ impl Retry {
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        if let Ok(t) = toml::from_str::<toml::Table>(&text)
+            && t.contains_key("domain_backoff_after")
+        {
+            bail!(
+                "bad config {}: domain_backoff_after is gone: a destination that defers every transaction is now \
+                 suspended by the automation rule \"deferred-in-a-row\" (10 in a row, 1m) of the built-in \
+                 deploy/shaping.toml; to change it, give a [[default.automation]] rule of that name in a \
+                 shaping file (see the README's traffic shaping section)",
+                path.display()
+            );
+        }
         toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))
     }
 
@@ -720,7 +728,6 @@ mod tests {
         assert_eq!(cfg.idle_timeout, d.idle_timeout);
         assert_eq!(format!("{:?}", cfg.timeouts), format!("{:?}", d.timeouts));
         assert_eq!(format!("{:?}", cfg.retry), format!("{:?}", d.retry));
-        assert_eq!(cfg.domain_backoff_after, d.domain_backoff_after);
         assert_eq!(cfg.max_job_line_bytes, d.max_job_line_bytes);
         assert_eq!(
             (
@@ -807,6 +814,18 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("max_conections = 3").unwrap_err();
         assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn the_old_domain_backoff_key_says_what_replaced_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.toml");
+        std::fs::write(&path, "domain_backoff_after = 3\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("v.toml: domain_backoff_after is gone") && err.contains("\"deferred-in-a-row\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -29,8 +29,6 @@ pub enum Local {
     NoResolver,
     /// The destination is backed off after its connections failed.
     DestinationDown,
-    /// The domain is backed off as a whole after deferrals in a row.
-    DomainBackedOff,
     /// The destination was suspended by an automation rule past max_age.
     Suspended,
     /// The message or an address cannot go as it is (a line too long, an
@@ -41,7 +39,7 @@ pub enum Local {
 }
 
 impl Local {
-    pub const ALL: [Local; 15] = [
+    pub const ALL: [Local; 14] = [
         Local::Connect,
         Local::Timeout,
         Local::Closed,
@@ -53,7 +51,6 @@ impl Local {
         Local::NoSuchDomain,
         Local::NoResolver,
         Local::DestinationDown,
-        Local::DomainBackedOff,
         Local::Suspended,
         Local::Message,
         Local::RuleBounce,
@@ -73,7 +70,6 @@ impl Local {
             Local::NoSuchDomain => "no-such-domain",
             Local::NoResolver => "no-resolver",
             Local::DestinationDown => "destination-down",
-            Local::DomainBackedOff => "domain-backed-off",
             Local::Suspended => "suspended",
             Local::Message => "message",
             Local::RuleBounce => "rule-bounce",

@@ -168,6 +168,11 @@ pub enum Trigger {
     Immediate,
     /// When `hits` matching replies come within `window`.
     Threshold { hits: u32, window: Duration },
+    /// When this many transactions in a row are deferred whole (every
+    /// recipient deferred, the deciding reply or failure matching); a
+    /// transaction that delivers or bounces a recipient ends the streak.
+    /// Such a rule matches only transactions deferred whole.
+    InARow(u32),
 }
 
 /// What a rule does to the destination while it is active.
@@ -238,8 +243,14 @@ impl Rule {
                     window: r.per,
                 }
             }
+            Some(toml::Value::Table(t)) if t.len() == 1 && t.contains_key("in_a_row") => match t["in_a_row"] {
+                toml::Value::Integer(n) if n >= 1 && n <= u32::MAX as i64 => Trigger::InARow(n as u32),
+                ref v => bail!("{at}: trigger.in_a_row = {v} (want a count of transactions, at least 1)"),
+            },
             Some(other) => {
-                bail!("{at}: trigger = {other} (want \"immediate\" or {{ threshold = \"3/10min\" }})")
+                bail!(
+                    "{at}: trigger = {other} (want \"immediate\", {{ threshold = \"3/10min\" }} or {{ in_a_row = 10 }})"
+                )
             }
         };
         let action = match spec.action {
@@ -250,6 +261,19 @@ impl Rule {
                 let knobs =
                     Knobs::deserialize(set).map_err(|e| anyhow::anyhow!("{at}: action.set: {}", e.message()))?;
                 knobs.check(&format!("{at}: action.set"))?;
+                let fixed = [
+                    ("tls", knobs.tls.is_some()),
+                    ("source_addresses", knobs.source_addresses.is_some()),
+                    ("idle_timeout", knobs.idle_timeout.is_some()),
+                    ("retry", knobs.retry.is_some()),
+                ];
+                if let Some((key, _)) = fixed.iter().find(|(_, set)| *set) {
+                    bail!(
+                        "{at}: action.set: {key} cannot be changed by a rule (a rule sets max_connections, \
+                         max_message_rate, max_connection_rate, max_deliveries_per_connection, \
+                         max_rcpts_per_txn, pipeline_window)"
+                    );
+                }
                 RuleAction::Set(Box::new(knobs))
             }
             other => bail!("{at}: action = {other} (want \"suspend\", \"bounce\" or {{ set = {{ … }} }})"),
@@ -477,11 +501,31 @@ fn add_scope(scope: &mut Scope, mut t: toml::Table, at: &str) -> anyhow::Result<
         let toml::Value::Array(rules) = rules else {
             bail!("{at}: automation must be an array of tables ([[…automation]])");
         };
-        let first = scope.rules.len();
-        for (i, r) in rules.into_iter().enumerate() {
-            scope
-                .rules
-                .push(Arc::new(Rule::parse(r, &format!("{at} automation[{}]", first + i))?));
+        for (i, mut r) in rules.into_iter().enumerate() {
+            let at = format!("{at} automation[{i}]");
+            let enabled = match r.as_table_mut().and_then(|t| t.remove("enabled")) {
+                None => true,
+                Some(toml::Value::Boolean(b)) => b,
+                Some(v) => bail!("{at}: enabled = {v} (want true or false)"),
+            };
+            if !enabled {
+                // Removes an earlier file's rule of that name from this scope.
+                let name = r.get("name").and_then(|n| n.as_str());
+                let Some(name) = name else {
+                    bail!("{at}: enabled = false needs the name of the rule it turns off");
+                };
+                if !scope.rules.iter().any(|x| x.name == name) {
+                    bail!("{at}: enabled = false, but this scope has no rule named {name:?}");
+                }
+                scope.rules.retain(|x| x.name != name);
+                continue;
+            }
+            let rule = Arc::new(Rule::parse(r, &at)?);
+            // A rule named like an earlier one of this scope replaces it.
+            match scope.rules.iter_mut().find(|x| x.name == rule.name) {
+                Some(x) => *x = rule,
+                None => scope.rules.push(rule),
+            }
         }
     }
     Ok(())
@@ -606,14 +650,24 @@ mod tests {
             let first = p
                 .rules
                 .iter()
-                .find(|r| r.regex.is_match(reply))
+                .find(|r| !matches!(r.trigger, Trigger::InARow(_)) && r.regex.is_match(reply))
                 .map(|r| r.name.as_str());
             assert_eq!(first, Some(want), "{domain} ({}): {reply}", p.scope);
         }
         // A reply that is not a throttle fires nothing.
         let p = s.policy(&cfg, "gmail.com", &["gmail-smtp-in.l.google.com"]);
         let bounce = "550 5.1.1 The email account that you tried to reach does not exist.";
-        assert!(p.rules.iter().all(|r| !r.regex.is_match(bounce)));
+        assert!(
+            p.rules
+                .iter()
+                .all(|r| matches!(r.trigger, Trigger::InARow(_)) || !r.regex.is_match(bounce))
+        );
+        // Every destination has the streak rule (it counts only transactions
+        // deferred whole, never a bounce): last, after the reply rules.
+        let last = p.rules.last().unwrap();
+        assert_eq!(last.name, "deferred-in-a-row");
+        assert!(matches!(last.trigger, Trigger::InARow(10)) && !last.match_local);
+        assert!(matches!(last.action, RuleAction::Suspend));
     }
 
     #[test]
@@ -685,6 +739,18 @@ mod tests {
                 "f.toml: [default] automation[0]: trigger.threshold:",
             ),
             (
+                "[[default.automation]]\nregex = \"x\"\ntrigger = { in_a_row = 0 }\naction = \"suspend\"\nduration = \"1m\"\n",
+                "f.toml: [default] automation[0]: trigger.in_a_row = 0",
+            ),
+            (
+                "[[default.automation]]\nname = \"nope\"\nenabled = false\n",
+                "f.toml: [default] automation[0]: enabled = false, but this scope has no rule named \"nope\"",
+            ),
+            (
+                "[[default.automation]]\nregex = \"x\"\naction = { set = { tls = \"disabled\" } }\nduration = \"1m\"\n",
+                "f.toml: [default] automation[0]: action.set: tls cannot be changed by a rule",
+            ),
+            (
                 "[nodots]\nmax_connections = 1\n",
                 "f.toml: [\"nodots\"] is not a domain",
             ),
@@ -693,6 +759,31 @@ mod tests {
             let err = Shaping::default().add(text, "f.toml").unwrap_err().to_string();
             assert!(err.starts_with(want), "{text}\n got: {err}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn a_later_rule_of_the_same_name_replaces_the_built_in_one_or_turns_it_off() {
+        let mut s = Shaping::built_in();
+        s.add(
+            "[[default.automation]]\nname = \"deferred-in-a-row\"\nregex = '^4'\ntrigger = { in_a_row = 3 }\naction = \"suspend\"\nduration = \"5m\"\n",
+            "mine.toml",
+        )
+        .unwrap();
+        let cfg = Config::default();
+        let rules = s.policy(&cfg, "d.test", &[]).rules;
+        let streak: Vec<_> = rules.iter().filter(|r| r.name == "deferred-in-a-row").collect();
+        assert_eq!(streak.len(), 1, "replaced, not added");
+        assert!(matches!(streak[0].trigger, Trigger::InARow(3)));
+        assert_eq!(streak[0].duration, Duration::from_secs(300));
+        assert_eq!(rules.last().unwrap().name, "deferred-in-a-row", "in its place");
+        s.add(
+            "[[default.automation]]\nname = \"deferred-in-a-row\"\nenabled = false\n",
+            "off.toml",
+        )
+        .unwrap();
+        let rules = s.policy(&cfg, "d.test", &[]).rules;
+        assert!(rules.iter().all(|r| r.name != "deferred-in-a-row"));
+        assert!(rules.iter().any(|r| r.name == "throttled"), "the others stay");
     }
 
     #[test]

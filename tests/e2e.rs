@@ -126,12 +126,9 @@ fn faults_case(chunking: bool) -> volley::sink::SinkCounts {
             .any(|r| r["code"].is_null() && r["reply"].as_str().unwrap().contains("closed the connection")),
         "dropped connections defer what was in flight"
     );
-    // A domain backed off after a streak takes the category of the reply that
-    // ended it (checked in a_domain_that_keeps_deferring_is_backed_off_as_a_whole).
     let odd: Vec<_> = deferrals
         .iter()
         .filter(|r| r["code"].is_null() && r["category"] != "connection-failure")
-        .filter(|r| !r["reply"].as_str().unwrap().contains("is backed off as a whole"))
         .collect();
     assert!(odd.is_empty(), "local deferrals are connection failures: {odd:?}");
     // A deferred recipient is retried with a higher attempt number.
@@ -286,7 +283,7 @@ fn connections_rotate_over_source_addresses_with_their_ehlo_names() {
 }
 
 #[test]
-fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
+fn a_destination_that_keeps_deferring_is_suspended_by_the_streak_rule() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(SinkOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -297,35 +294,36 @@ fn a_domain_that_keeps_deferring_is_backed_off_as_a_whole() {
     let (path, all) = spool(dir.path(), "busy", 30, 1, 1);
     let log = dir.path().join("log.jsonl");
     let mut cfg = config(&format!("*={}", sink.addr()), &log);
-    cfg.domain_backoff_after = 3;
-    // A rule only a reply can match: the backoff's own reason has no code.
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, "[[rule]]\ncategory = \"rate-limited\"\ncodes = [450]\n").unwrap();
-    cfg.bounce_rules = Some(rules);
-    cfg.retry.max_age = Duration::from_millis(600);
+    // The built-in rule, after 3 in a row and for 300 ms.
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[[default.automation]]\nname = \"deferred-in-a-row\"\nregex = '^4'\ntrigger = { in_a_row = 3 }\naction = \"suspend\"\nduration = \"300ms\"\n",
+    )
+    .unwrap();
+    cfg.shaping = vec![shaping];
+    cfg.shards = Some(1);
+    cfg.retry.initial = Duration::from_millis(50);
+    cfg.retry.max_delay = Duration::from_millis(50);
+    cfg.retry.max_age = Duration::from_millis(1500);
     let summary = send_all(vec![path], cfg);
     let counts = sink.stop();
     assert_eq!(summary.count(Outcome::Expired), all.len() as u64);
     let records = read_log(&log);
-    let backed_off: Vec<_> = records
-        .iter()
-        .filter(|r| r["reply"].as_str().unwrap_or("").contains("is backed off as a whole"))
-        .collect();
-    assert!(!backed_off.is_empty(), "some deferrals come from the domain backoff");
+    let by_rule: Vec<_> = records.iter().filter(|r| r["rule"] == "deferred-in-a-row").collect();
     assert!(
-        backed_off.iter().all(|r| r["reply"].as_str().unwrap().contains("450")),
-        "the reason carries the last reply"
+        !by_rule.is_empty(),
+        "deferrals that wait for the suspension name its rule"
     );
-    let replied: Vec<_> = records.iter().filter(|r| r["code"] == 450).collect();
-    assert!(!replied.is_empty());
     assert!(
-        backed_off.iter().all(|r| r["code"].is_null()
-            && r["category"] == "rate-limited"
-            && replied[0]["category"] == "rate-limited"),
-        "a backed-off deferral is classified like the reply that caused the backoff: {:?} vs {:?}",
-        backed_off[0],
-        replied[0]
+        by_rule.iter().all(|r| r["code"] == 450 && r["outcome"] == "deferred"),
+        "they carry the reply that drew them: {:?}",
+        by_rule[0]
     );
+    // Expired at the end, each with the reply it last had.
+    let last: std::collections::HashMap<_, _> = records.iter().map(|r| (r["rcpt"].as_str().unwrap(), r)).collect();
+    assert_eq!(last.len(), all.len());
+    assert!(last.values().all(|r| r["outcome"] == "expired"));
     assert_eq!(counts.messages, 0);
 }
 

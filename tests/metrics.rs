@@ -472,7 +472,18 @@ fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
         &format!("shaping = [{:?}]", shaping.display().to_string()),
     );
     svc.send_and_wait("news", &jobs(100, 3));
-    let scraped: BTreeSet<String> = parse(&svc.get("/metrics")).into_iter().map(|s| s.name).collect();
+    let samples = parse(&svc.get("/metrics"));
+    let throttled: Vec<_> = samples
+        .iter()
+        .filter(|s| s.name == "volley_domain_throttled_seconds_total")
+        .collect();
+    assert!(
+        throttled
+            .iter()
+            .any(|s| s.value > 0.0 && s.labels["domain"] != "_other"),
+        "the rule in force shows as time throttled on its domains"
+    );
+    let scraped: BTreeSet<String> = samples.into_iter().map(|s| s.name).collect();
     let dashboard = std::fs::read_to_string(deploy.join("grafana-dashboard.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     let panels = json["panels"].as_array().unwrap();

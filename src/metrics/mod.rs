@@ -529,6 +529,10 @@ pub struct DomainGauges {
     /// when its spool file was first seen.
     pub oldest_seconds: f64,
     pub connections_open: u64,
+    /// Seconds its destination has spent suspended or under lowered limits
+    /// (every shard carrying it has the same rules in force: merged by the
+    /// largest, not summed).
+    pub throttled_seconds: f64,
 }
 
 impl DomainGauges {
@@ -536,6 +540,7 @@ impl DomainGauges {
         self.queued += o.queued;
         self.oldest_seconds = self.oldest_seconds.max(o.oldest_seconds);
         self.connections_open += o.connections_open;
+        self.throttled_seconds = self.throttled_seconds.max(o.throttled_seconds);
     }
 }
 

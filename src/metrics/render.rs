@@ -50,6 +50,16 @@ pub fn merge(shards: Vec<ShardSnapshot>, max_domains: usize) -> Merged {
         s.other = DomainSnapshot::default();
         kept_shards.push(s);
     }
+    // A spread domain has a slot on each shard carrying it: one label.
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all.dedup_by(|later, first| {
+        if later.name != first.name {
+            return false;
+        }
+        first.stats.merge(&later.stats);
+        first.gauges.merge(&later.gauges);
+        true
+    });
     // Biggest first; ties by name so that the cut is stable between scrapes.
     all.sort_by(|a, b| b.stats.volume.cmp(&a.stats.volume).then_with(|| a.name.cmp(&b.name)));
     let rest = all.split_off(all.len().min(max_domains));
@@ -211,6 +221,11 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         GAUGE,
         "Age of the oldest recipient waiting in a queue or for a retry, from when its spool file was first seen.",
     );
+    let mut throttled = Family::new(
+        "volley_domain_throttled_seconds_total",
+        COUNTER,
+        "Seconds the domain's destination has spent suspended or under lowered limits by an automation rule (not under _other).",
+    );
     for d in m.domains.iter().chain([&m.other]) {
         let dom = d.name.as_str();
         let s = &d.stats;
@@ -259,10 +274,14 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         tls.counter(&[("domain", dom), ("result", "failed")], s.tls[1]);
         queue.gauge(&[("domain", dom)], d.gauges.queued as f64);
         oldest.gauge(&[("domain", dom)], d.gauges.oldest_seconds);
+        if dom != OTHER_DOMAIN {
+            throttled.counter_f(&[("domain", dom)], d.gauges.throttled_seconds);
+        }
     }
     let mut out = Vec::new();
     for f in [
         deliveries, volume, replies, enhanced, categories, delivery, phases, conns_open, conns, tls, queue, oldest,
+        throttled,
     ] {
         f.done(&mut out);
     }
@@ -445,5 +464,37 @@ mod tests {
             t.contains(r#"volley_shaping_limit{scope="provider.google",limit="max_connections"} 2"#),
             "the most restrictive over the shards: {t}"
         );
+    }
+
+    #[test]
+    fn a_domain_on_two_shards_is_one_label_and_its_throttled_time_is_not_doubled() {
+        use crate::metrics::{DomainGauges, DomainSnapshot};
+        let shard = |i: usize, queued: u64| {
+            let mut d = DomainSnapshot {
+                name: "gmail.com".into(),
+                gauges: DomainGauges {
+                    queued,
+                    throttled_seconds: 90.0,
+                    ..DomainGauges::default()
+                },
+                ..DomainSnapshot::default()
+            };
+            d.stats.volume = 100;
+            ShardSnapshot {
+                shard: i,
+                domains: vec![d],
+                ..ShardSnapshot::default()
+            }
+        };
+        let m = merge(vec![shard(0, 5), shard(1, 7)], 10);
+        assert_eq!(m.domains.len(), 1);
+        let t = text(&m);
+        assert!(t.contains(r#"volley_queue_recipients{domain="gmail.com"} 12"#), "{t}");
+        assert!(t.contains(r#"volley_recipients_total{domain="gmail.com"} 200"#), "{t}");
+        assert!(
+            t.contains(r#"volley_domain_throttled_seconds_total{domain="gmail.com"} 90"#),
+            "{t}"
+        );
+        assert!(!t.contains(r#"volley_domain_throttled_seconds_total{domain="_other"}"#));
     }
 }

@@ -157,7 +157,7 @@ async fn converse(
     let mut session: Session<Txn> = Session::new(&ehlo_name, mode).with_extensions(Extensions {
         pipelining: cfg.pipelining,
         chunking: cfg.chunking,
-        window: dest.policy.pipeline_window,
+        window: dest.pipeline_window(),
         window_bytes: cfg.pipeline_window_bytes,
     });
     let relay = dest.relay.as_deref();

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Core, Dest, Job};
 use crate::local::Local;
@@ -29,19 +29,35 @@ pub(crate) struct Active {
 pub(crate) struct Automation {
     /// Per rule of the policy (same order): the times of recent matches.
     hits: Vec<VecDeque<Instant>>,
+    /// Per rule of the policy: transactions deferred whole in a row (`in_a_row` rules).
+    streaks: Vec<u32>,
     pub suspended: Option<Active>,
     pub overridden: Option<(Active, Box<Knobs>)>,
     pub bouncing: Option<Active>,
+    /// Time spent suspended or overridden (overlaps once), in spans that
+    /// ended, and since when the present one runs.
+    throttled: Duration,
+    throttled_from: Option<Instant>,
 }
 
 impl Automation {
     /// Counts a reply (`text`: "CODE ENHANCED TEXT") or volley's own failure
     /// (`local`: its kind; then the regex sees "KIND: reason", and only
-    /// rules with `match_local` look) against `rules`; answers the rule that
-    /// fires, if one does.
-    pub fn hit(&mut self, rules: &[Arc<Rule>], text: &str, local: Option<Local>, now: Instant) -> Option<Arc<Rule>> {
+    /// rules with `match_local` look) against `rules`; `whole` when it
+    /// ended a transaction that deferred every recipient (only those count
+    /// for `in_a_row` rules). The first rule that matches takes it; answers
+    /// the rule if that fires.
+    pub fn hit(
+        &mut self,
+        rules: &[Arc<Rule>],
+        text: &str,
+        local: Option<Local>,
+        whole: bool,
+        now: Instant,
+    ) -> Option<Arc<Rule>> {
         if self.hits.len() < rules.len() {
             self.hits.resize_with(rules.len(), VecDeque::new);
+            self.streaks.resize(rules.len(), 0);
         }
         let typed;
         let text = match local {
@@ -51,45 +67,65 @@ impl Automation {
             }
             None => text,
         };
-        for (i, rule) in rules.iter().enumerate() {
-            if (local.is_some() && !rule.match_local) || !rule.regex.is_match(text) {
-                continue;
-            }
-            if self.in_force(rule, now) {
-                // Already acting on it: replies still in flight do not extend it.
-                return None;
-            }
-            let fires = match rule.trigger {
-                Trigger::Immediate => true,
-                Trigger::Threshold { hits, window } => {
-                    let seen = &mut self.hits[i];
-                    seen.push_back(now);
-                    while seen.front().is_some_and(|t| now.duration_since(*t) > window) {
-                        seen.pop_front();
-                    }
-                    let fires = seen.len() >= hits as usize;
-                    if fires {
-                        seen.clear();
-                    }
-                    fires
-                }
-            };
-            if !fires {
-                return None;
-            }
-            let active = Active {
-                since: now,
-                until: now + rule.duration,
-                rule: rule.clone(),
-            };
-            match &rule.action {
-                RuleAction::Suspend => self.suspended = Some(active),
-                RuleAction::Set(knobs) => self.overridden = Some((active, knobs.clone())),
-                RuleAction::Bounce => self.bouncing = Some(active),
-            }
-            return Some(rule.clone());
+        let (i, rule) = rules.iter().enumerate().find(|(_, rule)| {
+            (whole || !matches!(rule.trigger, Trigger::InARow(_)))
+                && (local.is_none() || rule.match_local)
+                && rule.regex.is_match(text)
+        })?;
+        if self.in_force(rule, now) {
+            // Already acting on it: replies still in flight do not extend it.
+            return None;
         }
-        None
+        let fires = match rule.trigger {
+            Trigger::Immediate => true,
+            Trigger::Threshold { hits, window } => {
+                let seen = &mut self.hits[i];
+                seen.push_back(now);
+                while seen.front().is_some_and(|t| now.duration_since(*t) > window) {
+                    seen.pop_front();
+                }
+                let fires = seen.len() >= hits as usize;
+                if fires {
+                    seen.clear();
+                }
+                fires
+            }
+            // The streak is kept: after the rule's time, the next
+            // transaction deferred whole fires it again.
+            Trigger::InARow(n) => {
+                self.streaks[i] += 1;
+                self.streaks[i] >= n
+            }
+        };
+        (fires && self.put(rule, now, now + rule.duration)).then(|| rule.clone())
+    }
+
+    /// A transaction delivered or bounced a recipient: streaks end.
+    pub fn progress(&mut self) {
+        self.streaks.iter_mut().for_each(|n| *n = 0);
+    }
+
+    /// Puts `rule` in force from `now` until `until`, unless a rule of the
+    /// same action is in force for longer already.
+    fn put(&mut self, rule: &Arc<Rule>, now: Instant, until: Instant) -> bool {
+        let longer = |a: &Active| now < a.until && a.until >= until;
+        let active = Active {
+            since: now,
+            until,
+            rule: rule.clone(),
+        };
+        if !matches!(rule.action, RuleAction::Bounce) && self.throttled_from.is_none() {
+            self.throttled_from = Some(now);
+        }
+        match &rule.action {
+            RuleAction::Suspend if !self.suspended.as_ref().is_some_and(longer) => self.suspended = Some(active),
+            RuleAction::Set(knobs) if !self.overridden.as_ref().is_some_and(|(a, _)| longer(a)) => {
+                self.overridden = Some((active, knobs.clone()))
+            }
+            RuleAction::Bounce if !self.bouncing.as_ref().is_some_and(longer) => self.bouncing = Some(active),
+            _ => return false,
+        }
+        true
     }
 
     /// Puts `rule` in force until `until` (another shard fired it), unless it is already.
@@ -97,17 +133,7 @@ impl Automation {
         if self.in_force(rule, now) || until <= now {
             return false;
         }
-        let active = Active {
-            since: now,
-            until,
-            rule: rule.clone(),
-        };
-        match &rule.action {
-            RuleAction::Suspend => self.suspended = Some(active),
-            RuleAction::Set(knobs) => self.overridden = Some((active, knobs.clone())),
-            RuleAction::Bounce => self.bouncing = Some(active),
-        }
-        true
+        self.put(rule, now, until)
     }
 
     fn in_force(&self, rule: &Arc<Rule>, now: Instant) -> bool {
@@ -129,7 +155,27 @@ impl Automation {
         if self.bouncing.as_ref().is_some_and(|a| now >= a.until) {
             lifted.extend(self.bouncing.take());
         }
+        if self.suspended.is_none()
+            && self.overridden.is_none()
+            && let Some(from) = self.throttled_from.take()
+        {
+            let end = lifted
+                .iter()
+                .filter(|a| !matches!(a.rule.action, RuleAction::Bounce))
+                .map(|a| a.until)
+                .max()
+                .unwrap_or(now);
+            self.throttled += end.saturating_duration_since(from);
+        }
         lifted
+    }
+
+    /// Time spent suspended or under lowered limits, up to `now`.
+    pub fn throttled(&self, now: Instant) -> Duration {
+        self.throttled
+            + self
+                .throttled_from
+                .map_or(Duration::ZERO, |f| now.saturating_duration_since(f))
     }
 
     /// What is in force at `now`.
@@ -161,14 +207,27 @@ impl<J: Job> Core<J> {
     /// A reply from `dest` (or volley's own failure with it, `local`) that
     /// did not deliver: counted against the destination's rules. A rule
     /// that fires takes effect at once, and a timer lifts it.
-    pub(super) fn automation_hit(&mut self, dest: &Rc<Dest<J>>, text: &str, local: Option<Local>, now: Instant) {
+    pub(super) fn automation_hit(
+        &mut self,
+        dest: &Rc<Dest<J>>,
+        text: &str,
+        local: Option<Local>,
+        whole: bool,
+        now: Instant,
+    ) {
         if dest.policy.rules.is_empty() {
             return;
         }
-        let fired = dest.automation.borrow_mut().hit(&dest.policy.rules, text, local, now);
-        let Some(rule) = fired else {
-            return;
-        };
+        let fired = dest
+            .automation
+            .borrow_mut()
+            .hit(&dest.policy.rules, text, local, whole, now);
+        if let Some(rule) = fired {
+            self.rule_fired(dest, &rule, text, now);
+        }
+    }
+
+    fn rule_fired(&mut self, dest: &Rc<Dest<J>>, rule: &Arc<Rule>, text: &str, now: Instant) {
         let until = now + rule.duration;
         let key = (dest.policy.scope.clone(), rule.name.clone(), rule.action.name());
         *self.rule_firings.entry(key).or_default() += 1;
@@ -193,8 +252,8 @@ impl<J: Job> Core<J> {
             humantime::format_duration(rule.duration)
         );
         self.lift_timer(dest, until);
-        self.hold_queue(dest, &rule);
-        self.bounce_queue(dest, &rule, now);
+        self.hold_queue(dest, rule);
+        self.bounce_queue(dest, rule, now);
     }
 
     /// Rules other shards fired on destinations this shard carries too: in force here as well.
@@ -215,12 +274,55 @@ impl<J: Job> Core<J> {
         }
     }
 
-    /// A suspension took effect: what is queued for `dest` waits for its end.
-    fn hold_queue(&mut self, dest: &Dest<J>, rule: &Rule) {
+    /// A suspension took effect: what is queued for `dest` waits for its
+    /// end, or expires at its `max_age` if that comes first.
+    fn hold_queue(&mut self, dest: &Rc<Dest<J>>, rule: &Rule) {
         if let RuleAction::Suspend = rule.action {
+            let mut first: Option<Instant> = None;
             for txn in dest.queue.borrow_mut().iter_mut() {
                 txn.held = true;
+                let at = txn.first_seen + txn.domain.retry().max_age;
+                first = Some(first.map_or(at, |f| f.min(at)));
             }
+            if let Some(at) = first {
+                self.expiry_timer(dest, at);
+            }
+        }
+    }
+
+    /// A transaction held by `dest`'s suspension reaches `max_age` at `at`:
+    /// a timer expires it then, if the suspension lasts longer.
+    pub(super) fn expiry_timer(&mut self, dest: &Rc<Dest<J>>, at: Instant) {
+        let until = dest.automation.borrow().suspended.as_ref().map(|a| a.until);
+        if until.is_some_and(|u| at < u) {
+            self.pace_timer(dest, at);
+        }
+    }
+
+    /// While `dest` is suspended: what waited past its `max_age` expires
+    /// now, not when the suspension ends.
+    fn expire_held(&mut self, dest: &Rc<Dest<J>>, now: Instant) {
+        if !dest.suspended(now) {
+            return;
+        }
+        let queue = std::mem::take(&mut *dest.queue.borrow_mut());
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = queue
+            .into_iter()
+            .partition(|t| t.held && now >= t.first_seen + t.domain.retry().max_age);
+        let next = kept
+            .iter()
+            .filter(|t| t.held)
+            .map(|t| t.first_seen + t.domain.retry().max_age)
+            .min();
+        *dest.queue.borrow_mut() = kept;
+        if !gone.is_empty() {
+            let reason = format!("not sent within max_age: {} was suspended", dest.label);
+            for txn in gone {
+                self.defer(txn, Local::Suspended, &reason, Some(dest), now);
+            }
+        }
+        if let Some(at) = next {
+            self.expiry_timer(dest, at);
         }
     }
 
@@ -247,10 +349,12 @@ impl<J: Job> Core<J> {
             let key = (dest.policy.scope.clone(), done.rule.action.name());
             *self.shaped_seconds.entry(key).or_default() += (done.until - done.since).as_secs_f64();
         }
-        if let Some(end) = a.next_end() {
-            drop(a);
+        let end = a.next_end();
+        drop(a);
+        if let Some(end) = end {
             self.lift_timer(dest, end);
         }
+        self.expire_held(dest, now);
     }
 }
 
@@ -258,7 +362,6 @@ impl<J: Job> Core<J> {
 mod tests {
     use super::*;
     use crate::shaping::Shaping;
-    use std::time::Duration;
 
     fn rules(text: &str) -> Vec<Arc<Rule>> {
         let mut s = Shaping::default();
@@ -274,25 +377,30 @@ mod tests {
         let t0 = Instant::now();
         let s = |n| t0 + Duration::from_secs(n);
         let mut a = Automation::default();
-        assert!(a.hit(&r, "451 4.7.500 Server busy", None, s(0)).is_none());
-        assert!(a.hit(&r, "250 fine", None, s(1)).is_none(), "no match, no count");
-        assert!(a.hit(&r, "451 4.7.500 Server busy", None, s(30)).is_none());
+        assert!(a.hit(&r, "451 4.7.500 Server busy", None, false, s(0)).is_none());
+        assert!(a.hit(&r, "250 fine", None, false, s(1)).is_none(), "no match, no count");
+        assert!(a.hit(&r, "451 4.7.500 Server busy", None, false, s(30)).is_none());
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", None, s(70)).is_none(),
+            a.hit(&r, "451 4.7.500 Server busy", None, false, s(70)).is_none(),
             "the first hit left the window"
         );
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", None, s(80)).is_some(),
+            a.hit(&r, "451 4.7.500 Server busy", None, false, s(80)).is_some(),
             "three within a minute"
         );
         assert_eq!(a.suspended.as_ref().map(|x| x.until), Some(s(680)));
         assert!(
-            a.hit(&r, "451 4.7.500 Server busy", None, s(90)).is_none(),
+            a.hit(&r, "451 4.7.500 Server busy", None, false, s(90)).is_none(),
             "in force: not again"
         );
         assert!(a.lift(s(679)).is_empty());
         assert_eq!(a.lift(s(680)).len(), 1);
         assert!(a.suspended.is_none());
+        assert_eq!(
+            a.throttled(s(900)),
+            Duration::from_secs(600),
+            "suspended from 80 to 680"
+        );
     }
 
     #[test]
@@ -303,17 +411,90 @@ mod tests {
         let now = Instant::now();
         let mut a = Automation::default();
         assert!(
-            a.hit(&r, "connect to x failed: Connection refused", Some(Local::Connect), now)
-                .is_none()
+            a.hit(
+                &r,
+                "connect to x failed: Connection refused",
+                Some(Local::Connect),
+                false,
+                now
+            )
+            .is_none()
         );
         let fired = a
-            .hit(&r, "timed out after 300s waiting for x", Some(Local::Timeout), now)
+            .hit(
+                &r,
+                "timed out after 300s waiting for x",
+                Some(Local::Timeout),
+                false,
+                now,
+            )
             .unwrap();
         assert!(matches!(fired.action, RuleAction::Set(_)));
         assert_eq!(a.overridden.as_ref().unwrap().1.max_connections, Some(1));
         assert!(
-            a.hit(&r, "550 refused", None, now).is_some(),
+            a.hit(&r, "550 refused", None, false, now).is_some(),
             "a reply matches the first"
+        );
+    }
+
+    #[test]
+    fn an_in_a_row_rule_counts_transactions_deferred_whole_until_one_gets_through() {
+        let r = rules(
+            "[[default.automation]]\nname = \"busy\"\nregex = \"busy\"\ntrigger = { threshold = \"2/1min\" }\naction = { set = { max_connections = 1 } }\nduration = \"10m\"\n\n[[default.automation]]\nname = \"streak\"\nregex = \"^4\"\ntrigger = { in_a_row = 3 }\naction = \"suspend\"\nduration = \"1m\"\n",
+        );
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut a = Automation::default();
+        let name = |v: Option<Arc<Rule>>| v.map(|r| r.name.clone());
+        assert!(a.hit(&r, "451 4.3.0 try later", None, true, s(0)).is_none());
+        assert!(
+            a.hit(&r, "451 4.3.0 try later", None, false, s(1)).is_none(),
+            "deferred in part: not counted"
+        );
+        a.progress();
+        assert!(a.hit(&r, "451 4.3.0 try later", None, true, s(2)).is_none());
+        assert!(
+            a.hit(&r, "closed: connection reset", Some(Local::Closed), true, s(3))
+                .is_none(),
+            "volley's own failure: not for a rule without match_local, and the streak goes on"
+        );
+        assert!(
+            a.hit(&r, "451 4.7.500 Server busy", None, true, s(3)).is_none(),
+            "a reply the first rule takes is not the streak's"
+        );
+        assert!(a.hit(&r, "451 4.3.0 try later", None, true, s(3)).is_none());
+        assert_eq!(
+            name(a.hit(&r, "451 4.3.0 try later", None, true, s(4))).as_deref(),
+            Some("streak"),
+            "the third since the streak began again"
+        );
+        assert_eq!(a.suspended.as_ref().map(|x| x.until), Some(s(64)));
+        assert_eq!(
+            name(a.hit(&r, "451 4.7.500 Server busy", None, true, s(5))).as_deref(),
+            Some("busy")
+        );
+        assert!(a.hit(&r, "451 4.3.0 try later", None, true, s(6)).is_none(), "in force");
+        assert_eq!(a.lift(s(64)).len(), 1);
+        assert_eq!(
+            a.throttled(s(64)),
+            Duration::from_secs(60),
+            "busy still in force since 5"
+        );
+        // The streak goes on: the next deferred whole suspends again at once.
+        assert_eq!(
+            name(a.hit(&r, "451 4.3.0 try later", None, true, s(65))).as_deref(),
+            Some("streak")
+        );
+        assert_eq!(a.lift(s(125)).len(), 1);
+        a.progress();
+        assert!(
+            a.hit(&r, "451 4.3.0 try later", None, true, s(126)).is_none(),
+            "a delivery ended it"
+        );
+        assert_eq!(
+            a.throttled(s(126)),
+            Duration::from_secs(122),
+            "one span since 4: the suspensions and the override overlap"
         );
     }
 }

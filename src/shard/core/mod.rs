@@ -11,7 +11,7 @@
 //! - `route.rs`: domains, their routes and the MX cache;
 //! - `pool.rs`: destinations, their queues and connections (caps, ramp-up,
 //!   the process-wide budget, going down and coming back);
-//! - `retry.rs`: the retry schedule, `max_age` and whole-domain backoff;
+//! - `retry.rs`: the retry schedule and `max_age`;
 //! - `settle.rs`: turning replies and local failures into outcomes, log
 //!   records and metrics;
 //! - `../intake.rs`: the intake bounds and ingest's credit, as numbers.
@@ -453,6 +453,17 @@ impl<J: Job> Core<J> {
         }
         for d in self.dests.values() {
             gauges.entry(label(&d.owner)).or_default().connections_open += d.open.get() as u64;
+        }
+        // Time throttled: for the domains with labels of their own, their destination's.
+        for d in self.domains.values() {
+            let Some(dest) = d.dest() else { continue };
+            if label(&d.name) != d.name {
+                continue;
+            }
+            let secs = dest.automation.borrow().throttled(now).as_secs_f64();
+            if secs > 0.0 {
+                gauges.entry(d.name.clone()).or_default().throttled_seconds = secs;
+            }
         }
         let (slots, other) = metrics.copy();
         snap.domains = slots

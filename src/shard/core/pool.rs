@@ -120,6 +120,18 @@ impl<J> Dest<J> {
             .unwrap_or(self.policy.max_deliveries_per_connection)
     }
 
+    /// Recipients per transaction (a rule's override first).
+    pub fn rcpts_per_txn(&self) -> usize {
+        self.overridden(|k| k.max_rcpts_per_txn)
+            .unwrap_or(self.policy.max_rcpts_per_txn)
+    }
+
+    /// Transactions in flight on a connection opened now (a rule's override first).
+    pub fn pipeline_window(&self) -> usize {
+        self.overridden(|k| k.pipeline_window)
+            .unwrap_or(self.policy.pipeline_window)
+    }
+
     fn overridden<T>(&self, f: impl FnOnce(&crate::shaping::Knobs) -> Option<T>) -> Option<T> {
         self.automation.borrow().overridden.as_ref().and_then(|(_, k)| f(k))
     }
@@ -353,8 +365,8 @@ impl<J: Job> Core<J> {
         self.budgets.closed(&dest.key, self.index);
         if let Some(f) = failed {
             match f.reply {
-                Some(reply) => self.automation_hit(dest, reply, None, now),
-                None => self.automation_hit(dest, f.reason, Some(f.kind), now),
+                Some(reply) => self.automation_hit(dest, reply, None, false, now),
+                None => self.automation_hit(dest, f.reason, Some(f.kind), false, now),
             }
             if !dest.suspended(now) {
                 let pause = f.auth.then_some(self.cfg.retry.max_delay);

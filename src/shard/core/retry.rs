@@ -1,15 +1,14 @@
 //! Retries: deferred transactions wait in a heap until their attempt's
 //! delay (the domain's schedule, never past `max_age` after the recipient
-//! was first seen), and a domain whose transactions are deferred whole
-//! `domain_backoff_after` times in a row is backed off as a whole: until
-//! its streak ends, its new transactions are deferred without a connection.
+//! was first seen). A destination that defers everything again and again
+//! is suspended by an automation rule (`trigger = { in_a_row = N }`, the
+//! built-in `deferred-in-a-row`), not here.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::rc::Rc;
 use std::time::Instant;
 
-use super::{Core, Domain, Job, Txn};
+use super::{Core, Job, Txn};
 
 struct Due<J> {
     at: Instant,
@@ -74,16 +73,6 @@ impl<J> Retries<J> {
     }
 }
 
-/// A domain backed off as a whole: until when, the reason its deferrals
-/// are logged with, and the bounce category of the reply that ended the
-/// streak (they are classified by it). Made once per streak, shared by
-/// every transaction deferred while it lasts.
-pub(crate) struct Backoff {
-    pub until: Instant,
-    pub reason: Rc<str>,
-    pub category: Rc<str>,
-}
-
 impl<J: Job> Core<J> {
     /// Puts a deferred transaction in line for its next attempt.
     pub(super) fn schedule_retry(&mut self, mut txn: Txn<J>, now: Instant) {
@@ -94,39 +83,5 @@ impl<J: Job> Core<J> {
         self.intake.wait(n);
         self.domain_load(&txn.domain.clone(), |l, b| l.wait(n, b));
         self.retries.push(due, txn);
-    }
-
-    /// Counts transactions of a domain deferred whole in a row; after
-    /// `domain_backoff_after` of them the domain is backed off as a whole
-    /// instead of being retried recipient by recipient. `last` gives the
-    /// last reply's text and category, asked only when the streak trips.
-    pub(super) fn domain_streak<'a>(
-        &self,
-        domain: &Domain<J>,
-        all_deferred: bool,
-        now: Instant,
-        last: impl FnOnce() -> (String, &'a str),
-    ) {
-        if !all_deferred {
-            domain.deferred_in_a_row.set(0);
-            *domain.backoff.borrow_mut() = None;
-            return;
-        }
-        let n = domain.deferred_in_a_row.get() + 1;
-        domain.deferred_in_a_row.set(n);
-        let after = self.cfg.domain_backoff_after.max(1);
-        if n >= after {
-            let until = now + domain.retry().delay(n - after + 1);
-            let (text, category) = last();
-            let reason = format!(
-                "{} is backed off as a whole: {n} transactions in a row deferred, the last with: {text}",
-                domain.name
-            );
-            *domain.backoff.borrow_mut() = Some(Backoff {
-                until,
-                reason: Rc::from(reason),
-                category: Rc::from(category),
-            });
-        }
     }
 }

@@ -9,7 +9,6 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use super::pool::{Candidate, ConnPolicy};
-use super::retry::Backoff;
 use super::{Action, Core, Dest, Job, Txn};
 use crate::config::{Retry, Target};
 use crate::dns::{MxAnswer, MxHost};
@@ -23,9 +22,6 @@ pub struct Domain<J> {
     route: RefCell<DomainRoute<J>>,
     /// Its retry schedule (its destination's policy, once it has one).
     retry: RefCell<Rc<Retry>>,
-    /// Transactions in a row deferred whole; past `domain_backoff_after` the domain is backed off.
-    pub(super) deferred_in_a_row: Cell<u32>,
-    pub(super) backoff: RefCell<Option<Backoff>>,
     /// Its handle into the shard's metrics.
     pub(super) slot: Rc<DomainSlot>,
     /// Its recipients on the shard (not final yet, waiting for a retry, full).
@@ -33,6 +29,14 @@ pub struct Domain<J> {
 }
 
 impl<J> Domain<J> {
+    /// The destination it routes to, when that is known (expired or not).
+    pub(super) fn dest(&self) -> Option<Rc<Dest<J>>> {
+        match &*self.route.borrow() {
+            DomainRoute::Fixed(d) | DomainRoute::Known { dest: d, .. } => Some(d.clone()),
+            _ => None,
+        }
+    }
+
     /// Calls `f` with each transaction waiting for this domain's lookup.
     pub(super) fn each_waiting(&self, mut f: impl FnMut(&Txn<J>)) {
         if let DomainRoute::Resolving(waiting) = &*self.route.borrow() {
@@ -107,8 +111,6 @@ impl<J: Job> Core<J> {
             name,
             route: RefCell::new(route),
             retry: RefCell::new(retry),
-            deferred_in_a_row: Cell::new(0),
-            backoff: RefCell::new(None),
             load: Cell::new(DomainLoad::default()),
         });
         self.domains.insert(lower.into_boxed_str(), d.clone());
@@ -159,16 +161,9 @@ impl<J: Job> Core<J> {
 
     /// Sends a transaction on its way: onto its destination's queue, into the
     /// wait for its domain's MX lookup, or straight to its outcome when the
-    /// domain takes no mail or is backed off, or its destination is down.
+    /// domain takes no mail, or its destination is down.
     pub(super) fn dispatch(&mut self, txn: Txn<J>, now: Instant) {
         let domain = txn.domain.clone();
-        let backed_off = match &*domain.backoff.borrow() {
-            Some(b) if now < b.until => Some((b.reason.clone(), b.category.clone())),
-            _ => None,
-        };
-        if let Some((reason, category)) = backed_off {
-            return self.defer_as(txn, Local::DomainBackedOff, &reason, None, Some(&category), now);
-        }
         let way = {
             let route = domain.route.borrow();
             match &*route {
@@ -226,9 +221,12 @@ impl<J: Job> Core<J> {
             return self.defer(txn, Local::DestinationDown, &reason, Some(dest), now);
         }
         // A destination may take fewer recipients per transaction than ingest groups.
-        let max = dest.policy.max_rcpts_per_txn.max(1);
+        let max = dest.rcpts_per_txn().max(1);
         let mut txn = txn;
-        txn.held |= dest.suspended(now);
+        if dest.suspended(now) {
+            txn.held = true;
+            self.expiry_timer(dest, txn.first_seen + txn.domain.retry().max_age);
+        }
         while txn.job.rcpt_count() > max {
             let rest = Txn {
                 job: txn.job.split_off(max),

@@ -71,14 +71,19 @@ impl<J: Job> Core<J> {
         let txn = &report.txn;
         // The first reply that did not deliver counts against the
         // destination's rules (before the outcomes: a rule it fires decides
-        // where the deferred recipients wait).
+        // where the deferred recipients wait); a transaction that delivered
+        // or bounced anyone ends the streaks of deferrals in a row.
         let refusal = (0..txn.job.rcpt_count()).find_map(|i| match report.verdict(i) {
             (Status::Delivered, _) => None,
             (_, Decider::Reply(r)) => Some((r.to_string(), None)),
             (_, Decider::Failure(kind, f)) => Some((f.to_string(), Some(kind))),
         });
+        let whole = (0..txn.job.rcpt_count()).all(|i| report.verdict(i).0 == Status::Deferred);
         if let Some((text, local)) = refusal {
-            self.automation_hit(dest, &text, local, now);
+            self.automation_hit(dest, &text, local, whole, now);
+        }
+        if !whole {
+            dest.automation.borrow_mut().progress();
         }
         let suspension = dest.suspension(now);
         let latency_ms = Some(now.duration_since(txn.started).as_millis() as u64);
@@ -112,19 +117,6 @@ impl<J: Job> Core<J> {
         if delivered > 0 {
             self.recorder.message_delivered();
         }
-        let classifier = self.classifier.clone();
-        self.domain_streak(&txn.domain, deferred.len() == txn.job.rcpt_count(), now, || {
-            let decider = report.verdict(0).1;
-            let text = match decider {
-                Decider::Reply(r) => r.to_string(),
-                Decider::Failure(_, f) => f.to_string(),
-            };
-            let said = Said::from(decider);
-            (
-                text,
-                classifier.classify(said.code, said.enhanced, said.text, said.local),
-            )
-        });
         if deferred.is_empty() {
             return;
         }
@@ -136,6 +128,7 @@ impl<J: Job> Core<J> {
             // Back in line, to go out when the suspension ends.
             txn.attempt += 1;
             txn.held = true;
+            self.expiry_timer(dest, txn.first_seen + txn.domain.retry().max_age);
             dest.queue.borrow_mut().push_front(txn);
             return;
         }

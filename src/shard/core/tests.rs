@@ -387,46 +387,59 @@ fn only_the_deferred_recipients_of_a_transaction_are_retried() {
 }
 
 #[test]
-fn a_domain_deferred_whole_again_and_again_is_backed_off_as_a_whole_until_one_gets_through() {
-    let mut r = Rig::new(Config {
-        domain_backoff_after: 3,
-        ..config()
-    });
+fn a_destination_deferred_whole_again_and_again_is_suspended_until_one_gets_through() {
+    // The built-in rule, with a smaller count.
+    let mut r = Rig::shaped(
+        config(),
+        "[[default.automation]]\nname = \"deferred-in-a-row\"\nregex = '^4'\ntrigger = { in_a_row = 3 }\naction = \"suspend\"\nduration = \"10s\"\n",
+    );
     let dest = {
         r.send("routed.test", 1);
         r.opened().remove(0)
     };
     r.ready(&dest);
-    for _ in 1..3 {
+    for _ in 1..5 {
         r.send("routed.test", 1);
     }
-    for _ in 0..3 {
+    for _ in 0..2 {
         assert!(r.answer(&dest, 421));
     }
-    r.outcomes();
-    // The streak tripped: new work for the domain is deferred without a connection.
+    assert!(!dest.suspended(r.now), "two in a row");
+    // A transaction that delivers ends the streak.
+    assert!(r.answer(&dest, 250));
+    for _ in 0..2 {
+        assert!(r.answer(&dest, 421));
+    }
+    assert!(!dest.suspended(r.now), "two in a row again");
     r.send("routed.test", 1);
-    assert!(!dest.has_work());
-    let o = r.outcomes();
-    assert_eq!(o.len(), 1);
-    assert_eq!(o[0].2, Outcome::Deferred);
+    assert!(r.answer(&dest, 421));
+    assert!(dest.suspended(r.now), "the third in a row suspends it");
+    let log = String::from_utf8(r.core.take_outcomes().unwrap().log).unwrap();
     assert!(
-        o[0].3
-            .contains("backed off as a whole: 3 transactions in a row deferred"),
-        "{}",
-        o[0].3
+        log.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"outcome\":\"deferred\"") && l.contains("\"rule\":\"deferred-in-a-row\"")),
+        "the deferral that tripped it names the rule: {log}"
     );
-    // Other domains are not affected.
+    // Its recipients wait in the queue without using attempts; other domains go on.
+    r.send("routed.test", 1);
+    assert!(r.core.next_txn(&dest, r.now).is_none());
+    assert!(r.outcomes().is_empty(), "new work waits without a record");
     r.actions();
     r.send("other.test", 1);
     assert!(matches!(r.actions().as_slice(), [Action::Resolve(d)] if d.name() == "other.test"));
-    // After the backoff (1 s, the domain's first delay) retries go out; one delivered ends it.
-    r.at(1.0);
+    // After its time it is tried again; deferred whole again, it is suspended at once.
+    r.at(10.0);
     r.timeout();
-    assert!(dest.has_work());
+    assert!(!dest.suspended(r.now));
+    assert!(r.answer(&dest, 421));
+    assert!(dest.suspended(r.now), "the streak went on");
+    // One delivered after the next time ends it.
+    r.at(20.0);
+    r.timeout();
     assert!(r.answer(&dest, 250));
-    r.send("routed.test", 1);
-    assert!(dest.has_work(), "the streak is over: queued again");
+    assert!(r.answer(&dest, 421));
+    assert!(!dest.suspended(r.now), "the streak is over");
 }
 
 #[test]
@@ -828,6 +841,11 @@ fn a_suspension_holds_the_queue_without_using_attempts_and_ends_exactly_on_time(
         [(("routed.test".to_string(), "suspend"), 60.0)],
         "the time it spent suspended"
     );
+    // Per domain too (a domain with a label of its own), and it stays.
+    r.at(100.0);
+    let snap = r.core.snapshot(true, r.now);
+    let d = snap.domains.iter().find(|d| d.name == "routed.test").unwrap();
+    assert_eq!(d.gauges.throttled_seconds, 60.0);
 }
 
 #[test]
@@ -837,7 +855,7 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
             max_connections_per_destination: 10,
             ..config()
         },
-        "[[default.automation]]\nregex = 'Server busy'\ntrigger = { threshold = \"2/1min\" }\naction = { set = { max_connections = 1, max_message_rate = \"1/s\" } }\nduration = \"10m\"\n",
+        "[[default.automation]]\nregex = 'Server busy'\ntrigger = { threshold = \"2/1min\" }\naction = { set = { max_connections = 1, max_message_rate = \"1/s\", max_rcpts_per_txn = 2, pipeline_window = 1 } }\nduration = \"10m\"\n",
     );
     for _ in 0..10 {
         r.send("routed.test", 1);
@@ -867,6 +885,14 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
         "{limits:?}"
     );
     assert_eq!(dest.message_rate(), Some("1/s".parse().unwrap()));
+    assert_eq!(dest.pipeline_window(), 1, "for connections opened while it is in force");
+    let queued = dest.queue.borrow().len();
+    r.send("routed.test", 5);
+    assert_eq!(
+        dest.queue.borrow().len(),
+        queued + 3,
+        "five recipients in transactions of two"
+    );
     assert!(r.core.should_leave(&dest), "connections over the new cap leave");
     assert!(r.answer(&dest, 250));
     assert!(!r.answer(&dest, 250), "one a second");
@@ -874,6 +900,10 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
     r.timeout();
     assert_eq!(dest.cap(), 10, "lifted after its duration");
     assert_eq!(dest.message_rate(), None);
+    assert_eq!(
+        (dest.rcpts_per_txn(), dest.pipeline_window()),
+        (dest.policy.max_rcpts_per_txn, dest.policy.pipeline_window)
+    );
     assert!(r.answer(&dest, 250));
     assert!(r.answer(&dest, 250));
 }
@@ -937,7 +967,7 @@ fn a_rule_one_shard_fires_is_in_force_on_the_others_that_carry_the_destination()
 }
 
 #[test]
-fn recipients_held_by_a_suspension_past_max_age_expire_when_it_ends() {
+fn recipients_held_by_a_suspension_expire_at_their_max_age_not_when_it_ends() {
     let mut r = Rig::shaped(
         config(),
         "[[\"routed.test\".automation]]\nregex = 'TSS04'\naction = \"suspend\"\nduration = \"200s\"\n",
@@ -949,18 +979,30 @@ fn recipients_held_by_a_suspension_past_max_age_expire_when_it_ends() {
     r.ready(&dest);
     r.refuse_mail(&dest, 421, "4.7.0 [TSS04] Messages temporarily deferred");
     r.outcomes();
-    r.at(200.0);
+    // One more joins the queue later: it expires later.
+    r.at(50.0);
+    r.send("routed.test", 1);
     r.timeout();
-    assert!(
-        r.core.next_txn(&dest, r.now).is_none(),
-        "max_age (100 s) passed while they waited"
-    );
+    assert!(r.outcomes().is_empty());
+    r.at(100.0 - 0.001);
+    r.timeout();
+    assert!(r.outcomes().is_empty(), "not before max_age (100 s)");
+    r.at(100.0);
+    r.timeout();
     let o = r.outcomes();
-    assert_eq!(o.len(), 3);
+    assert_eq!(o.len(), 3, "the three of the start expire at 100 s");
     assert!(
         o.iter()
             .all(|o| o.2 == Outcome::Expired && o.3.contains("was suspended")),
         "{o:?}"
     );
+    assert!(dest.suspended(r.now), "still suspended");
+    r.at(150.0);
+    r.timeout();
+    assert_eq!(r.outcomes().len(), 1, "the later one at 150 s");
     assert_eq!(r.core.snapshot(false, r.now).held, 0);
+    r.at(200.0);
+    r.timeout();
+    assert!(!dest.suspended(r.now));
+    assert!(r.core.next_txn(&dest, r.now).is_none());
 }
