@@ -59,6 +59,8 @@ pub struct Config {
     /// Traffic shaping files, layered in order over the built-in
     /// deploy/shaping.toml (paths as given, like `bounce_rules`).
     pub shaping: Vec<PathBuf>,
+    /// DKIM keys by the From: domain they sign for (`[dkim."DOMAIN"]`).
+    pub dkim: BTreeMap<String, crate::dkim::DomainSpec>,
     /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
@@ -133,6 +135,7 @@ impl Default for Config {
             retry: Retry::default(),
             retry_domain: BTreeMap::new(),
             shaping: Vec::new(),
+            dkim: BTreeMap::new(),
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),

@@ -6,6 +6,7 @@ pub mod classify;
 pub mod collector;
 pub mod config;
 pub mod demo;
+pub mod dkim;
 pub mod dns;
 pub mod generator;
 pub mod ingest;

@@ -77,6 +77,21 @@ enum Command {
     Demo(DemoArgs),
     /// A delay-line TCP proxy: puts a server at a chosen round-trip time on loopback.
     Proxy(ProxyArgs),
+    /// Print the DNS TXT record that publishes a DKIM key's public half.
+    DkimRecord(DkimRecordArgs),
+}
+
+#[derive(Args)]
+struct DkimRecordArgs {
+    /// The private key (PEM: PKCS#1 or PKCS#8, RSA or Ed25519), as `[dkim]` names it.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// The selector (`s=`).
+    #[arg(long)]
+    selector: String,
+    /// The signing domain (`d=`).
+    #[arg(long)]
+    domain: String,
 }
 
 #[derive(Args)]
@@ -312,6 +327,10 @@ fn main() -> ExitCode {
         .map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => cmd_demo(a),
         Command::Proxy(a) => cmd_proxy(a),
+        Command::DkimRecord(a) => volley::dkim::dns_record(&a.key_file, &a.selector, &a.domain).map(|r| {
+            println!("{r}");
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,

@@ -99,6 +99,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         None => Classifier::default(),
     });
     let shaping = Arc::new(crate::shaping::Shaping::load(&cfg.shaping)?);
+    let signers = Arc::new(crate::dkim::Signers::load(&cfg.dkim)?);
     // Appended to: a run that finishes a half-done spool adds to the log of the runs before.
     let log = match &cfg.log {
         Some(p) => Some(DeliveryLog::open(p).map_err(|e| StorageError::new("the delivery log", p, e))?),
@@ -160,6 +161,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             recorded: recorded[index].clone(),
             budgets: budgets.clone(),
             shaping: shaping.clone(),
+            signers: signers.clone(),
         })?);
     }
     let budget = MessageBudget::new(cfg.max_message_files_in_use, cfg.max_message_bytes_in_use);

@@ -71,7 +71,11 @@ impl Service {
     }
 
     fn send_and_wait(&self, name: &str, jobs: &[String]) {
-        std::fs::write(self.incoming.join("news.eml"), "Subject: metrics\n\nhello\n").unwrap();
+        self.send_message_and_wait(name, jobs, "Subject: metrics\n\nhello\n")
+    }
+
+    fn send_message_and_wait(&self, name: &str, jobs: &[String], message: &str) {
+        std::fs::write(self.incoming.join("news.eml"), message).unwrap();
         let tmp = self.incoming.join(format!("{name}.jsonl.tmp"));
         std::fs::write(&tmp, jobs.join("\n") + "\n").unwrap();
         std::fs::rename(&tmp, self.incoming.join(format!("{name}.jsonl"))).unwrap();
@@ -557,6 +561,62 @@ fn a_one_domain_spool_uses_every_shard_and_the_whole_connection_cap() {
             .unwrap();
     assert_eq!(summary["delivered"], 6_000, "{summary}");
     assert!(most <= 6);
+    drop(svc);
+    sink.stop();
+}
+
+/// A newsletter (one message file) to 300 recipients on two shards: each
+/// shard signs it once (RSA and Ed25519), not once per recipient.
+#[test]
+fn a_newsletter_is_signed_once_per_shard_not_per_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    // Replies after 20 ms keep the message in use while its jobs come in.
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
+    let svc = Service::start(
+        dir.path(),
+        sink.addr(),
+        &format!(
+            "shards = 2\nmax_connections_per_destination = 2\n[dkim.\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
+            data.join("rsa2048.pem"),
+            data.join("ed25519.pem")
+        ),
+    );
+    svc.send_message_and_wait(
+        "signed",
+        &jobs(300, 1),
+        "From: news@news.example.com\nSubject: weekly\n\nhello\n",
+    );
+    let samples = parse(&svc.get("/metrics"));
+    let signed = |alg: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|s| {
+                s.name == "volley_dkim_signatures_total"
+                    && s.labels["domain"] == "news.example.com"
+                    && s.labels["algorithm"] == alg
+            })
+            .map(|s| s.value)
+            .sum()
+    };
+    for alg in ["rsa-sha256", "ed25519-sha256"] {
+        let n = signed(alg);
+        assert!(
+            (1.0..=2.0).contains(&n),
+            "{alg}: {n} signatures for 300 recipients on 2 shards"
+        );
+    }
+    let delivered: f64 = samples
+        .iter()
+        .filter(|s| s.name == "volley_deliveries_total" && s.labels["outcome"] == "delivered")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(delivered, 300.0);
     drop(svc);
     sink.stop();
 }

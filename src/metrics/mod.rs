@@ -589,6 +589,13 @@ pub struct ShardSnapshot {
     /// The shaping limits in force, by scope and limit: the most restrictive
     /// over the scope's destinations (a rule's override included).
     pub limits: Vec<((String, &'static str), f64)>,
+    /// DKIM signatures made, by signing domain and algorithm (once per
+    /// message file per shard; per job for inline messages).
+    pub dkim_signatures: Vec<((String, &'static str), u64)>,
+    /// Messages prepared without a signature: no key for their From: domain.
+    pub dkim_unsigned: u64,
+    /// Messages refused because their signature could not be made.
+    pub dkim_failed: u64,
 }
 
 /// A request to a shard for its snapshot.

@@ -393,6 +393,30 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     for ((scope, action), secs) in &seconds {
         shaped.counter_f(&[("scope", scope), ("action", action)], *secs);
     }
+    let mut dkim = Family::new(
+        "volley_dkim_signatures_total",
+        COUNTER,
+        "DKIM signatures made, by signing domain and algorithm: once per message file per shard (a newsletter's jobs share it), once per job for inline messages.",
+    );
+    let mut dkim_unsigned = Family::new(
+        "volley_dkim_unsigned_messages_total",
+        COUNTER,
+        "Messages prepared without a DKIM signature while DKIM is configured (no key for their From: domain), and messages refused because signing failed.",
+    );
+    let mut signed: std::collections::BTreeMap<(String, &str), u64> = Default::default();
+    let (mut unsigned, mut failed) = (0, 0);
+    for s in &m.shards {
+        for ((d, a), n) in &s.dkim_signatures {
+            *signed.entry((d.clone(), *a)).or_default() += n;
+        }
+        unsigned += s.dkim_unsigned;
+        failed += s.dkim_failed;
+    }
+    for ((d, a), n) in &signed {
+        dkim.counter(&[("domain", d), ("algorithm", a)], *n);
+    }
+    dkim_unsigned.counter(&[("reason", "no_key")], unsigned);
+    dkim_unsigned.counter(&[("reason", "failed")], failed);
     let mut info = Family::new("volley_build_info", GAUGE, "Always 1; the version in a label.");
     info.gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
     for f in [
@@ -406,6 +430,8 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         firings,
         active,
         shaped,
+        dkim,
+        dkim_unsigned,
         info,
     ] {
         f.done(&mut out);

@@ -20,7 +20,7 @@ pub use self::core::MAX_UNRECORDED_PER_SHARD;
 pub use budget::Budgets;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -89,6 +89,8 @@ pub struct ShardParams {
     pub budgets: Arc<Budgets>,
     /// Traffic shaping: the policies destinations get.
     pub shaping: Arc<crate::shaping::Shaping>,
+    /// DKIM keys.
+    pub signers: Arc<crate::dkim::Signers>,
 }
 
 pub fn spawn(p: ShardParams) -> std::io::Result<ExecutorJoinHandle<()>> {
@@ -161,13 +163,73 @@ type Domain = self::core::Domain<SpoolJob>;
 /// (kept mapped, and counted in the budget, while the copy is in use).
 pub(crate) struct Body {
     wire: WireMessage,
+    /// Why it cannot be sent (a DKIM signature that could not be made).
+    refused: Option<String>,
     _file: Option<Arc<MessageFile>>,
+}
+
+/// DKIM signatures a shard made, for the metrics.
+#[derive(Default)]
+struct DkimCounts {
+    /// By signing domain and algorithm.
+    signed: BTreeMap<(String, &'static str), u64>,
+    /// Messages prepared with no key for their From: domain (while some domain has keys).
+    unsigned: u64,
+    /// Messages whose signature could not be made (refused).
+    failed: u64,
+}
+
+impl Body {
+    /// `src` prepared for the wire, and DKIM-signed when its From: domain has keys.
+    fn new(
+        src: &[u8],
+        signers: &crate::dkim::Signers,
+        counts: &RefCell<DkimCounts>,
+        file: Option<Arc<MessageFile>>,
+    ) -> Body {
+        let wire = WireMessage::prepare(src);
+        if signers.is_empty() {
+            return Body {
+                wire,
+                refused: None,
+                _file: file,
+            };
+        }
+        let mut c = counts.borrow_mut();
+        let (wire, refused) = match signers.sign(&wire) {
+            Ok(crate::dkim::Signed::Signed {
+                wire: signed,
+                domain,
+                algorithms,
+            }) => {
+                for a in algorithms {
+                    *c.signed.entry((domain.clone(), a)).or_default() += 1;
+                }
+                (signed, None)
+            }
+            Ok(crate::dkim::Signed::Unsigned) => {
+                c.unsigned += 1;
+                (wire, None)
+            }
+            Err(e) => {
+                c.failed += 1;
+                (wire, Some(e))
+            }
+        };
+        Body {
+            wire,
+            refused,
+            _file: file,
+        }
+    }
 }
 
 /// The glommio layer around the core.
 pub(crate) struct Shard {
     core: RefCell<Core<SpoolJob>>,
     cfg: Arc<Config>,
+    signers: Arc<crate::dkim::Signers>,
+    dkim: RefCell<DkimCounts>,
     net: Option<Net>,
     tls: TlsClient,
     ehlo_name: String,
@@ -210,6 +272,8 @@ async fn run(p: ShardParams) {
     let shard = Rc::new(Shard {
         core: RefCell::new(core),
         cfg: p.cfg.clone(),
+        signers: p.signers.clone(),
+        dkim: RefCell::default(),
         net: p.net.clone(),
         tls: p.tls.clone(),
         ehlo_name: p.ehlo_name.clone(),
@@ -249,7 +313,12 @@ async fn run(p: ShardParams) {
         if let Some(link) = &p.metrics {
             shard.core.borrow_mut().metrics.tick(now);
             while let Ok(req) = link.requests.try_recv() {
-                let _ = req.reply.send(shard.core.borrow().snapshot(req.full, now));
+                let mut snap = shard.core.borrow().snapshot(req.full, now);
+                let d = shard.dkim.borrow();
+                snap.dkim_signatures = d.signed.iter().map(|(k, n)| (k.clone(), *n)).collect();
+                snap.dkim_unsigned = d.unsigned;
+                snap.dkim_failed = d.failed;
+                let _ = req.reply.send(snap);
             }
         }
         let flush_due = now.duration_since(last_flush) >= FLUSH_INTERVAL;
@@ -396,10 +465,12 @@ impl Shard {
         let file = self.files.borrow()[&item.file].clone();
         let body = match &item.body {
             BodyKey::File(id) => self.prepared(*id, messages),
-            BodyKey::Inline(span) => Rc::new(Body {
-                wire: WireMessage::prepare(span.get(file.file.bytes()).as_bytes()),
-                _file: None,
-            }),
+            BodyKey::Inline(span) => Rc::new(Body::new(
+                span.get(file.file.bytes()).as_bytes(),
+                &self.signers,
+                &self.dkim,
+                None,
+            )),
         };
         let longest = body.wire.longest_line;
         let job = SpoolJob {
@@ -410,6 +481,14 @@ impl Shard {
             body,
             rcpts: item.rcpts,
         };
+        if let Some(reason) = job.body.refused.clone() {
+            let enhanced = Enhanced {
+                class: 5,
+                subject: 3,
+                detail: 0,
+            };
+            return self.with(|c| c.refuse(job, item.first_seen, enhanced, &reason, now));
+        }
         if longest > MAX_LINE_OCTETS {
             let reason = format!(
                 "the message has a line of {longest} octets; SMTP allows {MAX_LINE_OCTETS} (RFC 5321 §4.5.3.1.6)"
@@ -424,8 +503,8 @@ impl Shard {
         self.with(|c| c.accept(job, item.first_seen, now));
     }
 
-    /// The wire form of a message file, prepared once and shared while any
-    /// transaction uses it (and holding the file's map until then).
+    /// The wire form of a message file, prepared (and DKIM-signed) once and
+    /// shared while any transaction uses it (and holding the file's map until then).
     fn prepared(&self, id: u32, messages: &[Arc<MessageFile>]) -> Rc<Body> {
         if let Some(m) = self.prepared.borrow().get(&id).and_then(Weak::upgrade) {
             return m;
@@ -435,10 +514,12 @@ impl Shard {
             .find(|m| m.id == id)
             .expect("a batch carries the message files its items use")
             .clone();
-        let m = Rc::new(Body {
-            wire: WireMessage::prepare(raw.file.bytes()),
-            _file: Some(raw),
-        });
+        let m = Rc::new(Body::new(
+            raw.file.bytes(),
+            &self.signers,
+            &self.dkim,
+            Some(raw.clone()),
+        ));
         let mut prepared = self.prepared.borrow_mut();
         prepared.insert(id, Rc::downgrade(&m));
         let n = self.prepared_inserts.get() + 1;
