@@ -36,10 +36,12 @@ pub enum Local {
     Message,
     /// An automation rule makes the destination's recipients bounce.
     RuleBounce,
+    /// A UTF-8 address, and the server does not offer SMTPUTF8 (RFC 6531).
+    Smtputf8,
 }
 
 impl Local {
-    pub const ALL: [Local; 14] = [
+    pub const ALL: [Local; 15] = [
         Local::Connect,
         Local::Timeout,
         Local::Closed,
@@ -54,6 +56,7 @@ impl Local {
         Local::Suspended,
         Local::Message,
         Local::RuleBounce,
+        Local::Smtputf8,
     ];
 
     /// Its name in rules and the delivery log.
@@ -73,6 +76,20 @@ impl Local {
             Local::Suspended => "suspended",
             Local::Message => "message",
             Local::RuleBounce => "rule-bounce",
+            Local::Smtputf8 => "smtputf8",
+        }
+    }
+
+    /// The enhanced status code (RFC 3463) its outcomes carry, where one fits.
+    pub fn enhanced(self) -> Option<crate::smtp::Enhanced> {
+        match self {
+            // RFC 6531 §3.6.1: "5.6.7 … address requires SMTPUTF8".
+            Local::Smtputf8 => Some(crate::smtp::Enhanced {
+                class: 5,
+                subject: 6,
+                detail: 7,
+            }),
+            _ => None,
         }
     }
 

@@ -252,6 +252,12 @@ struct SinkArgs {
     /// Offer CHUNKING (RFC 3030): take BDAT as well as DATA.
     #[arg(long)]
     chunking: bool,
+    /// Offer SMTPUTF8 (RFC 6531): take UTF-8 addresses on a MAIL that asks for it.
+    #[arg(long)]
+    smtputf8: bool,
+    /// Do not offer 8BITMIME (RFC 6152): refuse messages with 8-bit content.
+    #[arg(long = "no-8bitmime")]
+    no_8bitmime: bool,
     /// Require AUTH PLAIN or LOGIN with USER:PASSWORD before MAIL.
     #[arg(long, value_name = "USER:PASSWORD")]
     auth: Option<String>,
@@ -503,6 +509,8 @@ fn cmd_sink(a: SinkArgs) -> anyhow::Result<ExitCode> {
         implicit_tls: a.implicit_tls,
         auth,
         chunking: a.chunking,
+        smtputf8: a.smtputf8,
+        no_8bitmime: a.no_8bitmime,
         max_connections: a.max_connections,
         rate_limit: a.rate_limit,
         throttle_reply: a.throttle_reply,

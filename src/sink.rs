@@ -60,6 +60,10 @@ pub struct SinkOptions {
     pub auth: Option<(String, String)>,
     /// Offer CHUNKING (RFC 3030): take BDAT as well as DATA.
     pub chunking: bool,
+    /// Offer SMTPUTF8 (RFC 6531): take UTF-8 addresses on a MAIL that asks for it.
+    pub smtputf8: bool,
+    /// Do not offer 8BITMIME (RFC 6152): refuse a message with 8-bit content.
+    pub no_8bitmime: bool,
     /// Sessions at once (over every shard); beyond, a new one is greeted with 421 and closed.
     pub max_connections: Option<usize>,
     /// Messages per client address (MAIL commands accepted), like a provider's
@@ -129,6 +133,8 @@ impl Default for SinkOptions {
             implicit_tls: false,
             auth: None,
             chunking: false,
+            smtputf8: false,
+            no_8bitmime: false,
             max_connections: None,
             rate_limit: None,
             throttle_reply: THROTTLE_REPLY.to_string(),
@@ -540,6 +546,12 @@ pub struct ServerSession {
     keep_body: bool,
     tls_offered: bool,
     chunking: bool,
+    smtputf8: bool,
+    eight_bit_mime: bool,
+    /// The transaction's MAIL asked for SMTPUTF8.
+    utf8_txn: bool,
+    /// The message so far has a byte above 127.
+    saw_8bit: bool,
     secure: bool,
     auth: Option<(String, String)>,
     authed: bool,
@@ -577,6 +589,10 @@ impl ServerSession {
             keep_body,
             tls_offered: (opts.tls.is_some() || opts.tls_fault) && !opts.implicit_tls,
             chunking: opts.chunking,
+            smtputf8: opts.smtputf8,
+            eight_bit_mime: !opts.no_8bitmime,
+            utf8_txn: false,
+            saw_8bit: false,
             secure: false,
             auth: opts.auth.clone(),
             authed: false,
@@ -678,6 +694,7 @@ impl ServerSession {
 
     fn data_bytes(&mut self, bytes: &[u8]) {
         self.body_bytes += bytes.len();
+        self.saw_8bit |= !bytes.is_ascii();
         if self.keep_body && self.body.len() < MAX_MESSAGE_BYTES {
             self.body.extend_from_slice(bytes);
         }
@@ -688,6 +705,8 @@ impl ServerSession {
         self.state = State::Command;
         if self.body_bytes > MAX_MESSAGE_BYTES {
             out.extend_from_slice(b"552 5.3.4 Error: message too large\r\n");
+        } else if self.saw_8bit && !self.eight_bit_mime {
+            out.extend_from_slice(b"554 5.6.0 Message has 8-bit content, but 8BITMIME was not offered\r\n");
         } else {
             self.queued += 1;
             let _ = write!(
@@ -742,6 +761,8 @@ impl ServerSession {
 
     fn reset(&mut self) {
         self.mail = None;
+        self.utf8_txn = false;
+        self.saw_8bit = false;
         self.rcpts.clear();
         self.body.clear();
         self.body_bytes = 0;
@@ -769,9 +790,15 @@ impl ServerSession {
                 let mut s = String::new();
                 let _ = write!(
                     s,
-                    "250-{}\r\n250-PIPELINING\r\n250-SIZE {MAX_MESSAGE_BYTES}\r\n250-8BITMIME\r\n",
+                    "250-{}\r\n250-PIPELINING\r\n250-SIZE {MAX_MESSAGE_BYTES}\r\n",
                     self.hostname
                 );
+                if self.eight_bit_mime {
+                    s.push_str("250-8BITMIME\r\n");
+                }
+                if self.smtputf8 {
+                    s.push_str("250-SMTPUTF8\r\n");
+                }
                 if self.tls_offered && !self.secure {
                     s.push_str("250-STARTTLS\r\n");
                 }
@@ -796,8 +823,18 @@ impl ServerSession {
                     reply(out, "501 5.5.4 Syntax: MAIL FROM:<address>");
                     return Action::Continue;
                 };
-                if !path_ok(path.0) {
+                let utf8 = has_param(arg, "SMTPUTF8");
+                let body_8bit = arg
+                    .split_ascii_whitespace()
+                    .any(|p| p.eq_ignore_ascii_case("BODY=8BITMIME"));
+                if utf8 && !self.smtputf8 {
+                    reply(out, "555 5.5.4 Unsupported option: SMTPUTF8");
+                } else if body_8bit && !self.eight_bit_mime {
+                    reply(out, "555 5.5.4 Unsupported option: BODY=8BITMIME");
+                } else if !path_ok(path.0) {
                     reply(out, "501 5.1.7 Bad sender address syntax");
+                } else if !path.0.is_ascii() && !utf8 {
+                    reply(out, "553 5.6.7 Non-ASCII sender address requires SMTPUTF8");
                 } else if !self.greeted {
                     reply(out, "503 5.5.1 Error: send HELO/EHLO first");
                 } else if self.auth.is_some() && !self.authed {
@@ -822,6 +859,7 @@ impl ServerSession {
                 } else {
                     self.mails += 1;
                     self.mail = Some(path.0.to_string());
+                    self.utf8_txn = utf8;
                     reply(out, "250 2.1.0 Ok");
                 }
             }
@@ -832,6 +870,8 @@ impl ServerSession {
                 };
                 if !path_ok(path) {
                     reply(out, "501 5.1.3 Bad recipient address syntax");
+                } else if self.mail.is_some() && !path.is_ascii() && !self.utf8_txn {
+                    reply(out, "553 5.6.7 Non-ASCII recipient address requires SMTPUTF8");
                 } else if self.mail.is_none() {
                     reply(out, "503 5.5.1 Error: need MAIL command");
                 } else if self.rcpts.len() >= MAX_RCPTS {
@@ -1001,8 +1041,20 @@ fn angle_path(s: &str) -> Option<(&str, &str)> {
 
 /// A path the sink takes and may echo in a reply: printable ASCII, at most
 /// 254 octets (RFC 5321 §4.5.3.1.3), so no reply line passes 512 octets.
+/// An address as it may appear in `<…>` (UTF-8 is checked by the caller: only with SMTPUTF8).
 fn path_ok(path: &str) -> bool {
-    path.len() <= 254 && path.bytes().all(|b| b.is_ascii_graphic())
+    // U+FFFD: what bytes that are not UTF-8 were read as.
+    path.len() <= 254
+        && path
+            .chars()
+            .all(|c| c.is_ascii_graphic() || (!c.is_ascii() && c != char::REPLACEMENT_CHARACTER))
+}
+
+/// Whether a MAIL argument has the parameter `name` (no value).
+fn has_param(arg: &str, name: &str) -> bool {
+    arg.split_ascii_whitespace()
+        .skip(1)
+        .any(|p| p.eq_ignore_ascii_case(name))
 }
 
 fn size_param(arg: &str) -> Option<usize> {
@@ -1066,7 +1118,64 @@ mod tests {
             "550 5.1.1 <x@d.test>: Recipient address rejected: User unknown\r\n"
         );
         let got = run(&mut s, &format!("RSET\r\nMAIL FROM:<{}@b.test>\r\n", "é".repeat(10)));
-        assert_eq!(got, "250 2.0.0 Ok\r\n501 5.1.7 Bad sender address syntax\r\n");
+        assert_eq!(
+            got,
+            "250 2.0.0 Ok\r\n553 5.6.7 Non-ASCII sender address requires SMTPUTF8\r\n"
+        );
+    }
+
+    #[test]
+    fn smtputf8_and_8bitmime_are_offered_and_held_to() {
+        // Offered: a UTF-8 transaction goes through; UTF-8 without the parameter does not.
+        let opts = SinkOptions {
+            smtputf8: true,
+            ..SinkOptions::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, true);
+        let ehlo = run(&mut s, "EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-SMTPUTF8\r\n") && ehlo.contains("250-8BITMIME\r\n"),
+            "{ehlo}"
+        );
+        assert_eq!(
+            run(&mut s, "MAIL FROM:<a@b.test>\r\nRCPT TO:<jörg@bücher.test>\r\nRSET\r\n"),
+            "250 2.1.0 Ok\r\n553 5.6.7 Non-ASCII recipient address requires SMTPUTF8\r\n250 2.0.0 Ok\r\n"
+        );
+        let got = run(
+            &mut s,
+            "MAIL FROM:<nöws@b.test> SMTPUTF8 BODY=8BITMIME\r\nRCPT TO:<jörg@bücher.test>\r\nDATA\r\ncafé\r\n.\r\n",
+        );
+        assert!(
+            got.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as ")
+                || got.contains("queued as"),
+            "{got}"
+        );
+        assert_eq!(s.received[0].rcpts, ["jörg@bücher.test"]);
+        assert_eq!(s.received[0].from, "nöws@b.test");
+        // Not offered: the parameters are refused, and 8-bit content too.
+        let opts = SinkOptions {
+            no_8bitmime: true,
+            ..SinkOptions::default()
+        };
+        let mut s = ServerSession::new(&opts, 1, true);
+        let ehlo = run(&mut s, "EHLO c.test\r\n");
+        assert!(!ehlo.contains("SMTPUTF8") && !ehlo.contains("8BITMIME"), "{ehlo}");
+        assert_eq!(
+            run(
+                &mut s,
+                "MAIL FROM:<a@b.test> SMTPUTF8\r\nMAIL FROM:<a@b.test> BODY=8BITMIME\r\n"
+            ),
+            "555 5.5.4 Unsupported option: SMTPUTF8\r\n555 5.5.4 Unsupported option: BODY=8BITMIME\r\n"
+        );
+        let got = run(
+            &mut s,
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\ncafé\r\n.\r\n",
+        );
+        assert!(
+            got.ends_with("554 5.6.0 Message has 8-bit content, but 8BITMIME was not offered\r\n"),
+            "{got}"
+        );
+        assert!(s.received.is_empty());
     }
 
     #[test]

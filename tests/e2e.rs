@@ -429,7 +429,6 @@ fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
     assert_eq!(by_id("ok")["outcome"], "delivered");
     for (id, why) in [
         ("nul", "control character"),
-        ("8bit", "8-bit"),
         ("long", "254"),
         ("nolocal", "empty local part"),
         ("space", "space"),
@@ -445,6 +444,17 @@ fn hostile_input_is_rejected_or_bounced_with_a_reason_and_the_rest_goes_out() {
         "{wide}"
     );
     assert!(wide["reply"].as_str().unwrap().contains("line of 999 octets"), "{wide}");
+    // A UTF-8 address is valid (RFC 6531); this sink does not offer SMTPUTF8.
+    let utf8 = by_id("8bit");
+    assert_eq!(
+        (
+            utf8["outcome"].as_str(),
+            utf8["enhanced"].as_str(),
+            utf8["local"].as_str()
+        ),
+        (Some("bounced"), Some("5.6.7"), Some("smtputf8")),
+        "{utf8}"
+    );
     let huge = f
         .get(&("hostile.jsonl:8".to_string(), String::new()))
         .expect("the oversized line is rejected whole");
@@ -567,4 +577,69 @@ fn a_domain_that_does_not_answer_holds_up_nothing_else() {
     assert_eq!(dumped_rcpts(&dump), expected, "each recipient once");
     let f = finals(&read_log(&log));
     assert_eq!(f.len(), 10_000);
+}
+
+/// UTF-8 addresses (RFC 6531): to a server that offers SMTPUTF8 they go
+/// with it on MAIL; to one that does not, they bounce with 5.6.7 and the
+/// ASCII recipients of the same job are delivered.
+#[test]
+fn utf8_addresses_go_with_smtputf8_or_bounce_alone() {
+    for offered in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = dir.path().join("dump");
+        let sink = Sink::start(SinkOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            smtputf8: offered,
+            dump: Some(dump.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let job = serde_json::json!({
+            "from": "news@x.test",
+            "to": ["j\u{f6}rg@d.test", "plain@d.test", "\u{7528}\u{6237}@\u{4f8b}\u{5b50}.test"],
+            "data": "Subject: hi\n\nhallo\n",
+        });
+        let path = dir.path().join("u.jsonl");
+        std::fs::write(&path, format!("{job}\n")).unwrap();
+        let log = dir.path().join("log.jsonl");
+        let summary = send_all(vec![path], config(&format!("*={}", sink.addr()), &log));
+        sink.stop();
+        let f = finals(&read_log(&log));
+        let outcome = |rcpt: &str| {
+            f.iter()
+                .find(|((_, r), _)| r == rcpt)
+                .map(|(_, r)| {
+                    (
+                        r["outcome"].as_str().unwrap().to_string(),
+                        r["enhanced"].as_str().map(str::to_string),
+                    )
+                })
+                .unwrap()
+        };
+        assert_eq!(outcome("plain@d.test").0, "delivered", "offered: {offered}");
+        for rcpt in ["j\u{f6}rg@d.test", "\u{7528}\u{6237}@\u{4f8b}\u{5b50}.test"] {
+            if offered {
+                assert_eq!(outcome(rcpt).0, "delivered", "{rcpt}");
+            } else {
+                assert_eq!(
+                    outcome(rcpt),
+                    ("bounced".to_string(), Some("5.6.7".to_string())),
+                    "{rcpt}"
+                );
+            }
+        }
+        let mut at_sink = dumped_rcpts(&dump);
+        at_sink.sort();
+        let want: Vec<&str> = if offered {
+            vec![
+                "j\u{f6}rg@d.test",
+                "plain@d.test",
+                "\u{7528}\u{6237}@\u{4f8b}\u{5b50}.test",
+            ]
+        } else {
+            vec!["plain@d.test"]
+        };
+        assert_eq!(at_sink, want);
+        assert_eq!(summary.count(Outcome::Delivered), want.len() as u64);
+    }
 }

@@ -1045,3 +1045,66 @@ fn bdat_byte_window_holds_back_what_would_overflow_it() {
     );
     assert_eq!(statuses(&seen), vec![vec![OK], vec![OK]]);
 }
+
+#[test]
+fn a_utf8_address_says_smtputf8_where_the_server_offers_it() {
+    let (_, seen) = run(
+        "smtputf8",
+        vec![txn(&["j\u{f6}rg@b\u{fc}cher.test"], "Subject: hi\n\nhallo\n")],
+        &[
+            GREET,
+            EHLO,
+            S("250-mx.test\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SMTPUTF8\r\nRCPT TO:<j\u{f6}rg@b\u{fc}cher.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("Subject: hi\r\n\r\nhallo\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn a_utf8_address_to_a_server_without_smtputf8_bounces_unsent_and_the_next_goes() {
+    let (_, seen) = run(
+        "smtputf8-refused",
+        vec![txn(&["j\u{f6}rg@y.test"], "plain\n"), txn(&["b@y.test"], "plain\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C(""),
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen)[0], vec![B]);
+    assert!(
+        seen.done[0][0]
+            .1
+            .starts_with("failure (smtputf8): address \"j\u{f6}rg@y.test\" needs SMTPUTF8"),
+        "{:?}",
+        seen.done
+    );
+}
+
+#[test]
+fn an_ascii_local_part_at_a_utf8_domain_goes_by_the_a_label_without_smtputf8() {
+    let (_, seen) = run(
+        "idna",
+        vec![txn(&["leser@b\u{fc}cher.test"], "plain\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_PIPE,
+            Submit,
+            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<leser@xn--bcher-kva.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("plain\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}

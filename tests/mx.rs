@@ -33,6 +33,8 @@ fn zone() -> Vec<Rr> {
         a("live.firstdead.test", ip(5)),
         mx("shared1.test", 10, "mx1.pref.test"),
         mx("shared2.test", 10, "mx1.pref.test"),
+        // bücher.test, by its A-label (IDNA).
+        mx("xn--bcher-kva.test", 10, "mx1.pref.test"),
     ]
 }
 
@@ -135,7 +137,8 @@ fn null_mx_and_nxdomain_bounce_and_a_refused_lookup_defers() {
             job("x", &["b@nonexistent.test"]),
             job("s", &["c@outside.example"]),
         ],
-        |c| c.retry.max_age = Duration::from_millis(400),
+        // Long enough for a deferral before the expiry on a loaded machine.
+        |c| c.retry.max_age = Duration::from_millis(1500),
     );
     let f = finals(&log);
     let n = &f[&("n".to_string(), "a@nullmx.test".to_string())];
@@ -256,4 +259,19 @@ fn thousands_of_domains_are_resolved_without_a_deferral() {
         routed_time.as_secs_f64(),
         resolved.as_secs_f64() / routed_time.as_secs_f64()
     );
+}
+
+#[test]
+fn a_utf8_domain_is_looked_up_by_its_a_label() {
+    let dns = serve(zone());
+    let (sinks, port) = sinks(&[2]);
+    let (summary, log) = send_to(dns, port, &[job("u", &["leser@b\u{fc}cher.test"])], |_| {});
+    assert_eq!(summary.count(Outcome::Delivered), 1, "{log:?}");
+    let f = finals(&log);
+    assert_eq!(
+        f[&("u".to_string(), "leser@b\u{fc}cher.test".to_string())]["mx"],
+        "mx1.pref.test"
+    );
+    assert_eq!(sinks.into_iter().map(|s| s.stop().recipients).sum::<u64>(), 1);
+    // An ASCII local part: the domain went as its A-label, no SMTPUTF8 needed.
 }

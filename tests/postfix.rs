@@ -267,3 +267,44 @@ fn strict_postfix_smtpd_without_pipelining_gets_lock_step() {
     // CHUNKING is still offered there: without PIPELINING volley uses DATA.
     strict_run(10026, "lockstep", TlsPolicy::Opportunistic, true);
 }
+
+/// 8-bit and UTF-8 mail into the strict smtpd (it offers 8BITMIME and
+/// SMTPUTF8): a UTF-8 local part goes with SMTPUTF8, a UTF-8 domain after
+/// an ASCII local part as its A-label, an 8-bit body with BODY=8BITMIME;
+/// all delivered, over DATA and over BDAT.
+#[test]
+fn strict_postfix_smtpd_takes_8bit_and_utf8_mail() {
+    strict_postfix();
+    for (port, bdat) in [(10025, true), (10025, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = [
+            serde_json::json!({"id": "u1", "from": "news@sender.test", "to": ["j\u{f6}rg@d1.test", "plain@d1.test"],
+                "data": "Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe?=\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\nCaf\u{e9} cr\u{e8}me, \u{fc}ber alles.\n"}),
+            serde_json::json!({"id": "u2", "from": "n\u{e9}ws@sender.test", "to": ["leser@b\u{fc}cher.test"], "data": "Subject: hi\n\nplain\n"}),
+        ];
+        let spool = dir.path().join("u.jsonl");
+        std::fs::write(&spool, jobs.iter().map(|j| format!("{j}\n")).collect::<String>()).unwrap();
+        let log = dir.path().join("log.jsonl");
+        let before = log_len();
+        let mut cfg = config(format!("*=127.0.0.1:{port}"), &log);
+        cfg.chunking = bdat;
+        cfg.tls = TlsPolicy::Disabled;
+        let summary = send(SendOptions {
+            spools: vec![spool],
+            config: cfg,
+            progress: Progress::Off,
+            stop: None,
+            watch: None,
+        })
+        .unwrap();
+        let f = finals(&read_log(&log));
+        let not_delivered: Vec<_> = f.values().filter(|r| r["outcome"] != "delivered").collect();
+        assert!(not_delivered.is_empty(), "bdat {bdat}: {not_delivered:?}");
+        assert_eq!(summary.count(Outcome::Delivered), 3);
+        let text = std::fs::read(STRICT_LOG).unwrap();
+        let new = String::from_utf8_lossy(&text[before as usize..]);
+        for bad in ["reject:", "improper command pipelining", "bare newline", "SMTPUTF8"] {
+            assert!(!new.contains(bad), "bdat {bdat}: postfix logged {bad:?}:\n{new}");
+        }
+    }
+}

@@ -153,6 +153,19 @@ impl Job for SpoolJob {
             rcpts: self.rcpts.split_off(at),
         }
     }
+    fn take(&mut self, which: &[usize]) -> SpoolJob {
+        let all = std::mem::take(&mut self.rcpts);
+        let (taken, kept): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| which.contains(i));
+        self.rcpts = kept.into_iter().map(|(_, r)| r).collect();
+        SpoolJob {
+            file: self.file.clone(),
+            line: self.line,
+            id: self.id.clone(),
+            from: self.from.clone(),
+            body: self.body.clone(),
+            rcpts: taken.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
 }
 
 pub(crate) type Txn = self::core::Txn<SpoolJob>;

@@ -336,8 +336,36 @@ impl Awaited {
 /// An address that fits between `<` and `>` on a command line: printable
 /// ASCII without spaces or angle brackets, at most 254 octets (RFC 5321
 /// §4.5.3.1.3 allows a path of 256 with its brackets).
+/// Whether `addr` can go inside `<…>` on a command line: no space, control
+/// character, `<` or `>` (UTF-8 only on a session with SMTPUTF8, checked apart).
 fn command_safe(addr: &str) -> bool {
-    addr.len() <= 254 && addr.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>')
+    addr.len() <= 254
+        && addr
+            .chars()
+            .all(|c| !c.is_ascii() || (c.is_ascii_graphic() && c != '<' && c != '>'))
+}
+
+/// An address as it goes on the wire: a UTF-8 domain after an ASCII local
+/// part becomes its A-label (IDNA), which needs no SMTPUTF8; anything else
+/// as it is.
+fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
+    if addr.is_ascii() {
+        return addr.into();
+    }
+    match addr.rsplit_once('@') {
+        Some((local, domain)) if local.is_ascii() => match idna::domain_to_ascii(domain) {
+            Ok(a) => format!("{local}@{a}").into(),
+            Err(_) => addr.into(),
+        },
+        _ => addr.into(),
+    }
+}
+
+/// Whether a transaction's envelope has an address that stays UTF-8 on the wire (RFC 6531).
+fn needs_smtputf8<T: Envelope>(txn: &T) -> bool {
+    std::iter::once(txn.reverse_path())
+        .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
+        .any(|a| !wire_address(a).is_ascii())
 }
 
 fn push_command(out: &mut Vec<u8>, expects: &mut Awaited, cmd: std::fmt::Arguments<'_>, expect: Expect) {
@@ -695,7 +723,7 @@ impl<T: Envelope> Session<T> {
                 flight.report.timing.mail = Some(micros);
                 if !self.caps.pipelining {
                     if ok {
-                        let rcpt = format!("RCPT TO:<{}>", self.flight(seq).report.txn.recipient(0));
+                        let rcpt = format!("RCPT TO:<{}>", wire_address(self.flight(seq).report.txn.recipient(0)));
                         push_command(
                             &mut self.out,
                             &mut self.expects,
@@ -715,7 +743,7 @@ impl<T: Envelope> Session<T> {
                     let flight = self.flight(seq);
                     let n = flight.report.txn.recipient_count();
                     if i + 1 < n {
-                        let rcpt = format!("RCPT TO:<{}>", flight.report.txn.recipient(i + 1));
+                        let rcpt = format!("RCPT TO:<{}>", wire_address(flight.report.txn.recipient(i + 1)));
                         push_command(
                             &mut self.out,
                             &mut self.expects,
@@ -920,16 +948,35 @@ impl<T: Envelope> Session<T> {
         }
         let txn = self.waiting.take().expect("checked above");
         let chunked = self.is_chunking();
-        let refusal = if txn.message().eight_bit && !self.caps.eight_bit_mime {
+        let utf8 = needs_smtputf8(&txn);
+        let refusal = if utf8 && !self.caps.smtputf8 {
+            // RFC 6531 §3.2: a UTF-8 address only to a server that offers SMTPUTF8.
+            let addr = std::iter::once(txn.reverse_path())
+                .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
+                .find(|a| !wire_address(a).is_ascii())
+                .unwrap_or_default();
+            Some(Failure::new(
+                Local::Smtputf8,
+                format!("address {addr:?} needs SMTPUTF8 (RFC 6531), which the server does not offer"),
+            ))
+        } else if txn.message().eight_bit && !self.caps.eight_bit_mime {
             // RFC 6152: 8-bit data only to a server that offers 8BITMIME; volley does not downgrade.
-            Some("the message has 8-bit content and the server does not offer 8BITMIME".to_string())
+            Some(Failure::new(
+                Local::Message,
+                "the message has 8-bit content and the server does not offer 8BITMIME",
+            ))
         } else {
             // Ingest lets no such address through; this keeps any other caller from
             // putting a second command on the line (CRLF) or passing its length limit.
             std::iter::once(txn.reverse_path())
                 .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
                 .find(|a| !command_safe(a))
-                .map(|a| format!("address {a:?} cannot be written on an SMTP command line"))
+                .map(|a| {
+                    Failure::new(
+                        Local::Message,
+                        format!("address {a:?} cannot be written on an SMTP command line"),
+                    )
+                })
         };
         if let Some(failure) = refusal {
             let n = txn.recipient_count();
@@ -939,7 +986,7 @@ impl<T: Envelope> Session<T> {
                 rcpts: vec![None; n],
                 data: None,
                 dot: None,
-                failure: Some(Failure::new(Local::Message, failure)),
+                failure: Some(failure),
                 permanent: true,
                 timing: TxnTiming::default(),
                 chunked,
@@ -954,7 +1001,7 @@ impl<T: Envelope> Session<T> {
         self.next_seq += 1;
         let n = txn.recipient_count();
         let message = txn.message();
-        write!(self.out, "MAIL FROM:<{}>", txn.reverse_path()).expect("Vec write");
+        write!(self.out, "MAIL FROM:<{}>", wire_address(txn.reverse_path())).expect("Vec write");
         if self.caps.size.is_some() {
             let size = if chunked {
                 message.chunk_len()
@@ -966,11 +1013,14 @@ impl<T: Envelope> Session<T> {
         if message.eight_bit && self.caps.eight_bit_mime {
             self.out.extend_from_slice(b" BODY=8BITMIME");
         }
+        if utf8 {
+            self.out.extend_from_slice(b" SMTPUTF8");
+        }
         self.out.extend_from_slice(b"\r\n");
         self.expects.push_back(Expect::Mail(seq));
         if chunked {
             for i in 0..n {
-                write!(self.out, "RCPT TO:<{}>\r\n", txn.recipient(i)).expect("Vec write");
+                write!(self.out, "RCPT TO:<{}>\r\n", wire_address(txn.recipient(i))).expect("Vec write");
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             // RFC 3030: the whole message as one last chunk, read by the server
@@ -980,7 +1030,7 @@ impl<T: Envelope> Session<T> {
             self.expects.push_back(Expect::Bdat(seq));
         } else if self.caps.pipelining {
             for i in 0..n {
-                write!(self.out, "RCPT TO:<{}>\r\n", txn.recipient(i)).expect("Vec write");
+                write!(self.out, "RCPT TO:<{}>\r\n", wire_address(txn.recipient(i))).expect("Vec write");
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             self.out.extend_from_slice(b"DATA\r\n");

@@ -70,6 +70,8 @@ pub trait Job {
     fn keep(&mut self, keep: &[usize]);
     /// Splits off the recipients from `at` on into a job of their own.
     fn split_off(&mut self, at: usize) -> Self;
+    /// Moves the recipients at `which` (ascending) into a job of their own.
+    fn take(&mut self, which: &[usize]) -> Self;
 }
 
 /// One transaction: recipients of one job and one domain.
@@ -85,6 +87,22 @@ pub struct Txn<J> {
     /// It waited in its destination's queue for a suspension to end (then,
     /// past max_age, it expires instead of going out).
     pub held: bool,
+}
+
+impl<J> Txn<J> {
+    /// A transaction like this one (same attempt, ages, hold) for the job
+    /// `split` takes out of this one's.
+    pub(super) fn with_job(&mut self, split: impl FnOnce(&mut J) -> J) -> Txn<J> {
+        Txn {
+            job: split(&mut self.job),
+            domain: self.domain.clone(),
+            attempt: self.attempt,
+            first_seen: self.first_seen,
+            first_attempt: self.first_attempt,
+            started: self.started,
+            held: self.held,
+        }
+    }
 }
 
 impl<J: Job> Envelope for Txn<J> {

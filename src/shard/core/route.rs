@@ -227,20 +227,26 @@ impl<J: Job> Core<J> {
             txn.held = true;
             self.expiry_timer(dest, txn.first_seen + txn.domain.retry().max_age);
         }
-        while txn.job.rcpt_count() > max {
-            let rest = Txn {
-                job: txn.job.split_off(max),
-                domain: txn.domain.clone(),
-                attempt: txn.attempt,
-                first_seen: txn.first_seen,
-                first_attempt: txn.first_attempt,
-                started: txn.started,
-                held: txn.held,
-            };
-            dest.queue.borrow_mut().push_back(txn);
-            txn = rest;
+        // Recipients with UTF-8 addresses go apart: a server without
+        // SMTPUTF8 refuses them, not the others (RFC 6531 §3.2).
+        let utf8: Vec<usize> = (0..txn.job.rcpt_count())
+            .filter(|&i| !txn.job.rcpt(i).is_ascii())
+            .collect();
+        let mut parts = Vec::with_capacity(2);
+        if !utf8.is_empty() && utf8.len() < txn.job.rcpt_count() {
+            parts.push(txn.with_job(|j| j.take(&utf8)));
         }
-        dest.queue.borrow_mut().push_back(txn);
+        parts.push(txn);
+        let mut queue = dest.queue.borrow_mut();
+        for mut txn in parts {
+            while txn.job.rcpt_count() > max {
+                let rest = txn.with_job(|j| j.split_off(max));
+                queue.push_back(txn);
+                txn = rest;
+            }
+            queue.push_back(txn);
+        }
+        drop(queue);
         self.kick(dest, now);
     }
 

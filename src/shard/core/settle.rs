@@ -37,7 +37,7 @@ impl<'a> From<Decider<'a>> for Said<'a> {
             },
             Decider::Failure(kind, s) => Said {
                 code: None,
-                enhanced: None,
+                enhanced: kind.enhanced(),
                 text: s,
                 local: Some(kind),
                 category: None,

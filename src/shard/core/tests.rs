@@ -51,6 +51,17 @@ impl Job for TestJob {
             wire: self.wire.clone(),
         }
     }
+    fn take(&mut self, which: &[usize]) -> TestJob {
+        let all = std::mem::take(&mut self.rcpts);
+        let (taken, kept) = all.into_iter().enumerate().partition(|(i, _)| which.contains(i));
+        let strip = |v: Vec<(usize, _)>| v.into_iter().map(|(_, r)| r).collect();
+        self.rcpts = strip(kept);
+        TestJob {
+            line: self.line,
+            rcpts: strip(taken),
+            wire: self.wire.clone(),
+        }
+    }
 }
 
 /// A core, its clock, and what it asked for so far.
