@@ -95,6 +95,19 @@ pub struct Job {
     pub from: Span,
     pub to: Vec<Span>,
     pub body: JobBody,
+    /// Spool v2: the message is a template rendered per recipient.
+    pub personal: Option<Personal>,
+    /// Spool v2: each recipient's envelope sender, from this template (VERP).
+    pub verp: Option<Span>,
+}
+
+/// What a personalised job adds (spool v2): its variables and each
+/// recipient's, as the JSON text of objects (parsed when rendering).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Personal {
+    pub vars: Option<Span>,
+    /// Per recipient of `to` (same order): its own variables, if any.
+    pub rcpt_vars: Vec<Option<Span>>,
 }
 
 /// A string that borrows from the input unless it holds escapes (serde's
@@ -103,14 +116,31 @@ pub struct Job {
 #[serde(transparent)]
 struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
 
+/// A recipient written as an object (spool v2).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRcpt<'a> {
+    #[serde(borrow)]
+    rcpt: Cow<'a, str>,
+    #[serde(borrow, default)]
+    vars: Option<&'a serde_json::value::RawValue>,
+}
+
 #[derive(Deserialize)]
 struct RawJob<'a> {
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     from: Cow<'a, str>,
+    /// Strings (v1) or `{"rcpt": …, "vars": {…}}` (v2).
     #[serde(borrow)]
-    to: Vec<BorrowedStr<'a>>,
+    to: Vec<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    vars: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    template: bool,
+    #[serde(borrow, default)]
+    verp: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     message: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -134,11 +164,48 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
         (Some(_), Some(_)) => return Err("has both \"message\" and \"data\"; give one".into()),
         (None, None) => return Err("has neither \"message\" nor \"data\"".into()),
     };
+    let object = |v: &serde_json::value::RawValue, what: &str| -> Result<Span, String> {
+        if !v.get().starts_with('{') {
+            return Err(format!("{what} must be an object, not {}", v.get()));
+        }
+        Ok(Span::from_cow(map, Cow::Borrowed(v.get())))
+    };
+    let mut to = Vec::with_capacity(raw.to.len());
+    let mut rcpt_vars = Vec::new();
+    for (i, v) in raw.to.iter().enumerate() {
+        let text = v.get();
+        if text.starts_with('"') {
+            // A plain string without escapes is its own inside (the parser checked it).
+            if !text.contains('\\') {
+                to.push(Span::from_cow(map, Cow::Borrowed(&text[1..text.len() - 1])));
+                continue;
+            }
+            let s: BorrowedStr<'_> =
+                serde_json::from_str(text).map_err(|e| format!("not a valid job: to[{i}]: {e}"))?;
+            to.push(Span::from_cow(map, s.0));
+            continue;
+        }
+        let r: RawRcpt<'_> = serde_json::from_str(v.get()).map_err(|e| {
+            format!("not a valid job: to[{i}] must be an address or {{\"rcpt\": …, \"vars\": {{…}}}}: {e}")
+        })?;
+        if rcpt_vars.is_empty() {
+            rcpt_vars.resize(i, None);
+        }
+        rcpt_vars.push(r.vars.map(|v| object(v, &format!("to[{i}].vars"))).transpose()?);
+        to.push(Span::from_cow(map, r.rcpt));
+    }
+    if !rcpt_vars.is_empty() {
+        rcpt_vars.resize(to.len(), None);
+    }
+    let vars = raw.vars.map(|v| object(v, "\"vars\"")).transpose()?;
+    let personal = (raw.template || vars.is_some() || !rcpt_vars.is_empty()).then_some(Personal { vars, rcpt_vars });
     Ok(Job {
         id: raw.id.map(|s| Span::from_cow(map, s)),
         from: Span::from_cow(map, raw.from),
-        to: raw.to.into_iter().map(|s| Span::from_cow(map, s.0)).collect(),
+        to,
         body,
+        personal,
+        verp: raw.verp.map(|v| Span::from_cow(map, v)),
     })
 }
 

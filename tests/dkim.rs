@@ -189,3 +189,66 @@ fn a_bad_key_stops_the_start_naming_it() {
         "{err}"
     );
 }
+
+/// A server without 8BITMIME gets the 8-bit parts in quoted-printable, and
+/// the 7-bit form is signed on its own: the verifier passes it. A message
+/// whose headers are 8-bit cannot be converted and bounces saying why.
+#[test]
+fn an_8bit_message_to_a_server_without_8bitmime_goes_in_quoted_printable_signed_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        no_8bitmime: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let body =
+        "Caf\u{e9} cr\u{e8}me and \u{fc}ber, on a line long enough to be folded by the encoder at seventy-six octets\n";
+    std::fs::write(
+        dir.path().join("n.eml"),
+        format!("From: news@news.example.com\nSubject: 8-bit\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{body}"),
+    )
+    .unwrap();
+    let lines = [
+        serde_json::json!({"id": "qp", "from": "b@news.example.com", "to": ["a@d0.test", "b@d1.test"], "message": "n.eml"}),
+        serde_json::json!({"id": "hdr", "from": "b@news.example.com", "to": ["c@d0.test"], "data": "From: news@news.example.com\nSubject: Gr\u{fc}\u{df}e\n\nhi\n"}),
+    ];
+    let path = dir.path().join("e.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg: Config = toml::from_str(&format!(
+        "[dkim.\"news.example.com\"]\nselector = \"rsa1\"\nkey_file = {:?}\n",
+        data("rsa2048.pem")
+    ))
+    .unwrap();
+    cfg.log = Some(log.clone());
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 2);
+    let f = common::finals(&common::read_log(&log));
+    let hdr = &f[&("hdr".to_string(), "c@d0.test".to_string())];
+    assert_eq!(hdr["outcome"], "bounced", "{hdr}");
+    assert!(
+        hdr["reply"]
+            .as_str()
+            .unwrap()
+            .contains("cannot go in 7 bits: the message's headers have 8-bit octets"),
+        "{hdr}"
+    );
+    let results = verify(&dump, &[record("rsa2048.pem", "rsa1", "news.example.com")]);
+    assert_eq!(results.len(), 2);
+    for (file, r) in &results {
+        assert_eq!(r, &["ok"], "{file}");
+        let text = std::fs::read(file).unwrap();
+        assert!(text.is_ascii(), "{file}");
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("Content-Transfer-Encoding: quoted-printable\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Caf=C3=A9 cr=C3=A8me"), "{text}");
+    }
+}

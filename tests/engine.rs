@@ -9,6 +9,7 @@ struct Txn {
     from: &'static str,
     rcpts: Vec<&'static str>,
     wire: WireMessage,
+    seven: Option<WireMessage>,
 }
 
 impl Envelope for Txn {
@@ -24,6 +25,9 @@ impl Envelope for Txn {
     fn message(&self) -> &WireMessage {
         &self.wire
     }
+    fn seven_bit(&self) -> Result<&WireMessage, &str> {
+        self.seven.as_ref().ok_or("not converted in this test")
+    }
 }
 
 fn txn(rcpts: &[&'static str], body: &str) -> Txn {
@@ -31,6 +35,7 @@ fn txn(rcpts: &[&'static str], body: &str) -> Txn {
         from: "news@sender.test",
         rcpts: rcpts.to_vec(),
         wire: WireMessage::prepare(body.as_bytes()),
+        seven: None,
     }
 }
 
@@ -1107,4 +1112,45 @@ fn an_ascii_local_part_at_a_utf8_domain_goes_by_the_a_label_without_smtputf8() {
         ],
     );
     assert_eq!(statuses(&seen), vec![vec![OK]]);
+}
+
+#[test]
+fn an_8bit_message_goes_in_its_7bit_form_to_a_server_without_8bitmime() {
+    let mut t = txn(&["a@y.test"], "caf\u{e9}\n");
+    t.seven = Some(WireMessage::prepare(
+        b"Content-Transfer-Encoding: quoted-printable\n\ncaf=C3=A9\n",
+    ));
+    for chunking in [false, true] {
+        let t = Txn {
+            from: t.from,
+            rcpts: t.rcpts.clone(),
+            wire: t.wire.clone(),
+            seven: t.seven.clone(),
+        };
+        let steps: &[Step] = if chunking {
+            &[
+                GREET,
+                EHLO,
+                S("250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"),
+                Submit,
+                C(
+                    "MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nBDAT 58 LAST\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n",
+                ),
+                S("250 Ok\r\n250 Ok\r\n250 Ok\r\n"),
+            ]
+        } else {
+            &[
+                GREET,
+                EHLO,
+                EHLO_PIPE,
+                Submit,
+                C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+                S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+                C("Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n.\r\n"),
+                S("250 Ok\r\n"),
+            ]
+        };
+        let (_, seen) = run("7bit", vec![t], steps);
+        assert_eq!(statuses(&seen), vec![vec![OK]], "chunking {chunking}");
+    }
 }

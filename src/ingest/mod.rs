@@ -137,6 +137,9 @@ pub enum IngestInput {
     Forget(u32),
 }
 
+/// Message files whose template check is remembered at once (then forgotten, and checked again).
+const MAX_TEMPLATE_ANSWERS: usize = 4096;
+
 /// Recipients of one job that share a domain (at most `max_rcpts_per_txn`).
 #[derive(Debug)]
 pub struct WorkItem {
@@ -147,6 +150,10 @@ pub struct WorkItem {
     pub body: BodyKey,
     pub rcpts: Vec<Rcpt>,
     pub first_seen: Instant,
+    /// Spool v2: the message is a template; the job's variables (JSON object text).
+    pub personal: Option<Option<Span>>,
+    /// Spool v2: the template of each recipient's envelope sender (VERP).
+    pub verp: Option<Span>,
 }
 
 /// A recipient and its index in the job's `to` (its name in the journal).
@@ -154,6 +161,8 @@ pub struct WorkItem {
 pub struct Rcpt {
     pub addr: Span,
     pub idx: u32,
+    /// Its own template variables (spool v2), as JSON object text.
+    pub vars: Option<Span>,
 }
 
 /// A spool file to ingest, with what its journal says is already final.
@@ -355,6 +364,8 @@ pub struct Ingest {
     messages: HashMap<(u32, PathBuf), Result<Weak<MessageFile>, String>>,
     budget: Arc<MessageBudget>,
     next_message: u32,
+    /// Whether each message file used as a template compiles, by message id.
+    templates: HashMap<u32, Result<(), String>>,
     recorder: Recorder,
     recipients: u64,
     bad_lines: u64,
@@ -392,6 +403,7 @@ impl Ingest {
             messages: HashMap::new(),
             budget,
             next_message: 0,
+            templates: HashMap::new(),
             recorder: Recorder::new(log),
             recipients: 0,
             bad_lines: 0,
@@ -847,6 +859,20 @@ impl Ingest {
                 .message(fid, &input.origin, s.get(map))?
                 .map(|m| (BodyKey::File(m.id), Some(m))),
         };
+        // A template that does not compile rejects the job (FILE:LINE and why).
+        let body = match body {
+            Ok((b, m)) if job.personal.is_some() => match self.template_ok(&b, m.as_ref(), map) {
+                Ok(()) => Ok((b, m)),
+                Err(e) => Err(e),
+            },
+            other => other,
+        };
+        let body = match (&job.verp, body) {
+            (Some(v), Ok(b)) => crate::template::check(v.get(map))
+                .map(|()| b)
+                .map_err(|e| format!("\"verp\": template: {e}")),
+            (_, other) => other,
+        };
         let (body, message) = match body {
             Ok(b) => b,
             Err(reason) => {
@@ -878,6 +904,8 @@ impl Ingest {
                 body: body.clone(),
                 rcpts: g.rcpts,
                 first_seen: input.first_seen,
+                personal: job.personal.as_ref().map(|p| p.vars.clone()),
+                verp: job.verp.clone(),
             });
             self.sent[shard] += n as u64;
             if self.room(shard) <= 0 && self.starved_since[shard].is_none() {
@@ -983,8 +1011,16 @@ impl Ingest {
             let r = Rcpt {
                 addr: rcpt.clone(),
                 idx: i as u32,
+                vars: job
+                    .personal
+                    .as_ref()
+                    .and_then(|p| p.rcpt_vars.get(i).cloned().flatten()),
             };
-            let slot = if indexed {
+            // A personalised recipient (or one with its own sender) gets a transaction of its own.
+            let alone = job.personal.is_some() || job.verp.is_some();
+            let slot = if alone {
+                None
+            } else if indexed {
                 open.get(&(Cow::Borrowed(&*domain), shard)).copied()
             } else {
                 groups
@@ -994,7 +1030,7 @@ impl Ingest {
             match slot {
                 Some(g) if groups[g].rcpts.len() < max => groups[g].rcpts.push(r),
                 _ => {
-                    if indexed {
+                    if indexed && !alone {
                         open.insert((domain.clone(), shard), groups.len());
                     }
                     groups.push(Group {
@@ -1007,6 +1043,30 @@ impl Ingest {
             }
         }
         groups
+    }
+
+    /// Whether a personalised job's message compiles as a template (a
+    /// message file's answer is kept while it is mapped).
+    fn template_ok(&mut self, body: &BodyKey, message: Option<&Arc<MessageFile>>, map: &[u8]) -> Result<(), String> {
+        let check = |src: &[u8]| -> Result<(), String> {
+            let text = std::str::from_utf8(src).map_err(|e| format!("the template is not UTF-8 ({e})"))?;
+            crate::template::check(text).map_err(|e| format!("template: {e}"))
+        };
+        match (body, message) {
+            (BodyKey::Inline(span), _) => check(span.get(map).as_bytes()),
+            (BodyKey::File(id), Some(m)) => {
+                if let Some(known) = self.templates.get(id) {
+                    return known.clone();
+                }
+                let answer = check(m.file.bytes());
+                if self.templates.len() >= MAX_TEMPLATE_ANSWERS {
+                    self.templates.clear();
+                }
+                self.templates.insert(*id, answer.clone());
+                answer
+            }
+            (BodyKey::File(_), None) => Ok(()),
+        }
     }
 
     /// A message file, mapped on first sight (and again once nothing uses

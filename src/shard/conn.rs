@@ -270,9 +270,13 @@ async fn converse(
         if session.is_ready() {
             let most = dest.deliveries_per_connection();
             while session.wants_txn() && submitted < most {
-                let Some(txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
+                let Some(mut txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
                     break;
                 };
+                if let Err(reason) = shard.render(&mut txn) {
+                    shard.with(|c| c.unsendable(txn, &reason, Instant::now()));
+                    continue;
+                }
                 session.submit(txn);
                 submitted += 1;
             }

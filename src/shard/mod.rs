@@ -112,6 +112,21 @@ pub(crate) struct SpoolJob {
     from: Span,
     body: Rc<Body>,
     rcpts: Vec<Rcpt>,
+    /// Spool v2: the message is a template, rendered per recipient.
+    personal: Option<Rc<Personal>>,
+    /// The copy rendered for this attempt (dropped when it waits for a retry).
+    rendered: Option<Rc<Body>>,
+    /// The template of the recipient's envelope sender (VERP), and what it rendered.
+    verp: Option<Span>,
+    reverse: Option<Box<str>>,
+}
+
+/// A personalised job's template and variables.
+pub(crate) struct Personal {
+    /// The job's variables (JSON object text in the spool file).
+    vars: Option<Span>,
+    /// An inline template (`data`), in the spool file; else the message file's text.
+    inline: Option<Span>,
 }
 
 impl Job for SpoolJob {
@@ -122,10 +137,20 @@ impl Job for SpoolJob {
         self.rcpts[i].addr.get(self.file.file.bytes())
     }
     fn reverse_path(&self) -> &str {
-        self.from.get(self.file.file.bytes())
+        match &self.reverse {
+            Some(r) => r,
+            None => self.from.get(self.file.file.bytes()),
+        }
     }
     fn message(&self) -> &WireMessage {
-        &self.body.wire
+        &self.rendered.as_ref().unwrap_or(&self.body).wire
+    }
+    fn seven_bit(&self) -> Result<&WireMessage, &str> {
+        match &self.rendered.as_ref().unwrap_or(&self.body).seven_bit {
+            Some(Ok(w)) => Ok(w),
+            Some(Err(why)) => Err(why),
+            None => Err("it is 7-bit already"),
+        }
     }
     fn key(&self, i: usize) -> RcptKey {
         RcptKey {
@@ -151,6 +176,10 @@ impl Job for SpoolJob {
             from: self.from.clone(),
             body: self.body.clone(),
             rcpts: self.rcpts.split_off(at),
+            personal: self.personal.clone(),
+            rendered: None,
+            verp: self.verp.clone(),
+            reverse: None,
         }
     }
     fn take(&mut self, which: &[usize]) -> SpoolJob {
@@ -164,8 +193,38 @@ impl Job for SpoolJob {
             from: self.from.clone(),
             body: self.body.clone(),
             rcpts: taken.into_iter().map(|(_, r)| r).collect(),
+            personal: self.personal.clone(),
+            rendered: None,
+            verp: self.verp.clone(),
+            reverse: None,
         }
     }
+    fn release(&mut self) {
+        self.rendered = None;
+    }
+}
+
+/// A VERP job's envelope sender for its one recipient, rendered and checked.
+fn verp_of(job: &SpoolJob) -> Result<String, String> {
+    let map = job.file.file.bytes();
+    let at = format!("{}:{}", job.file.name, job.line);
+    let template = job.verp.as_ref().expect("a VERP job").get(map);
+    let id = match &job.id {
+        Some(s) => s.get(map).to_string(),
+        None => at.clone(),
+    };
+    let ctx = crate::template::Context {
+        rcpt: job.rcpts[0].addr.get(map),
+        from: job.from.get(map),
+        id: &id,
+        job_vars: job.personal.as_ref().and_then(|p| p.vars.as_ref()).map(|s| s.get(map)),
+        rcpt_vars: job.rcpts[0].vars.as_ref().map(|s| s.get(map)),
+    };
+    let from = crate::template::render(template, &ctx).map_err(|e| format!("{at}: \"verp\": template: {e}"))?;
+    let from = from.trim().to_string();
+    crate::spool::validate_address(&from)
+        .map_err(|why| format!("{at}: \"verp\" made the sender {from:?}, which {why}"))?;
+    Ok(from)
 }
 
 pub(crate) type Txn = self::core::Txn<SpoolJob>;
@@ -176,6 +235,8 @@ type Domain = self::core::Domain<SpoolJob>;
 /// (kept mapped, and counted in the budget, while the copy is in use).
 pub(crate) struct Body {
     wire: WireMessage,
+    /// For an 8-bit message: its 7-bit form (signed too), or why it has none.
+    seven_bit: Option<Result<WireMessage, String>>,
     /// Why it cannot be sent (a DKIM signature that could not be made).
     refused: Option<String>,
     _file: Option<Arc<MessageFile>>,
@@ -193,6 +254,16 @@ struct DkimCounts {
 }
 
 impl Body {
+    /// A template's stand-in: nothing to send until a recipient's copy is rendered.
+    fn template(file: Option<Arc<MessageFile>>) -> Body {
+        Body {
+            wire: WireMessage::prepare(b""),
+            seven_bit: None,
+            refused: None,
+            _file: file,
+        }
+    }
+
     /// `src` prepared for the wire, and DKIM-signed when its From: domain has keys.
     fn new(
         src: &[u8],
@@ -201,14 +272,28 @@ impl Body {
         file: Option<Arc<MessageFile>>,
     ) -> Body {
         let wire = WireMessage::prepare(src);
+        let seven_bit = wire.eight_bit.then(|| {
+            let mut plain = Vec::with_capacity(wire.chunk_len());
+            wire.write_chunk(&mut plain);
+            crate::downgrade::to_7bit(&plain).map(|m| WireMessage::prepare(&m))
+        });
         if signers.is_empty() {
             return Body {
                 wire,
+                seven_bit,
                 refused: None,
                 _file: file,
             };
         }
         let mut c = counts.borrow_mut();
+        // Signed after the conversion: the 7-bit form has its own signature.
+        let seven_bit = seven_bit.map(|r| {
+            r.and_then(|w| match signers.sign(&w) {
+                Ok(crate::dkim::Signed::Signed { wire, .. }) => Ok(wire),
+                Ok(crate::dkim::Signed::Unsigned) => Ok(w),
+                Err(e) => Err(e),
+            })
+        });
         let (wire, refused) = match signers.sign(&wire) {
             Ok(crate::dkim::Signed::Signed {
                 wire: signed,
@@ -231,6 +316,7 @@ impl Body {
         };
         Body {
             wire,
+            seven_bit,
             refused,
             _file: file,
         }
@@ -476,9 +562,21 @@ impl Shard {
 
     fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>], now: Instant) {
         let file = self.files.borrow()[&item.file].clone();
-        let body = match &item.body {
-            BodyKey::File(id) => self.prepared(*id, messages),
-            BodyKey::Inline(span) => Rc::new(Body::new(
+        let personal = item.personal.map(|vars| {
+            Rc::new(Personal {
+                vars,
+                inline: match &item.body {
+                    BodyKey::Inline(span) => Some(span.clone()),
+                    BodyKey::File(_) => None,
+                },
+            })
+        });
+        let body = match (&item.body, &personal) {
+            // A template is not sent as it is: only its file is kept, for rendering.
+            (BodyKey::File(id), Some(_)) => Rc::new(Body::template(messages.iter().find(|m| m.id == *id).cloned())),
+            (BodyKey::Inline(_), Some(_)) => Rc::new(Body::template(None)),
+            (BodyKey::File(id), None) => self.prepared(*id, messages),
+            (BodyKey::Inline(span), None) => Rc::new(Body::new(
                 span.get(file.file.bytes()).as_bytes(),
                 &self.signers,
                 &self.dkim,
@@ -493,6 +591,10 @@ impl Shard {
             from: item.from,
             body,
             rcpts: item.rcpts,
+            personal,
+            rendered: None,
+            verp: item.verp,
+            reverse: None,
         };
         if let Some(reason) = job.body.refused.clone() {
             let enhanced = Enhanced {
@@ -541,6 +643,56 @@ impl Shard {
             prepared.retain(|_, m| m.strong_count() > 0);
         }
         m
+    }
+
+    /// Renders a personalised transaction's copy (one recipient), prepared
+    /// and signed like any message; an error says FILE:LINE and why.
+    pub(crate) fn render(&self, txn: &mut Txn) -> Result<(), String> {
+        let job = &mut txn.job;
+        if job.verp.is_some() && job.reverse.is_none() {
+            job.reverse = Some(verp_of(job)?.into_boxed_str());
+        }
+        let Some(p) = job.personal.clone() else {
+            return Ok(());
+        };
+        if job.rendered.is_some() {
+            return Ok(());
+        }
+        let map = job.file.file.bytes();
+        let at = || format!("{}:{}", job.file.name, job.line);
+        let source = match (&p.inline, &job.body._file) {
+            (Some(span), _) => span.get(map),
+            (None, Some(f)) => {
+                std::str::from_utf8(f.file.bytes()).map_err(|e| format!("{}: the template is not UTF-8 ({e})", at()))?
+            }
+            (None, None) => return Err(format!("{}: the template's message file is gone", at())),
+        };
+        let id = match &job.id {
+            Some(s) => s.get(map).to_string(),
+            None => format!("{}:{}", job.file.name, job.line),
+        };
+        let rcpt = &job.rcpts[0];
+        let ctx = crate::template::Context {
+            rcpt: rcpt.addr.get(map),
+            from: job.from.get(map),
+            id: &id,
+            job_vars: p.vars.as_ref().map(|s| s.get(map)),
+            rcpt_vars: rcpt.vars.as_ref().map(|s| s.get(map)),
+        };
+        let text = crate::template::render(source, &ctx).map_err(|e| format!("{}: template: {e}", at()))?;
+        let body = Body::new(text.as_bytes(), &self.signers, &self.dkim, None);
+        if let Some(reason) = &body.refused {
+            return Err(format!("{}: {reason}", at()));
+        }
+        if body.wire.longest_line > MAX_LINE_OCTETS {
+            return Err(format!(
+                "{}: the rendered message has a line of {} octets; SMTP allows {MAX_LINE_OCTETS} (RFC 5321 §4.5.3.1.6)",
+                at(),
+                body.wire.longest_line
+            ));
+        }
+        job.rendered = Some(Rc::new(body));
+        Ok(())
     }
 
     /// Whether no new transaction may start (see `Core::held_back`).

@@ -29,6 +29,22 @@ pub trait Envelope {
     fn recipient(&self, i: usize) -> &str;
     /// The message prepared for the wire (for DATA and for BDAT).
     fn message(&self) -> &WireMessage;
+    /// The message in 7 bits (8-bit parts in quoted-printable, RFC 6152
+    /// §3) for a server without 8BITMIME, or why there is none.
+    fn seven_bit(&self) -> Result<&WireMessage, &str> {
+        Err("it is not converted")
+    }
+}
+
+/// What goes on the wire for `t` with `caps`: its 7-bit form where the
+/// server takes no 8-bit and one exists.
+fn body_of<'t, T: Envelope>(caps: &Capabilities, t: &'t T) -> &'t WireMessage {
+    let m = t.message();
+    if m.eight_bit && !caps.eight_bit_mime {
+        t.seven_bit().unwrap_or(m)
+    } else {
+        m
+    }
 }
 
 /// What the session is waiting for; the driver maps it to an RFC 5321 §4.5.3.2 timeout.
@@ -772,8 +788,8 @@ impl<T: Envelope> Session<T> {
                 flight.stage = Stage::Body;
                 let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
                 if send_body {
-                    self.out
-                        .extend_from_slice(&self.flights[idx].report.txn.message().bytes);
+                    let body = body_of(&self.caps, &self.flights[idx].report.txn);
+                    self.out.extend_from_slice(&body.bytes);
                 } else {
                     // The server invited data it cannot deliver to anyone: end it empty.
                     self.out.extend_from_slice(b".\r\n");
@@ -934,8 +950,12 @@ impl<T: Envelope> Session<T> {
             return;
         }
         let can_start = if self.is_chunking() {
-            let waiting = self.waiting.as_ref().map_or(0, |t| t.message().chunk_len());
-            let in_flight: usize = self.flights.iter().map(|f| f.report.txn.message().chunk_len()).sum();
+            let waiting = self.waiting.as_ref().map_or(0, |t| body_of(&self.caps, t).chunk_len());
+            let in_flight: usize = self
+                .flights
+                .iter()
+                .map(|f| body_of(&self.caps, &f.report.txn).chunk_len())
+                .sum();
             self.flights.len() < self.max_flights()
                 && (self.flights.is_empty() || in_flight + waiting <= self.ext.window_bytes)
         } else if self.caps.pipelining {
@@ -959,11 +979,13 @@ impl<T: Envelope> Session<T> {
                 Local::Smtputf8,
                 format!("address {addr:?} needs SMTPUTF8 (RFC 6531), which the server does not offer"),
             ))
-        } else if txn.message().eight_bit && !self.caps.eight_bit_mime {
-            // RFC 6152: 8-bit data only to a server that offers 8BITMIME; volley does not downgrade.
+        } else if let (true, Err(why)) = (txn.message().eight_bit && !self.caps.eight_bit_mime, txn.seven_bit()) {
+            // RFC 6152: 8-bit data only to a server that offers 8BITMIME; else its 7-bit form.
             Some(Failure::new(
                 Local::Message,
-                "the message has 8-bit content and the server does not offer 8BITMIME",
+                format!(
+                    "the message has 8-bit content, the server does not offer 8BITMIME, and it cannot go in 7 bits: {why}"
+                ),
             ))
         } else {
             // Ingest lets no such address through; this keeps any other caller from
@@ -1000,7 +1022,7 @@ impl<T: Envelope> Session<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let n = txn.recipient_count();
-        let message = txn.message();
+        let message = body_of(&self.caps, &txn);
         write!(self.out, "MAIL FROM:<{}>", wire_address(txn.reverse_path())).expect("Vec write");
         if self.caps.size.is_some() {
             let size = if chunked {

@@ -62,6 +62,10 @@ pub trait Job {
     /// The reverse-path without angle brackets; empty for `<>`.
     fn reverse_path(&self) -> &str;
     fn message(&self) -> &WireMessage;
+    /// The message in 7 bits for a server without 8BITMIME, or why there is none.
+    fn seven_bit(&self) -> Result<&WireMessage, &str> {
+        Err("it is not converted")
+    }
     /// Recipient `i`'s key in the journal.
     fn key(&self, i: usize) -> RcptKey;
     /// The job's id for the log.
@@ -72,6 +76,8 @@ pub trait Job {
     fn split_off(&mut self, at: usize) -> Self;
     /// Moves the recipients at `which` (ascending) into a job of their own.
     fn take(&mut self, which: &[usize]) -> Self;
+    /// Lets go of what was made for one attempt (a rendered copy) while it waits.
+    fn release(&mut self) {}
 }
 
 /// One transaction: recipients of one job and one domain.
@@ -117,6 +123,9 @@ impl<J: Job> Envelope for Txn<J> {
     }
     fn message(&self) -> &WireMessage {
         self.job.message()
+    }
+    fn seven_bit(&self) -> Result<&WireMessage, &str> {
+        self.job.seven_bit()
     }
 }
 
@@ -252,6 +261,17 @@ impl<J: Job> Core<J> {
 
     /// A new transaction from ingest that cannot be sent as it is: its
     /// recipients bounce with `reason`.
+    /// A transaction a connection took cannot be sent (its copy could not
+    /// be rendered): its recipients bounce with the reason.
+    pub fn unsendable(&mut self, txn: Txn<J>, reason: &str, now: Instant) {
+        let enhanced = crate::smtp::Enhanced {
+            class: 5,
+            subject: 6,
+            detail: 0,
+        };
+        self.bounce(txn, crate::local::Local::Message, enhanced, reason, now);
+    }
+
     pub fn refuse(&mut self, job: J, first_seen: Instant, enhanced: crate::smtp::Enhanced, reason: &str, now: Instant) {
         let txn = self.admit(job, first_seen, now);
         self.bounce(txn, crate::local::Local::Message, enhanced, reason, now);

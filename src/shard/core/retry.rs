@@ -79,6 +79,7 @@ impl<J: Job> Core<J> {
         let retry = txn.domain.retry();
         let due = (now + retry.delay(txn.attempt)).min(txn.first_seen + retry.max_age);
         txn.attempt += 1;
+        txn.job.release();
         let n = txn.job.rcpt_count() as u64;
         self.intake.wait(n);
         self.domain_load(&txn.domain.clone(), |l, b| l.wait(n, b));

@@ -1,0 +1,213 @@
+//! Merge fields (spool v2): a personalised job's message is rendered per
+//! recipient, each in a transaction of its own, DKIM-signed per copy; a
+//! template that does not compile rejects its job at ingest, a missing
+//! variable bounces only its recipient; v1 jobs beside them are untouched.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{finals, read_log, send_all};
+use volley::config::Config;
+use volley::outcome::Outcome;
+use volley::sink::{Sink, SinkOptions};
+
+fn data(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim").join(name)
+}
+
+#[test]
+fn a_template_is_rendered_per_recipient_and_errors_stay_with_their_job_or_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(
+        dir.path().join("t.eml"),
+        "From: news@news.example.com\nTo: {{ rcpt }}\nSubject: Hello {{ name }}\n\nDear {{ name }},\nyour code is {{ code }} ({{ rcpt_local }} at {{ rcpt_domain }}).\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("bad.eml"), "Subject: x\n\n{% if %}\n").unwrap();
+    std::fs::write(dir.path().join("plain.eml"), "Subject: plain {{ not a field }}\n\nv1\n").unwrap();
+    let lines = [
+        serde_json::json!({"id": "news", "from": "b@news.example.com", "message": "t.eml", "vars": {"code": "X7", "name": "reader"},
+            "to": [{"rcpt": "ann@d0.test", "vars": {"name": "Ann"}}, {"rcpt": "bob@d0.test", "vars": {"name": "Bob"}}, "cy@d1.test"]}),
+        serde_json::json!({"id": "missing", "from": "b@news.example.com", "message": "t.eml",
+            "to": [{"rcpt": "dan@d0.test", "vars": {"name": "Dan", "code": "D1"}}, {"rcpt": "eve@d0.test", "vars": {"name": "Eve"}}]}),
+        serde_json::json!({"id": "syntax", "from": "b@news.example.com", "message": "bad.eml", "template": true, "to": ["fay@d0.test"]}),
+        serde_json::json!({"id": "inline", "from": "b@news.example.com", "data": "From: news@news.example.com\nSubject: {{ id }}\n\nfor {{ rcpt }}\n", "template": true, "to": ["gus@d1.test"]}),
+        serde_json::json!({"id": "v1", "from": "b@news.example.com", "message": "plain.eml", "to": ["hal@d0.test", "ivy@d0.test"]}),
+    ];
+    let path = dir.path().join("p.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg: Config = toml::from_str(&format!(
+        "[dkim.\"news.example.com\"]\nselector = \"rsa1\"\nkey_file = {:?}\n",
+        data("rsa2048.pem")
+    ))
+    .unwrap();
+    cfg.log = Some(log.clone());
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    let counts = sink.stop();
+    let f = finals(&read_log(&log));
+    let outcome = |id: &str, rcpt: &str| f[&(id.to_string(), rcpt.to_string())].clone();
+    for (id, rcpt) in [
+        ("news", "ann@d0.test"),
+        ("news", "bob@d0.test"),
+        ("news", "cy@d1.test"),
+        ("missing", "dan@d0.test"),
+        ("inline", "gus@d1.test"),
+        ("v1", "hal@d0.test"),
+        ("v1", "ivy@d0.test"),
+    ] {
+        assert_eq!(outcome(id, rcpt)["outcome"], "delivered", "{id} {rcpt}");
+    }
+    let eve = outcome("missing", "eve@d0.test");
+    assert_eq!(
+        (eve["outcome"].as_str(), eve["enhanced"].as_str()),
+        (Some("bounced"), Some("5.6.0")),
+        "{eve}"
+    );
+    let why = eve["reply"].as_str().unwrap();
+    assert!(
+        why.starts_with("p.jsonl:2: template: ") && why.contains("undefined"),
+        "{why}"
+    );
+    let fay = outcome("syntax", "fay@d0.test");
+    assert_eq!(fay["outcome"], "rejected", "{fay}");
+    let why = fay["reply"].as_str().unwrap();
+    assert!(
+        why.contains("p.jsonl:3: template: ") && why.contains("syntax error"),
+        "{why}"
+    );
+    assert_eq!(summary.count(Outcome::Delivered), 7);
+    // One message per personalised recipient; the v1 job's two share one.
+    assert_eq!(counts.messages, 6);
+    let mut texts: Vec<String> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    texts.sort();
+    let of = |rcpt: &str| {
+        texts
+            .iter()
+            .find(|t| t.contains(&format!("X-Rcpt-To: <{rcpt}>")))
+            .unwrap()
+    };
+    assert!(of("ann@d0.test").contains("Subject: Hello Ann\r\n"));
+    assert!(of("ann@d0.test").contains("\r\nDear Ann,\r\nyour code is X7 (ann at d0.test).\r\n"));
+    assert!(of("bob@d0.test").contains("\r\nTo: bob@d0.test\r\n"));
+    assert!(of("cy@d1.test").contains("Dear reader,"), "the job's vars");
+    assert!(
+        of("dan@d0.test").contains("your code is D1"),
+        "the recipient's over the job's"
+    );
+    assert!(of("gus@d1.test").contains("Subject: inline\r\n\r\nfor gus@d1.test\r\n"));
+    let v1 = of("hal@d0.test");
+    assert!(
+        v1.contains("X-Rcpt-To: <ivy@d0.test>") && v1.contains("Subject: plain {{ not a field }}"),
+        "{v1}"
+    );
+    // Every personalised copy has its own signature, and it verifies.
+    let rec = {
+        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args([
+                "dkim-record",
+                "--selector",
+                "rsa1",
+                "--domain",
+                "news.example.com",
+                "--key-file",
+            ])
+            .arg(data("rsa2048.pem"))
+            .output()
+            .unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        let txt: String = line.split('"').skip(1).step_by(2).collect();
+        format!("rsa1._domainkey.news.example.com={txt}")
+    };
+    let files: Vec<_> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().path()).collect();
+    let out = Command::new("/usr/bin/python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkim_verify.py"))
+        .arg(&rec)
+        .args(&files)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(said.lines().filter(|l| l.ends_with(" ok")).count(), 5, "{said}");
+    assert_eq!(
+        said.lines().filter(|l| l.ends_with(" unsigned")).count(),
+        1,
+        "the v1 message has no From: {said}"
+    );
+}
+
+/// VERP: each recipient's envelope sender from a template, in a
+/// transaction of its own; a template that makes no address bounces its
+/// recipient saying so.
+#[test]
+fn verp_gives_each_recipient_its_own_envelope_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("m.eml"), "Subject: v\n\nbody {{ untouched }}\n").unwrap();
+    let lines = [
+        serde_json::json!({"id": "verp", "from": "bounces@news.example.com", "message": "m.eml",
+            "verp": "bounces+{{ rcpt_local }}={{ rcpt_domain }}@news.example.com", "to": ["jo@d0.test", "kim@d1.test", "lee@d0.test"]}),
+        serde_json::json!({"id": "bad", "from": "bounces@news.example.com", "message": "m.eml",
+            "verp": "{{ rcpt_local }} at news", "to": ["max@d0.test"]}),
+    ];
+    let path = dir.path().join("v.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = Config {
+        log: Some(log.clone()),
+        ..Config::default()
+    };
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 3);
+    assert_eq!(counts.messages, 3, "one transaction per recipient");
+    let mut froms: Vec<String> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| {
+            let t = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            assert!(t.contains("body {{ untouched }}"), "the message is not a template: {t}");
+            let from = t.lines().find(|l| l.starts_with("X-Mail-From:")).unwrap().to_string();
+            let to = t.lines().find(|l| l.starts_with("X-Rcpt-To:")).unwrap().to_string();
+            format!("{from} {to}")
+        })
+        .collect();
+    froms.sort();
+    assert_eq!(
+        froms,
+        [
+            "X-Mail-From: <bounces+jo=d0.test@news.example.com> X-Rcpt-To: <jo@d0.test>",
+            "X-Mail-From: <bounces+kim=d1.test@news.example.com> X-Rcpt-To: <kim@d1.test>",
+            "X-Mail-From: <bounces+lee=d0.test@news.example.com> X-Rcpt-To: <lee@d0.test>",
+        ]
+    );
+    let f = finals(&read_log(&log));
+    let max = &f[&("bad".to_string(), "max@d0.test".to_string())];
+    assert_eq!(max["outcome"], "bounced", "{max}");
+    assert!(
+        max["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("v.jsonl:2: \"verp\" made the sender \"max at news\""),
+        "{max}"
+    );
+}
