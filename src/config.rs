@@ -61,6 +61,8 @@ pub struct Config {
     pub shaping: Vec<PathBuf>,
     /// DKIM keys by the From: domain they sign for (`[dkim."DOMAIN"]`).
     pub dkim: BTreeMap<String, crate::dkim::DomainSpec>,
+    /// Headers volley adds to messages that lack them (`[headers]`).
+    pub headers: crate::headers::HeadersConfig,
     /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
@@ -136,6 +138,7 @@ impl Default for Config {
             retry_domain: BTreeMap::new(),
             shaping: Vec::new(),
             dkim: BTreeMap::new(),
+            headers: crate::headers::HeadersConfig::default(),
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),
@@ -526,6 +529,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.headers.check()?;
         let positive = [
             ("max_connections_per_destination", self.max_connections_per_destination),
             ("max_messages_per_connection", self.max_messages_per_connection),
@@ -817,6 +821,17 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("max_conections = 3").unwrap_err();
         assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn a_list_unsubscribe_template_that_does_not_compile_is_refused_by_its_key() {
+        let cfg: Config = toml::from_str("[headers]\nlist_unsubscribe = \"<https://u.test/{{ rcpt >\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("headers.list_unsubscribe: template: "), "{err}");
+        let err = toml::from_str::<Config>("[headers]\nmessage_ids = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("message_ids"), "{err}");
     }
 
     #[test]

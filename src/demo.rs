@@ -60,6 +60,7 @@ pub fn demo(o: DemoOptions) -> anyhow::Result<DemoResult> {
         size: 1500,
         rcpts_per_job: 1,
         from: "bounces@demo.volley.test".into(),
+        personalised: false,
     })?;
     config.add_route(&format!("*={}", sink.addr()))?;
     config.retry.initial = Duration::from_millis(200);

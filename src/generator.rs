@@ -16,6 +16,9 @@ pub struct GenOptions {
     pub size: usize,
     pub rcpts_per_job: u64,
     pub from: String,
+    /// Spool v2: the message is a template and every recipient has its own
+    /// variables (a greeting and a token), so each gets its own copy.
+    pub personalised: bool,
 }
 
 /// The message file written beside a spool file: same stem, `.eml`.
@@ -52,13 +55,28 @@ Content-Type: text/plain; charset=us-ascii\n\n",
     m
 }
 
+/// `message(size)` as a template: the subject and a line greet the
+/// recipient by name, another gives their token (about the same size rendered).
+pub fn template(size: usize) -> Vec<u8> {
+    let m = message(size.saturating_sub(120));
+    let text = String::from_utf8(m).expect("ASCII");
+    let (head, body) = text.split_once("\n\n").expect("headers and body");
+    let head = head.replace("Subject: volley load test", "Subject: volley load test for {{ name }}");
+    format!("{head}\n\nDear {{{{ name }}}},\nyour link: https://gen.volley.test/u/{{{{ token }}}}\n{body}").into_bytes()
+}
+
 /// Writes the spool (via `NAME.tmp` and a rename, as producers must) and its message file.
 pub fn generate(o: &GenOptions) -> anyhow::Result<()> {
     if o.jobs == 0 || o.domains == 0 || o.rcpts_per_job == 0 {
         bail!("--jobs, --domains and --rcpts-per-job must be at least 1");
     }
     let msg_path = message_file_for(&o.out);
-    std::fs::write(&msg_path, message(o.size)).with_context(|| format!("cannot write {}", msg_path.display()))?;
+    let body = if o.personalised {
+        template(o.size)
+    } else {
+        message(o.size)
+    };
+    std::fs::write(&msg_path, body).with_context(|| format!("cannot write {}", msg_path.display()))?;
     let msg_name = msg_path
         .file_name()
         .expect("has a file name")
@@ -76,7 +94,16 @@ pub fn generate(o: &GenOptions) -> anyhow::Result<()> {
             if r > 0 {
                 w.write_all(b",")?;
             }
-            write!(w, "\"u{}@d{}.test\"", g / o.domains, g % o.domains)?;
+            if o.personalised {
+                write!(
+                    w,
+                    "{{\"rcpt\":\"u{}@d{}.test\",\"vars\":{{\"name\":\"Reader {g}\",\"token\":\"t{g:012x}\"}}}}",
+                    g / o.domains,
+                    g % o.domains
+                )?;
+            } else {
+                write!(w, "\"u{}@d{}.test\"", g / o.domains, g % o.domains)?;
+            }
             g += 1;
         }
         writeln!(w, "],\"message\":\"{msg_name}\"}}")?;
@@ -101,5 +128,45 @@ mod tests {
         assert!(text.lines().any(|l| l.len() == 998));
         assert!(!text.contains('\r'));
         assert!(text.lines().all(|l| l.len() <= 998));
+    }
+
+    #[test]
+    fn a_personalised_spool_renders_for_each_recipient() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("p.jsonl");
+        generate(&GenOptions {
+            out: out.clone(),
+            jobs: 2,
+            domains: 2,
+            size: 1500,
+            rcpts_per_job: 2,
+            from: "b@gen.volley.test".into(),
+            personalised: true,
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let line = text.lines().next().unwrap();
+        let map = line.as_bytes();
+        let job = crate::spool::parse_job(map, map).unwrap();
+        let p = job.personal.expect("personalised");
+        assert_eq!(p.rcpt_vars.len(), 2);
+        let src = std::fs::read_to_string(message_file_for(&out)).unwrap();
+        let rendered = crate::template::render(
+            &src,
+            &crate::template::Context {
+                rcpt: job.to[0].get(map),
+                from: "b@gen.volley.test",
+                id: "gen-0000000",
+                job_vars: None,
+                rcpt_vars: p.rcpt_vars[0].as_ref().map(|s| s.get(map)),
+            },
+        )
+        .unwrap();
+        assert!(
+            rendered.contains("Subject: volley load test for Reader 0\n"),
+            "{rendered}"
+        );
+        assert!(rendered.contains("Dear Reader 0,\nyour link: https://gen.volley.test/u/t000000000000\n"));
+        assert!((1400..1700).contains(&rendered.len()), "{}", rendered.len());
     }
 }

@@ -10,6 +10,7 @@ pub mod dkim;
 pub mod dns;
 pub mod downgrade;
 pub mod generator;
+pub mod headers;
 pub mod ingest;
 pub mod journal;
 pub mod local;

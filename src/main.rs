@@ -281,6 +281,9 @@ struct GenArgs {
     /// Envelope sender of every job.
     #[arg(long, default_value = "bounces@gen.volley.test")]
     from: String,
+    /// Spool v2: a templated message and per-recipient variables (each recipient its own copy).
+    #[arg(long)]
+    personalised: bool,
 }
 
 #[derive(Args)]
@@ -329,6 +332,7 @@ fn main() -> ExitCode {
             size: a.size,
             rcpts_per_job: a.rcpts_per_job,
             from: a.from,
+            personalised: a.personalised,
         })
         .map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => cmd_demo(a),

@@ -99,6 +99,8 @@ pub struct Job {
     pub personal: Option<Personal>,
     /// Spool v2: each recipient's envelope sender, from this template (VERP).
     pub verp: Option<Span>,
+    /// Spool v2: the List-Unsubscribe this job's copies get (a template).
+    pub list_unsubscribe: Option<Span>,
 }
 
 /// What a personalised job adds (spool v2): its variables and each
@@ -141,6 +143,8 @@ struct RawJob<'a> {
     template: bool,
     #[serde(borrow, default)]
     verp: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    list_unsubscribe: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     message: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -206,6 +210,7 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
         body,
         personal,
         verp: raw.verp.map(|v| Span::from_cow(map, v)),
+        list_unsubscribe: raw.list_unsubscribe.map(|v| Span::from_cow(map, v)),
     })
 }
 

@@ -211,3 +211,164 @@ fn verp_gives_each_recipient_its_own_envelope_sender() {
         "{max}"
     );
 }
+
+fn dumped(dump: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dump)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    msg.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+/// `[headers]`: Message-ID and Date where missing, List-Unsubscribe per
+/// recipient with the one-click header, all inside the DKIM signature.
+#[test]
+fn headers_are_added_on_request_per_recipient_and_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(
+        dir.path().join("n.eml"),
+        "From: news@news.example.com\nSubject: n\n\nbody\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("own.eml"),
+        "From: news@news.example.com\nMessage-ID: <mine@news.example.com>\nSubject: own\n\nbody\n",
+    )
+    .unwrap();
+    let lines = [
+        serde_json::json!({"id": "a", "from": "b@news.example.com", "message": "n.eml", "to": ["ann@d0.test", "bob@d0.test"]}),
+        serde_json::json!({"id": "b", "from": "b@news.example.com", "message": "own.eml", "to": ["cy@d0.test"],
+            "list_unsubscribe": "<mailto:stop@news.example.com>"}),
+    ];
+    let path = dir.path().join("h.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let mut cfg: Config = toml::from_str(&format!(
+        "[dkim.\"news.example.com\"]\nselector = \"rsa1\"\nkey_file = {:?}\n[headers]\nmessage_id = true\ndate = true\nlist_unsubscribe = \"<https://news.example.com/u?r={{{{ rcpt }}}}>, <mailto:u+{{{{ rcpt_local }}}}={{{{ rcpt_domain }}}}@news.example.com>\"\n",
+        data("rsa2048.pem")
+    ))
+    .unwrap();
+    cfg.validate().unwrap();
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 3);
+    assert_eq!(counts.messages, 3, "a List-Unsubscribe per recipient: a copy each");
+    let msgs = dumped(&dump);
+    let of = |rcpt: &str| {
+        msgs.iter()
+            .find(|m| m.contains(&format!("X-Rcpt-To: <{rcpt}>")))
+            .unwrap()
+    };
+    let ann = of("ann@d0.test");
+    assert_eq!(
+        header(ann, "List-Unsubscribe"),
+        Some("<https://news.example.com/u?r=ann@d0.test>, <mailto:u+ann=d0.test@news.example.com>")
+    );
+    assert_eq!(header(ann, "List-Unsubscribe-Post"), Some("List-Unsubscribe=One-Click"));
+    assert!(header(ann, "Date").is_some_and(|d| d.ends_with("+0000")), "{ann}");
+    let ann_id = header(ann, "Message-ID").unwrap();
+    assert!(ann_id.ends_with(".volley@news.example.com>"), "{ann}");
+    assert_ne!(
+        Some(ann_id),
+        header(of("bob@d0.test"), "Message-ID"),
+        "a copy each, an id each"
+    );
+    let cy = of("cy@d0.test");
+    assert_eq!(
+        header(cy, "Message-ID"),
+        Some("<mine@news.example.com>"),
+        "the message's own kept"
+    );
+    assert_eq!(
+        header(cy, "List-Unsubscribe"),
+        Some("<mailto:stop@news.example.com>"),
+        "the job's over the configuration's"
+    );
+    // Inside the signature: h= names them, and it verifies.
+    let sig: String = ann
+        .lines()
+        .skip_while(|l| !l.starts_with("DKIM-Signature:"))
+        .take_while(|l| l.starts_with("DKIM-Signature:") || l.starts_with([' ', '\t']))
+        .collect();
+    assert!(
+        sig.contains("List-Unsubscribe:") || sig.contains("List-Unsubscribe-Post"),
+        "{sig}"
+    );
+    let rec = {
+        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args([
+                "dkim-record",
+                "--selector",
+                "rsa1",
+                "--domain",
+                "news.example.com",
+                "--key-file",
+            ])
+            .arg(data("rsa2048.pem"))
+            .output()
+            .unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        let txt: String = line.split('"').skip(1).step_by(2).collect();
+        format!("rsa1._domainkey.news.example.com={txt}")
+    };
+    let files: Vec<_> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().path()).collect();
+    let out = Command::new("/usr/bin/python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkim_verify.py"))
+        .arg(&rec)
+        .args(&files)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(said.lines().filter(|l| l.ends_with(" ok")).count(), 3, "{said}");
+}
+
+/// A List-Unsubscribe without fields keeps the shared copy: one message
+/// for the job's recipients of a domain, the same Message-ID on every shard.
+#[test]
+fn static_headers_keep_the_shared_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(
+        dir.path().join("n.eml"),
+        "From: news@news.example.com\nSubject: n\n\nbody\n",
+    )
+    .unwrap();
+    let line = serde_json::json!({"id": "a", "from": "b@news.example.com", "message": "n.eml", "to": ["ann@d0.test", "bob@d0.test"]});
+    let path = dir.path().join("s.jsonl");
+    std::fs::write(&path, format!("{line}\n")).unwrap();
+    let mut cfg: Config =
+        toml::from_str("[headers]\nmessage_id = true\nlist_unsubscribe = \"<https://news.example.com/u>\"\n").unwrap();
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 2);
+    assert_eq!(counts.messages, 1, "one transaction for both");
+    let msgs = dumped(&dump);
+    assert_eq!(
+        header(&msgs[0], "List-Unsubscribe"),
+        Some("<https://news.example.com/u>")
+    );
+    assert!(header(&msgs[0], "Message-ID").is_some());
+    assert!(header(&msgs[0], "Date").is_none(), "not asked for");
+}

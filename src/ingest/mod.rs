@@ -154,6 +154,8 @@ pub struct WorkItem {
     pub personal: Option<Option<Span>>,
     /// Spool v2: the template of each recipient's envelope sender (VERP).
     pub verp: Option<Span>,
+    /// Spool v2: the job's List-Unsubscribe (a template).
+    pub list_unsubscribe: Option<Span>,
 }
 
 /// A recipient and its index in the job's `to` (its name in the journal).
@@ -241,6 +243,9 @@ pub struct IngestLimits {
     /// Recipients of one domain a shard may hold queued (see `Config::domain_queue_bound`).
     pub domain_bound: u64,
     pub spread_domains: Vec<String>,
+    /// Every recipient's copy differs (a List-Unsubscribe per recipient):
+    /// each goes in a transaction of its own.
+    pub per_recipient: bool,
 }
 
 impl IngestLimits {
@@ -252,6 +257,7 @@ impl IngestLimits {
             shard_credit: cfg.max_queued_recipients_per_shard as u64,
             domain_bound: cfg.domain_queue_bound(),
             spread_domains: cfg.spread_domains.clone(),
+            per_recipient: cfg.headers.per_recipient(),
         }
     }
 }
@@ -873,6 +879,12 @@ impl Ingest {
                 .map_err(|e| format!("\"verp\": template: {e}")),
             (_, other) => other,
         };
+        let body = match (&job.list_unsubscribe, body) {
+            (Some(v), Ok(b)) => crate::template::check(v.get(map))
+                .map(|()| b)
+                .map_err(|e| format!("\"list_unsubscribe\": template: {e}")),
+            (_, other) => other,
+        };
         let (body, message) = match body {
             Ok(b) => b,
             Err(reason) => {
@@ -906,6 +918,7 @@ impl Ingest {
                 first_seen: input.first_seen,
                 personal: job.personal.as_ref().map(|p| p.vars.clone()),
                 verp: job.verp.clone(),
+                list_unsubscribe: job.list_unsubscribe.clone(),
             });
             self.sent[shard] += n as u64;
             if self.room(shard) <= 0 && self.starved_since[shard].is_none() {
@@ -1017,7 +1030,10 @@ impl Ingest {
                     .and_then(|p| p.rcpt_vars.get(i).cloned().flatten()),
             };
             // A personalised recipient (or one with its own sender) gets a transaction of its own.
-            let alone = job.personal.is_some() || job.verp.is_some();
+            let alone = job.personal.is_some()
+                || job.verp.is_some()
+                || job.list_unsubscribe.is_some()
+                || self.limits.per_recipient;
             let slot = if alone {
                 None
             } else if indexed {

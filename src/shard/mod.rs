@@ -121,12 +121,17 @@ pub(crate) struct SpoolJob {
     reverse: Option<Box<str>>,
 }
 
-/// A personalised job's template and variables.
+/// A job whose every recipient gets a copy of its own: a template with its
+/// variables (spool v2), or a List-Unsubscribe per recipient.
 pub(crate) struct Personal {
+    /// The message is a template.
+    template: bool,
     /// The job's variables (JSON object text in the spool file).
     vars: Option<Span>,
-    /// An inline template (`data`), in the spool file; else the message file's text.
+    /// An inline message (`data`), in the spool file; else the message file's text.
     inline: Option<Span>,
+    /// The job's own List-Unsubscribe (a template), over the configuration's.
+    list_unsubscribe: Option<Span>,
 }
 
 impl Job for SpoolJob {
@@ -269,9 +274,11 @@ impl Body {
         src: &[u8],
         signers: &crate::dkim::Signers,
         counts: &RefCell<DkimCounts>,
+        adding: &crate::headers::Adding<'_>,
         file: Option<Arc<MessageFile>>,
     ) -> Body {
-        let wire = WireMessage::prepare(src);
+        let added = crate::headers::add(src, adding);
+        let wire = WireMessage::prepare(added.as_deref().unwrap_or(src));
         let seven_bit = wire.eight_bit.then(|| {
             let mut plain = Vec::with_capacity(wire.chunk_len());
             wire.write_chunk(&mut plain);
@@ -562,13 +569,17 @@ impl Shard {
 
     fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>], now: Instant) {
         let file = self.files.borrow()[&item.file].clone();
-        let personal = item.personal.map(|vars| {
+        let per_recipient =
+            item.personal.is_some() || item.list_unsubscribe.is_some() || self.cfg.headers.per_recipient();
+        let personal = per_recipient.then(|| {
             Rc::new(Personal {
-                vars,
+                template: item.personal.is_some(),
+                vars: item.personal.clone().flatten(),
                 inline: match &item.body {
                     BodyKey::Inline(span) => Some(span.clone()),
                     BodyKey::File(_) => None,
                 },
+                list_unsubscribe: item.list_unsubscribe.clone(),
             })
         });
         let body = match (&item.body, &personal) {
@@ -576,12 +587,17 @@ impl Shard {
             (BodyKey::File(id), Some(_)) => Rc::new(Body::template(messages.iter().find(|m| m.id == *id).cloned())),
             (BodyKey::Inline(_), Some(_)) => Rc::new(Body::template(None)),
             (BodyKey::File(id), None) => self.prepared(*id, messages),
-            (BodyKey::Inline(span), None) => Rc::new(Body::new(
-                span.get(file.file.bytes()).as_bytes(),
-                &self.signers,
-                &self.dkim,
-                None,
-            )),
+            (BodyKey::Inline(span), None) => {
+                let src = span.get(file.file.bytes()).as_bytes();
+                let id_domain = self.id_domain(src);
+                Rc::new(Body::new(
+                    src,
+                    &self.signers,
+                    &self.dkim,
+                    &self.shared_headers(&id_domain),
+                    None,
+                ))
+            }
         };
         let longest = body.wire.longest_line;
         let job = SpoolJob {
@@ -629,10 +645,13 @@ impl Shard {
             .find(|m| m.id == id)
             .expect("a batch carries the message files its items use")
             .clone();
+        let src = raw.file.bytes();
+        let id_domain = self.id_domain(src);
         let m = Rc::new(Body::new(
-            raw.file.bytes(),
+            src,
             &self.signers,
             &self.dkim,
+            &self.shared_headers(&id_domain),
             Some(raw.clone()),
         ));
         let mut prepared = self.prepared.borrow_mut();
@@ -660,12 +679,10 @@ impl Shard {
         }
         let map = job.file.file.bytes();
         let at = || format!("{}:{}", job.file.name, job.line);
-        let source = match (&p.inline, &job.body._file) {
-            (Some(span), _) => span.get(map),
-            (None, Some(f)) => {
-                std::str::from_utf8(f.file.bytes()).map_err(|e| format!("{}: the template is not UTF-8 ({e})", at()))?
-            }
-            (None, None) => return Err(format!("{}: the template's message file is gone", at())),
+        let source: &[u8] = match (&p.inline, &job.body._file) {
+            (Some(span), _) => span.get(map).as_bytes(),
+            (None, Some(f)) => f.file.bytes(),
+            (None, None) => return Err(format!("{}: the message file is gone", at())),
         };
         let id = match &job.id {
             Some(s) => s.get(map).to_string(),
@@ -679,8 +696,37 @@ impl Shard {
             job_vars: p.vars.as_ref().map(|s| s.get(map)),
             rcpt_vars: rcpt.vars.as_ref().map(|s| s.get(map)),
         };
-        let text = crate::template::render(source, &ctx).map_err(|e| format!("{}: template: {e}", at()))?;
-        let body = Body::new(text.as_bytes(), &self.signers, &self.dkim, None);
+        let text: std::borrow::Cow<'_, [u8]> = if p.template {
+            let source =
+                std::str::from_utf8(source).map_err(|e| format!("{}: the template is not UTF-8 ({e})", at()))?;
+            let text = crate::template::render(source, &ctx).map_err(|e| format!("{}: template: {e}", at()))?;
+            text.into_bytes().into()
+        } else {
+            source.into()
+        };
+        let headers = &self.cfg.headers;
+        let list_unsubscribe = match (&p.list_unsubscribe, &headers.list_unsubscribe) {
+            (Some(span), _) => Some(span.get(map)),
+            (None, Some(t)) => Some(t.as_str()),
+            (None, None) => None,
+        };
+        let list_unsubscribe = match list_unsubscribe {
+            Some(t) if crate::headers::is_template(t) => Some(
+                crate::template::render(t, &ctx).map_err(|e| format!("{}: list_unsubscribe: template: {e}", at()))?,
+            ),
+            Some(t) => Some(t.to_string()),
+            None => None,
+        };
+        let id_domain = self.id_domain(&text);
+        let adding = crate::headers::Adding {
+            message_id: headers.message_id,
+            date: headers.date,
+            list_unsubscribe: list_unsubscribe.as_deref(),
+            one_click: headers.one_click,
+            id_domain: &id_domain,
+            salt: ctx.rcpt,
+        };
+        let body = Body::new(&text, &self.signers, &self.dkim, &adding, None);
         if let Some(reason) = &body.refused {
             return Err(format!("{}: {reason}", at()));
         }
@@ -693,6 +739,32 @@ impl Shard {
         }
         job.rendered = Some(Rc::new(body));
         Ok(())
+    }
+
+    /// The headers a shared copy (the same for every recipient) gets.
+    fn shared_headers<'a>(&'a self, id_domain: &'a str) -> crate::headers::Adding<'a> {
+        let h = &self.cfg.headers;
+        crate::headers::Adding {
+            message_id: h.message_id,
+            date: h.date,
+            // A List-Unsubscribe per recipient makes every copy its own (`render`).
+            list_unsubscribe: h
+                .list_unsubscribe
+                .as_deref()
+                .filter(|t| !crate::headers::is_template(t)),
+            one_click: h.one_click,
+            id_domain,
+            salt: "",
+        }
+    }
+
+    /// The right-hand side of a Message-ID volley would make for `msg`: its
+    /// From: domain, or the EHLO name (nothing when it makes none).
+    fn id_domain(&self, msg: &[u8]) -> String {
+        if !self.cfg.headers.message_id {
+            return String::new();
+        }
+        crate::dkim::from_domain(msg).unwrap_or_else(|| self.ehlo_name.clone())
     }
 
     /// Whether no new transaction may start (see `Core::held_back`).
