@@ -37,8 +37,36 @@ pub struct Context<'a> {
     pub rcpt_vars: Option<&'a str>,
 }
 
-/// Renders `source` for one recipient.
+/// A template compiled once (per message file per shard), rendered for
+/// each recipient.
+pub struct Compiled {
+    env: Environment<'static>,
+}
+
+impl Compiled {
+    pub fn new(source: &str) -> Result<Compiled, String> {
+        let mut env = environment();
+        env.add_template_owned("message", source.to_string())
+            .map_err(describe)?;
+        Ok(Compiled { env })
+    }
+
+    pub fn render(&self, ctx: &Context<'_>) -> Result<String, String> {
+        let t = self.env.get_template("message").map_err(describe)?;
+        t.render(minijinja::Value::from(minijinja::value::Serde(variables(ctx)?)))
+            .map_err(describe)
+    }
+}
+
+/// Renders `source` for one recipient (compiling it first).
 pub fn render(source: &str, ctx: &Context<'_>) -> Result<String, String> {
+    environment()
+        .render_str(source, minijinja::Value::from(minijinja::value::Serde(variables(ctx)?)))
+        .map_err(describe)
+}
+
+/// The variables of one recipient's copy.
+fn variables(ctx: &Context<'_>) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     let mut vars = serde_json::Map::new();
     let (local, domain) = ctx.rcpt.rsplit_once('@').unwrap_or((ctx.rcpt, ""));
     for (k, v) in [
@@ -57,9 +85,7 @@ pub fn render(source: &str, ctx: &Context<'_>) -> Result<String, String> {
             vars.extend(object);
         }
     }
-    environment()
-        .render_str(source, minijinja::Value::from(minijinja::value::Serde(vars)))
-        .map_err(describe)
+    Ok(vars)
 }
 
 fn describe(e: minijinja::Error) -> String {

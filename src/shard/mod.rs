@@ -57,6 +57,8 @@ const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// Prepared messages added between sweeps of the unused ones.
 const SWEEP_EVERY: usize = 4096;
+/// Compiled templates a shard keeps (then it forgets them all and compiles again).
+const MAX_COMPILED_TEMPLATES: usize = 1024;
 
 pub enum Control {
     /// Every recipient is final: close connections with QUIT and return.
@@ -336,6 +338,8 @@ pub(crate) struct Shard {
     cfg: Arc<Config>,
     signers: Arc<crate::dkim::Signers>,
     dkim: RefCell<DkimCounts>,
+    /// Message files' templates, compiled once, by message id.
+    templates: RefCell<HashMap<u32, Rc<crate::template::Compiled>>>,
     net: Option<Net>,
     tls: TlsClient,
     ehlo_name: String,
@@ -380,6 +384,7 @@ async fn run(p: ShardParams) {
         cfg: p.cfg.clone(),
         signers: p.signers.clone(),
         dkim: RefCell::default(),
+        templates: RefCell::default(),
         net: p.net.clone(),
         tls: p.tls.clone(),
         ehlo_name: p.ehlo_name.clone(),
@@ -699,7 +704,11 @@ impl Shard {
         let text: std::borrow::Cow<'_, [u8]> = if p.template {
             let source =
                 std::str::from_utf8(source).map_err(|e| format!("{}: the template is not UTF-8 ({e})", at()))?;
-            let text = crate::template::render(source, &ctx).map_err(|e| format!("{}: template: {e}", at()))?;
+            let text = match (&p.inline, &job.body._file) {
+                (None, Some(f)) => self.compiled(f.id, source)?.render(&ctx),
+                _ => crate::template::render(source, &ctx),
+            }
+            .map_err(|e| format!("{}: template: {e}", at()))?;
             text.into_bytes().into()
         } else {
             source.into()
@@ -739,6 +748,20 @@ impl Shard {
         }
         job.rendered = Some(Rc::new(body));
         Ok(())
+    }
+
+    /// A message file's template, compiled once while the shard keeps it.
+    fn compiled(&self, id: u32, source: &str) -> Result<Rc<crate::template::Compiled>, String> {
+        if let Some(c) = self.templates.borrow().get(&id) {
+            return Ok(c.clone());
+        }
+        let c = Rc::new(crate::template::Compiled::new(source)?);
+        let mut t = self.templates.borrow_mut();
+        if t.len() >= MAX_COMPILED_TEMPLATES {
+            t.clear();
+        }
+        t.insert(id, c.clone());
+        Ok(c)
     }
 
     /// The headers a shared copy (the same for every recipient) gets.
