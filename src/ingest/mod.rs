@@ -163,8 +163,9 @@ pub struct WorkItem {
 pub struct Rcpt {
     pub addr: Span,
     pub idx: u32,
-    /// Its own template variables (spool v2), as JSON object text.
-    pub vars: Option<Span>,
+    /// Its own template variables (spool v2), as JSON object text (boxed:
+    /// a v1 recipient pays a pointer for it).
+    pub vars: Option<Box<Span>>,
 }
 
 /// A spool file to ingest, with what its journal says is already final.
@@ -1027,7 +1028,8 @@ impl Ingest {
                 vars: job
                     .personal
                     .as_ref()
-                    .and_then(|p| p.rcpt_vars.get(i).cloned().flatten()),
+                    .and_then(|p| p.rcpt_vars.get(i).cloned().flatten())
+                    .map(Box::new),
             };
             // A personalised recipient (or one with its own sender) gets a transaction of its own.
             let alone = job.personal.is_some()

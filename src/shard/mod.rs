@@ -119,7 +119,7 @@ pub(crate) struct SpoolJob {
     /// The copy rendered for this attempt (dropped when it waits for a retry).
     rendered: Option<Rc<Body>>,
     /// The template of the recipient's envelope sender (VERP), and what it rendered.
-    verp: Option<Span>,
+    verp: Option<Rc<Span>>,
     reverse: Option<Box<str>>,
 }
 
@@ -614,7 +614,7 @@ impl Shard {
             rcpts: item.rcpts,
             personal,
             rendered: None,
-            verp: item.verp,
+            verp: item.verp.map(Rc::new),
             reverse: None,
         };
         if let Some(reason) = job.body.refused.clone() {
