@@ -1154,3 +1154,22 @@ fn an_8bit_message_goes_in_its_7bit_form_to_a_server_without_8bitmime() {
         assert_eq!(statuses(&seen), vec![vec![OK]], "chunking {chunking}");
     }
 }
+
+#[test]
+fn utf8_headers_say_smtputf8_where_the_server_offers_it() {
+    let (_, seen) = run(
+        "utf8-headers",
+        vec![txn(&["a@y.test"], "Subject: Gr\u{fc}\u{df}e\n\nplain\n")],
+        &[
+            GREET,
+            EHLO,
+            S("250-mx.test\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"),
+            S("250 Ok\r\n250 Ok\r\n354 go\r\n"),
+            C("Subject: Gr\u{fc}\u{df}e\r\n\r\nplain\r\n.\r\n"),
+            S("250 Ok\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK]]);
+}

@@ -968,7 +968,9 @@ impl<T: Envelope> Session<T> {
         }
         let txn = self.waiting.take().expect("checked above");
         let chunked = self.is_chunking();
-        let utf8 = needs_smtputf8(&txn);
+        // RFC 6531 §3.2: SMTPUTF8 for a UTF-8 address, and (where offered) for UTF-8 headers.
+        let utf8_headers = self.caps.smtputf8 && body_of(&self.caps, &txn).eight_bit_headers;
+        let utf8 = needs_smtputf8(&txn) || utf8_headers;
         let refusal = if utf8 && !self.caps.smtputf8 {
             // RFC 6531 §3.2: a UTF-8 address only to a server that offers SMTPUTF8.
             let addr = std::iter::once(txn.reverse_path())

@@ -11,6 +11,8 @@ pub struct WireMessage {
     pub bytes: Vec<u8>,
     /// Some byte is above 127.
     pub eight_bit: bool,
+    /// Some byte of the header section is above 127 (UTF-8 headers, RFC 6532).
+    pub eight_bit_headers: bool,
     /// Longest line in octets, CRLF excluded (RFC 5321 §4.5.3.1.6 allows 998).
     pub longest_line: usize,
     /// Offsets in `bytes` of the dots added by stuffing.
@@ -21,6 +23,8 @@ impl WireMessage {
     pub fn prepare(src: &[u8]) -> WireMessage {
         let mut bytes = Vec::with_capacity(src.len() + src.len() / 32 + 8);
         let mut eight_bit = false;
+        let mut eight_bit_headers = false;
+        let mut in_headers = true;
         let mut longest_line = 0;
         let mut stuffed = Vec::new();
         let mut rest = src;
@@ -36,7 +40,12 @@ impl WireMessage {
             }
             bytes.extend_from_slice(line);
             bytes.extend_from_slice(b"\r\n");
-            eight_bit |= !line.is_ascii();
+            let ascii = line.is_ascii();
+            eight_bit |= !ascii;
+            if in_headers {
+                eight_bit_headers |= !ascii;
+                in_headers = !line.is_empty();
+            }
             longest_line = longest_line.max(line.len());
             rest = &rest[end..];
             rest = match rest {
@@ -48,6 +57,7 @@ impl WireMessage {
         WireMessage {
             bytes,
             eight_bit,
+            eight_bit_headers,
             longest_line,
             stuffed,
         }
@@ -72,6 +82,14 @@ impl WireMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eight_bit_headers_are_told_from_an_eight_bit_body() {
+        let m = WireMessage::prepare("Subject: Gr\u{fc}\u{df}e\n\nplain\n".as_bytes());
+        assert!(m.eight_bit && m.eight_bit_headers);
+        let m = WireMessage::prepare("Subject: x\n\ncaf\u{e9}\n".as_bytes());
+        assert!(m.eight_bit && !m.eight_bit_headers);
+    }
 
     #[test]
     fn table() {
