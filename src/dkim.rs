@@ -166,22 +166,8 @@ impl Signers {
                 }
                 let key = load_key(key_file).with_context(|| format!("{at}.key_file = {}", key_file.display()))?;
                 let key = match key {
-                    Parsed::Rsa(key) => Key::Rsa(
-                        DkimSigner::from_key(key)
-                            .domain(domain.clone())
-                            .selector(selector)
-                            .headers(headers.clone())
-                            .header_canonicalization(ch)
-                            .body_canonicalization(cb),
-                    ),
-                    Parsed::Ed25519(key) => Key::Ed25519(
-                        DkimSigner::from_key(key)
-                            .domain(domain.clone())
-                            .selector(selector)
-                            .headers(headers.clone())
-                            .header_canonicalization(ch)
-                            .body_canonicalization(cb),
-                    ),
+                    Parsed::Rsa(k) => Key::Rsa(signer_of(k, &domain, selector, &headers, ch, cb)),
+                    Parsed::Ed25519(k) => Key::Ed25519(signer_of(k, &domain, selector, &headers, ch, cb)),
                 };
                 loaded.push((selector.to_string(), key));
             }
@@ -238,6 +224,23 @@ impl Signers {
             algorithms: domain.keys.iter().map(|(_, k)| k.algorithm()).collect(),
         })
     }
+}
+
+/// A signer for one key of a domain, ready to sign.
+fn signer_of<T: mail_auth::common::crypto::SigningKey>(
+    key: T,
+    domain: &str,
+    selector: &str,
+    headers: &[String],
+    ch: Canonicalization,
+    cb: Canonicalization,
+) -> DkimSigner<T, Done> {
+    DkimSigner::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(headers.iter().cloned())
+        .header_canonicalization(ch)
+        .body_canonicalization(cb)
 }
 
 enum Parsed {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::{finals, read_log, send_all};
 use volley::config::Config;
@@ -115,30 +114,9 @@ fn a_template_is_rendered_per_recipient_and_errors_stay_with_their_job_or_recipi
         "{v1}"
     );
     // Every personalised copy has its own signature, and it verifies.
-    let rec = {
-        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-            .args([
-                "dkim-record",
-                "--selector",
-                "rsa1",
-                "--domain",
-                "news.example.com",
-                "--key-file",
-            ])
-            .arg(data("rsa2048.pem"))
-            .output()
-            .unwrap();
-        let line = String::from_utf8(out.stdout).unwrap();
-        let txt: String = line.split('"').skip(1).step_by(2).collect();
-        format!("rsa1._domainkey.news.example.com={txt}")
-    };
+    let rec = common::dkim_record(&data("rsa2048.pem"), "rsa1", "news.example.com");
     let files: Vec<_> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().path()).collect();
-    let out = Command::new("/usr/bin/python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkim_verify.py"))
-        .arg(&rec)
-        .args(&files)
-        .output()
-        .unwrap();
+    let out = common::dkim_verify(&[rec], &files);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(said.lines().filter(|l| l.ends_with(" ok")).count(), 5, "{said}");
@@ -308,30 +286,9 @@ fn headers_are_added_on_request_per_recipient_and_signed() {
         sig.contains("List-Unsubscribe:") || sig.contains("List-Unsubscribe-Post"),
         "{sig}"
     );
-    let rec = {
-        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-            .args([
-                "dkim-record",
-                "--selector",
-                "rsa1",
-                "--domain",
-                "news.example.com",
-                "--key-file",
-            ])
-            .arg(data("rsa2048.pem"))
-            .output()
-            .unwrap();
-        let line = String::from_utf8(out.stdout).unwrap();
-        let txt: String = line.split('"').skip(1).step_by(2).collect();
-        format!("rsa1._domainkey.news.example.com={txt}")
-    };
+    let rec = common::dkim_record(&data("rsa2048.pem"), "rsa1", "news.example.com");
     let files: Vec<_> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().path()).collect();
-    let out = Command::new("/usr/bin/python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkim_verify.py"))
-        .arg(&rec)
-        .args(&files)
-        .output()
-        .unwrap();
+    let out = common::dkim_verify(&[rec], &files);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(said.lines().filter(|l| l.ends_with(" ok")).count(), 3, "{said}");

@@ -273,7 +273,7 @@ async fn converse(
                 let Some(mut txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
                     break;
                 };
-                if let Err(reason) = shard.render(&mut txn) {
+                if let Err(reason) = shard.render(&mut txn, !session.capabilities().eight_bit_mime) {
                     shard.with(|c| c.unsendable(txn, &reason, Instant::now()));
                     continue;
                 }

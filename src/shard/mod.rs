@@ -156,6 +156,7 @@ impl Job for SpoolJob {
         match &self.rendered.as_ref().unwrap_or(&self.body).seven_bit {
             Some(Ok(w)) => Ok(w),
             Some(Err(why)) => Err(why),
+            None if self.message().eight_bit => Err("no 7-bit form was made for it"),
             None => Err("it is 7-bit already"),
         }
     }
@@ -278,10 +279,11 @@ impl Body {
         counts: &RefCell<DkimCounts>,
         adding: &crate::headers::Adding<'_>,
         file: Option<Arc<MessageFile>>,
+        seven_bit_wanted: bool,
     ) -> Body {
         let added = crate::headers::add(src, adding);
         let wire = WireMessage::prepare(added.as_deref().unwrap_or(src));
-        let seven_bit = wire.eight_bit.then(|| {
+        let seven_bit = (wire.eight_bit && seven_bit_wanted).then(|| {
             let mut plain = Vec::with_capacity(wire.chunk_len());
             wire.write_chunk(&mut plain);
             crate::downgrade::to_7bit(&plain).map(|m| WireMessage::prepare(&m))
@@ -601,6 +603,7 @@ impl Shard {
                     &self.dkim,
                     &self.shared_headers(&id_domain),
                     None,
+                    true,
                 ))
             }
         };
@@ -658,6 +661,7 @@ impl Shard {
             &self.dkim,
             &self.shared_headers(&id_domain),
             Some(raw.clone()),
+            true,
         ));
         let mut prepared = self.prepared.borrow_mut();
         prepared.insert(id, Rc::downgrade(&m));
@@ -671,7 +675,9 @@ impl Shard {
 
     /// Renders a personalised transaction's copy (one recipient), prepared
     /// and signed like any message; an error says FILE:LINE and why.
-    pub(crate) fn render(&self, txn: &mut Txn) -> Result<(), String> {
+    /// `seven_bit`: the connection's server takes no 8-bit data (only then
+    /// is a 7-bit form of an 8-bit copy made).
+    pub(crate) fn render(&self, txn: &mut Txn, seven_bit: bool) -> Result<(), String> {
         let job = &mut txn.job;
         if job.verp.is_some() && job.reverse.is_none() {
             job.reverse = Some(verp_of(job)?.into_boxed_str());
@@ -679,7 +685,12 @@ impl Shard {
         let Some(p) = job.personal.clone() else {
             return Ok(());
         };
-        if job.rendered.is_some() {
+        // A copy made for a connection that took 8-bit has no 7-bit form: made again.
+        if job
+            .rendered
+            .as_ref()
+            .is_some_and(|b| !(seven_bit && b.wire.eight_bit && b.seven_bit.is_none()))
+        {
             return Ok(());
         }
         let map = job.file.file.bytes();
@@ -735,7 +746,7 @@ impl Shard {
             id_domain: &id_domain,
             salt: ctx.rcpt,
         };
-        let body = Body::new(&text, &self.signers, &self.dkim, &adding, None);
+        let body = Body::new(&text, &self.signers, &self.dkim, &adding, None, seven_bit);
         if let Some(reason) = &body.refused {
             return Err(format!("{}: {reason}", at()));
         }

@@ -195,3 +195,27 @@ pub fn send_all(spools: Vec<PathBuf>, config: volley::config::Config) -> volley:
     })
     .expect("send completes")
 }
+
+/// `SELECTOR._domainkey.DOMAIN=TXT` for `tests/dkim_verify.py`, from `volley dkim-record`.
+pub fn dkim_record(key: &Path, selector: &str, domain: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["dkim-record", "--selector", selector, "--domain", domain, "--key-file"])
+        .arg(key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let txt: String = line.split('"').skip(1).step_by(2).collect();
+    format!("{selector}._domainkey.{domain}={txt}")
+}
+
+/// Runs the independent DKIM verifier (Debian's python3-dkim) on `files`
+/// with the public keys `records`: its output, a line per file.
+pub fn dkim_verify(records: &[String], files: &[PathBuf]) -> std::process::Output {
+    std::process::Command::new("/usr/bin/python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dkim_verify.py"))
+        .args(records)
+        .args(files)
+        .output()
+        .expect("/usr/bin/python3 with python3-dkim (apt-get install python3-dkim)")
+}

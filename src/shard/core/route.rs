@@ -232,13 +232,9 @@ impl<J: Job> Core<J> {
         let utf8: Vec<usize> = (0..txn.job.rcpt_count())
             .filter(|&i| !txn.job.rcpt(i).is_ascii())
             .collect();
-        let mut parts = Vec::with_capacity(2);
-        if !utf8.is_empty() && utf8.len() < txn.job.rcpt_count() {
-            parts.push(txn.with_job(|j| j.take(&utf8)));
-        }
-        parts.push(txn);
+        let apart = (!utf8.is_empty() && utf8.len() < txn.job.rcpt_count()).then(|| txn.with_job(|j| j.take(&utf8)));
         let mut queue = dest.queue.borrow_mut();
-        for mut txn in parts {
+        for mut txn in apart.into_iter().chain(std::iter::once(txn)) {
             while txn.job.rcpt_count() > max {
                 let rest = txn.with_job(|j| j.split_off(max));
                 queue.push_back(txn);
