@@ -46,8 +46,8 @@ fn whole(c: &mut Criterion) {
         );
         let specs: BTreeMap<String, DomainSpec> = toml::from_str(&text).unwrap();
         let signers = Signers::load(&specs).unwrap();
-        assert!(matches!(signers.sign(&wire).unwrap(), Signed::Signed { .. }));
-        g.bench_function(name, |b| b.iter(|| signers.sign(black_box(&wire)).unwrap()));
+        assert!(matches!(signers.sign(&wire, None).unwrap(), Signed::Signed { .. }));
+        g.bench_function(name, |b| b.iter(|| signers.sign(black_box(&wire), None).unwrap()));
     }
     g.finish();
 }

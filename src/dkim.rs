@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
-use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::common::crypto::{Ed25519Key, HashContext, HashImpl, RsaKey, Sha256, SigningKey};
+use mail_auth::common::headers::{HeaderStream, HeaderWriter, Writable, Writer};
+use mail_auth::dkim::{Canonicalization, DkimSigner, Done, Signature};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
@@ -70,20 +70,142 @@ enum Key {
 }
 
 impl Key {
-    fn sign(&self, message: &[u8]) -> mail_auth::Result<String> {
-        Ok(match self {
-            Key::Rsa(s) => s.sign(message)?.to_header(),
-            Key::Ed25519(s) => s.sign(message)?.to_header(),
-        })
+    /// The signature's tags as configured (`d=`, `s=`, `a=`, `h=` wanted, canonicalization).
+    fn template(&self) -> &Signature {
+        match self {
+            Key::Rsa(s) => &s.template,
+            Key::Ed25519(s) => &s.template,
+        }
     }
-}
 
-impl Key {
+    /// Signs the canonical headers followed by `sig` itself (RFC 6376 §3.7).
+    fn sign(&self, canonical_headers: &[u8], sig: &Signature) -> mail_auth::Result<Vec<u8>> {
+        let input = Signable(canonical_headers, sig);
+        match self {
+            Key::Rsa(s) => s.key.sign(input),
+            Key::Ed25519(s) => s.key.sign(input),
+        }
+    }
+
     fn algorithm(&self) -> &'static str {
         match self {
             Key::Rsa(_) => "rsa-sha256",
             Key::Ed25519(_) => "ed25519-sha256",
         }
+    }
+}
+
+/// What a signature signs: the signed headers, canonical, then the
+/// DKIM-Signature header with an empty `b=`.
+struct Signable<'a>(&'a [u8], &'a Signature);
+
+impl Writable for Signable<'_> {
+    fn write(self, writer: &mut impl Writer) {
+        writer.write(self.0);
+        self.1.write(writer, false);
+    }
+}
+
+/// The header fields of a message with CRLF line ends, read as mail-auth
+/// reads them (its own iterator is not public): a field runs from its name
+/// to the end of its last folded line, and the first line without a colon
+/// (the empty line) ends the header section; the body follows it.
+struct Fields<'x, 'c> {
+    msg: &'x [u8],
+    pos: usize,
+    /// Where the body starts, once the header section has ended.
+    body_at: Option<usize>,
+    /// The body, told to whoever asked for it.
+    body: Option<&'c std::cell::Cell<&'x [u8]>>,
+}
+
+impl<'x, 'c> Fields<'x, 'c> {
+    fn new(msg: &'x [u8], body: Option<&'c std::cell::Cell<&'x [u8]>>) -> Self {
+        Fields {
+            msg,
+            pos: 0,
+            body_at: None,
+            body,
+        }
+    }
+}
+
+impl<'x> Iterator for Fields<'x, '_> {
+    type Item = (&'x [u8], &'x [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.body_at.is_some() {
+            return None;
+        }
+        let msg = self.msg;
+        let start = self.pos;
+        let Some(nl) = memchr::memchr(b'\n', &msg[start..]).map(|o| start + o) else {
+            self.body_at = Some(msg.len());
+            return None;
+        };
+        let Some(colon) = memchr::memchr(b':', &msg[start..nl]).map(|o| start + o) else {
+            self.body_at = Some(nl + 1);
+            return None;
+        };
+        let mut end = nl + 1;
+        while matches!(msg.get(end), Some(b' ' | b'\t')) {
+            match memchr::memchr(b'\n', &msg[end..]) {
+                Some(o) => end += o + 1,
+                None => end = msg.len(),
+            }
+        }
+        self.pos = end;
+        Some((&msg[start..colon], &msg[colon + 1..end]))
+    }
+}
+
+impl<'x> HeaderStream<'x> for Fields<'x, '_> {
+    fn next_header(&mut self) -> Option<(&'x [u8], &'x [u8])> {
+        self.next()
+    }
+
+    fn body(&mut self) -> &'x [u8] {
+        while self.next().is_some() {}
+        let body = &self.msg[self.body_at.unwrap_or(self.msg.len())..];
+        if let Some(cell) = self.body {
+            cell.set(body);
+        }
+        body
+    }
+}
+
+/// What a shard remembers between the copies of one personalised message
+/// file, so that what is the same in every copy is worked out once: the
+/// From: header and the domain it names, the body and its hash (the body
+/// hash is computed once when only headers differ).
+#[derive(Default)]
+pub struct Memo {
+    /// The From: header values (joined) and their domain.
+    from: Option<(Vec<u8>, Option<String>)>,
+    /// The last body, its canonicalization and its hash.
+    body: Option<(Canonicalization, Vec<u8>, Vec<u8>)>,
+    /// Body hashes computed and reused, for the tests.
+    pub hashed: u64,
+    pub reused: u64,
+}
+
+impl Memo {
+    fn domain_of_from(&mut self, message: &[u8]) -> Option<String> {
+        let mut key = Vec::new();
+        for (name, value) in Fields::new(message, None) {
+            if name.eq_ignore_ascii_case(b"From") {
+                key.extend_from_slice(value);
+                key.push(0);
+            }
+        }
+        if let Some((k, domain)) = &self.from
+            && *k == key
+        {
+            return domain.clone();
+        }
+        let domain = from_domain(message);
+        self.from = Some((key, domain.clone()));
+        domain
     }
 }
 
@@ -198,32 +320,78 @@ impl Signers {
     }
 
     /// Signs a message prepared for the wire, if its From: domain has keys.
-    pub fn sign(&self, wire: &WireMessage) -> Result<Signed, String> {
+    /// `memo`: what earlier copies of the same message file left (personalised copies).
+    pub fn sign(&self, wire: &WireMessage, memo: Option<&mut Memo>) -> Result<Signed, String> {
         if self.is_empty() {
             return Ok(Signed::Unsigned);
         }
-        let mut plain = Vec::with_capacity(wire.chunk_len());
-        wire.write_chunk(&mut plain);
-        let Some(from) = from_domain(&plain) else {
+        let plain = wire.chunk();
+        let mut memo = memo;
+        let from = match memo.as_deref_mut() {
+            Some(m) => m.domain_of_from(&plain),
+            None => from_domain(&plain),
+        };
+        let Some(from) = from else {
             return Ok(Signed::Unsigned);
         };
         let Some(domain) = self.domain_for(&from) else {
             return Ok(Signed::Unsigned);
         };
-        let mut signed = Vec::with_capacity(plain.len() + 600 * domain.keys.len());
+        // Every key of a domain signs the same headers the same way: the
+        // headers are canonicalized and the body hashed once for them all.
+        let first = domain.keys[0].1.template();
+        let body = std::cell::Cell::new(&b""[..]);
+        let (_, canonical, signed_headers, _) = first.canonicalize(Fields::new(&plain, Some(&body)));
+        let mut headers = Vec::with_capacity(512);
+        canonical.write(&mut headers);
+        let body = body.get();
+        let cb = first.cb;
+        let bh = match memo {
+            Some(Memo {
+                body: Some((c, b, bh)),
+                reused,
+                ..
+            }) if *c == cb && b.as_slice() == body => {
+                *reused += 1;
+                bh.clone()
+            }
+            m => {
+                let bh = body_hash(cb, body);
+                if let Some(m) = m {
+                    m.hashed += 1;
+                    m.body = Some((cb, body.to_vec(), bh.clone()));
+                }
+                bh
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut head = Vec::with_capacity(600 * domain.keys.len());
         for (selector, key) in &domain.keys {
-            let header = key
-                .sign(&plain)
+            let mut sig = key.template().clone();
+            sig.bh = bh.clone();
+            sig.t = now;
+            sig.h = signed_headers.clone();
+            sig.b = key
+                .sign(&headers, &sig)
                 .map_err(|e| format!("DKIM signing with selector {selector} failed: {e}"))?;
-            signed.extend_from_slice(header.as_bytes());
+            sig.write_header(&mut head);
         }
-        signed.extend_from_slice(&plain);
         Ok(Signed::Signed {
-            wire: WireMessage::prepare(&signed),
+            wire: wire.prepended(&head),
             domain: domain.name.clone(),
             algorithms: domain.keys.iter().map(|(_, k)| k.algorithm()).collect(),
         })
     }
+}
+
+/// The body hash (`bh=`, SHA-256) of `body` canonicalized by `cb`.
+fn body_hash(cb: Canonicalization, body: &[u8]) -> Vec<u8> {
+    let mut h = <Sha256 as HashImpl>::hasher();
+    cb.canonical_body(body, u64::MAX).write(&mut h);
+    h.complete().as_ref().to_vec()
 }
 
 /// A signer for one key of a domain, ready to sign.
@@ -451,6 +619,74 @@ mod tests {
         assert!(err.contains("ec.pem") && err.contains("EC (SEC1)"), "{err}");
     }
 
+    /// The tag `name` of each DKIM-Signature header of a prepared message.
+    fn tags(w: &WireMessage, name: &str) -> Vec<String> {
+        let text = String::from_utf8(w.bytes.clone()).unwrap();
+        let unfolded = text.replace("\r\n\t", "").replace("\r\n ", "");
+        unfolded
+            .lines()
+            .filter(|l| l.starts_with("DKIM-Signature:"))
+            .map(|l| {
+                l.split(';')
+                    .find_map(|t| t.trim().strip_prefix(&format!("{name}=")))
+                    .unwrap()
+                    .replace(' ', "")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copies_that_differ_only_in_headers_hash_their_body_once() {
+        let text = format!(
+            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
+            data("rsa2048.pem"),
+            data("ed25519.pem")
+        );
+        let specs: BTreeMap<String, DomainSpec> = toml::from_str(&text).unwrap();
+        let signers = Signers::load(&specs).unwrap();
+        let copy = |to: &str, body: &str| {
+            WireMessage::prepare(format!("From: n@news.example.com\nTo: {to}\nSubject: s\n\n{body}").as_bytes())
+        };
+        let signed = |w: &WireMessage, memo: Option<&mut Memo>| match signers.sign(w, memo).unwrap() {
+            Signed::Signed { wire, .. } => wire,
+            Signed::Unsigned => panic!("signed"),
+        };
+        let mut memo = Memo::default();
+        let a = signed(&copy("a@x.test", "Hello\n.dot\n"), Some(&mut memo));
+        let b = signed(&copy("b@x.test", "Hello\n.dot\n"), Some(&mut memo));
+        assert_eq!((memo.hashed, memo.reused), (1, 1));
+        // The hash carried over is the one signing b alone makes, for both keys.
+        let alone = signed(&copy("b@x.test", "Hello\n.dot\n"), None);
+        assert_eq!(tags(&b, "bh"), tags(&alone, "bh"));
+        assert_eq!(tags(&a, "bh"), tags(&b, "bh"));
+        assert_eq!(tags(&b, "bh").len(), 2);
+        let c = signed(&copy("c@x.test", "Bye\n"), Some(&mut memo));
+        assert_eq!((memo.hashed, memo.reused), (2, 1));
+        assert_ne!(tags(&c, "bh"), tags(&b, "bh"));
+        assert_eq!(tags(&c, "bh"), tags(&signed(&copy("c@x.test", "Bye\n"), None), "bh"));
+        // A From: of another domain is not taken from the memo.
+        let other = WireMessage::prepare(b"From: n@other.test\nSubject: s\n\nBye\n");
+        assert!(matches!(
+            signers.sign(&other, Some(&mut memo)).unwrap(),
+            Signed::Unsigned
+        ));
+    }
+
+    #[test]
+    fn fields_are_read_as_mail_auth_reads_them() {
+        let msg = b"From: a\r\n b\r\nSubject:x\r\n\r\nbody: not a header\r\n";
+        let body = std::cell::Cell::new(&b""[..]);
+        let mut f = Fields::new(msg, Some(&body));
+        assert_eq!(f.next(), Some((&b"From"[..], &b" a\r\n b\r\n"[..])));
+        assert_eq!(f.next(), Some((&b"Subject"[..], &b"x\r\n"[..])));
+        assert_eq!(f.next(), None);
+        assert_eq!(f.body(), b"body: not a header\r\n");
+        assert_eq!(body.get(), b"body: not a header\r\n");
+        let mut f = Fields::new(b"Subject: no body\r\n", None);
+        assert_eq!(f.next().map(|(n, _)| n), Some(&b"Subject"[..]));
+        assert_eq!(f.body(), b"");
+    }
+
     #[test]
     fn a_message_from_a_configured_domain_or_its_subdomain_is_signed_with_every_key() {
         let text = format!(
@@ -465,7 +701,7 @@ mod tests {
             wire: w,
             domain,
             algorithms,
-        } = signers.sign(&msg("a@mail.news.example.com")).unwrap()
+        } = signers.sign(&msg("a@mail.news.example.com"), None).unwrap()
         else {
             panic!("a subdomain signs with its parent's keys");
         };
@@ -488,9 +724,12 @@ mod tests {
             text.ends_with("\r\n..dot\r\nbody\r\n.\r\n"),
             "still stuffed for DATA: {text:?}"
         );
-        assert!(matches!(signers.sign(&msg("a@other.test")).unwrap(), Signed::Unsigned));
+        assert!(matches!(
+            signers.sign(&msg("a@other.test"), None).unwrap(),
+            Signed::Unsigned
+        ));
         assert!(
-            matches!(signers.sign(&msg("a@example.com")).unwrap(), Signed::Unsigned),
+            matches!(signers.sign(&msg("a@example.com"), None).unwrap(), Signed::Unsigned),
             "a parent is not signed for"
         );
     }

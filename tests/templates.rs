@@ -235,8 +235,9 @@ fn headers_are_added_on_request_per_recipient_and_signed() {
     let path = dir.path().join("h.jsonl");
     std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let mut cfg: Config = toml::from_str(&format!(
-        "[dkim.\"news.example.com\"]\nselector = \"rsa1\"\nkey_file = {:?}\n[headers]\nmessage_id = true\ndate = true\nlist_unsubscribe = \"<https://news.example.com/u?r={{{{ rcpt }}}}>, <mailto:u+{{{{ rcpt_local }}}}={{{{ rcpt_domain }}}}@news.example.com>\"\n",
-        data("rsa2048.pem")
+        "[dkim.\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n[headers]\nmessage_id = true\ndate = true\nlist_unsubscribe = \"<https://news.example.com/u?r={{{{ rcpt }}}}>, <mailto:u+{{{{ rcpt_local }}}}={{{{ rcpt_domain }}}}@news.example.com>\"\n",
+        data("rsa2048.pem"),
+        data("ed25519.pem")
     ))
     .unwrap();
     cfg.validate().unwrap();
@@ -286,12 +287,31 @@ fn headers_are_added_on_request_per_recipient_and_signed() {
         sig.contains("List-Unsubscribe:") || sig.contains("List-Unsubscribe-Post"),
         "{sig}"
     );
-    let rec = common::dkim_record(&data("rsa2048.pem"), "rsa1", "news.example.com");
+    // The copies differ only in headers: the body hash computed for the
+    // first is the one the others carry, and every signature (RSA and
+    // Ed25519) verifies.
+    let bh = |m: &str| {
+        let sig: String = m
+            .lines()
+            .skip_while(|l| !l.starts_with("DKIM-Signature:"))
+            .take(12)
+            .collect();
+        sig.split("bh=")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .map(|t| t.replace([' ', '\t'], ""))
+    };
+    assert!(bh(ann).is_some());
+    assert_eq!(bh(ann), bh(of("bob@d0.test")));
+    let recs = [
+        common::dkim_record(&data("rsa2048.pem"), "rsa1", "news.example.com"),
+        common::dkim_record(&data("ed25519.pem"), "ed1", "news.example.com"),
+    ];
     let files: Vec<_> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().path()).collect();
-    let out = common::dkim_verify(&[rec], &files);
+    let out = common::dkim_verify(&recs, &files);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(said.lines().filter(|l| l.ends_with(" ok")).count(), 3, "{said}");
+    assert_eq!(said.lines().filter(|l| l.ends_with(" ok ok")).count(), 3, "{said}");
 }
 
 /// A List-Unsubscribe without fields keeps the shared copy: one message

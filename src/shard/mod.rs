@@ -280,6 +280,7 @@ impl Body {
         adding: &crate::headers::Adding<'_>,
         file: Option<Arc<MessageFile>>,
         seven_bit_wanted: bool,
+        memo: Option<&mut crate::dkim::Memo>,
     ) -> Body {
         let added = crate::headers::add(src, adding);
         let wire = WireMessage::prepare(added.as_deref().unwrap_or(src));
@@ -299,13 +300,13 @@ impl Body {
         let mut c = counts.borrow_mut();
         // Signed after the conversion: the 7-bit form has its own signature.
         let seven_bit = seven_bit.map(|r| {
-            r.and_then(|w| match signers.sign(&w) {
+            r.and_then(|w| match signers.sign(&w, None) {
                 Ok(crate::dkim::Signed::Signed { wire, .. }) => Ok(wire),
                 Ok(crate::dkim::Signed::Unsigned) => Ok(w),
                 Err(e) => Err(e),
             })
         });
-        let (wire, refused) = match signers.sign(&wire) {
+        let (wire, refused) = match signers.sign(&wire, memo) {
             Ok(crate::dkim::Signed::Signed {
                 wire: signed,
                 domain,
@@ -342,6 +343,8 @@ pub(crate) struct Shard {
     dkim: RefCell<DkimCounts>,
     /// Message files' templates, compiled once, by message id.
     templates: RefCell<HashMap<u32, Rc<crate::template::Compiled>>>,
+    /// What signing the copies of a personalised message file keeps from one to the next.
+    memos: RefCell<HashMap<u32, crate::dkim::Memo>>,
     net: Option<Net>,
     tls: TlsClient,
     ehlo_name: String,
@@ -387,6 +390,7 @@ async fn run(p: ShardParams) {
         signers: p.signers.clone(),
         dkim: RefCell::default(),
         templates: RefCell::default(),
+        memos: RefCell::default(),
         net: p.net.clone(),
         tls: p.tls.clone(),
         ehlo_name: p.ehlo_name.clone(),
@@ -604,6 +608,7 @@ impl Shard {
                     &self.shared_headers(&id_domain),
                     None,
                     true,
+                    None,
                 ))
             }
         };
@@ -662,6 +667,7 @@ impl Shard {
             &self.shared_headers(&id_domain),
             Some(raw.clone()),
             true,
+            None,
         ));
         let mut prepared = self.prepared.borrow_mut();
         prepared.insert(id, Rc::downgrade(&m));
@@ -746,7 +752,18 @@ impl Shard {
             id_domain: &id_domain,
             salt: ctx.rcpt,
         };
-        let body = Body::new(&text, &self.signers, &self.dkim, &adding, None, seven_bit);
+        let mut memos = self.memos.borrow_mut();
+        let memo = match &job.body._file {
+            Some(f) if p.inline.is_none() => {
+                if memos.len() >= MAX_COMPILED_TEMPLATES && !memos.contains_key(&f.id) {
+                    memos.clear();
+                }
+                Some(memos.entry(f.id).or_default())
+            }
+            _ => None,
+        };
+        let body = Body::new(&text, &self.signers, &self.dkim, &adding, None, seven_bit, memo);
+        drop(memos);
         if let Some(reason) = &body.refused {
             return Err(format!("{}: {reason}", at()));
         }

@@ -29,10 +29,7 @@ impl WireMessage {
         let mut stuffed = Vec::new();
         let mut rest = src;
         while !rest.is_empty() {
-            let end = rest
-                .iter()
-                .position(|&b| b == b'\n' || b == b'\r')
-                .unwrap_or(rest.len());
+            let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
             let line = &rest[..end];
             if line.first() == Some(&b'.') {
                 stuffed.push(bytes.len());
@@ -61,6 +58,36 @@ impl WireMessage {
             longest_line,
             stuffed,
         }
+    }
+
+    /// `head` (whole lines, such as DKIM-Signature headers) put in front:
+    /// the same as preparing `head` followed by the source, without going
+    /// over the message again.
+    pub fn prepended(&self, head: &[u8]) -> WireMessage {
+        let h = WireMessage::prepare(head);
+        let n = h.bytes.len() - 3;
+        let mut bytes = Vec::with_capacity(n + self.bytes.len());
+        bytes.extend_from_slice(&h.bytes[..n]);
+        bytes.extend_from_slice(&self.bytes);
+        let mut stuffed = h.stuffed;
+        stuffed.extend(self.stuffed.iter().map(|&at| at + n));
+        WireMessage {
+            bytes,
+            eight_bit: self.eight_bit || h.eight_bit,
+            eight_bit_headers: self.eight_bit_headers || h.eight_bit,
+            longest_line: self.longest_line.max(h.longest_line),
+            stuffed,
+        }
+    }
+
+    /// The message as BDAT sends it, borrowed when nothing was stuffed.
+    pub fn chunk(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.stuffed.is_empty() {
+            return self.bytes[..self.bytes.len() - 3].into();
+        }
+        let mut out = Vec::with_capacity(self.chunk_len());
+        self.write_chunk(&mut out);
+        out.into()
     }
 
     /// The length of the message for BDAT: CRLF line ends, no stuffing, no final `.` line.
@@ -122,6 +149,19 @@ mod tests {
             }
             assert_eq!(chunk, expected, "source {:?}", String::from_utf8_lossy(src));
             assert_eq!(chunk.len(), got.chunk_len());
+            assert_eq!(*got.chunk(), chunk[..]);
+            // A head put in front is the same as preparing it with the source.
+            for head in [
+                &b""[..],
+                b"A: 1\r\n",
+                b"B: x\r\n\t.y\r\n",
+                b"D: x\r\n.y\r\n",
+                b"C: caf\xc3\xa9\n",
+            ] {
+                let mut whole = head.to_vec();
+                whole.extend_from_slice(src);
+                assert_eq!(got.prepended(head), WireMessage::prepare(&whole), "{head:?} + {src:?}");
+            }
         }
     }
 
