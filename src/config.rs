@@ -63,6 +63,10 @@ pub struct Config {
     pub dkim: BTreeMap<String, crate::dkim::DomainSpec>,
     /// Headers volley adds to messages that lack them (`[headers]`).
     pub headers: crate::headers::HeadersConfig,
+    /// VERP for every job without its own `verp`: a template of each
+    /// recipient's envelope sender, e.g. `"{{ from_local }}+{{ rcpt_local
+    /// }}={{ rcpt_domain }}@{{ from_domain }}"`.
+    pub verp: Option<String>,
     /// Domain (or `*`) → `HOST:PORT` or a relay table; a routed domain skips MX lookup.
     pub routes: BTreeMap<String, RouteSpec>,
     /// Port of the MX hosts (25; other values are for tests and labs).
@@ -139,6 +143,7 @@ impl Default for Config {
             shaping: Vec::new(),
             dkim: BTreeMap::new(),
             headers: crate::headers::HeadersConfig::default(),
+            verp: None,
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),
@@ -530,6 +535,14 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.headers.check()?;
+        if let Some(t) = &self.verp {
+            crate::template::check(t).map_err(|e| anyhow::anyhow!("verp: template: {e}"))?;
+            if !crate::headers::is_template(t) {
+                bail!(
+                    "verp = {t:?} has no fields: every recipient would get the same sender (set the jobs' \"from\" instead, or use {{{{ rcpt_local }}}} and {{{{ rcpt_domain }}}})"
+                );
+            }
+        }
         let positive = [
             ("max_connections_per_destination", self.max_connections_per_destination),
             ("max_messages_per_connection", self.max_messages_per_connection),

@@ -5,8 +5,8 @@
 //! back. Nothing is escaped (a message is not HTML as a whole).
 //!
 //! The variables, later ones over earlier ones: `rcpt`, `rcpt_local`,
-//! `rcpt_domain`, `from` and `id` (the job's); the job's `vars`; the
-//! recipient's `vars`.
+//! `rcpt_domain`, `from`, `from_local`, `from_domain` and `id` (the
+//! job's); the job's `vars`; the recipient's `vars`.
 
 use minijinja::{Environment, UndefinedBehavior};
 
@@ -69,11 +69,14 @@ pub fn render(source: &str, ctx: &Context<'_>) -> Result<String, String> {
 fn variables(ctx: &Context<'_>) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     let mut vars = serde_json::Map::new();
     let (local, domain) = ctx.rcpt.rsplit_once('@').unwrap_or((ctx.rcpt, ""));
+    let (from_local, from_domain) = ctx.from.rsplit_once('@').unwrap_or((ctx.from, ""));
     for (k, v) in [
         ("rcpt", ctx.rcpt),
         ("rcpt_local", local),
         ("rcpt_domain", domain),
         ("from", ctx.from),
+        ("from_local", from_local),
+        ("from_domain", from_domain),
         ("id", ctx.id),
     ] {
         vars.insert(k.to_string(), serde_json::Value::String(v.to_string()));
@@ -112,7 +115,7 @@ mod tests {
 
     #[test]
     fn the_recipient_s_vars_come_over_the_job_s_over_the_built_ins() {
-        let src = "Subject: Hi {{ name }}\r\n\r\n{{ greeting }} {{ name }} <{{ rcpt_local }} at {{ rcpt_domain }}>, {{ id }}\r\n";
+        let src = "Subject: Hi {{ name }}\r\n\r\n{{ greeting }} {{ name }} <{{ rcpt_local }} at {{ rcpt_domain }}>, {{ id }} from {{ from_local }} at {{ from_domain }}\r\n";
         let got = render(
             src,
             &ctx(
@@ -121,7 +124,10 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(got, "Subject: Hi Ann\r\n\r\nHello Ann <ann at example.org>, n1\r\n");
+        assert_eq!(
+            got,
+            "Subject: Hi Ann\r\n\r\nHello Ann <ann at example.org>, n1 from news at x.test\r\n"
+        );
     }
 
     #[test]

@@ -190,6 +190,61 @@ fn verp_gives_each_recipient_its_own_envelope_sender() {
     );
 }
 
+/// `verp` in the configuration: every job without its own gets it; a
+/// job's own wins; a template without fields is refused by its key.
+#[test]
+fn the_configuration_s_verp_is_every_job_s_unless_it_has_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("m.eml"), "Subject: v\n\nbody\n").unwrap();
+    let lines = [
+        serde_json::json!({"id": "a", "from": "news@lists.example.com", "message": "m.eml", "to": ["jo@d0.test", "kim@d0.test"]}),
+        serde_json::json!({"id": "b", "from": "bounces@news.example.com", "message": "m.eml",
+            "verp": "own+{{ rcpt_local }}@news.example.com", "to": ["lee@d1.test"]}),
+    ];
+    let path = dir.path().join("v.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let mut cfg: Config =
+        toml::from_str("verp = \"{{ from_local }}+{{ rcpt_local }}={{ rcpt_domain }}@{{ from_domain }}\"\n").unwrap();
+    cfg.validate().unwrap();
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    let counts = sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 3);
+    assert_eq!(counts.messages, 3, "a transaction per recipient");
+    let mut froms: Vec<String> = dumped(&dump)
+        .iter()
+        .map(|t| {
+            let from = t.lines().find(|l| l.starts_with("X-Mail-From:")).unwrap();
+            let to = t.lines().find(|l| l.starts_with("X-Rcpt-To:")).unwrap();
+            format!("{from} {to}")
+        })
+        .collect();
+    froms.sort();
+    assert_eq!(
+        froms,
+        [
+            "X-Mail-From: <news+jo=d0.test@lists.example.com> X-Rcpt-To: <jo@d0.test>",
+            "X-Mail-From: <news+kim=d0.test@lists.example.com> X-Rcpt-To: <kim@d0.test>",
+            "X-Mail-From: <own+lee@news.example.com> X-Rcpt-To: <lee@d1.test>",
+        ]
+    );
+    for (text, want) in [
+        ("verp = \"bounces@news.example.com\"\n", "has no fields"),
+        ("verp = \"{{ rcpt_local \"\n", "verp: template: "),
+    ] {
+        let cfg: Config = toml::from_str(text).unwrap();
+        let err = format!("{:#}", cfg.validate().unwrap_err());
+        assert!(err.contains(want), "{text}: {err}");
+    }
+}
+
 fn dumped(dump: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dump)
         .unwrap()

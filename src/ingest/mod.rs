@@ -258,7 +258,7 @@ impl IngestLimits {
             shard_credit: cfg.max_queued_recipients_per_shard as u64,
             domain_bound: cfg.domain_queue_bound(),
             spread_domains: cfg.spread_domains.clone(),
-            per_recipient: cfg.headers.per_recipient(),
+            per_recipient: cfg.headers.per_recipient() || cfg.verp.is_some(),
         }
     }
 }

@@ -212,11 +212,16 @@ impl Job for SpoolJob {
     }
 }
 
-/// A VERP job's envelope sender for its one recipient, rendered and checked.
-fn verp_of(job: &SpoolJob) -> Result<String, String> {
+/// A VERP job's envelope sender for its one recipient, rendered and
+/// checked: from the job's `verp`, else the configuration's.
+fn verp_of(job: &SpoolJob, configured: Option<&str>) -> Result<Option<String>, String> {
     let map = job.file.file.bytes();
+    let (template, what) = match (&job.verp, configured) {
+        (Some(span), _) => (span.get(map), "\"verp\""),
+        (None, Some(t)) => (t, "verp (the configuration's)"),
+        (None, None) => return Ok(None),
+    };
     let at = format!("{}:{}", job.file.name, job.line);
-    let template = job.verp.as_ref().expect("a VERP job").get(map);
     let id = match &job.id {
         Some(s) => s.get(map).to_string(),
         None => at.clone(),
@@ -228,11 +233,11 @@ fn verp_of(job: &SpoolJob) -> Result<String, String> {
         job_vars: job.personal.as_ref().and_then(|p| p.vars.as_ref()).map(|s| s.get(map)),
         rcpt_vars: job.rcpts[0].vars.as_ref().map(|s| s.get(map)),
     };
-    let from = crate::template::render(template, &ctx).map_err(|e| format!("{at}: \"verp\": template: {e}"))?;
+    let from = crate::template::render(template, &ctx).map_err(|e| format!("{at}: {what}: template: {e}"))?;
     let from = from.trim().to_string();
     crate::spool::validate_address(&from)
-        .map_err(|why| format!("{at}: \"verp\" made the sender {from:?}, which {why}"))?;
-    Ok(from)
+        .map_err(|why| format!("{at}: {what} made the sender {from:?}, which {why}"))?;
+    Ok(Some(from))
 }
 
 pub(crate) type Txn = self::core::Txn<SpoolJob>;
@@ -301,7 +306,16 @@ impl Body {
         // Signed after the conversion: the 7-bit form has its own signature.
         let seven_bit = seven_bit.map(|r| {
             r.and_then(|w| match signers.sign(&w, None) {
-                Ok(crate::dkim::Signed::Signed { wire, .. }) => Ok(wire),
+                Ok(crate::dkim::Signed::Signed {
+                    wire,
+                    domain,
+                    algorithms,
+                }) => {
+                    for a in algorithms {
+                        *c.signed.entry((domain.clone(), a)).or_default() += 1;
+                    }
+                    Ok(wire)
+                }
                 Ok(crate::dkim::Signed::Unsigned) => Ok(w),
                 Err(e) => Err(e),
             })
@@ -685,8 +699,10 @@ impl Shard {
     /// is a 7-bit form of an 8-bit copy made).
     pub(crate) fn render(&self, txn: &mut Txn, seven_bit: bool) -> Result<(), String> {
         let job = &mut txn.job;
-        if job.verp.is_some() && job.reverse.is_none() {
-            job.reverse = Some(verp_of(job)?.into_boxed_str());
+        if job.reverse.is_none()
+            && let Some(from) = verp_of(job, self.cfg.verp.as_deref())?
+        {
+            job.reverse = Some(from.into_boxed_str());
         }
         let Some(p) = job.personal.clone() else {
             return Ok(());
@@ -836,5 +852,58 @@ impl Shard {
         if let Err(TrySendError::Full(Report::Outcomes(b))) = reports.try_send(Report::Outcomes(batch)) {
             *unsent = Some(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_8bit_message_s_7bit_form_is_signed_and_counted_too() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
+        let specs: BTreeMap<String, crate::dkim::DomainSpec> = toml::from_str(&format!(
+            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
+            data.join("rsa2048.pem"),
+            data.join("ed25519.pem")
+        ))
+        .unwrap();
+        let signers = crate::dkim::Signers::load(&specs).unwrap();
+        let counts = RefCell::new(DkimCounts::default());
+        let adding = crate::headers::Adding {
+            message_id: false,
+            date: false,
+            list_unsubscribe: None,
+            one_click: false,
+            id_domain: "",
+            salt: "",
+        };
+        let src = "From: n@news.example.com\nSubject: s\nContent-Type: text/plain; charset=utf-8\n\ncaf\u{e9}\n";
+        let body = Body::new(src.as_bytes(), &signers, &counts, &adding, None, true, None);
+        let seven = body.seven_bit.as_ref().unwrap().as_ref().unwrap();
+        assert!(!seven.eight_bit);
+        for w in [&body.wire, seven] {
+            let text = String::from_utf8_lossy(&w.bytes);
+            assert_eq!(text.matches("DKIM-Signature:").count(), 2, "{text}");
+        }
+        let c = counts.borrow();
+        assert_eq!(c.signed[&("news.example.com".to_string(), "rsa-sha256")], 2);
+        assert_eq!(c.signed[&("news.example.com".to_string(), "ed25519-sha256")], 2);
+        // A 7-bit message has no second form and one signature per key.
+        drop(c);
+        let plain = Body::new(
+            b"From: n@news.example.com\n\nplain\n",
+            &signers,
+            &counts,
+            &adding,
+            None,
+            true,
+            None,
+        );
+        assert!(plain.seven_bit.is_none());
+        assert_eq!(
+            counts.borrow().signed[&("news.example.com".to_string(), "rsa-sha256")],
+            3
+        );
     }
 }
