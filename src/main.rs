@@ -321,6 +321,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let executors = matches!(
+        cli.command,
+        Command::Send(_) | Command::Run(_) | Command::Sink(_) | Command::Demo(_)
+    );
+    if executors && let Err(e) = volley::runtime::ensure_memlock() {
+        eprintln!("volley: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Send(a) => cmd_send(a),
         Command::Run(a) => cmd_run(a),

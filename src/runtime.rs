@@ -17,6 +17,50 @@ pub fn cpus() -> Vec<usize> {
     cpus
 }
 
+/// glommio refuses to start an executor under this locked-memory limit
+/// (RLIMIT_MEMLOCK), whatever its io_memory.
+pub const MIN_MEMLOCK: u64 = 512 * 1024;
+
+/// Makes sure executors can start: a locked-memory limit under
+/// `MIN_MEMLOCK` is raised (the soft limit up to the hard one, which anyone
+/// may; past it where the process may), or refused with what to do.
+pub fn ensure_memlock() -> std::io::Result<()> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return Ok(());
+    }
+    let enough = |v: libc::rlim_t| v == libc::RLIM_INFINITY || v >= MIN_MEMLOCK;
+    if enough(r.rlim_cur) {
+        return Ok(());
+    }
+    let set = |cur: libc::rlim_t, max: libc::rlim_t| {
+        let r = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) == 0 }
+    };
+    if (enough(r.rlim_max) && set(MIN_MEMLOCK, r.rlim_max)) || set(MIN_MEMLOCK, MIN_MEMLOCK) {
+        return Ok(());
+    }
+    let kib = |v: libc::rlim_t| v / 1024;
+    Err(std::io::Error::other(format!(
+        "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB and may not be raised past {} KiB here; \
+         volley's io_uring executors (glommio) need at least {} KiB. Raise it where volley is started: \
+         `ulimit -l 1024` in its shell (as root, or under a hard limit that allows it), \
+         LimitMEMLOCK=1M in its systemd unit, `--ulimit memlock=1048576` for podman or docker, \
+         a memlock line in /etc/security/limits.conf, or the SYS_RESOURCE capability (volley then raises the limit itself)",
+        kib(r.rlim_cur),
+        kib(r.rlim_max),
+        kib(MIN_MEMLOCK)
+    )))
+}
+
 /// Starts executor `index` pinned to the `index`-th online CPU (wrapping).
 pub fn spawn_pinned<G, F, T>(name: &str, index: usize, fut_gen: G) -> std::io::Result<ExecutorJoinHandle<T>>
 where
@@ -24,6 +68,7 @@ where
     F: Future<Output = T> + 'static,
     T: Send + 'static,
 {
+    ensure_memlock()?;
     let cpus = cpus();
     LocalExecutorBuilder::new(Placement::Fixed(cpus[index % cpus.len()]))
         .name(&format!("{name}-{index}"))

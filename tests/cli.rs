@@ -414,3 +414,37 @@ fn sigterm_ends_the_send_while_ingest_waits_for_credit() {
     };
     assert_eq!(status.code(), Some(4));
 }
+
+/// glommio's executors need 512 KiB of locked memory: a lower soft limit
+/// is raised by volley itself; a hard limit it may not pass is a clear
+/// error saying what is needed and how to raise it, not a shard that dies.
+#[test]
+fn a_low_memlock_limit_is_raised_or_explained() {
+    let bin = env!("CARGO_BIN_EXE_volley");
+    let demo = "demo --recipients 20 --domains 2 --shards 1";
+    let out = run(Command::new("bash").args(["-c", &format!("ulimit -S -l 64 && exec {bin} {demo}")]));
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("demo ok"), "{}", text(&out.stdout));
+    // Without CAP_SYS_RESOURCE (dropped from the bounding set) a hard limit of 64 KiB stays.
+    let dropped = run(Command::new("setpriv").args(["--bounding-set", "-sys_resource", "true"]))
+        .status
+        .success();
+    let prefix = if dropped {
+        "setpriv --bounding-set -sys_resource "
+    } else {
+        ""
+    };
+    let out = run(Command::new("bash").args(["-c", &format!("ulimit -l 64 && exec {prefix}{bin} {demo}")]));
+    let err = text(&out.stderr);
+    if !dropped && out.status.success() {
+        return; // it could raise the hard limit (CAP_SYS_RESOURCE), and the capability could not be dropped
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("locked-memory limit (RLIMIT_MEMLOCK) is 64 KiB")
+            && err.contains("at least 512 KiB")
+            && err.contains("ulimit -l")
+            && err.contains("LimitMEMLOCK"),
+        "{err}"
+    );
+}
