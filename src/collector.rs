@@ -99,10 +99,70 @@ pub struct Summary {
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
     pub codes: HashMap<u16, u64>,
+    /// Why recipients were deferred, bounced or expired, by outcome and reason.
+    pub reasons: HashMap<(Outcome, Box<str>), ReasonTally>,
     pub duration: Duration,
 }
 
+/// How often one reason came, and for which domains.
+#[derive(Debug, Clone, Default)]
+pub struct ReasonTally {
+    pub count: u64,
+    /// The domains it came for (at most `MAX_REASON_DOMAINS` kept).
+    pub domains: std::collections::HashSet<Box<str>>,
+    /// Past `MAX_REASON_DOMAINS`, more domains than `domains` holds.
+    pub more_domains: bool,
+}
+
+/// Distinct reasons kept per run; later new ones are counted as one.
+const MAX_REASONS: usize = 1000;
+const MAX_REASON_DOMAINS: usize = 10_000;
+/// Where reasons past `MAX_REASONS` are counted.
+const OTHER_REASONS: &str = "(other reasons)";
+
 impl Summary {
+    /// Adds `n` records of `r`.
+    pub fn add_reason(&mut self, r: crate::outcome::Reason, n: u64) {
+        let mut key = (r.outcome, r.text);
+        if !self.reasons.contains_key(&key) && self.reasons.len() >= MAX_REASONS {
+            key.1 = OTHER_REASONS.into();
+        }
+        let t = self.reasons.entry(key).or_default();
+        t.count += n;
+        if t.domains.len() < MAX_REASON_DOMAINS {
+            t.domains.insert(r.domain);
+        } else if !t.domains.contains(&r.domain) {
+            t.more_domains = true;
+        }
+    }
+
+    /// The `n` most frequent reasons of `outcome`: text, count, domains (and
+    /// whether there were more than that), one of them.
+    pub fn top_reasons(&self, outcome: Outcome, n: usize) -> Vec<(&str, u64, usize, bool, &str)> {
+        let mut v: Vec<_> = self
+            .reasons
+            .iter()
+            .filter(|((o, _), _)| *o == outcome)
+            .map(|((_, text), t)| {
+                let example = t.domains.iter().min().map(|d| &**d).unwrap_or_default();
+                (&**text, t.count, t.domains.len(), t.more_domains, example)
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+
+    /// One reason as a line: `250 × 421 4.7.0 try later (12 domains: a.test, …)`.
+    pub fn reason_line(r: &(&str, u64, usize, bool, &str)) -> String {
+        let (text, count, domains, more, example) = *r;
+        let domains = match (domains, more) {
+            (1, false) => example.to_string(),
+            (n, more) => format!("{n}{} domains: {example}, …", if more { "+" } else { "" }),
+        };
+        format!("{} × {text} ({domains})", group_digits(count))
+    }
+
     pub fn count(&self, o: Outcome) -> u64 {
         self.counts[o.index()]
     }
@@ -158,8 +218,34 @@ impl Summary {
             let top: Vec<String> = codes.iter().take(5).map(|(c, n)| format!("{c} ×{n}")).collect();
             s += &format!("top reply codes: {}\n", top.join(", "));
         }
+        for (outcome, what) in [
+            (Outcome::Deferred, "deferral"),
+            (Outcome::Bounced, "bounce"),
+            (Outcome::Expired, "expiry"),
+        ] {
+            let top = self.top_reasons(outcome, 3);
+            if !top.is_empty() {
+                s += &format!("top {what} reasons:\n");
+                for r in &top {
+                    s += &format!("  {}\n", Summary::reason_line(r));
+                }
+            }
+        }
         s
     }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What the collector knows of one spool file.
@@ -433,6 +519,9 @@ impl Collector {
             }
             for (code, n) in batch.codes {
                 *self.summary.codes.entry(code).or_default() += n;
+            }
+            for (r, n) in batch.reasons {
+                self.summary.add_reason(r, n);
             }
             self.summary.messages += batch.messages;
         }

@@ -472,10 +472,30 @@ impl Config {
     }
 
     /// Adds a `DOMAIN=HOST:PORT` route from the command line (it overrides the file's).
+    /// A malformed one is a `UsageError`.
     pub fn add_route(&mut self, spec: &str) -> anyhow::Result<()> {
+        let usage = |why: String| anyhow::Error::new(UsageError(why));
         let Some((domain, target)) = spec.split_once('=') else {
-            bail!("--route needs DOMAIN=HOST:PORT, got {spec:?}");
+            return Err(usage(format!("--route needs DOMAIN=HOST:PORT, got {spec:?}")));
         };
+        if domain.trim().is_empty() {
+            return Err(usage(format!(
+                "--route {spec:?}: no domain before '=' (use * for every domain)"
+            )));
+        }
+        match target.trim().rsplit_once(':').map(|(_, p)| p.parse::<u16>()) {
+            Some(Ok(0)) => {
+                return Err(usage(format!(
+                    "--route {spec:?}: port 0 is not a port a server listens on"
+                )));
+            }
+            Some(Ok(_)) => {}
+            _ => {
+                return Err(usage(format!(
+                    "--route {spec:?}: want DOMAIN=HOST:PORT (a port from 1 to 65535)"
+                )));
+            }
+        }
         self.routes
             .insert(domain.trim().to_string(), RouteSpec::Target(target.trim().to_string()));
         Ok(())
@@ -627,6 +647,18 @@ pub struct Relay {
     pub tls: Option<TlsPolicy>,
 }
 
+/// A mistake in how volley was called (exit status 2, like a bad option).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// Routes with their targets resolved (once, at start-up, off the executors).
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
@@ -647,6 +679,9 @@ impl Routes {
                 .with_context(|| format!("route {domain}={target}: cannot resolve {target:?} (want HOST:PORT)"))?
                 .next()
                 .with_context(|| format!("route {domain}={target}: {target:?} has no address"))?;
+            if addr.port() == 0 {
+                bail!("route {domain}={target}: port 0 is not a port a server listens on");
+            }
             let relay = match relay {
                 None => None,
                 Some(r) => {
@@ -889,10 +924,31 @@ mod tests {
     #[test]
     fn route_errors_name_the_route() {
         let mut cfg = Config::default();
-        assert!(cfg.add_route("nonsense").is_err());
-        cfg.add_route("a.test=no-port").unwrap();
+        for (bad, why) in [
+            ("nonsense", "needs DOMAIN=HOST:PORT"),
+            ("a.test=no-port", "want DOMAIN=HOST:PORT"),
+            ("*=127.0.0.1:0", "port 0"),
+            ("*=127.0.0.1:99999", "want DOMAIN=HOST:PORT"),
+            ("=127.0.0.1:25", "no domain"),
+        ] {
+            let err = cfg.add_route(bad).unwrap_err();
+            assert!(err.is::<UsageError>(), "{bad}");
+            assert!(
+                format!("{err:#}").contains(why) && format!("{err:#}").contains(bad),
+                "{err:#}"
+            );
+        }
+        // A file's routes are checked when they are resolved.
+        let cfg: Config = toml::from_str(
+            "[routes]
+\"a.test\" = \"no-port\"\n\"b.test\" = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
         let err = Routes::resolve(&cfg.routes).unwrap_err();
         assert!(format!("{err:#}").contains("a.test=no-port"), "{err:#}");
+        let cfg: Config = toml::from_str("[routes]\n\"b.test\" = \"127.0.0.1:0\"\n").unwrap();
+        let err = Routes::resolve(&cfg.routes).unwrap_err();
+        assert!(format!("{err:#}").contains("b.test=127.0.0.1:0: port 0"), "{err:#}");
     }
 
     #[test]

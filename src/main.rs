@@ -268,6 +268,7 @@ struct GenArgs {
     /// Spool file to write; the message file goes beside it with the extension .eml.
     #[arg(long)]
     out: PathBuf,
+    /// Spool lines (jobs) to write, all sharing one message file.
     #[arg(long, default_value_t = 1000)]
     jobs: u64,
     /// Recipient domains, named d0.test, d1.test, …
@@ -276,6 +277,7 @@ struct GenArgs {
     /// Message size in bytes.
     #[arg(long, default_value_t = 1500)]
     size: usize,
+    /// Recipients in each job's `to` (each job's spread over the domains in turn).
     #[arg(long, default_value_t = 1)]
     rcpts_per_job: u64,
     /// Envelope sender of every job.
@@ -334,7 +336,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd_run(a),
         Command::Sink(a) => cmd_sink(a),
         Command::Gen(a) => generate(&GenOptions {
-            out: a.out,
+            out: a.out.clone(),
             jobs: a.jobs,
             domains: a.domains,
             size: a.size,
@@ -342,7 +344,17 @@ fn main() -> ExitCode {
             from: a.from,
             personalised: a.personalised,
         })
-        .map(|()| ExitCode::SUCCESS),
+        .map(|()| {
+            println!(
+                "wrote {} ({} jobs, {} recipients over {} domains) and its message file {}",
+                a.out.display(),
+                a.jobs,
+                a.jobs * a.rcpts_per_job,
+                a.domains,
+                volley::generator::message_file_for(&a.out).display()
+            );
+            ExitCode::SUCCESS
+        }),
         Command::Demo(a) => cmd_demo(a),
         Command::Proxy(a) => cmd_proxy(a),
         Command::DkimRecord(a) => volley::dkim::dns_record(&a.key_file, &a.selector, &a.domain).map(|r| {
@@ -356,6 +368,8 @@ fn main() -> ExitCode {
             eprintln!("volley: {e:#}");
             if e.chain().any(|c| c.is::<StorageError>()) {
                 ExitCode::from(EXIT_STORAGE)
+            } else if e.chain().any(|c| c.is::<volley::config::UsageError>()) {
+                ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }

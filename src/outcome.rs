@@ -138,6 +138,8 @@ pub struct OutcomeBatch {
     pub counts: [u64; 5],
     /// Records per reply code.
     pub codes: Vec<(u16, u64)>,
+    /// Deferrals, bounces and expiries by their reason (see `reason_of`) and domain.
+    pub reasons: Vec<(Reason, u64)>,
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
     /// The shard that sent it (none: ingest); the collector credits the
@@ -169,8 +171,55 @@ impl OutcomeBatch {
             *a += b;
         }
         self.codes.extend(other.codes);
+        self.reasons.extend(other.reasons);
         self.messages += other.messages;
     }
+}
+
+/// Why recipients of a domain did not get through, as the progress line,
+/// the summary and `/status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reason {
+    pub outcome: Outcome,
+    /// `CODE TEXT` of the reply, or `LOCAL-KIND: TEXT` of volley's own
+    /// failure; `<…>` for what is between angle brackets (an address), at
+    /// most `REASON_CHARS` characters.
+    pub text: Box<str>,
+    pub domain: Box<str>,
+}
+
+/// The longest reason kept.
+pub const REASON_CHARS: usize = 160;
+
+/// A record's reason, in a form that gathers the same failure of many recipients.
+pub fn reason_of(rec: &LogRecord<'_>) -> Box<str> {
+    let text = rec.reply.unwrap_or_default();
+    let mut out = match (rec.code, rec.local) {
+        (Some(code), _) => format!("{code} "),
+        (None, Some(kind)) => format!("{kind}: "),
+        (None, None) => String::new(),
+    };
+    let mut inside = false;
+    for ch in text.chars() {
+        if out.chars().count() >= REASON_CHARS {
+            out.push('…');
+            break;
+        }
+        match ch {
+            '<' if !inside => {
+                inside = true;
+                out.push_str("<…");
+            }
+            '>' if inside => {
+                inside = false;
+                out.push('>');
+            }
+            _ if inside => {}
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.trim_end().into()
 }
 
 /// Tallies records into the next batch; one per producer.
@@ -179,6 +228,7 @@ pub struct Recorder {
     log: bool,
     batch: OutcomeBatch,
     codes: HashMap<u16, u64>,
+    reasons: HashMap<Reason, u64>,
 }
 
 impl Recorder {
@@ -187,6 +237,7 @@ impl Recorder {
             log,
             batch: OutcomeBatch::default(),
             codes: HashMap::new(),
+            reasons: HashMap::new(),
         }
     }
 
@@ -202,6 +253,14 @@ impl Recorder {
         }
         if let Some(code) = rec.code {
             *self.codes.entry(code).or_default() += 1;
+        }
+        if matches!(rec.outcome, Outcome::Deferred | Outcome::Bounced | Outcome::Expired) {
+            let reason = Reason {
+                outcome: rec.outcome,
+                text: reason_of(rec),
+                domain: rec.domain.unwrap_or_default().into(),
+            };
+            *self.reasons.entry(reason).or_default() += 1;
         }
         if self.log {
             serde_json::to_writer(&mut self.batch.log, rec).expect("serializing to a Vec cannot fail");
@@ -225,6 +284,7 @@ impl Recorder {
         }
         let mut batch = std::mem::take(&mut self.batch);
         batch.codes = self.codes.drain().collect();
+        batch.reasons = self.reasons.drain().collect();
         Some(batch)
     }
 }

@@ -2,7 +2,7 @@
 //! thread, and collects outcomes (delivery log, progress, summary) on the
 //! calling thread until every recipient is final.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -193,19 +193,11 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         .spawn(move || ingest.run(input_rx))
         .context("cannot start the ingest thread")?;
 
-    let bar = match opts.progress {
-        Progress::Auto if std::io::stderr().is_terminal() => {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} final, {per_sec} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            Some(bar)
-        }
+    let mut meter = Meter::new(match opts.progress {
+        Progress::Auto if std::io::stderr().is_terminal() => Some(ProgressBar::new(0)),
         _ => None,
-    };
-    let plain = opts.progress == Progress::Auto && bar.is_none();
+    });
+    let plain = opts.progress == Progress::Auto && meter.bar.is_none();
     let mut last_plain = Instant::now();
 
     let sync_every = if journaled {
@@ -279,7 +271,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
             break;
         }
         publish(&hub, &mut last_publish, &mut c, files_of(&watcher));
-        progress(&bar, plain, &mut last_plain, &c, started);
+        meter.show(plain, &mut last_plain, &c, started);
     }
     c.summary.duration = started.elapsed();
     // No new transactions; those in flight finish (or are abandoned) within shutdown_timeout.
@@ -310,7 +302,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     if let Some(hub) = &hub {
         hub.publish(c.board(files_of(&watcher)));
     }
-    if let Some(bar) = bar {
+    if let Some(bar) = meter.bar {
         bar.finish_and_clear();
     }
     drop(net_thread);
@@ -348,20 +340,107 @@ fn publish(hub: &Option<Arc<Hub>>, last: &mut Instant, c: &mut Collector, files:
     }
 }
 
-fn progress(bar: &Option<ProgressBar>, plain: bool, last_plain: &mut Instant, c: &Collector, started: Instant) {
-    if let Some(bar) = bar {
-        bar.set_length(c.ingested);
-        bar.set_position(c.summary.finals());
-        bar.set_message(format!("{} deferrals", c.summary.count(Outcome::Deferred)));
-    } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
-        *last_plain = Instant::now();
-        eprintln!(
-            "volley: {}/{} recipients final ({} delivered, {} deferrals) after {:.0}s",
-            c.summary.finals(),
-            c.ingested,
-            c.summary.count(Outcome::Delivered),
-            c.summary.count(Outcome::Deferred),
-            started.elapsed().as_secs_f64()
+/// The progress line: a bar with the recipients final out of all of them
+/// (a count until ingest has read every file), a recent rate, an ETA, the
+/// counts by outcome and the most frequent reason for deferrals.
+struct Meter {
+    bar: Option<ProgressBar>,
+    /// The bar has its total (and its percentage and ETA).
+    sized: bool,
+    /// Finals at moments of the last few seconds, for the rate.
+    window: VecDeque<(Instant, u64)>,
+    last_update: Option<Instant>,
+}
+
+/// How often the bar's text is made again.
+const METER_EVERY: Duration = Duration::from_millis(200);
+/// The rate shown is over this much of the recent past.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+impl Meter {
+    fn new(bar: Option<ProgressBar>) -> Meter {
+        if let Some(bar) = &bar {
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} {spinner} {human_pos} final of {human_len} read so far · {msg}",
+                )
+                .expect("valid template"),
+            );
+        }
+        Meter {
+            bar,
+            sized: false,
+            window: VecDeque::new(),
+            last_update: None,
+        }
+    }
+
+    /// Recipients final a second, over the last `RATE_WINDOW`.
+    fn rate(&mut self, finals: u64, now: Instant) -> f64 {
+        self.window.push_back((now, finals));
+        while self.window.len() > 2 && now.duration_since(self.window[1].0) >= RATE_WINDOW {
+            self.window.pop_front();
+        }
+        let (t0, f0) = self.window[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs > 0.0 { (finals - f0) as f64 / secs } else { 0.0 }
+    }
+
+    fn show(&mut self, plain: bool, last_plain: &mut Instant, c: &Collector, started: Instant) {
+        let now = Instant::now();
+        if self.last_update.is_some_and(|t| now.duration_since(t) < METER_EVERY) {
+            return;
+        }
+        self.last_update = Some(now);
+        let s = &c.summary;
+        let finals = s.finals();
+        let rate = self.rate(finals, now);
+        let counts = format!(
+            "{}/s · {} delivered · {} bounced · {} deferrals",
+            crate::collector::group_digits(rate.round() as u64),
+            crate::collector::group_digits(s.count(Outcome::Delivered)),
+            crate::collector::group_digits(s.count(Outcome::Bounced) + s.count(Outcome::Expired)),
+            crate::collector::group_digits(s.count(Outcome::Deferred)),
         );
+        let top = s
+            .top_reasons(Outcome::Deferred, 1)
+            .first()
+            .map(|r| format!(" · top deferral: {}", Summary::reason_line(r)))
+            .unwrap_or_default();
+        if let Some(bar) = &self.bar {
+            if c.total.is_some() && !self.sized {
+                self.sized = true;
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} ({percent}%) final · ETA {eta} · {wide_msg}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+            }
+            bar.set_length(c.ingested);
+            bar.set_position(finals);
+            bar.set_message(format!("{counts}{top}"));
+            bar.tick();
+        } else if plain && last_plain.elapsed() >= PLAIN_PROGRESS_EVERY {
+            *last_plain = Instant::now();
+            let of = match c.total {
+                Some(_) if c.ingested > 0 => format!(
+                    "{}/{} ({:.0}%)",
+                    crate::collector::group_digits(finals),
+                    crate::collector::group_digits(c.ingested),
+                    100.0 * finals as f64 / c.ingested as f64
+                ),
+                _ => format!(
+                    "{} of {} read so far",
+                    crate::collector::group_digits(finals),
+                    crate::collector::group_digits(c.ingested)
+                ),
+            };
+            eprintln!(
+                "volley: {of} recipients final after {:.0}s: {counts}{top}",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
 }

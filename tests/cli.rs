@@ -216,11 +216,16 @@ fn errors_name_what_and_where() {
     );
 
     let out = run(volley().args(["send", "--route", "example.com"]).arg(&spool));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(
         text(&out.stderr).contains("--route needs DOMAIN=HOST:PORT"),
         "{}",
         text(&out.stderr)
     );
+
+    let out = run(volley().args(["send", "--route", "*=127.0.0.1:0"]).arg(&spool));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("port 0"), "{}", text(&out.stderr));
 
     let out = run(volley().args(["sink", "--reject-rate", "1.5"]));
     assert!(text(&out.stderr).contains("--reject-rate must be between 0 and 1"));
@@ -445,6 +450,37 @@ fn a_low_memlock_limit_is_raised_or_explained() {
             && err.contains("at least 512 KiB")
             && err.contains("ulimit -l")
             && err.contains("LimitMEMLOCK"),
+        "{err}"
+    );
+}
+
+/// A send to a port where nothing listens says why nothing is delivered:
+/// the progress lines (stderr, not a terminal) and the summary name the
+/// most frequent reasons with their counts and domains.
+#[test]
+fn a_send_that_cannot_deliver_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = gen_spool(dir.path(), "w", 20);
+    let out = run(volley()
+        .args([
+            "send",
+            "--no-journal",
+            "--route",
+            &format!("*=127.0.0.1:{}", free_port()),
+        ])
+        .args(["--max-age", "6s", "--retry-initial", "1s"])
+        .arg(&spool));
+    let (said, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "expired: {said}{err}");
+    assert!(said.contains("top deferral reasons:\n"), "{said}");
+    assert!(said.contains("top expiry reasons:\n"), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.contains(" × ") && l.contains("Connection refused"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(line.contains("(10 domains: d0.test, …)"), "{line}");
+    assert!(
+        err.contains("recipients final after 5s") && err.contains("top deferral: "),
         "{err}"
     );
 }

@@ -21,12 +21,17 @@ struct Service {
 
 impl Service {
     fn start(dir: &Path, sink: SocketAddr, extra: &str) -> Service {
+        Service::start_with(dir, sink, extra, "")
+    }
+
+    /// `routes`: more lines of `[routes]` beside `"*"`.
+    fn start_with(dir: &Path, sink: SocketAddr, extra: &str, routes: &str) -> Service {
         let root = dir.join("spool");
         let config = dir.join("volley.toml");
         std::fs::write(
             &config,
             format!(
-                "spool_dir = {:?}\nmetrics_listen = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n{extra}\n[retry]\nmax_age = \"1s\"\n[routes]\n\"*\" = \"{sink}\"\n",
+                "spool_dir = {:?}\nmetrics_listen = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n{extra}\n[retry]\nmax_age = \"1s\"\n[routes]\n\"*\" = \"{sink}\"\n{routes}",
                 root.display().to_string(),
             ),
         )
@@ -617,6 +622,64 @@ fn a_newsletter_is_signed_once_per_shard_not_per_recipient() {
         .map(|s| s.value)
         .sum();
     assert_eq!(delivered, 300.0);
+    drop(svc);
+    sink.stop();
+}
+
+/// A destination that refuses connections shows in `/status` with its
+/// state (backing off, until when), its last error and when it happened,
+/// and what is queued for it; one that works does not show.
+#[test]
+fn status_names_a_failing_destination_its_state_and_last_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    // Every domain to the closed port but ok.test, which goes to the sink.
+    // Its recipients wait past the service's 1 s max_age, so it stays failing.
+    let extra = "shards = 1\n[retry_domain.\"down.test\"]\nmax_age = \"1m\"\n";
+    let svc = Service::start_with(
+        dir.path(),
+        closed,
+        extra,
+        &format!("\"ok.test\" = \"{}\"\n", sink.addr()),
+    );
+    let jobs = [
+        "{\"from\":\"s@x.test\",\"to\":[\"a@down.test\",\"b@down.test\"],\"message\":\"news.eml\"}".to_string(),
+        "{\"from\":\"s@x.test\",\"to\":[\"c@ok.test\"],\"message\":\"news.eml\"}".to_string(),
+    ];
+    std::fs::write(svc.incoming.join("news.eml"), "Subject: s\n\nhello\n").unwrap();
+    std::fs::write(svc.incoming.join("f.jsonl.tmp"), jobs.join("\n") + "\n").unwrap();
+    std::fs::rename(svc.incoming.join("f.jsonl.tmp"), svc.incoming.join("f.jsonl")).unwrap();
+    let mut seen = None;
+    wait_for("the failing destination in /status", Duration::from_secs(30), || {
+        let v: serde_json::Value = serde_json::from_str(&svc.get("/status")).unwrap();
+        let d = v["destinations"].as_array().cloned().unwrap_or_default();
+        let found = d.iter().find(|d| d["state"] == "backing-off").cloned();
+        if found.is_some() {
+            seen = Some(d);
+        }
+        found.is_some()
+    });
+    let d = seen.unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&d).unwrap());
+    assert_eq!(d.len(), 1, "only the failing destination: {d:?}");
+    let down = &d[0];
+    assert_eq!(down["destination"], closed.to_string(), "{down}");
+    let err = down["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("Connection refused") && err.contains(&closed.to_string()),
+        "{err}"
+    );
+    assert!(down["last_error_seconds_ago"].as_f64().unwrap() < 30.0, "{down}");
+    assert!(down["until_seconds"].as_f64().unwrap() > 0.0, "{down}");
+    assert!(down["failures"].as_u64().unwrap() >= 1, "{down}");
     drop(svc);
     sink.stop();
 }

@@ -172,10 +172,15 @@ impl Hub {
             shards: Vec<ShardStatus>,
             /// Automation rules in force, per destination and shard.
             automation: Vec<super::ActiveRule>,
+            /// Destinations that failed, with their last error and state, the worst first.
+            destinations: Vec<super::DestState>,
         }
         let snaps = self.snapshots(false);
         let mut automation: Vec<super::ActiveRule> = snaps.iter().flat_map(|s| s.active_rules.clone()).collect();
         automation.sort_by(|a, b| (&a.scope, &a.destination, a.shard).cmp(&(&b.scope, &b.destination, b.shard)));
+        let mut destinations: Vec<super::DestState> = snaps.iter().flat_map(|s| s.troubled.clone()).collect();
+        super::worst_first(&mut destinations);
+        destinations.truncate(super::MAX_TROUBLED);
         let shards = snaps
             .into_iter()
             .map(|s| ShardStatus {
@@ -195,6 +200,7 @@ impl Hub {
             files: &board.files,
             shards,
             automation,
+            destinations,
         };
         serde_json::to_string_pretty(&status).expect("status serializes") + "\n"
     }

@@ -564,6 +564,40 @@ pub struct ActiveRule {
     pub shard: usize,
 }
 
+/// A destination that has failed, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DestState {
+    pub destination: String,
+    pub shard: usize,
+    /// `up` (it works again, or is being tried), `backing-off` (after
+    /// failed connections, until `until_seconds`) or `suspended` (by a rule).
+    pub state: &'static str,
+    /// Seconds until it is tried again (backing off or suspended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until_seconds: Option<f64>,
+    pub last_error: String,
+    pub last_error_seconds_ago: f64,
+    /// Failed connections in a row.
+    pub failures: u32,
+    /// Transactions queued for it on the shard.
+    pub queued: u64,
+    pub connections: u64,
+}
+
+/// Failed destinations `/status` lists (per shard, and in all).
+pub const MAX_TROUBLED: usize = 50;
+
+/// Orders failed destinations: not up first, then most queued, then the latest failure.
+pub fn worst_first(v: &mut [DestState]) {
+    v.sort_by(|a, b| {
+        (a.state == "up")
+            .cmp(&(b.state == "up"))
+            .then(b.queued.cmp(&a.queued))
+            .then(a.last_error_seconds_ago.total_cmp(&b.last_error_seconds_ago))
+            .then(a.destination.cmp(&b.destination))
+    });
+}
+
 /// What a shard reports when asked.
 #[derive(Clone, Default)]
 pub struct ShardSnapshot {
@@ -582,6 +616,8 @@ pub struct ShardSnapshot {
     pub connections_open: u64,
     /// Automation rules in force now.
     pub active_rules: Vec<ActiveRule>,
+    /// Destinations that failed (connections, or transactions deferred whole), the worst first.
+    pub troubled: Vec<DestState>,
     /// Rules fired since the start: (scope, rule, action) and how often.
     pub rule_firings: Vec<((String, String, &'static str), u64)>,
     /// Seconds destinations spent suspended or under an override, by scope and action.

@@ -425,6 +425,9 @@ impl<J: Job> Core<J> {
             connections_open: self.connections_open() as u64,
             ..ShardSnapshot::default()
         };
+        snap.troubled = self.dests.values().filter_map(|d| d.state(self.index, now)).collect();
+        crate::metrics::worst_first(&mut snap.troubled);
+        snap.troubled.truncate(crate::metrics::MAX_TROUBLED);
         let mut shaped = self.shaped_seconds.clone();
         for d in self.dests.values() {
             let a = d.automation.borrow();

@@ -94,6 +94,8 @@ pub(crate) struct Dest<J> {
     pub(super) down_until: Cell<Option<Instant>>,
     failures: Cell<u32>,
     pub(super) last_error: RefCell<String>,
+    /// When it last failed (a connection, or a transaction deferred whole).
+    pub(super) last_error_at: Cell<Option<Instant>>,
 }
 
 impl<J> Dest<J> {
@@ -134,6 +136,43 @@ impl<J> Dest<J> {
 
     fn overridden<T>(&self, f: impl FnOnce(&crate::shaping::Knobs) -> Option<T>) -> Option<T> {
         self.automation.borrow().overridden.as_ref().and_then(|(_, k)| f(k))
+    }
+
+    /// Remembers why it last failed, for `/status`.
+    pub(super) fn failed_with(&self, reason: &str, now: Instant) {
+        let mut e = self.last_error.borrow_mut();
+        e.clear();
+        e.push_str(reason);
+        self.last_error_at.set(Some(now));
+    }
+
+    /// How it is, for `/status`, if it has failed.
+    pub(super) fn state(&self, shard: usize, now: Instant) -> Option<crate::metrics::DestState> {
+        let at = self.last_error_at.get()?;
+        let suspended = self
+            .automation
+            .borrow()
+            .suspended
+            .as_ref()
+            .filter(|a| now < a.until)
+            .map(|a| a.until);
+        let down = self.down_until.get().filter(|&t| now < t);
+        let (state, until) = match (suspended, down) {
+            (Some(t), _) => ("suspended", Some(t)),
+            (None, Some(t)) => ("backing-off", Some(t)),
+            (None, None) => ("up", None),
+        };
+        Some(crate::metrics::DestState {
+            destination: self.label.to_string(),
+            shard,
+            state,
+            until_seconds: until.map(|t| (t - now).as_secs_f64()),
+            last_error: self.last_error.borrow().clone(),
+            last_error_seconds_ago: now.saturating_duration_since(at).as_secs_f64(),
+            failures: self.failures.get(),
+            queued: self.queue.borrow().len() as u64,
+            connections: self.open.get() as u64,
+        })
     }
 
     /// A rule suspended it, until after `now`.
@@ -215,6 +254,7 @@ impl<J: Job> Core<J> {
             down_until: Cell::new(None),
             failures: Cell::new(0),
             last_error: RefCell::default(),
+            last_error_at: Cell::new(None),
         });
         self.dests.insert(Rc::from(key), d.clone());
         d
@@ -396,7 +436,7 @@ impl<J: Job> Core<J> {
         dest.failures.set(failures);
         let backoff = self.cfg.retry.delay(failures).max(pause.unwrap_or_default());
         dest.down_until.set(Some(now + backoff));
-        *dest.last_error.borrow_mut() = reason.to_string();
+        dest.failed_with(reason, now);
         let queued: Vec<Txn<J>> = dest.queue.borrow_mut().drain(..).collect();
         for txn in queued {
             self.defer(txn, kind, reason, Some(dest), now);

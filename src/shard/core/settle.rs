@@ -80,6 +80,9 @@ impl<J: Job> Core<J> {
         });
         let whole = (0..txn.job.rcpt_count()).all(|i| report.verdict(i).0 == Status::Deferred);
         if let Some((text, local)) = refusal {
+            if whole {
+                dest.failed_with(&text, now);
+            }
             self.automation_hit(dest, &text, local, whole, now);
         }
         if !whole {
