@@ -61,6 +61,34 @@ Files must not change once visible (write NAME.tmp, then rename). Progress is in
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: text (plain when stderr is not a terminal) or
+    /// json (one object a line). RUST_LOG sets the level (default: info
+    /// for `run`, warn otherwise).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr: `run` says what it takes and finishes (info) unless
+/// RUST_LOG says otherwise; colour only on a terminal.
+fn init_logging(format: LogFormat, service: bool) {
+    use std::io::IsTerminal;
+    let default = if service { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -318,11 +346,8 @@ fn raise_open_files_limit() {
 
 fn main() -> ExitCode {
     raise_open_files_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format, matches!(cli.command, Command::Run(_)));
     let executors = matches!(
         cli.command,
         Command::Send(_) | Command::Run(_) | Command::Sink(_) | Command::Demo(_)

@@ -220,8 +220,16 @@ impl Watcher {
                 .and_then(|d| d.sync_all())
                 .map_err(storage(&self.dir.done))?;
         }
+        tracing::info!(
+            "{name} is done: {} recipients, {} delivered, {} bounced, {} expired, {} rejected ({} final in earlier runs)",
+            track.finals + track.already_final,
+            c(Outcome::Delivered),
+            c(Outcome::Bounced),
+            c(Outcome::Expired),
+            c(Outcome::Rejected),
+            track.already_final
+        );
         drop(track);
-        tracing::info!("{name} is done");
         self.done += 1;
         Ok(())
     }

@@ -320,3 +320,58 @@ fn a_small_file_dropped_after_a_big_one_is_not_buried_behind_it() {
     assert_eq!(big["delivered"], 5000, "{big}");
     assert!(svc.stop().success());
 }
+
+/// `volley run` says by default (no RUST_LOG) which files it takes and
+/// finishes, with their counts, in plain text when stderr is not a
+/// terminal (no colour codes for journald), and as JSON objects with
+/// `--log-format json`.
+#[test]
+fn the_service_logs_files_taken_and_done_in_plain_text_or_json() {
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    for json in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let config = service_config(dir.path(), sink.addr(), "");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_volley"));
+        cmd.env_remove("RUST_LOG").args(["run", "--config"]).arg(&config);
+        if json {
+            cmd.args(["--log-format", "json"]);
+        }
+        let mut child = Service(cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+        let incoming = root.join("incoming");
+        wait_for("incoming/", || incoming.is_dir());
+        drop_spool(&incoming, "logged", 30);
+        wait_for("logged in done/", || {
+            root.join("done/logged.jsonl.summary.json").exists()
+        });
+        assert!(child.stop().success());
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            !err.contains('\x1b'),
+            "colour codes in a log that is not a terminal: {err:?}"
+        );
+        let done = "logged.jsonl is done: 30 recipients, 30 delivered, 0 bounced, 0 expired, 0 rejected";
+        if json {
+            let events: Vec<serde_json::Value> = err
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+                .collect();
+            let said = |what: &str| {
+                events
+                    .iter()
+                    .any(|e| e["level"] == "INFO" && e["message"].as_str().is_some_and(|m| m.contains(what)))
+            };
+            assert!(said("taking logged.jsonl") && said(done), "{err}");
+        } else {
+            assert!(err.contains("INFO") && err.contains("taking logged.jsonl"), "{err}");
+            assert!(err.contains(done), "{err}");
+        }
+    }
+    sink.stop();
+}
