@@ -19,11 +19,12 @@ pub const DEFAULT_RULES: &str = include_str!("../deploy/bounce-rules.toml");
 pub const OTHER: &str = "other";
 
 /// Every category, in the order metrics list them.
-pub const CATEGORIES: [&str; 10] = [
+pub const CATEGORIES: [&str; 11] = [
     "invalid-recipient",
     "mailbox-full",
     "policy-or-spam-block",
     "rate-limited",
+    "greylisted",
     "message-too-large",
     "dns-failure",
     "tls-failure",
@@ -53,6 +54,12 @@ struct Rule {
     enhanced: Vec<String>,
     #[serde(default)]
     text: Vec<String>,
+    /// Only permanent (5xx) replies.
+    #[serde(default)]
+    permanent: bool,
+    /// Only temporary (4xx) replies.
+    #[serde(default)]
+    temporary: bool,
 }
 
 #[derive(Debug)]
@@ -79,6 +86,16 @@ impl Classifier {
                 "{origin}: rule {} matches text with local = true: volley's own failures are matched by kinds = [...] ({})",
                 i + 1,
                 Local::ALL.map(Local::name).join(", ")
+            );
+            anyhow::ensure!(
+                !(r.permanent && r.temporary),
+                "{origin}: rule {} is both permanent and temporary",
+                i + 1
+            );
+            anyhow::ensure!(
+                !r.local || !(r.permanent || r.temporary),
+                "{origin}: rule {} has permanent or temporary with local = true (they are about reply codes)",
+                i + 1
             );
             anyhow::ensure!(
                 r.local || r.kinds.is_empty(),
@@ -121,6 +138,10 @@ impl Classifier {
         let enhanced = enhanced.map(|e| e.to_string());
         for r in &self.rules {
             if r.local {
+                continue;
+            }
+            let class = code.map(|c| c / 100);
+            if (r.permanent && class != Some(5)) || (r.temporary && class != Some(4)) {
                 continue;
             }
             if !r.codes.is_empty() && !code.is_some_and(|c| r.codes.contains(&c)) {
@@ -229,11 +250,76 @@ mod tests {
             ("552 Message size exceeds fixed limit", "message-too-large"),
             ("503 5.5.1 Error: nested MAIL command", "protocol-error"),
             ("500 Syntax error, command unrecognized", "protocol-error"),
-            ("451 4.3.0 Temporary server error. Please try again later", "other"),
+            ("451 4.3.0 Temporary server error. Please try again later", "greylisted"),
+            // Greylisting: Postfix with postgrey, Exchange, rspamd, milter-greylist, Gmail, Yahoo, Mimecast.
+            (
+                "450 4.2.0 <ann@example.org>: Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/example.org.html",
+                "greylisted",
+            ),
+            (
+                "450 4.7.1 <ann@example.org>: Recipient address rejected: Greylisted for 300 seconds",
+                "greylisted",
+            ),
+            ("451 4.7.1 Greylisting in action, please come back later", "greylisted"),
+            ("451 4.7.1 Try again later", "greylisted"),
+            (
+                "451 4.7.1 Service unavailable - try again later (milter-greylist: greylisted for 5 minutes)",
+                "greylisted",
+            ),
+            (
+                "451 4.3.0 Mail server temporarily rejected message. a1-20020a05 - gsmtp",
+                "greylisted",
+            ),
+            (
+                "450 4.2.1 <ann@example.org>: Recipient address rejected: try again later",
+                "greylisted",
+            ),
+            ("451 Message temporarily deferred - [160]", "greylisted"),
+            (
+                "451 Internal resource temporarily unavailable - https://community.mimecast.com/docs/DOC-1369#451",
+                "greylisted",
+            ),
         ];
         for (wire, want) in cases {
             assert_eq!(classify(&c, wire), want, "{wire}");
         }
+    }
+
+    /// A temporary reply never says an address is invalid: the same words
+    /// with a 4xx code are not `invalid-recipient`.
+    #[test]
+    fn a_temporary_reply_never_gets_a_permanent_category() {
+        let c = Classifier::default();
+        for (wire, want) in [
+            (
+                "550 5.1.1 <a@b>: Recipient address rejected: User unknown",
+                "invalid-recipient",
+            ),
+            ("450 4.1.1 <a@b>: Recipient address rejected: User unknown", "other"),
+            (
+                "550 5.2.1 The email account that you tried to reach is disabled.",
+                "invalid-recipient",
+            ),
+            (
+                "450 4.2.1 The email account that you tried to reach is disabled.",
+                "other",
+            ),
+            (
+                "450 4.1.1 <a@b>: Recipient address rejected: unverified address: try again later",
+                "greylisted",
+            ),
+        ] {
+            assert_eq!(classify(&c, wire), want, "{wire}");
+        }
+        for (wire, _) in [("450 mailbox unavailable", 0), ("451 4.1.1 no such user here", 0)] {
+            assert_ne!(classify(&c, wire), "invalid-recipient", "{wire}");
+        }
+        let err = Classifier::parse(
+            "[[rule]]\ncategory = \"other\"\npermanent = true\ntemporary = true\n",
+            "rules.toml",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("both permanent and temporary"), "{err:#}");
     }
 
     #[test]
