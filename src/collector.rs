@@ -96,6 +96,8 @@ pub struct Summary {
     pub already_final: u64,
     /// The send was stopped before every recipient was final.
     pub interrupted: bool,
+    /// It kept a journal (a rerun then skips what is final).
+    pub journaled: bool,
     /// Transactions that delivered to at least one recipient.
     pub messages: u64,
     pub codes: HashMap<u16, u64>,
@@ -189,8 +191,13 @@ impl Summary {
             self.count(Outcome::Deferred),
         );
         if self.interrupted {
+            let rerun = if self.journaled {
+                "run send again on the same files to finish them (their journals skip what is final)"
+            } else {
+                "with --no-journal there is no record of them: sending the same files again sends every recipient again"
+            };
             s += &format!(
-                "interrupted: {} recipients are not final yet; run send again on the same files to finish them\n",
+                "interrupted: {} recipients are not final yet; {rerun}\n",
                 self.recipients.saturating_sub(self.finals())
             );
         }
@@ -593,6 +600,50 @@ mod tests {
     use super::*;
     use crate::journal::{self, Journal};
     use crate::outcome::{Final, RcptKey};
+
+    #[test]
+    fn an_interrupted_summary_says_what_a_rerun_does() {
+        let mut s = Summary {
+            interrupted: true,
+            recipients: 10,
+            journaled: true,
+            ..Summary::default()
+        };
+        assert!(
+            s.render()
+                .contains("10 recipients are not final yet; run send again on the same files")
+        );
+        s.journaled = false;
+        assert!(
+            s.render().contains("with --no-journal there is no record of them"),
+            "{}",
+            s.render()
+        );
+    }
+
+    #[test]
+    fn reasons_are_counted_by_text_with_their_domains() {
+        let mut s = Summary::default();
+        let r = |text: &str, domain: &str| crate::outcome::Reason {
+            outcome: Outcome::Deferred,
+            text: text.into(),
+            domain: domain.into(),
+        };
+        s.add_reason(r("421 busy", "a.test"), 3);
+        s.add_reason(r("421 busy", "b.test"), 2);
+        s.add_reason(r("450 later", "a.test"), 1);
+        let top = s.top_reasons(Outcome::Deferred, 5);
+        assert_eq!(Summary::reason_line(&top[0]), "5 × 421 busy (2 domains: a.test, …)");
+        assert_eq!(Summary::reason_line(&top[1]), "1 × 450 later (a.test)");
+        assert!(s.top_reasons(Outcome::Bounced, 5).is_empty());
+        assert!(
+            s.render().contains("top deferral reasons:\n  5 × 421 busy"),
+            "{}",
+            s.render()
+        );
+        assert_eq!(group_digits(1_234_567), "1,234,567");
+        assert_eq!(group_digits(999), "999");
+    }
 
     #[test]
     fn a_torn_last_log_line_is_cut_before_appending() {

@@ -797,15 +797,34 @@ mod tests {
             )
         );
         assert_eq!(cfg.shutdown_timeout, d.shutdown_timeout);
-        assert_eq!(cfg.retry_of("slow.example").initial, Duration::from_secs(60));
-        assert_eq!(cfg.routes.len(), 1);
+        // Per-domain examples are comments: installed as it is, it routes nothing anywhere.
+        assert!(cfg.routes.is_empty() && cfg.tls_policy.is_empty() && cfg.retry_domain.is_empty());
+        let examples = [
+            "[tls_policy]",
+            "\"bank.example\"",
+            "[retry_domain.",
+            "initial = \"1m\"",
+            "max_age = \"3d\"",
+            "[routes]",
+            "\"example.com\"",
+        ];
+        let uncommented: String = include_str!("../deploy/volley.example.toml")
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if examples.iter().any(|e| rest.starts_with(e)) => format!("{rest}\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let ex: Config = toml::from_str(&uncommented).unwrap();
+        assert_eq!(ex.retry_of("slow.example").initial, Duration::from_secs(60));
+        assert_eq!(ex.routes.len(), 1);
+        assert_eq!(ex.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(cfg.mx_port, d.mx_port);
         assert_eq!(
             (cfg.journal, cfg.journal_fsync, cfg.journal_sync_interval),
             (d.journal, d.journal_fsync, d.journal_sync_interval)
         );
         assert_eq!((cfg.tls, cfg.tls_fallback), (d.tls, d.tls_fallback));
-        assert_eq!(cfg.tls_policy["bank.example"], TlsPolicy::Verify);
         assert_eq!(format!("{:?}", cfg.dns), format!("{:?}", d.dns));
         assert_eq!(cfg.metrics_max_domains, d.metrics_max_domains);
         assert_eq!(cfg.metrics_listen, None);

@@ -136,8 +136,13 @@ struct ProxyArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = "Exit status: 0 every recipient ended delivered, bounced or rejected; \
+3 some expired; 4 stopped by a signal (run it again to finish); 74 a file volley must write \
+could not be written; 75 a mapped file was truncated under volley; 1 an error (unreadable \
+spool, bad configuration, internal failure); 2 a usage error.")]
 struct SendArgs {
-    /// Spool files (JSON Lines, spool v1).
+    /// Spool files (JSON Lines, spool v1 or v2). Each gets a journal beside
+    /// it (SPOOL.journal) that makes a rerun skip what is already final.
     #[arg(required = true)]
     spools: Vec<PathBuf>,
     /// TOML configuration file.
@@ -155,7 +160,7 @@ struct SendArgs {
     /// Delivery log (JSON Lines, appended to).
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Connections per destination for the whole process (max_connections_per_destination).
+    /// Connections per destination for the whole process (max_connections_per_destination; default 20).
     #[arg(long)]
     connections: Option<usize>,
     /// Recipients of one domain in one transaction (default 100).
@@ -164,13 +169,13 @@ struct SendArgs {
     /// Transactions on one connection before it says QUIT and a new one opens (default 1000).
     #[arg(long)]
     max_messages_per_connection: Option<usize>,
-    /// QUIT a connection idle this long (e.g. 5s).
+    /// QUIT a connection idle this long (default 5s).
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
-    /// Give up on a recipient still deferred this long after it was first seen (e.g. 1h).
+    /// Give up on a recipient still deferred this long after it was first seen (default 1h).
     #[arg(long, value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
-    /// First retry delay of a deferred recipient (doubles each time).
+    /// First retry delay of a deferred recipient (default 1s; doubles each time, at most 5m apart).
     #[arg(long, value_parser = humantime::parse_duration)]
     retry_initial: Option<Duration>,
     /// Name to send in EHLO/HELO (default: this host's name).
@@ -185,7 +190,7 @@ struct SendArgs {
     /// No progress bar or progress lines.
     #[arg(long)]
     quiet: bool,
-    /// Keep no progress journal (a killed send then starts over).
+    /// Keep no journal beside the spool files (a killed or stopped send then starts over).
     #[arg(long)]
     no_journal: bool,
     /// Do not fdatasync the journal (for benchmarks: a crash may then lose progress).
@@ -206,6 +211,15 @@ struct SendArgs {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Spool layout under spool_dir: producers write incoming/NAME.jsonl.tmp, \
+then rename it to incoming/NAME.jsonl (message files beside it); volley takes it into active/ \
+with its journal and moves it to done/ with NAME.jsonl.summary.json once every recipient is \
+final (failed/ with NAME.jsonl.reason if it cannot be read).\n\n\
+Signals: SIGTERM or SIGINT stops gracefully (in-flight transactions finish within \
+shutdown_timeout, journals flushed, exit 0; a restart resumes active/ from its journals); \
+a second signal ends the process at once."
+)]
 struct RunArgs {
     /// TOML configuration file; `spool_dir` is required.
     #[arg(long)]
@@ -217,6 +231,7 @@ struct RunArgs {
 
 #[derive(Args)]
 struct SinkArgs {
+    /// Address and port to listen on (every executor on it, SO_REUSEPORT).
     #[arg(long, default_value = "127.0.0.1:2525")]
     listen: SocketAddr,
     /// Executors, one per core (default: the cores available).

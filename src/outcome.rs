@@ -294,6 +294,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reasons_leave_out_addresses_and_say_code_or_kind() {
+        let rec = |code: Option<u16>, local: Option<&'static str>, reply: &'static str| LogRecord {
+            ts: SystemTime::UNIX_EPOCH,
+            id: JobId::Given("x"),
+            rcpt: None,
+            domain: None,
+            outcome: Outcome::Deferred,
+            code,
+            enhanced: None,
+            reply: Some(reply),
+            mx: None,
+            ip: None,
+            attempt: 1,
+            latency_ms: None,
+            tls: None,
+            category: None,
+            rule: None,
+            local,
+        };
+        assert_eq!(
+            &*reason_of(&rec(
+                Some(450),
+                None,
+                "4.2.1 <ann@x.test>: Recipient address rejected: try again later"
+            )),
+            "450 4.2.1 <…>: Recipient address rejected: try again later"
+        );
+        assert_eq!(
+            &*reason_of(&rec(None, Some("connect"), "refused\r\n")),
+            "connect: refused"
+        );
+        let long = "y".repeat(500);
+        let long: &'static str = Box::leak(long.into_boxed_str());
+        assert_eq!(reason_of(&rec(Some(421), None, long)).chars().count(), REASON_CHARS + 1);
+    }
+
+    #[test]
     fn log_line_shape() {
         let mut r = Recorder::new(true);
         let key = RcptKey {

@@ -237,6 +237,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             c.summary.interrupted = true;
+            c.summary.journaled = journaled;
             break;
         }
         let wait = match c.pending_since() {

@@ -151,6 +151,18 @@ struct RawJob<'a> {
     data: Option<Cow<'a, str>>,
 }
 
+/// The `"id"` of a line that did not parse as a job, if it is a JSON
+/// object with a string id.
+pub fn id_of_bad_line(line: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<Cow<'a, str>>,
+    }
+    let v: IdOnly<'_> = serde_json::from_slice(line).ok()?;
+    v.id.map(Cow::into_owned).filter(|id| !id.is_empty())
+}
+
 /// Parses one line (without its newline) lying inside `map`. The error is
 /// the reason, for the caller to prefix with file and line.
 pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {

@@ -237,10 +237,11 @@ fn bad_lines_are_reported_on_stderr_with_file_and_line() {
     let spool = dir.path().join("bad.jsonl");
     std::fs::write(
         &spool,
-        "{\"from\":\"a@b.test\",\"to\":[\"no-at-sign\"],\"data\":\"x\"}\nnot json\n",
+        "{\"from\":\"a@b.test\",\"to\":[\"no-at-sign\"],\"data\":\"x\"}\nnot json\n{\"id\":\"ok-3\",\"to\":[\"c@d.test\"],\"data\":\"x\"}\n",
     )
     .unwrap();
-    let out = run(volley().args(["send", "--quiet"]).arg(&spool));
+    let log = dir.path().join("log.jsonl");
+    let out = run(volley().args(["send", "--quiet", "--log"]).arg(&log).arg(&spool));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("bad.jsonl:2: not a valid job"), "{err}");
@@ -249,9 +250,24 @@ fn bad_lines_are_reported_on_stderr_with_file_and_line() {
         "{err}"
     );
     assert!(
-        text(&out.stdout).contains("2 rejected (1 bad lines)"),
+        text(&out.stdout).contains("3 rejected (2 bad lines)"),
         "{}",
         text(&out.stdout)
+    );
+    // A line rejected whole keeps the id it has; one with none is FILE:LINE.
+    let ids: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        ids.contains(&"ok-3".to_string()) && ids.contains(&"bad.jsonl:2".to_string()),
+        "{ids:?}"
     );
 }
 

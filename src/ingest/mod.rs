@@ -775,7 +775,13 @@ impl Ingest {
                         idx: WHOLE_LINE,
                     };
                     self.recipients += 1;
-                    self.reject(key, JobId::Line(&c.name, line_no), None, &reason);
+                    // A line that is JSON with an "id" keeps it in the log.
+                    let given = spool::id_of_bad_line(line);
+                    let id = match &given {
+                        Some(id) => JobId::Given(id),
+                        None => JobId::Line(&c.name, line_no),
+                    };
+                    self.reject(key, id, None, &reason);
                     seen.sent = true;
                 }
                 return Ok(seen);
