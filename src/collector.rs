@@ -155,6 +155,32 @@ impl Summary {
         v
     }
 
+    /// A warning when one DNS failure (the resolver's, most likely) took
+    /// at least half of the run's outcomes over ten domains or more.
+    pub fn dns_alarm(&self) -> Option<String> {
+        let total: u64 = self.counts.iter().sum();
+        let ((_, text), t) = self
+            .reasons
+            .iter()
+            .filter(|((_, text), _)| {
+                ["no-such-domain:", "dns:", "no-resolver:"]
+                    .iter()
+                    .any(|k| text.starts_with(k))
+            })
+            .max_by_key(|(_, t)| t.count)?;
+        (t.domains.len() >= 10 && t.count * 2 >= total).then(|| {
+            format!(
+                "WARNING: {} of {} outcomes over {}{} domains are one DNS failure ({text}): is the resolver working \
+                 (/etc/resolv.conf, --dns, [dns] servers)? Once it is, `volley send --resend bounced,expired FILE...` \
+                 sends them again.",
+                group_digits(t.count),
+                group_digits(total),
+                t.domains.len(),
+                if t.more_domains { "+" } else { "" },
+            )
+        })
+    }
+
     /// One reason as a line: `250 × 421 4.7.0 try later (12 domains: a.test, …)`.
     pub fn reason_line(r: &(&str, u64, usize, bool, &str)) -> String {
         let (text, count, domains, more, example) = *r;
@@ -224,6 +250,9 @@ impl Summary {
         if !codes.is_empty() {
             let top: Vec<String> = codes.iter().take(5).map(|(c, n)| format!("{c} ×{n}")).collect();
             s += &format!("top reply codes: {}\n", top.join(", "));
+        }
+        if let Some(alarm) = self.dns_alarm() {
+            s += &format!("{alarm}\n");
         }
         for (outcome, what) in [
             (Outcome::Deferred, "deferral"),
@@ -641,6 +670,27 @@ mod tests {
             "{}",
             s.render()
         );
+        assert!(s.dns_alarm().is_none());
+        let mut nx = Summary {
+            counts: [1, 20, 0, 0, 0],
+            ..Summary::default()
+        };
+        for i in 0..20 {
+            nx.add_reason(
+                crate::outcome::Reason {
+                    outcome: Outcome::Bounced,
+                    text: "no-such-domain: {domain}: no such domain (NXDOMAIN)".into(),
+                    domain: format!("d{i}.test").into(),
+                },
+                1,
+            );
+        }
+        let alarm = nx.dns_alarm().unwrap();
+        assert!(
+            alarm.contains("20 of 21 outcomes over 20 domains") && alarm.contains("--resend"),
+            "{alarm}"
+        );
+        assert!(nx.render().contains("WARNING: 20 of 21"), "{}", nx.render());
         assert_eq!(group_digits(1_234_567), "1,234,567");
         assert_eq!(group_digits(999), "999");
     }

@@ -63,6 +63,10 @@ pub struct Config {
     pub dkim: BTreeMap<String, crate::dkim::DomainSpec>,
     /// Headers volley adds to messages that lack them (`[headers]`).
     pub headers: crate::headers::HeadersConfig,
+    /// Recipients an earlier run finished with one of these outcomes are
+    /// sent again (`volley send --resend`; not a configuration key).
+    #[serde(skip)]
+    pub resend: Vec<crate::outcome::Outcome>,
     /// VERP for every job without its own `verp`: a template of each
     /// recipient's envelope sender, e.g. `"{{ from_local }}+{{ rcpt_local
     /// }}={{ rcpt_domain }}@{{ from_domain }}"`.
@@ -144,6 +148,7 @@ impl Default for Config {
             dkim: BTreeMap::new(),
             headers: crate::headers::HeadersConfig::default(),
             verp: None,
+            resend: Vec::new(),
             routes: BTreeMap::new(),
             mx_port: 25,
             tls: TlsPolicy::default(),
@@ -248,6 +253,9 @@ pub struct DnsConfig {
     /// Per query attempt.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Attempts per query: a lookup that has no answer after `attempts ×
+    /// timeout` is deferred (a temporary DNS failure).
+    pub attempts: usize,
     /// Answers are kept at least this long, whatever their TTL…
     #[serde(with = "humantime_serde")]
     pub min_ttl: Duration,
@@ -269,6 +277,7 @@ impl Default for DnsConfig {
         DnsConfig {
             servers: Vec::new(),
             timeout: Duration::from_secs(5),
+            attempts: 2,
             min_ttl: Duration::from_secs(30),
             max_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(60),
@@ -582,6 +591,7 @@ impl Config {
             ("max_message_bytes_in_use", self.max_message_bytes_in_use as usize),
             ("dns.max_in_flight", self.dns.max_in_flight),
             ("dns.threads", self.dns.threads),
+            ("dns.attempts", self.dns.attempts),
         ];
         for (name, v) in positive {
             if v == 0 {

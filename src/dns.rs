@@ -76,6 +76,35 @@ struct Lookups {
     hosts: Arc<std::sync::Mutex<HashMap<String, HostEntry>>>,
     min_ttl: Duration,
     max_ttl: Duration,
+    deadline: Deadline,
+}
+
+/// How long a query may take in all: `attempts × timeout`, as the
+/// configuration says (the resolver's own retries over UDP and TCP could
+/// take longer).
+#[derive(Clone, Copy)]
+struct Deadline {
+    timeout: Duration,
+    attempts: usize,
+}
+
+impl Deadline {
+    /// `query`, or why it had no answer in time.
+    async fn run<T, E: std::fmt::Display>(
+        self,
+        what: &str,
+        query: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, E>, String> {
+        let all = self.timeout * self.attempts as u32;
+        tokio::time::timeout(all, query).await.map_err(|_| {
+            format!(
+                "{what}: no answer within {} ({} attempts of {})",
+                humantime::format_duration(all),
+                self.attempts,
+                humantime::format_duration(self.timeout)
+            )
+        })
+    }
 }
 
 impl Lookups {
@@ -122,7 +151,11 @@ impl NetThread {
             (ResolverConfig::from_name_servers(servers), ResolverOpts::default())
         };
         opts.timeout = cfg.timeout;
-        opts.attempts = 2;
+        opts.attempts = cfg.attempts.max(1);
+        let deadline = Deadline {
+            timeout: cfg.timeout,
+            attempts: cfg.attempts.max(1),
+        };
         let threads = cfg.threads.max(1);
         let in_flight = cfg.max_in_flight.max(1).div_ceil(threads);
         let hosts = Arc::new(std::sync::Mutex::new(HashMap::new()));
@@ -164,6 +197,7 @@ impl NetThread {
                                 hosts,
                                 min_ttl,
                                 max_ttl,
+                                deadline,
                             };
                             let _ = tx.send(Ok(Side {
                                 handle: rt.handle().clone(),
@@ -249,7 +283,17 @@ async fn resolve_mx(lookups: &Lookups, domain: &str) -> MxAnswer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let answer = {
         let _permit = lookups.permit().await;
-        lookups.resolver.mx_lookup(fqdn.as_str()).await
+        lookups
+            .deadline
+            .run(
+                &format!("MX lookup for {domain}"),
+                lookups.resolver.mx_lookup(fqdn.as_str()),
+            )
+            .await
+    };
+    let answer = match answer {
+        Ok(a) => a,
+        Err(late) => return MxAnswer::Temporary(late),
     };
     let lookup = match answer {
         Ok(l) => l,
@@ -362,9 +406,12 @@ fn set_host(lookups: &Lookups, host: &str, entry: Option<HostEntry>) {
 async fn lookup_host(lookups: &Lookups, host: &str) -> Result<(Vec<IpAddr>, Instant), String> {
     let _permit = lookups.permit().await;
     let ips = lookups
-        .resolver
-        .lookup_ip(format!("{host}.").as_str())
-        .await
+        .deadline
+        .run(
+            &format!("address lookup for {host}"),
+            lookups.resolver.lookup_ip(format!("{host}.").as_str()),
+        )
+        .await?
         .map_err(|e| e.to_string())?;
     let ttl = ips
         .valid_until()
@@ -377,7 +424,17 @@ async fn lookup_host(lookups: &Lookups, host: &str) -> Result<(Vec<IpAddr>, Inst
 async fn implicit_mx(lookups: &Lookups, domain: &str, fqdn: &str) -> MxAnswer {
     let answer = {
         let _permit = lookups.permit().await;
-        lookups.resolver.lookup_ip(fqdn).await
+        lookups
+            .deadline
+            .run(
+                &format!("address lookup for {domain}"),
+                lookups.resolver.lookup_ip(fqdn),
+            )
+            .await
+    };
+    let answer = match answer {
+        Ok(a) => a,
+        Err(late) => return MxAnswer::Temporary(late),
     };
     match answer {
         Ok(ips) => MxAnswer::Hosts {

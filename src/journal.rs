@@ -31,11 +31,32 @@ pub fn path_for(spool: &Path) -> PathBuf {
 pub struct Done {
     /// `line << 32 | index`, sorted.
     keys: Vec<u64>,
-    /// Records per outcome, indexed by `Outcome::index`.
+    /// The last outcome recorded for each of `keys`.
+    outcomes: Vec<Outcome>,
+    /// Recipients per outcome (their last), indexed by `Outcome::index`.
     pub counts: [u64; 5],
 }
 
 impl Done {
+    /// Forgets the recipients whose last outcome is one of `outcomes`, so
+    /// they are sent again (`volley send --resend`); how many.
+    pub fn resend(&mut self, outcomes: &[Outcome]) -> u64 {
+        let before = self.keys.len();
+        let mut kept_keys = Vec::with_capacity(before);
+        let mut kept = Vec::with_capacity(before);
+        for (&k, &o) in self.keys.iter().zip(&self.outcomes) {
+            if outcomes.contains(&o) {
+                self.counts[o.index()] -= 1;
+            } else {
+                kept_keys.push(k);
+                kept.push(o);
+            }
+        }
+        self.keys = kept_keys;
+        self.outcomes = kept;
+        (before - self.keys.len()) as u64
+    }
+
     pub fn contains(&self, line: u32, idx: u32) -> bool {
         self.keys.binary_search(&key(line, idx)).is_ok()
     }
@@ -136,8 +157,10 @@ impl Journal {
         let first_seen = UNIX_EPOCH + Duration::from_millis(ms);
         let body = &bytes[HEADER_BYTES as usize..];
         let whole = body.len() / RECORD_BYTES * RECORD_BYTES;
-        let mut done = Done::default();
-        for r in body[..whole].chunks_exact(RECORD_BYTES) {
+        // (key, order written, outcome): a recipient recorded twice (a crash
+        // between the log and the journal, or a --resend) counts by its last.
+        let mut records = Vec::with_capacity(whole / RECORD_BYTES);
+        for (n, r) in body[..whole].chunks_exact(RECORD_BYTES).enumerate() {
             let line = u32::from_le_bytes(r[0..4].try_into().expect("4 bytes"));
             let idx = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes"));
             let Some(outcome) = outcome_of(r[8]) else {
@@ -146,11 +169,18 @@ impl Journal {
                     format!("{}: a record has outcome code {}", path.display(), r[8]),
                 ));
             };
-            done.keys.push(key(line, idx));
-            done.counts[outcome.index()] += 1;
+            records.push((key(line, idx), n, outcome));
         }
-        done.keys.sort_unstable();
-        done.keys.dedup();
+        records.sort_unstable_by_key(|&(k, n, _)| (k, n));
+        let mut done = Done::default();
+        for (i, &(k, _, o)) in records.iter().enumerate() {
+            if records.get(i + 1).is_some_and(|next| next.0 == k) {
+                continue;
+            }
+            done.keys.push(k);
+            done.outcomes.push(o);
+            done.counts[o.index()] += 1;
+        }
         if whole < body.len() {
             file.set_len(HEADER_BYTES + whole as u64)?;
         }
@@ -238,6 +268,38 @@ mod tests {
         let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis();
         assert_eq!(ms(again.first_seen), ms(first.first_seen));
         assert_eq!(read_records(&path_for(&spool)).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_recipient_counts_by_its_last_record_and_resend_forgets_the_outcomes_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("r.jsonl");
+        let mut j = Journal::open(&spool, 10).unwrap().journal;
+        j.append(1, 0, Outcome::Bounced);
+        j.append(2, 0, Outcome::Expired);
+        j.append(3, 0, Outcome::Delivered);
+        j.append(4, WHOLE_LINE, Outcome::Rejected);
+        // Sent again by an earlier --resend, and delivered this time.
+        j.append(1, 0, Outcome::Delivered);
+        j.commit(false).unwrap();
+        drop(j);
+        let mut done = Journal::open(&spool, 10).unwrap().done;
+        assert_eq!(done.len(), 4);
+        assert_eq!(
+            (
+                done.counts[Outcome::Delivered.index()],
+                done.counts[Outcome::Bounced.index()]
+            ),
+            (2, 0),
+            "by the last record"
+        );
+        assert_eq!(done.resend(&[Outcome::Bounced, Outcome::Expired]), 1);
+        assert!(done.contains(1, 0), "delivered at last: not sent again");
+        assert!(!done.contains(2, 0), "expired: sent again");
+        assert!(done.contains(3, 0) && done.contains(4, WHOLE_LINE));
+        assert_eq!(done.counts[Outcome::Expired.index()], 0);
+        assert_eq!(done.resend(&[Outcome::Rejected]), 1);
+        assert!(!done.contains(4, WHOLE_LINE));
     }
 
     #[test]

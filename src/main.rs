@@ -69,6 +69,13 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ResendOutcome {
+    Bounced,
+    Expired,
+    Rejected,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -193,6 +200,11 @@ struct SendArgs {
     /// Keep no journal beside the spool files (a killed or stopped send then starts over).
     #[arg(long)]
     no_journal: bool,
+    /// Send again the recipients an earlier run of these files finished
+    /// as OUTCOME (from their journals; comma-separated or repeated), e.g.
+    /// after a DNS outage bounced them. Their max_age runs anew.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "OUTCOME")]
+    resend: Vec<ResendOutcome>,
     /// Do not fdatasync the journal (for benchmarks: a crash may then lose progress).
     #[arg(long)]
     no_fsync: bool,
@@ -436,6 +448,21 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = a.tls {
         config.tls = t;
     }
+    if !a.resend.is_empty() && a.no_journal {
+        return Err(volley::config::UsageError(
+            "--resend reads the journals of earlier runs: it cannot go with --no-journal".into(),
+        )
+        .into());
+    }
+    config.resend = a
+        .resend
+        .iter()
+        .map(|o| match o {
+            ResendOutcome::Bounced => Outcome::Bounced,
+            ResendOutcome::Expired => Outcome::Expired,
+            ResendOutcome::Rejected => Outcome::Rejected,
+        })
+        .collect();
     if a.no_journal {
         config.journal = false;
     }

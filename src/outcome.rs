@@ -199,6 +199,12 @@ pub fn reason_of(rec: &LogRecord<'_>) -> Box<str> {
         (None, Some(kind)) => format!("{kind}: "),
         (None, None) => String::new(),
     };
+    // The domain in its own failure's words ("MX lookup for DOMAIN failed")
+    // would make each domain a reason of its own.
+    let text: std::borrow::Cow<'_, str> = match rec.domain {
+        Some(d) if !d.is_empty() && text.contains(d) => text.replace(d, "{domain}").into(),
+        _ => text.into(),
+    };
     let mut inside = false;
     for ch in text.chars() {
         if out.chars().count() >= REASON_CHARS {

@@ -210,6 +210,8 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     // Publish at once: /status has something to show from the first scrape.
     let mut last_publish = Instant::now() - PUBLISH_EVERY;
     let mut failure: Option<anyhow::Error> = None;
+    let mut dns_alarmed = false;
+    let mut last_alarm_check = Instant::now();
     loop {
         if c.all_final() {
             break;
@@ -273,6 +275,13 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
         }
         publish(&hub, &mut last_publish, &mut c, files_of(&watcher));
         meter.show(plain, &mut last_plain, &c, started);
+        if !dns_alarmed && last_alarm_check.elapsed() >= Duration::from_secs(1) {
+            last_alarm_check = Instant::now();
+            if let Some(alarm) = c.summary.dns_alarm() {
+                dns_alarmed = true;
+                tracing::warn!("{alarm}");
+            }
+        }
     }
     c.summary.duration = started.elapsed();
     // No new transactions; those in flight finish (or are abandoned) within shutdown_timeout.

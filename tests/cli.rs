@@ -500,3 +500,81 @@ fn a_send_that_cannot_deliver_says_why() {
         "{err}"
     );
 }
+
+/// A nameserver that never answers: each lookup is deferred after the
+/// configured attempts × timeout, saying so, and the recipients expire at
+/// max_age with that reason.
+#[test]
+fn a_silent_nameserver_defers_after_the_configured_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let _tcp = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let cfg = dir.path().join("v.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dns]\nservers = [\"127.0.0.1:{port}\"]\ntimeout = \"300ms\"\nattempts = 2\n[retry]\nmax_age = \"3s\"\n"
+        ),
+    )
+    .unwrap();
+    let spool = gen_spool(dir.path(), "s", 3);
+    let out = run(volley()
+        .args(["send", "--quiet", "--no-journal", "--config"])
+        .arg(&cfg)
+        .arg(&spool));
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{said}{}", text(&out.stderr));
+    assert!(said.contains("no answer within 600ms (2 attempts of 300ms)"), "{said}");
+}
+
+/// Recipients an earlier run finished badly (here: expired against a port
+/// where nothing listens) are not sent by a plain rerun (the journal), but
+/// are by `--resend expired`; the delivered ones are never sent again.
+#[test]
+fn resend_sends_again_what_an_earlier_run_finished_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = gen_spool(dir.path(), "r", 20);
+    let closed = format!("*=127.0.0.1:{}", free_port());
+    let out = run(volley()
+        .args(["send", "--quiet", "--route", &closed, "--max-age", "2s"])
+        .arg(&spool));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("20 expired"), "{}", text(&out.stdout));
+    let sink = SlowSink::start(0);
+    let again = run(volley().args(["send", "--quiet", "--route", &sink.route()]).arg(&spool));
+    assert!(again.status.success());
+    assert!(
+        text(&again.stdout).contains("0 delivered") && text(&again.stdout).contains("20 more were already final"),
+        "{}",
+        text(&again.stdout)
+    );
+    let resent = run(volley()
+        .args([
+            "send",
+            "--quiet",
+            "--resend",
+            "bounced,expired",
+            "--route",
+            &sink.route(),
+        ])
+        .arg(&spool));
+    assert!(resent.status.success(), "{}", text(&resent.stderr));
+    assert!(
+        text(&resent.stdout).contains("20 delivered"),
+        "{}",
+        text(&resent.stdout)
+    );
+    // Delivered now: a further --resend expired has nothing to send.
+    let none = run(volley()
+        .args(["send", "--quiet", "--resend", "expired", "--route", &sink.route()])
+        .arg(&spool));
+    assert!(text(&none.stdout).contains("0 delivered"), "{}", text(&none.stdout));
+    let bad = run(volley()
+        .args(["send", "--no-journal", "--resend", "expired"])
+        .arg(&spool));
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("--no-journal"), "{}", text(&bad.stderr));
+    let bad = run(volley().args(["send", "--resend", "delivered"]).arg(&spool));
+    assert_eq!(bad.status.code(), Some(2), "clap refuses it: {}", text(&bad.stderr));
+}

@@ -205,7 +205,17 @@ impl SpoolInput {
                 }
                 Err(e) => return Err(StorageError::new("the journal", &journal::path_for(path), e).into()),
             };
-            (opened.done, opened.first_seen, Some(opened.journal))
+            let mut done = opened.done;
+            let mut first_seen = opened.first_seen;
+            if !cfg.resend.is_empty() {
+                let again = done.resend(&cfg.resend);
+                if again > 0 {
+                    // Their max_age runs anew from now.
+                    first_seen = SystemTime::now();
+                    tracing::info!("{}: {again} recipients finished earlier are sent again", path.display());
+                }
+            }
+            (done, first_seen, Some(opened.journal))
         } else {
             (Done::default(), SystemTime::now(), None)
         };
