@@ -9,6 +9,8 @@ use crate::outcome::Outcome;
 
 /// Quantiles exported for every latency summary.
 pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+/// The SMTP phases' quantiles (a domain has up to eight phases: two each keep the scrape small).
+pub const PHASE_QUANTILES: [f64; 2] = [0.5, 0.99];
 
 /// Every shard's snapshot merged: the top domains by volume, the rest in `_other`.
 #[derive(Default)]
@@ -123,13 +125,24 @@ impl Family {
         m.set_gauge(g);
         self.metrics.push(m);
     }
+    /// A counter that is left out while it is zero (a series that only
+    /// ever says 0, such as a result a domain never had, is not sent),
+    /// except under `_other`, so that every family is in every scrape.
+    fn counter_nz(&mut self, l: &[(&str, &str)], v: u64) {
+        if v > 0 || l.first().is_some_and(|&(k, d)| k == "domain" && d == OTHER_DOMAIN) {
+            self.counter(l, v);
+        }
+    }
     fn summary(&mut self, l: &[(&str, &str)], lat: &Latency) {
+        self.summary_at(l, lat, QUANTILES);
+    }
+    fn summary_at<const N: usize>(&mut self, l: &[(&str, &str)], lat: &Latency, quantiles: [f64; N]) {
         let mut s = Summary::default();
         s.set_sample_count(lat.count());
         s.set_sample_sum(lat.sum_seconds());
-        let values = lat.quantiles_seconds(QUANTILES);
+        let values = lat.quantiles_seconds(quantiles);
         s.set_quantile(
-            QUANTILES
+            quantiles
                 .iter()
                 .zip(values)
                 .map(|(&q, v)| {
@@ -234,7 +247,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
             if o == Outcome::Rejected && dom == OTHER_DOMAIN {
                 n += spool.rejected;
             }
-            deliveries.counter(&[("domain", dom), ("outcome", o.name())], n);
+            deliveries.counter_nz(&[("domain", dom), ("outcome", o.name())], n);
         }
         volume.counter(&[("domain", dom)], s.volume);
         let mut rs = s.replies.clone();
@@ -263,18 +276,22 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         }
         for p in Phase::ALL {
             if let Some(l) = &s.phases[p as usize] {
-                phases.summary(&[("domain", dom), ("phase", p.name())], l);
+                phases.summary_at(&[("domain", dom), ("phase", p.name())], l, PHASE_QUANTILES);
             }
         }
-        conns_open.gauge(&[("domain", dom)], d.gauges.connections_open as f64);
-        for r in ConnResult::ALL {
-            conns.counter(&[("domain", dom), ("result", r.name())], s.connections[r as usize]);
+        // A domain with nothing open or waiting has no gauges (they go stale, not 0).
+        let idle = d.gauges.connections_open == 0 && d.gauges.queued == 0;
+        if !idle || dom == OTHER_DOMAIN {
+            conns_open.gauge(&[("domain", dom)], d.gauges.connections_open as f64);
+            queue.gauge(&[("domain", dom)], d.gauges.queued as f64);
+            oldest.gauge(&[("domain", dom)], d.gauges.oldest_seconds);
         }
-        tls.counter(&[("domain", dom), ("result", "ok")], s.tls[0]);
-        tls.counter(&[("domain", dom), ("result", "failed")], s.tls[1]);
-        queue.gauge(&[("domain", dom)], d.gauges.queued as f64);
-        oldest.gauge(&[("domain", dom)], d.gauges.oldest_seconds);
-        if dom != OTHER_DOMAIN {
+        for r in ConnResult::ALL {
+            conns.counter_nz(&[("domain", dom), ("result", r.name())], s.connections[r as usize]);
+        }
+        tls.counter_nz(&[("domain", dom), ("result", "ok")], s.tls[0]);
+        tls.counter_nz(&[("domain", dom), ("result", "failed")], s.tls[1]);
+        if dom != OTHER_DOMAIN && d.gauges.throttled_seconds > 0.0 {
             throttled.counter_f(&[("domain", dom)], d.gauges.throttled_seconds);
         }
     }
@@ -522,5 +539,75 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains(r#"volley_domain_throttled_seconds_total{domain="_other"}"#));
+    }
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::*;
+    use crate::metrics::{DomainGauges, DomainSnapshot};
+
+    /// Series that only ever say 0 are not sent for a domain (a result it
+    /// never had, gauges of a domain with nothing open or waiting), but
+    /// `_other` keeps every family in the scrape.
+    #[test]
+    fn a_domain_s_zero_series_are_left_out_and_other_keeps_every_family() {
+        let mut busy = DomainSnapshot {
+            name: "busy.test".into(),
+            gauges: DomainGauges {
+                queued: 3,
+                ..DomainGauges::default()
+            },
+            ..DomainSnapshot::default()
+        };
+        busy.stats.volume = 10;
+        busy.stats.outcomes[Outcome::Delivered.index()] = 7;
+        let mut idle = DomainSnapshot {
+            name: "idle.test".into(),
+            ..DomainSnapshot::default()
+        };
+        idle.stats.volume = 5;
+        idle.stats.outcomes[Outcome::Delivered.index()] = 5;
+        let m = merge(
+            vec![ShardSnapshot {
+                domains: vec![busy, idle],
+                ..ShardSnapshot::default()
+            }],
+            10,
+        );
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &families(&m, &SpoolGauges::default()),
+            &mut buf,
+        )
+        .unwrap();
+        let t = String::from_utf8(buf).unwrap();
+        assert!(
+            t.contains(r#"volley_deliveries_total{domain="busy.test",outcome="delivered"} 7"#),
+            "{t}"
+        );
+        assert!(
+            !t.contains(r#"volley_deliveries_total{domain="busy.test",outcome="bounced"}"#),
+            "{t}"
+        );
+        assert!(t.contains(r#"volley_queue_recipients{domain="busy.test"} 3"#), "{t}");
+        assert!(!t.contains(r#"volley_queue_recipients{domain="idle.test"}"#), "{t}");
+        assert!(!t.contains(r#"volley_connections_total{domain="idle.test""#), "{t}");
+        assert!(
+            !t.contains(r#"volley_domain_throttled_seconds_total{domain="idle.test"}"#),
+            "{t}"
+        );
+        assert!(t.contains(r#"volley_recipients_total{domain="idle.test"} 5"#), "{t}");
+        for family in [
+            "volley_connections_total",
+            "volley_tls_handshakes_total",
+            "volley_queue_recipients",
+        ] {
+            assert!(t.contains(&format!("{family}{{domain=\"_other\"")), "{family}: {t}");
+        }
+        let zero_counter =
+            |l: &&str| !l.starts_with('#') && l.contains("_total{domain=\"busy.test\"") && l.ends_with(" 0");
+        assert!(!t.lines().any(|l| zero_counter(&l)), "{t}");
     }
 }
