@@ -116,6 +116,9 @@ pub struct ReasonTally {
     pub more_domains: bool,
 }
 
+/// Finished files `/status` lists.
+const FINISHED_SHOWN: usize = 20;
+
 /// Distinct reasons kept per run; later new ones are counted as one.
 const MAX_REASONS: usize = 1000;
 const MAX_REASON_DOMAINS: usize = 10_000;
@@ -323,9 +326,15 @@ impl FileTrack {
             0.0
         };
         let c = |o: Outcome| self.counts[o.index()];
+        let left = self.expected.map(|e| e.saturating_sub(self.finals));
+        let retrying = left.is_some_and(|l| l > 0 && self.deferred.len() as u64 >= l);
         FileStatus {
             name: self.name.clone(),
-            state: if self.expected.is_some() { "sending" } else { "reading" },
+            state: match (self.expected, retrying) {
+                (None, _) => "reading",
+                (Some(_), true) => "retrying",
+                (Some(_), false) => "sending",
+            },
             recipients: self.expected,
             finals: self.finals,
             delivered: c(Outcome::Delivered),
@@ -335,11 +344,30 @@ impl FileTrack {
             deferred: self.deferred.len() as u64,
             rate_per_second: rate,
             eta_seconds: match self.expected {
+                _ if retrying => None,
                 Some(e) if rate > 0.0 => Some(e.saturating_sub(self.finals) as f64 / rate),
                 Some(e) if e <= self.finals => Some(0.0),
                 _ => None,
             },
+            finished_at: None,
         }
+    }
+
+    /// The file as `/status` lists it once finished: its counts with earlier runs'.
+    fn finished_status(&mut self, now: Instant) -> FileStatus {
+        let mut f = self.status(now);
+        let c = |o: Outcome| self.counts[o.index()] + self.earlier[o.index()];
+        f.state = "done";
+        f.recipients = Some(self.finals + self.already_final);
+        f.finals = self.finals + self.already_final;
+        f.delivered = c(Outcome::Delivered);
+        f.bounced = c(Outcome::Bounced);
+        f.expired = c(Outcome::Expired);
+        f.rejected = c(Outcome::Rejected);
+        f.deferred = 0;
+        f.eta_seconds = Some(0.0);
+        f.finished_at = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+        f
     }
 }
 
@@ -433,6 +461,8 @@ pub struct Collector {
     pub summary: Summary,
     /// Files finished in this run (in `send`, their counts stay in the gauges).
     finished: SpoolGauges,
+    /// The last `FINISHED_SHOWN` files finished, as `/status` lists them, the newest first.
+    recent: VecDeque<FileStatus>,
     /// Recipients ingest has found so far, and in all once it is done.
     pub ingested: u64,
     pub total: Option<u64>,
@@ -455,6 +485,7 @@ impl Collector {
             pending_since: None,
             summary: Summary::default(),
             finished: SpoolGauges::default(),
+            recent: VecDeque::new(),
             ingested: 0,
             total: None,
             failed: false,
@@ -595,7 +626,9 @@ impl Collector {
             .collect();
         ids.into_iter()
             .map(|id| {
-                let track = self.files.remove(&id).expect("listed above");
+                let mut track = self.files.remove(&id).expect("listed above");
+                self.recent.push_front(track.finished_status(Instant::now()));
+                self.recent.truncate(FINISHED_SHOWN);
                 self.finished.read += track.finals;
                 self.finished.finals += track.finals;
                 (id, track)
@@ -620,7 +653,11 @@ impl Collector {
             spool.files_done = done;
             spool.files_failed = failed;
         }
-        Board { files: statuses, spool }
+        Board {
+            files: statuses,
+            finished: self.recent.iter().cloned().collect(),
+            spool,
+        }
     }
 }
 
@@ -629,6 +666,34 @@ mod tests {
     use super::*;
     use crate::journal::{self, Journal};
     use crate::outcome::{Final, RcptKey};
+
+    #[test]
+    fn a_file_whose_rest_waits_for_retries_has_no_eta_and_a_finished_one_counts_earlier_runs() {
+        let now = Instant::now();
+        let mut t = FileTrack {
+            name: "f.jsonl".into(),
+            expected: Some(10),
+            finals: 9,
+            already_final: 5,
+            ..FileTrack::default()
+        };
+        t.counts[Outcome::Delivered.index()] = 9;
+        t.earlier[Outcome::Delivered.index()] = 4;
+        t.earlier[Outcome::Bounced.index()] = 1;
+        t.samples.push_back((now - Duration::from_secs(5), 0));
+        let sending = t.status(now);
+        assert_eq!((sending.state, sending.eta_seconds.is_some()), ("sending", true));
+        t.deferred.insert((3, 0));
+        let waiting = t.status(now);
+        assert_eq!((waiting.state, waiting.eta_seconds), ("retrying", None));
+        t.deferred.clear();
+        t.finals = 10;
+        t.counts[Outcome::Delivered.index()] = 10;
+        let done = t.finished_status(now);
+        assert_eq!(done.state, "done");
+        assert_eq!((done.recipients, done.delivered, done.bounced), (Some(15), 14, 1));
+        assert!(done.finished_at.is_some());
+    }
 
     #[test]
     fn an_interrupted_summary_says_what_a_rerun_does() {

@@ -310,6 +310,25 @@ fn status_shows_a_file_while_it_is_sent() {
     let metrics = parse(&svc.get("/metrics"));
     assert!(sum(&metrics, "volley_queue_recipients", ("domain", "d0.test")) > 0.0);
     assert!(sum(&metrics, "volley_connections_open", ("domain", "d0.test")) >= 1.0);
+    // Finished, it leaves `files` for `finished`, with its counts.
+    let mut finished = None;
+    wait_for("the file among the finished", Duration::from_secs(60), || {
+        let v: serde_json::Value = serde_json::from_str(&svc.get("/status")).unwrap();
+        finished = v["finished"].get(0).cloned();
+        finished.is_some() && v["files"].as_array().is_some_and(|f| f.is_empty())
+    });
+    let f = finished.unwrap();
+    assert_eq!(
+        (f["name"].as_str(), f["state"].as_str()),
+        (Some("slow.jsonl"), Some("done")),
+        "{f}"
+    );
+    assert_eq!(
+        (f["recipients"].as_u64(), f["delivered"].as_u64()),
+        (Some(40), Some(40)),
+        "{f}"
+    );
+    assert!(f["finished_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{f}");
     drop(svc);
     sink.stop();
 }

@@ -375,3 +375,42 @@ fn the_service_logs_files_taken_and_done_in_plain_text_or_json() {
     }
     sink.stop();
 }
+
+/// A file finished over two runs of the service (stopped halfway, started
+/// again): its summary counts every outcome of both runs, and `/status`
+/// lists it among the finished files with those counts.
+#[test]
+fn a_file_finished_over_a_restart_keeps_every_run_s_counts() {
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reject_rate: 0.1,
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let config = service_config(dir.path(), sink.addr(), "max_connections_per_destination = 2");
+    let mut first = Service::start(&config, Stdio::null());
+    let incoming = root.join("incoming");
+    wait_for("incoming/", || incoming.is_dir());
+    drop_spool(&incoming, "half", 400);
+    let journal = root.join("active/half.jsonl.journal");
+    wait_for("some outcomes journaled", || {
+        std::fs::metadata(&journal).is_ok_and(|m| m.len() > 32 + 9 * 50)
+    });
+    assert!(first.stop().success());
+    assert!(root.join("active/half.jsonl").exists(), "stopped before it was done");
+    let mut second = Service::start(&config, Stdio::null());
+    let done = root.join("done/half.jsonl.summary.json");
+    wait_for("half in done/", || done.exists());
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&done).unwrap()).unwrap();
+    let earlier = s["final_in_earlier_runs"].as_u64().unwrap();
+    let (delivered, bounced) = (s["delivered"].as_u64().unwrap(), s["bounced"].as_u64().unwrap());
+    assert!(earlier >= 50, "{s}");
+    assert_eq!(s["recipients"], 400, "{s}");
+    assert_eq!(delivered + bounced, 400, "both runs' outcomes: {s}");
+    assert!(bounced > 0, "{s}");
+    assert!(second.stop().success());
+    sink.stop();
+}

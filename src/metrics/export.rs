@@ -36,7 +36,9 @@ struct ShardEnd {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FileStatus {
     pub name: String,
-    /// `reading` until ingest has read it to its end, then `sending`.
+    /// `reading` until ingest has read it to its end, then `sending`;
+    /// `retrying` when every recipient not final yet waits for a retry;
+    /// `done` in `finished`.
     pub state: &'static str,
     /// Recipients in the file (null while it is being read).
     pub recipients: Option<u64>,
@@ -49,14 +51,20 @@ pub struct FileStatus {
     pub deferred: u64,
     /// Recipients made final per second, over the last ten seconds or so.
     pub rate_per_second: f64,
-    /// At that rate, once the file is read.
+    /// At that rate, once the file is read; null while everything left
+    /// waits for a retry (it then depends on the servers, not on volley).
     pub eta_seconds: Option<f64>,
+    /// When it was finished (in `finished`), RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 /// What the collector publishes (about once a second) for the exporter.
 #[derive(Debug, Clone, Default)]
 pub struct Board {
     pub files: Vec<FileStatus>,
+    /// The last files finished, the newest first (counts include earlier runs').
+    pub finished: Vec<FileStatus>,
     pub spool: SpoolGauges,
 }
 
@@ -169,6 +177,8 @@ impl Hub {
             uptime_seconds: f64,
             spool: &'a SpoolGauges,
             files: &'a [FileStatus],
+            /// The last files finished, the newest first.
+            finished: &'a [FileStatus],
             shards: Vec<ShardStatus>,
             /// Automation rules in force, per destination and shard.
             automation: Vec<super::ActiveRule>,
@@ -198,6 +208,7 @@ impl Hub {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             spool: &board.spool,
             files: &board.files,
+            finished: &board.finished,
             shards,
             automation,
             destinations,
