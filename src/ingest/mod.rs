@@ -785,8 +785,11 @@ impl Ingest {
                         idx: WHOLE_LINE,
                     };
                     self.recipients += 1;
-                    // A line that is JSON with an "id" keeps it in the log.
-                    let given = spool::id_of_bad_line(line);
+                    // A line that is JSON with an "id" keeps it in the log (one
+                    // over max_job_line_bytes stays unread).
+                    let given = (line.len() <= self.limits.max_line_bytes)
+                        .then(|| spool::id_of_bad_line(line))
+                        .flatten();
                     let id = match &given {
                         Some(id) => JobId::Given(id),
                         None => JobId::Line(&c.name, line_no),

@@ -192,7 +192,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut enhanced = Family::new(
         "volley_smtp_enhanced_status_total",
         COUNTER,
-        "Replies to MAIL, RCPT, DATA, the final dot and BDAT by domain and RFC 3463 enhanced status code.",
+        "Failing replies (4.x.x and 5.x.x) to MAIL, RCPT, DATA, the final dot and BDAT by domain and RFC 3463 enhanced status code.",
     );
     let mut categories = Family::new(
         "volley_bounce_categories_total",
@@ -260,7 +260,8 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         }
         let mut es = s.enhanced.clone();
         es.sort_by_key(|(e, _)| (e.class, e.subject, e.detail));
-        for (e, n) in es {
+        // Success codes (2.x.x) say no more than the replies and outcomes do.
+        for (e, n) in es.into_iter().filter(|(e, _)| e.class != 2) {
             enhanced.counter(&[("domain", dom), ("enhanced", &e.to_string())], n);
         }
         for (oi, o) in CATEGORIZED.iter().enumerate() {

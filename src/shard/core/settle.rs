@@ -116,7 +116,7 @@ impl<J: Job> Core<J> {
             };
             self.record(txn, i, outcome, decider.into(), at, now);
         }
-        self.count_replies(&report, now, delivered);
+        self.count_replies(&report, dest, now, delivered);
         if delivered > 0 {
             self.recorder.message_delivered();
         }
@@ -242,7 +242,7 @@ impl<J: Job> Core<J> {
 
     /// Counts a finished transaction's replies, times its phases, and the
     /// delivery duration of its delivered recipients.
-    fn count_replies(&mut self, report: &TxnReport<Txn<J>>, now: Instant, delivered: u64) {
+    fn count_replies(&mut self, report: &TxnReport<Txn<J>>, dest: &Dest<J>, now: Instant, delivered: u64) {
         if !self.metrics.enabled() {
             return;
         }
@@ -261,7 +261,16 @@ impl<J: Job> Core<J> {
             for r in report.rcpts.iter().flatten() {
                 m.reply(Command::Rcpt, r.code, r.enhanced);
             }
-            let t = &report.timing;
+            if delivered > 0 {
+                let first = report.txn.first_attempt.unwrap_or(report.txn.started);
+                m.delivered(now.duration_since(first).as_micros() as u64, delivered);
+            }
+        });
+        // The phases time the servers, which the destination's domains
+        // share: they are counted under the domain that first routed to it,
+        // like the connection phases (one series per destination, not per domain).
+        let t = &report.timing;
+        self.metrics.with_name(&dest.owner, |m| {
             let phases = [
                 (Phase::Mail, t.mail),
                 (Phase::Rcpt, t.rcpt),
@@ -272,10 +281,6 @@ impl<J: Job> Core<J> {
                 if let Some(us) = us {
                     m.phase(p, us);
                 }
-            }
-            if delivered > 0 {
-                let first = report.txn.first_attempt.unwrap_or(report.txn.started);
-                m.delivered(now.duration_since(first).as_micros() as u64, delivered);
             }
         });
     }
