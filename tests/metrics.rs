@@ -232,6 +232,25 @@ fn the_scrape_is_valid_and_counts_every_outcome_and_phase() {
     assert_eq!(rcpt_replies, 600.0);
     let rcpt_550 = total(&s, "volley_smtp_replies_total", &[("command", "rcpt"), ("code", "550")]);
     assert_eq!(rcpt_550, bounced);
+    // A failing reply is its domain's; the successes are counted under the
+    // destination's first domain, the one its connections are counted under.
+    let owners: BTreeSet<&str> = s
+        .iter()
+        .filter(|x| x.name == "volley_connections_total" && x.value > 0.0)
+        .map(|x| x.labels["domain"].as_str())
+        .collect();
+    for x in s.iter().filter(|x| x.name == "volley_smtp_replies_total") {
+        let code: u16 = x.labels["code"].parse().unwrap();
+        if code < 400 {
+            assert!(owners.contains(x.labels["domain"].as_str()), "{x:?} not under {owners:?}");
+        }
+    }
+    let domains_550: BTreeSet<&str> = s
+        .iter()
+        .filter(|x| x.name == "volley_smtp_replies_total" && x.labels["code"] == "550")
+        .map(|x| x.labels["domain"].as_str())
+        .collect();
+    assert!(domains_550.len() > owners.len(), "550s under their own domains: {domains_550:?}");
     // Six domains, each with its own label, each with every phase timed.
     let domains: BTreeSet<&str> = s
         .iter()

@@ -8,7 +8,7 @@ use crate::classify::CATEGORIES;
 use crate::outcome::Outcome;
 
 /// Quantiles exported for every latency summary.
-pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+pub const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 /// The SMTP phases' quantiles (a domain has up to eight phases: two each keep the scrape small).
 pub const PHASE_QUANTILES: [f64; 2] = [0.5, 0.99];
 
@@ -187,7 +187,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut replies = Family::new(
         "volley_smtp_replies_total",
         COUNTER,
-        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, bdat, rset, quit).",
+        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, bdat, rset, quit); failing ones (4xx, 5xx) under their domain, the others and session commands under the domain that first routed to the destination.",
     );
     let mut enhanced = Family::new(
         "volley_smtp_enhanced_status_total",

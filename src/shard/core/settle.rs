@@ -247,19 +247,23 @@ impl<J: Job> Core<J> {
             return;
         }
         let slot: Rc<_> = report.txn.domain.slot.clone();
-        self.metrics.with(&slot, |m| {
-            let replies = [
+        let dot = if report.chunked { Command::Bdat } else { Command::Dot };
+        let replies = || {
+            [
                 (Command::Mail, &report.mail),
                 (Command::Data, &report.data),
-                (if report.chunked { Command::Bdat } else { Command::Dot }, &report.dot),
-            ];
-            for (c, r) in replies {
-                if let Some(r) = r {
-                    m.reply(c, r.code, r.enhanced);
-                }
-            }
-            for r in report.rcpts.iter().flatten() {
-                m.reply(Command::Rcpt, r.code, r.enhanced);
+                (dot, &report.dot),
+            ]
+            .into_iter()
+            .filter_map(|(c, r)| r.as_ref().map(|r| (c, r)))
+            .chain(report.rcpts.iter().flatten().map(|r| (Command::Rcpt, r)))
+        };
+        // A failing reply is the domain's; a success (2xx, 3xx) says how
+        // the servers answer, and is counted under the destination's first
+        // domain, like its phases (the sums over domains stay the same).
+        self.metrics.with(&slot, |m| {
+            for (c, r) in replies().filter(|(_, r)| r.code >= 400) {
+                m.reply(c, r.code, r.enhanced);
             }
             if delivered > 0 {
                 let first = report.txn.first_attempt.unwrap_or(report.txn.started);
@@ -271,6 +275,9 @@ impl<J: Job> Core<J> {
         // like the connection phases (one series per destination, not per domain).
         let t = &report.timing;
         self.metrics.with_name(&dest.owner, |m| {
+            for (c, r) in replies().filter(|(_, r)| r.code < 400) {
+                m.reply(c, r.code, r.enhanced);
+            }
             let phases = [
                 (Phase::Mail, t.mail),
                 (Phase::Rcpt, t.rcpt),
