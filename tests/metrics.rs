@@ -242,7 +242,10 @@ fn the_scrape_is_valid_and_counts_every_outcome_and_phase() {
     for x in s.iter().filter(|x| x.name == "volley_smtp_replies_total") {
         let code: u16 = x.labels["code"].parse().unwrap();
         if code < 400 {
-            assert!(owners.contains(x.labels["domain"].as_str()), "{x:?} not under {owners:?}");
+            assert!(
+                owners.contains(x.labels["domain"].as_str()),
+                "{x:?} not under {owners:?}"
+            );
         }
     }
     let domains_550: BTreeSet<&str> = s
@@ -250,7 +253,10 @@ fn the_scrape_is_valid_and_counts_every_outcome_and_phase() {
         .filter(|x| x.name == "volley_smtp_replies_total" && x.labels["code"] == "550")
         .map(|x| x.labels["domain"].as_str())
         .collect();
-    assert!(domains_550.len() > owners.len(), "550s under their own domains: {domains_550:?}");
+    assert!(
+        domains_550.len() > owners.len(),
+        "550s under their own domains: {domains_550:?}"
+    );
     // Six domains, each with its own label, each with every phase timed.
     let domains: BTreeSet<&str> = s
         .iter()
