@@ -184,6 +184,8 @@ pub struct Memo {
     from: Option<(Vec<u8>, Option<String>)>,
     /// The last body, its canonicalization and its hash.
     body: Option<(Canonicalization, Vec<u8>, Vec<u8>)>,
+    /// The From: values of the copy at hand (a buffer kept between copies).
+    scratch: Vec<u8>,
     /// Body hashes computed and reused, for the tests.
     pub hashed: u64,
     pub reused: u64,
@@ -191,7 +193,8 @@ pub struct Memo {
 
 impl Memo {
     fn domain_of_from(&mut self, message: &[u8]) -> Option<String> {
-        let mut key = Vec::new();
+        let key = &mut self.scratch;
+        key.clear();
         for (name, value) in Fields::new(message, None) {
             if name.eq_ignore_ascii_case(b"From") {
                 key.extend_from_slice(value);
@@ -199,12 +202,18 @@ impl Memo {
             }
         }
         if let Some((k, domain)) = &self.from
-            && *k == key
+            && k == key
         {
             return domain.clone();
         }
         let domain = from_domain(message);
-        self.from = Some((key, domain.clone()));
+        match &mut self.from {
+            Some((k, d)) => {
+                std::mem::swap(k, &mut self.scratch);
+                d.clone_from(&domain);
+            }
+            None => self.from = Some((std::mem::take(&mut self.scratch), domain.clone())),
+        }
         domain
     }
 }
@@ -359,7 +368,16 @@ impl Signers {
                 let bh = body_hash(cb, body);
                 if let Some(m) = m {
                     m.hashed += 1;
-                    m.body = Some((cb, body.to_vec(), bh.clone()));
+                    // The last body's buffer is kept for the next copy's.
+                    match &mut m.body {
+                        Some((c, b, h)) => {
+                            *c = cb;
+                            b.clear();
+                            b.extend_from_slice(body);
+                            h.clone_from(&bh);
+                        }
+                        None => m.body = Some((cb, body.to_vec(), bh.clone())),
+                    }
                 }
                 bh
             }
@@ -501,7 +519,7 @@ pub fn from_domain(message: &[u8]) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -594,6 +612,17 @@ mod tests {
         }
     }
 
+    /// news.example.com with an RSA-2048 key (selector rsa1) and an Ed25519 one (ed1).
+    pub(crate) fn two_keys() -> Signers {
+        let text = format!(
+            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
+            data("rsa2048.pem"),
+            data("ed25519.pem")
+        );
+        let specs: BTreeMap<String, DomainSpec> = toml::from_str(&text).unwrap();
+        Signers::load(&specs).unwrap()
+    }
+
     fn data(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim").join(name)
     }
@@ -637,13 +666,7 @@ mod tests {
 
     #[test]
     fn copies_that_differ_only_in_headers_hash_their_body_once() {
-        let text = format!(
-            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
-            data("rsa2048.pem"),
-            data("ed25519.pem")
-        );
-        let specs: BTreeMap<String, DomainSpec> = toml::from_str(&text).unwrap();
-        let signers = Signers::load(&specs).unwrap();
+        let signers = two_keys();
         let copy = |to: &str, body: &str| {
             WireMessage::prepare(format!("From: n@news.example.com\nTo: {to}\nSubject: s\n\n{body}").as_bytes())
         };
@@ -689,13 +712,7 @@ mod tests {
 
     #[test]
     fn a_message_from_a_configured_domain_or_its_subdomain_is_signed_with_every_key() {
-        let text = format!(
-            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
-            data("rsa2048.pem"),
-            data("ed25519.pem")
-        );
-        let specs: BTreeMap<String, DomainSpec> = toml::from_str(&text).unwrap();
-        let signers = Signers::load(&specs).unwrap();
+        let signers = two_keys();
         let msg = |from: &str| WireMessage::prepare(format!("From: {from}\nSubject: hi\n\n.dot\nbody\n").as_bytes());
         let Signed::Signed {
             wire: w,

@@ -861,14 +861,7 @@ mod tests {
 
     #[test]
     fn an_8bit_message_s_7bit_form_is_signed_and_counted_too() {
-        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
-        let specs: BTreeMap<String, crate::dkim::DomainSpec> = toml::from_str(&format!(
-            "[\"news.example.com\"]\nkeys = [{{ selector = \"rsa1\", key_file = {:?} }}, {{ selector = \"ed1\", key_file = {:?} }}]\n",
-            data.join("rsa2048.pem"),
-            data.join("ed25519.pem")
-        ))
-        .unwrap();
-        let signers = crate::dkim::Signers::load(&specs).unwrap();
+        let signers = crate::dkim::tests::two_keys();
         let counts = RefCell::new(DkimCounts::default());
         let adding = crate::headers::Adding {
             message_id: false,

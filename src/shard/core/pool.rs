@@ -65,6 +65,10 @@ pub(crate) struct Dest<J> {
     refused_turn: Cell<u64>,
     /// The domain that first routed here: connection metrics count under it.
     pub owner: Rc<str>,
+    /// That domain, once one of its transactions has finished here: its
+    /// metrics slot, so that a transaction's counts under the owner need
+    /// no lookup by name.
+    pub(super) owner_domain: RefCell<std::rc::Weak<super::Domain<J>>>,
     /// Its limits (`shaping.rs`); domains of different scopes never share a destination.
     pub policy: Rc<Policy>,
     /// Slots for its transactions (`max_message_rate`) and connections (`max_connection_rate`).
@@ -236,6 +240,7 @@ impl<J: Job> Core<J> {
             leaving: Cell::new(0),
             refused_turn: Cell::new(u64::MAX),
             owner: Rc::from(owner),
+            owner_domain: RefCell::new(std::rc::Weak::new()),
             message_pace: Cell::default(),
             connection_pace: Cell::default(),
             pace_wake: Cell::new(None),

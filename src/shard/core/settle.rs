@@ -274,7 +274,12 @@ impl<J: Job> Core<J> {
         // share: they are counted under the domain that first routed to it,
         // like the connection phases (one series per destination, not per domain).
         let t = &report.timing;
-        self.metrics.with_name(&dest.owner, |m| {
+        let mut owner = dest.owner_domain.borrow().upgrade();
+        if owner.is_none() && *report.txn.domain.name == *dest.owner {
+            *dest.owner_domain.borrow_mut() = Rc::downgrade(&report.txn.domain);
+            owner = Some(report.txn.domain.clone());
+        }
+        let count = |m: &mut crate::metrics::DomainStats| {
             for (c, r) in replies().filter(|(_, r)| r.code < 400) {
                 m.reply(c, r.code, r.enhanced);
             }
@@ -289,6 +294,10 @@ impl<J: Job> Core<J> {
                     m.phase(p, us);
                 }
             }
-        });
+        };
+        match owner {
+            Some(d) => self.metrics.with(&d.slot, count),
+            None => self.metrics.with_name(&dest.owner, count),
+        }
     }
 }
