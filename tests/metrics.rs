@@ -239,14 +239,29 @@ fn the_scrape_is_valid_and_counts_every_outcome_and_phase() {
         .filter(|x| x.name == "volley_connections_total" && x.value > 0.0)
         .map(|x| x.labels["domain"].as_str())
         .collect();
+    // A failing reply carries its enhanced status code (the sink's
+    // refusal is 550 5.1.1); a success none. DATA refused after every RCPT
+    // was refused follows from those refusals: under the first domain too.
     for x in s.iter().filter(|x| x.name == "volley_smtp_replies_total") {
         let code: u16 = x.labels["code"].parse().unwrap();
+        let under_owner = owners.contains(x.labels["domain"].as_str());
         if code < 400 {
-            assert!(
-                owners.contains(x.labels["domain"].as_str()),
-                "{x:?} not under {owners:?}"
-            );
+            assert!(under_owner, "{x:?} not under {owners:?}");
+            assert!(!x.labels.contains_key("enhanced"), "{x:?}");
+        } else {
+            assert!(x.labels.contains_key("enhanced"), "{x:?}");
         }
+        if code == 550 {
+            assert_eq!(x.labels["enhanced"], "5.1.1", "{x:?}");
+        }
+        if x.labels["command"] == "data" && code >= 400 {
+            assert!(under_owner, "{x:?} not under {owners:?}");
+        }
+    }
+    // A domain that shares its destination's connections has no gauge saying 0 of them.
+    for x in s.iter().filter(|x| x.name == "volley_connections_open") {
+        let d = x.labels["domain"].as_str();
+        assert!(x.value > 0.0 || d == "_other", "{x:?}");
     }
     let domains_550: BTreeSet<&str> = s
         .iter()

@@ -219,9 +219,10 @@ pub struct DomainStats {
     pub volume: u64,
     /// Recipient outcomes, by `Outcome::index` (deferred: each deferral).
     pub outcomes: [u64; 5],
-    /// Replies by command and code (a short list: a domain says few different things).
-    pub replies: Vec<(Command, u16, u64)>,
-    pub enhanced: Vec<(Enhanced, u64)>,
+    /// Replies by command, code and (failing ones only: a success's says
+    /// no more than its code) enhanced status code; a short list, a domain
+    /// says few different things.
+    pub replies: Vec<(Command, u16, Option<Enhanced>, u64)>,
     /// Bounce categories of the outcomes in `CATEGORIZED`, by `CATEGORIES` index.
     pub categories: [[u64; CATEGORIES.len()]; CATEGORIZED.len()],
     /// By `Phase as usize`; allocated on first use.
@@ -238,15 +239,16 @@ pub struct DomainStats {
 
 impl DomainStats {
     pub fn reply(&mut self, command: Command, code: u16, enhanced: Option<Enhanced>) {
-        match self.replies.iter_mut().find(|(c, k, _)| *c == command && *k == code) {
-            Some((_, _, n)) => *n += 1,
-            None => self.replies.push((command, code, 1)),
-        }
-        if let Some(e) = enhanced {
-            match self.enhanced.iter_mut().find(|(k, _)| *k == e) {
-                Some((_, n)) => *n += 1,
-                None => self.enhanced.push((e, 1)),
-            }
+        self.replies_add(command, code, enhanced.filter(|_| code >= 400), 1);
+    }
+    fn replies_add(&mut self, command: Command, code: u16, enhanced: Option<Enhanced>, n: u64) {
+        match self
+            .replies
+            .iter_mut()
+            .find(|(c, k, e, _)| *c == command && *k == code && *e == enhanced)
+        {
+            Some((_, _, _, m)) => *m += n,
+            None => self.replies.push((command, code, enhanced, n)),
         }
     }
     pub fn phase(&mut self, phase: Phase, micros: u64) {
@@ -284,17 +286,8 @@ impl DomainStats {
         self.window = self.window.max(o.window);
         self.volume += o.volume;
         add(&mut self.outcomes, &o.outcomes);
-        for &(c, k, n) in &o.replies {
-            match self.replies.iter_mut().find(|(c2, k2, _)| *c2 == c && *k2 == k) {
-                Some((_, _, m)) => *m += n,
-                None => self.replies.push((c, k, n)),
-            }
-        }
-        for &(e, n) in &o.enhanced {
-            match self.enhanced.iter_mut().find(|(e2, _)| *e2 == e) {
-                Some((_, m)) => *m += n,
-                None => self.enhanced.push((e, n)),
-            }
+        for &(c, k, e, n) in &o.replies {
+            self.replies_add(c, k, e, n);
         }
         for (a, b) in self.categories.iter_mut().zip(&o.categories) {
             add(a, b);

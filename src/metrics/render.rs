@@ -7,10 +7,9 @@ use super::{CATEGORIZED, ConnResult, DNS_RESULTS, DomainSnapshot, Latency, OTHER
 use crate::classify::CATEGORIES;
 use crate::outcome::Outcome;
 
-/// Quantiles exported for every latency summary.
-pub const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
-/// The SMTP phases' quantiles (a domain has up to eight phases: two each keep the scrape small).
-pub const PHASE_QUANTILES: [f64; 2] = [0.5, 0.99];
+/// Quantiles exported for every latency summary (the median and the tail:
+/// with a few summaries per domain, more would make most of the scrape).
+pub const QUANTILES: [f64; 2] = [0.5, 0.99];
 
 /// Every shard's snapshot merged: the top domains by volume, the rest in `_other`.
 #[derive(Default)]
@@ -134,9 +133,7 @@ impl Family {
         }
     }
     fn summary(&mut self, l: &[(&str, &str)], lat: &Latency) {
-        self.summary_at(l, lat, QUANTILES);
-    }
-    fn summary_at<const N: usize>(&mut self, l: &[(&str, &str)], lat: &Latency, quantiles: [f64; N]) {
+        let quantiles = QUANTILES;
         let mut s = Summary::default();
         s.set_sample_count(lat.count());
         s.set_sample_sum(lat.sum_seconds());
@@ -187,12 +184,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     let mut replies = Family::new(
         "volley_smtp_replies_total",
         COUNTER,
-        "Server replies by domain, command and code (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, bdat, rset, quit); failing ones (4xx, 5xx) under their domain, the others and session commands under the domain that first routed to the destination.",
-    );
-    let mut enhanced = Family::new(
-        "volley_smtp_enhanced_status_total",
-        COUNTER,
-        "Failing replies (4.x.x and 5.x.x) to MAIL, RCPT, DATA, the final dot and BDAT by domain and RFC 3463 enhanced status code.",
+        "Server replies by domain, command (greeting, ehlo, helo, starttls, auth, mail, rcpt, data, dot, bdat, rset, quit) and code; failing ones (4xx, 5xx) under their domain and with their RFC 3463 enhanced status code where the server gave one, the others and session commands under the domain that first routed to the destination.",
     );
     let mut categories = Family::new(
         "volley_bounce_categories_total",
@@ -251,18 +243,21 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         }
         volume.counter(&[("domain", dom)], s.volume);
         let mut rs = s.replies.clone();
-        rs.sort_by_key(|(c, k, _)| (c.name(), *k));
-        for (c, code, n) in rs {
-            replies.counter(
-                &[("domain", dom), ("command", c.name()), ("code", &code.to_string())],
-                n,
-            );
-        }
-        let mut es = s.enhanced.clone();
-        es.sort_by_key(|(e, _)| (e.class, e.subject, e.detail));
-        // Success codes (2.x.x) say no more than the replies and outcomes do.
-        for (e, n) in es.into_iter().filter(|(e, _)| e.class != 2) {
-            enhanced.counter(&[("domain", dom), ("enhanced", &e.to_string())], n);
+        rs.sort_by_key(|&(c, k, e, _)| (c.name(), k, e));
+        for (c, code, e, n) in rs {
+            let code = code.to_string();
+            match e {
+                Some(e) => replies.counter(
+                    &[
+                        ("domain", dom),
+                        ("command", c.name()),
+                        ("code", &code),
+                        ("enhanced", &e.to_string()),
+                    ],
+                    n,
+                ),
+                None => replies.counter(&[("domain", dom), ("command", c.name()), ("code", &code)], n),
+            }
         }
         for (oi, o) in CATEGORIZED.iter().enumerate() {
             for (ci, c) in CATEGORIES.iter().enumerate() {
@@ -277,15 +272,18 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
         }
         for p in Phase::ALL {
             if let Some(l) = &s.phases[p as usize] {
-                phases.summary_at(&[("domain", dom), ("phase", p.name())], l, PHASE_QUANTILES);
+                phases.summary(&[("domain", dom), ("phase", p.name())], l);
             }
         }
         // A domain with nothing open or waiting has no gauges (they go stale, not 0).
         let idle = d.gauges.connections_open == 0 && d.gauges.queued == 0;
         if !idle || dom == OTHER_DOMAIN {
-            conns_open.gauge(&[("domain", dom)], d.gauges.connections_open as f64);
+            // Connections are counted under a destination's first domain: its others say 0.
+            if d.gauges.connections_open > 0 || dom == OTHER_DOMAIN {
+                conns_open.gauge(&[("domain", dom)], d.gauges.connections_open as f64);
+            }
             queue.gauge(&[("domain", dom)], d.gauges.queued as f64);
-            oldest.gauge(&[("domain", dom)], d.gauges.oldest_seconds);
+            oldest.gauge(&[("domain", dom)], (d.gauges.oldest_seconds * 1e3).round() / 1e3);
         }
         for r in ConnResult::ALL {
             conns.counter_nz(&[("domain", dom), ("result", r.name())], s.connections[r as usize]);
@@ -298,8 +296,7 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     }
     let mut out = Vec::new();
     for f in [
-        deliveries, volume, replies, enhanced, categories, delivery, phases, conns_open, conns, tls, queue, oldest,
-        throttled,
+        deliveries, volume, replies, categories, delivery, phases, conns_open, conns, tls, queue, oldest, throttled,
     ] {
         f.done(&mut out);
     }

@@ -13,7 +13,7 @@ pub const MAX_LINES: usize = 128;
 pub const MAX_TEXT_BYTES: usize = 8192;
 
 /// An RFC 3463 enhanced status code such as `5.1.1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Enhanced {
     pub class: u8,
     pub subject: u16,

@@ -260,9 +260,14 @@ impl<J: Job> Core<J> {
         };
         // A failing reply is the domain's; a success (2xx, 3xx) says how
         // the servers answer, and is counted under the destination's first
-        // domain, like its phases (the sums over domains stay the same).
+        // domain, like its phases (the sums over domains stay the same). So
+        // is the refusal of DATA (or BDAT) after every RCPT was refused
+        // (RFC 2920's "554 no valid recipients"): it follows from those.
+        let none_accepted = !report.rcpts.iter().flatten().any(|r| r.code < 400);
+        let domain_s =
+            |c: Command, code: u16| code >= 400 && !(none_accepted && c != Command::Mail && c != Command::Rcpt);
         self.metrics.with(&slot, |m| {
-            for (c, r) in replies().filter(|(_, r)| r.code >= 400) {
+            for (c, r) in replies().filter(|&(c, r)| domain_s(c, r.code)) {
                 m.reply(c, r.code, r.enhanced);
             }
             if delivered > 0 {
@@ -280,7 +285,7 @@ impl<J: Job> Core<J> {
             owner = Some(report.txn.domain.clone());
         }
         let count = |m: &mut crate::metrics::DomainStats| {
-            for (c, r) in replies().filter(|(_, r)| r.code < 400) {
+            for (c, r) in replies().filter(|&(c, r)| !domain_s(c, r.code)) {
                 m.reply(c, r.code, r.enhanced);
             }
             let phases = [
