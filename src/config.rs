@@ -114,8 +114,12 @@ pub struct Config {
     pub pipelining: bool,
     /// Use CHUNKING (RFC 3030, BDAT) where offered with PIPELINING.
     pub chunking: bool,
-    /// With CHUNKING: transactions in flight at once on one connection.
+    /// With CHUNKING: transactions in flight at once on one connection, to start with.
     pub pipeline_window: usize,
+    /// With CHUNKING: what that window may grow to while the server takes
+    /// every transaction whole (one more per transaction, halved when it
+    /// puts off MAIL or BDAT); equal to `pipeline_window`: no growth.
+    pub pipeline_window_max: usize,
     /// With CHUNKING: message bytes in flight at once on one connection.
     pub pipeline_window_bytes: usize,
 }
@@ -170,6 +174,7 @@ impl Default for Config {
             pipelining: true,
             chunking: true,
             pipeline_window: 8,
+            pipeline_window_max: 32,
             pipeline_window_bytes: 1 << 20,
         }
     }
@@ -586,6 +591,7 @@ impl Config {
                 self.max_deferred_recipients_per_shard,
             ),
             ("pipeline_window", self.pipeline_window),
+            ("pipeline_window_max", self.pipeline_window_max),
             ("max_message_files_in_use", self.max_message_files_in_use),
             ("max_message_bytes", self.max_message_bytes as usize),
             ("max_message_bytes_in_use", self.max_message_bytes_in_use as usize),
@@ -597,6 +603,13 @@ impl Config {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if self.pipeline_window_max < self.pipeline_window {
+            bail!(
+                "pipeline_window_max ({}) is below pipeline_window ({}): the window starts at pipeline_window and grows up to pipeline_window_max",
+                self.pipeline_window_max,
+                self.pipeline_window
+            );
         }
         for (i, d) in self.spread_domains.iter().enumerate() {
             if d.is_empty()
@@ -948,6 +961,19 @@ mod tests {
         );
         let cfg: Config = toml::from_str("[dns]\nthreads = 1\n").unwrap();
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn a_window_bound_below_its_start_is_refused_by_its_keys() {
+        let cfg: Config = toml::from_str("pipeline_window = 16\npipeline_window_max = 4\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("pipeline_window_max (4) is below pipeline_window (16)"),
+            "{err}"
+        );
+        let cfg: Config = toml::from_str("pipeline_window = 16\npipeline_window_max = 16\n").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(Config::default().pipeline_window_max, 32);
     }
 
     #[test]

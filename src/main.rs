@@ -217,9 +217,13 @@ struct SendArgs {
     /// Never use BDAT (CHUNKING): DATA only.
     #[arg(long)]
     no_chunking: bool,
-    /// With BDAT: transactions in flight on one connection (default 8).
+    /// With BDAT: transactions in flight on one connection to start with (default 8).
     #[arg(long)]
     pipeline_window: Option<usize>,
+    /// With BDAT: what that window may grow to while the server takes every
+    /// transaction (default 32; the start value: no growth).
+    #[arg(long)]
+    pipeline_window_max: Option<usize>,
 }
 
 #[derive(Args)]
@@ -480,6 +484,10 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = a.pipeline_window {
         config.pipeline_window = n;
+        config.pipeline_window_max = config.pipeline_window_max.max(n);
+    }
+    if let Some(n) = a.pipeline_window_max {
+        config.pipeline_window_max = n;
     }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;

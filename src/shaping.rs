@@ -113,6 +113,7 @@ pub struct Knobs {
     pub max_deliveries_per_connection: Option<usize>,
     pub max_rcpts_per_txn: Option<usize>,
     pub pipeline_window: Option<usize>,
+    pub pipeline_window_max: Option<usize>,
     pub tls: Option<TlsPolicy>,
     pub source_addresses: Option<Vec<SourceAddress>>,
     #[serde(default, with = "humantime_serde::option")]
@@ -138,6 +139,7 @@ impl Knobs {
             max_deliveries_per_connection,
             max_rcpts_per_txn,
             pipeline_window,
+            pipeline_window_max,
             tls,
             source_addresses,
             idle_timeout,
@@ -151,6 +153,7 @@ impl Knobs {
             ("max_deliveries_per_connection", self.max_deliveries_per_connection),
             ("max_rcpts_per_txn", self.max_rcpts_per_txn),
             ("pipeline_window", self.pipeline_window),
+            ("pipeline_window_max", self.pipeline_window_max),
         ];
         for (key, v) in positive {
             if v == Some(0) {
@@ -271,7 +274,7 @@ impl Rule {
                     bail!(
                         "{at}: action.set: {key} cannot be changed by a rule (a rule sets max_connections, \
                          max_message_rate, max_connection_rate, max_deliveries_per_connection, \
-                         max_rcpts_per_txn, pipeline_window)"
+                         max_rcpts_per_txn, pipeline_window, pipeline_window_max)"
                     );
                 }
                 RuleAction::Set(Box::new(knobs))
@@ -344,6 +347,8 @@ pub struct Policy {
     pub max_deliveries_per_connection: usize,
     pub max_rcpts_per_txn: usize,
     pub pipeline_window: usize,
+    /// Never below `pipeline_window`.
+    pub pipeline_window_max: usize,
     pub tls: TlsPolicy,
     pub sources: Vec<SourceAddress>,
     pub idle_timeout: Duration,
@@ -474,6 +479,10 @@ impl Shaping {
                 .unwrap_or(cfg.max_messages_per_connection),
             max_rcpts_per_txn: knobs.max_rcpts_per_txn.unwrap_or(cfg.max_rcpts_per_txn),
             pipeline_window: knobs.pipeline_window.unwrap_or(cfg.pipeline_window),
+            pipeline_window_max: knobs
+                .pipeline_window_max
+                .unwrap_or(cfg.pipeline_window_max)
+                .max(knobs.pipeline_window.unwrap_or(cfg.pipeline_window)),
             tls: match cfg.tls_policy.get(domain) {
                 Some(t) => *t,
                 None => knobs.tls.unwrap_or(cfg.tls),

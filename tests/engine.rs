@@ -46,6 +46,8 @@ enum Step {
     S(&'static str),
     /// Hand the next transaction to the session.
     Submit,
+    /// The session must not want a transaction now (its window is full).
+    Full,
     Quit,
     /// The driver finished the TLS handshake.
     TlsUp,
@@ -104,6 +106,7 @@ fn run_session(name: &str, mut s: Session<Txn>, mut txns: Vec<Txn>, steps: &[Ste
                 assert!(s.wants_txn(), "{name}: step {i}: session does not want a transaction");
                 s.submit(txns.pop().expect("a transaction to submit"));
             }
+            Full => assert!(!s.wants_txn(), "{name}: step {i}: session wants a transaction"),
             Quit => s.quit(),
             TlsUp => s.tls_established(),
         }
@@ -827,8 +830,87 @@ const EHLO_CHUNK: Step = S("250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\
 fn window(n: usize) -> Extensions {
     Extensions {
         window: n,
+        window_max: n,
         ..Extensions::default()
     }
+}
+
+/// The BDAT window grows by one for each transaction the server takes
+/// whole, up to `window_max`; a recipient's refusal leaves it as it is; a
+/// 4xx to BDAT halves it, never below where it started.
+#[test]
+fn the_bdat_window_grows_while_the_server_keeps_up_and_halves_when_it_pushes_back() {
+    let ok = "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n";
+    let (s, seen) = run_ext(
+        "bdat window growth",
+        Extensions {
+            window: 2,
+            window_max: 4,
+            ..Extensions::default()
+        },
+        (0..9).map(|_| txn(&["a@y.test"], "x\n")).collect(),
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            C(concat!(
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n",
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"
+            )),
+            // Two at first; the first accepted whole makes it three: two more go.
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            Submit,
+            Submit,
+            C(concat!(
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n",
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"
+            )),
+            // A refused recipient is not the server pushing back: three stays three,
+            // so one more goes (three in flight).
+            S("250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"),
+            // The third accepted: four (the bound), two in flight: two more go.
+            S(ok),
+            Submit,
+            Submit,
+            C(concat!(
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n",
+                "MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"
+            )),
+            S(ok),
+            S(ok),
+            // A BDAT put off: four halves to two. One is in flight, so one
+            // more goes, and then the window is full.
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.3.0 try again later\r\n"),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"),
+            Full,
+            S(ok),
+            Submit,
+            C("MAIL FROM:<news@sender.test> SIZE=3\r\nRCPT TO:<a@y.test>\r\nBDAT 3 LAST\r\nx\r\n"),
+            S(ok),
+            S(ok),
+        ],
+    );
+    assert_eq!(
+        statuses(&seen),
+        vec![
+            vec![OK],
+            vec![B],
+            vec![OK],
+            vec![OK],
+            vec![OK],
+            vec![D],
+            vec![OK],
+            vec![OK],
+            vec![OK],
+        ]
+    );
+    // Three accepted after the halving: back to the bound.
+    assert_eq!(s.window(), 4);
 }
 
 /// With CHUNKING and PIPELINING, transactions go out back to back as

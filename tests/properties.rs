@@ -445,6 +445,7 @@ fn run_engine(s: Script) -> usize {
         pipelining: true,
         chunking: true,
         window: s.window,
+        window_max: s.window * 2,
         window_bytes: 1 << 20,
     });
     let bodies: [&[u8]; 3] = [

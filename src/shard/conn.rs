@@ -158,6 +158,7 @@ async fn converse(
         pipelining: cfg.pipelining,
         chunking: cfg.chunking,
         window: dest.pipeline_window(),
+        window_max: dest.pipeline_window_max(),
         window_bytes: cfg.pipeline_window_bytes,
     });
     let relay = dest.relay.as_deref();

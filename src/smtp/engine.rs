@@ -398,8 +398,13 @@ const DATA_FLIGHTS: usize = 2;
 pub struct Extensions {
     pub pipelining: bool,
     pub chunking: bool,
-    /// Transactions in flight at once with CHUNKING (BDAT).
+    /// Transactions in flight at once with CHUNKING (BDAT), to start with.
     pub window: usize,
+    /// What the window may grow to while the server keeps up: each
+    /// transaction it accepts whole widens it by one (so it doubles each
+    /// round trip), one it refuses with a temporary failure to MAIL or BDAT
+    /// (or a 421) halves it, never below `window`. Equal to `window`: no growth.
+    pub window_max: usize,
     /// Message bytes in flight at once with CHUNKING: a transaction that would
     /// pass it waits for earlier ones (unless nothing is in flight), so big
     /// messages do not fill the output buffer eightfold.
@@ -412,6 +417,7 @@ impl Default for Extensions {
             pipelining: true,
             chunking: true,
             window: 8,
+            window_max: 8,
             window_bytes: 1 << 20,
         }
     }
@@ -444,6 +450,8 @@ pub struct Session<T> {
     bdat_failed: bool,
     /// RSET goes before the next MAIL.
     rset_first: bool,
+    /// The BDAT window now, between `ext.window` and `ext.window_max`.
+    window: usize,
 }
 
 impl<T: Envelope> Session<T> {
@@ -472,13 +480,20 @@ impl<T: Envelope> Session<T> {
             ext: Extensions::default(),
             bdat_failed: false,
             rset_first: false,
+            window: Extensions::default().window,
         }
     }
 
     /// Limits the extensions used (for lock-step or DATA-only sending, and the window).
     pub fn with_extensions(mut self, ext: Extensions) -> Self {
         self.ext = ext;
+        self.window = ext.window.max(1);
         self
+    }
+
+    /// Transactions that may be in flight at once with BDAT now.
+    pub fn window(&self) -> usize {
+        self.window
     }
 
     /// Transactions go out with BDAT (CHUNKING and PIPELINING offered and allowed).
@@ -487,11 +502,7 @@ impl<T: Envelope> Session<T> {
     }
 
     fn max_flights(&self) -> usize {
-        if self.is_chunking() {
-            self.ext.window.max(1)
-        } else {
-            DATA_FLIGHTS
-        }
+        if self.is_chunking() { self.window } else { DATA_FLIGHTS }
     }
 
     /// Authenticates (AUTH PLAIN, else LOGIN) after EHLO, and after TLS
@@ -941,7 +952,30 @@ impl<T: Envelope> Session<T> {
     fn finish(&mut self, seq: u64) {
         let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
         let flight = self.flights.remove(idx).expect("flight exists");
+        if flight.report.chunked {
+            self.adapt_window(&flight.report);
+        }
         self.events.push_back(Event::Done(flight.report));
+    }
+
+    /// Widens the BDAT window by one for a transaction the server took
+    /// whole (MAIL, every RCPT and BDAT answered 2xx), and halves it (never
+    /// below the configured start) when the server put off MAIL or BDAT or
+    /// said 421: a server that keeps up gets more in flight, one that
+    /// pushes back gets less. A recipient's own refusal changes nothing.
+    fn adapt_window(&mut self, r: &TxnReport<T>) {
+        let ok = |x: &Option<Reply>| x.as_ref().is_some_and(|r| r.code / 100 == 2);
+        let pushed_back = |x: &Option<Reply>| x.as_ref().is_some_and(|r| r.code / 100 == 4);
+        let start = self.ext.window.max(1);
+        let said_421 = [&r.mail, &r.dot]
+            .into_iter()
+            .chain(r.rcpts.iter())
+            .any(|x| x.as_ref().is_some_and(|r| r.code == 421));
+        if said_421 || pushed_back(&r.mail) || pushed_back(&r.dot) {
+            self.window = (self.window / 2).max(start);
+        } else if r.failure.is_none() && ok(&r.mail) && ok(&r.dot) && r.rcpts.iter().all(ok) {
+            self.window = (self.window + 1).min(self.ext.window_max.max(start));
+        }
     }
 
     /// Starts the waiting transaction when the protocol allows it.

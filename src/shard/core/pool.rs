@@ -138,6 +138,20 @@ impl<J> Dest<J> {
             .unwrap_or(self.policy.pipeline_window)
     }
 
+    /// What that window may grow to: a rule's `pipeline_window` holds it
+    /// there unless the rule sets `pipeline_window_max` too.
+    pub fn pipeline_window_max(&self) -> usize {
+        let max = match (
+            self.overridden(|k| k.pipeline_window),
+            self.overridden(|k| k.pipeline_window_max),
+        ) {
+            (_, Some(m)) => m,
+            (Some(w), None) => w,
+            (None, None) => self.policy.pipeline_window_max,
+        };
+        max.max(self.pipeline_window())
+    }
+
     fn overridden<T>(&self, f: impl FnOnce(&crate::shaping::Knobs) -> Option<T>) -> Option<T> {
         self.automation.borrow().overridden.as_ref().and_then(|(_, k)| f(k))
     }

@@ -897,6 +897,7 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
     );
     assert_eq!(dest.message_rate(), Some("1/s".parse().unwrap()));
     assert_eq!(dest.pipeline_window(), 1, "for connections opened while it is in force");
+    assert_eq!(dest.pipeline_window_max(), 1, "and it does not grow past the rule's");
     let queued = dest.queue.borrow().len();
     r.send("routed.test", 5);
     assert_eq!(
@@ -912,9 +913,14 @@ fn an_override_lowers_the_limits_for_its_duration_and_is_lifted() {
     assert_eq!(dest.cap(), 10, "lifted after its duration");
     assert_eq!(dest.message_rate(), None);
     assert_eq!(
-        (dest.rcpts_per_txn(), dest.pipeline_window()),
-        (dest.policy.max_rcpts_per_txn, dest.policy.pipeline_window)
+        (dest.rcpts_per_txn(), dest.pipeline_window(), dest.pipeline_window_max()),
+        (
+            dest.policy.max_rcpts_per_txn,
+            dest.policy.pipeline_window,
+            dest.policy.pipeline_window_max
+        )
     );
+    assert!(dest.policy.pipeline_window_max > dest.policy.pipeline_window);
     assert!(r.answer(&dest, 250));
     assert!(r.answer(&dest, 250));
 }
