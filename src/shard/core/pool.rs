@@ -229,6 +229,9 @@ impl<J> Dest<J> {
     }
 }
 
+/// Queue slots a destination keeps however empty its queue gets.
+const QUEUE_KEEP: usize = 1024;
+
 impl<J: Job> Core<J> {
     /// The destination `label` under `policy` (domains with different TLS
     /// policies or source addresses never share a connection).
@@ -476,7 +479,18 @@ impl<J: Job> Core<J> {
             return None;
         }
         loop {
-            let mut txn = dest.queue.borrow_mut().pop_front()?;
+            let mut txn = {
+                let mut q = dest.queue.borrow_mut();
+                let txn = q.pop_front()?;
+                // A burst's room goes back once the queue has drained to an
+                // eighth of it (a destination that once held 100,000 would
+                // otherwise keep ~20 MB while its recipients wait for retries).
+                if q.capacity() > QUEUE_KEEP && q.len() < q.capacity() / 8 {
+                    let keep = (q.len() * 2).max(QUEUE_KEEP);
+                    q.shrink_to(keep);
+                }
+                txn
+            };
             if txn.held && now >= txn.first_seen + txn.domain.retry().max_age {
                 // Waited for a suspension to end past max_age.
                 let reason = format!("not sent within max_age: {} was suspended", dest.label);

@@ -1023,3 +1023,27 @@ fn recipients_held_by_a_suspension_expire_at_their_max_age_not_when_it_ends() {
     assert!(!dest.suspended(r.now));
     assert!(r.core.next_txn(&dest, r.now).is_none());
 }
+
+/// A destination's queue gives back the room a burst took once it drains.
+#[test]
+fn a_drained_queue_gives_back_its_room() {
+    let mut r = Rig::shaped(config(), "[\"routed.test\"]\nmax_rcpts_per_txn = 1\n");
+    for _ in 0..50 {
+        r.send("routed.test", 100);
+    }
+    let dest = r.opened().remove(0);
+    assert_eq!(dest.queue.borrow().len(), 5_000);
+    assert!(dest.queue.borrow().capacity() >= 5_000);
+    r.ready(&dest);
+    for i in 0..4_990u64 {
+        assert!(r.answer(&dest, 250), "transaction {i}");
+        if i % 100 == 0 {
+            // The collector has written them.
+            r.outcomes();
+            r.core.collector(false, i + 1);
+        }
+    }
+    let q = dest.queue.borrow();
+    assert_eq!(q.len(), 10);
+    assert!(q.capacity() <= 2 * 1024, "capacity {} for 10 queued", q.capacity());
+}
