@@ -118,11 +118,16 @@ pub struct Config {
     pub pipeline_window: usize,
     /// With CHUNKING: what that window may grow to while the server takes
     /// every transaction whole (one more per transaction, halved when it
-    /// puts off MAIL or BDAT); equal to `pipeline_window`: no growth.
-    pub pipeline_window_max: usize,
+    /// puts off MAIL or BDAT); equal to `pipeline_window`: no growth. Unset:
+    /// `PIPELINE_WINDOW_MAX` or `pipeline_window`, whichever is larger
+    /// (see [`Config::window_max`]).
+    pub pipeline_window_max: Option<usize>,
     /// With CHUNKING: message bytes in flight at once on one connection.
     pub pipeline_window_bytes: usize,
 }
+
+/// What the BDAT window grows to when `pipeline_window_max` is not set.
+pub const PIPELINE_WINDOW_MAX: usize = 32;
 
 /// Durations past this are surely mistakes (and `Instant + d` would overflow).
 const LONGEST_DAYS: u64 = 3650;
@@ -174,7 +179,7 @@ impl Default for Config {
             pipelining: true,
             chunking: true,
             pipeline_window: 8,
-            pipeline_window_max: 32,
+            pipeline_window_max: None,
             pipeline_window_bytes: 1 << 20,
         }
     }
@@ -399,6 +404,13 @@ impl Retry {
 }
 
 impl Config {
+    /// The bound of the BDAT window: `pipeline_window_max`, or when unset
+    /// `PIPELINE_WINDOW_MAX` or `pipeline_window`, whichever is larger.
+    pub fn window_max(&self) -> usize {
+        self.pipeline_window_max
+            .unwrap_or(PIPELINE_WINDOW_MAX.max(self.pipeline_window))
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         if let Ok(t) = toml::from_str::<toml::Table>(&text)
@@ -591,7 +603,7 @@ impl Config {
                 self.max_deferred_recipients_per_shard,
             ),
             ("pipeline_window", self.pipeline_window),
-            ("pipeline_window_max", self.pipeline_window_max),
+            ("pipeline_window_max", self.pipeline_window_max.unwrap_or(1)),
             ("max_message_files_in_use", self.max_message_files_in_use),
             ("max_message_bytes", self.max_message_bytes as usize),
             ("max_message_bytes_in_use", self.max_message_bytes_in_use as usize),
@@ -604,10 +616,11 @@ impl Config {
                 bail!("{name} must be at least 1");
             }
         }
-        if self.pipeline_window_max < self.pipeline_window {
+        if let Some(max) = self.pipeline_window_max
+            && max < self.pipeline_window
+        {
             bail!(
-                "pipeline_window_max ({}) is below pipeline_window ({}): the window starts at pipeline_window and grows up to pipeline_window_max",
-                self.pipeline_window_max,
+                "pipeline_window_max ({max}) is below pipeline_window ({}): the window starts at pipeline_window and grows up to pipeline_window_max",
                 self.pipeline_window
             );
         }
@@ -973,7 +986,12 @@ mod tests {
         );
         let cfg: Config = toml::from_str("pipeline_window = 16\npipeline_window_max = 16\n").unwrap();
         cfg.validate().unwrap();
-        assert_eq!(Config::default().pipeline_window_max, 32);
+        assert_eq!(cfg.window_max(), 16);
+        assert_eq!(Config::default().window_max(), PIPELINE_WINDOW_MAX);
+        // A bigger start without a bound of its own is its own bound (no growth, no error).
+        let cfg: Config = toml::from_str("pipeline_window = 64\n").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.window_max(), 64);
     }
 
     #[test]

@@ -484,10 +484,9 @@ fn cmd_send(a: SendArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = a.pipeline_window {
         config.pipeline_window = n;
-        config.pipeline_window_max = config.pipeline_window_max.max(n);
     }
     if let Some(n) = a.pipeline_window_max {
-        config.pipeline_window_max = n;
+        config.pipeline_window_max = Some(n);
     }
     if let Some(n) = a.connections {
         config.max_connections_per_destination = n;

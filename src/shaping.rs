@@ -160,6 +160,11 @@ impl Knobs {
                 bail!("{at}: {key} must be at least 1");
             }
         }
+        if let (Some(w), Some(m)) = (self.pipeline_window, self.pipeline_window_max)
+            && m < w
+        {
+            bail!("{at}: pipeline_window_max ({m}) is below pipeline_window ({w})");
+        }
         Ok(())
     }
 }
@@ -479,10 +484,14 @@ impl Shaping {
                 .unwrap_or(cfg.max_messages_per_connection),
             max_rcpts_per_txn: knobs.max_rcpts_per_txn.unwrap_or(cfg.max_rcpts_per_txn),
             pipeline_window: knobs.pipeline_window.unwrap_or(cfg.pipeline_window),
-            pipeline_window_max: knobs
-                .pipeline_window_max
-                .unwrap_or(cfg.pipeline_window_max)
-                .max(knobs.pipeline_window.unwrap_or(cfg.pipeline_window)),
+            pipeline_window_max: {
+                let window = knobs.pipeline_window.unwrap_or(cfg.pipeline_window);
+                knobs
+                    .pipeline_window_max
+                    .or(cfg.pipeline_window_max)
+                    .unwrap_or(crate::config::PIPELINE_WINDOW_MAX)
+                    .max(window)
+            },
             tls: match cfg.tls_policy.get(domain) {
                 Some(t) => *t,
                 None => knobs.tls.unwrap_or(cfg.tls),
@@ -712,6 +721,15 @@ mod tests {
         .unwrap();
         let p = s.policy(&cfg, "d.test", &[]);
         assert_eq!((p.max_connections, p.max_deliveries_per_connection), (9, 50));
+        assert_eq!(
+            (p.pipeline_window, p.pipeline_window_max),
+            (8, crate::config::PIPELINE_WINDOW_MAX)
+        );
+        // A scope's bigger start without a bound of its own grows no further (and is not an error).
+        let mut wide = Shaping::default();
+        wide.add("[\"w.test\"]\npipeline_window = 64\n", "w.toml").unwrap();
+        let p = wide.policy(&cfg, "w.test", &[]);
+        assert_eq!((p.pipeline_window, p.pipeline_window_max), (64, 64));
         assert_eq!(p.tls, TlsPolicy::Opportunistic);
         assert_eq!(s.policy(&cfg, "bank.test", &[]).tls, TlsPolicy::Verify);
     }
@@ -734,6 +752,10 @@ mod tests {
             (
                 "[provider.y]\nmax_connections = 2\n",
                 "f.toml: [provider.y]: a provider needs match",
+            ),
+            (
+                "[\"a.test\"]\npipeline_window = 16\npipeline_window_max = 4\n",
+                "f.toml: [\"a.test\"]: pipeline_window_max (4) is below pipeline_window (16)",
             ),
             (
                 "[[default.automation]]\nregex = \"(\"\naction = \"suspend\"\nduration = \"1m\"\n",

@@ -223,9 +223,14 @@ fn crash_case(chunking: bool, skewed: bool) {
         );
         logged_twice += u64::from(*n > 1);
     }
-    // In flight at a kill: two transactions per connection (eight with BDAT), plus
-    // outcomes not yet journaled (the shard flush and the group-commit interval, a few ms of traffic).
-    let per_connection = if chunking { 8 } else { 2 };
+    // In flight at a kill: two transactions per connection (with BDAT the
+    // window, which grows to pipeline_window_max), plus outcomes not yet
+    // journaled (the shard flush and the group-commit interval, a few ms of traffic).
+    let per_connection = if chunking {
+        volley::config::PIPELINE_WINDOW_MAX as u64
+    } else {
+        2
+    };
     let bound = KILL_AT.len() as u64 * (per_connection * CONNECTIONS + 500);
     eprintln!(
         "crash (bdat: {chunking}, read again: {skewed}): lost 0, duplicates {duplicates} in all (bound {bound}), {logged_twice} of them logged twice, delivered but not journaled at each kill {kills:?}"

@@ -133,13 +133,12 @@ impl Family {
         }
     }
     fn summary(&mut self, l: &[(&str, &str)], lat: &Latency) {
-        let quantiles = QUANTILES;
         let mut s = Summary::default();
         s.set_sample_count(lat.count());
         s.set_sample_sum(lat.sum_seconds());
-        let values = lat.quantiles_seconds(quantiles);
+        let values = lat.quantiles_seconds(QUANTILES);
         s.set_quantile(
-            quantiles
+            QUANTILES
                 .iter()
                 .zip(values)
                 .map(|(&q, v)| {
