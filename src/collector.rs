@@ -6,7 +6,7 @@
 //! the log too, whatever moment a crash picks. After a write fails it writes
 //! and counts nothing more: the caller stops the send.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -301,8 +301,9 @@ pub struct FileTrack {
     /// Final outcomes committed, in all and per outcome.
     pub finals: u64,
     pub counts: [u64; 5],
-    /// Recipients (line, index) deferred and not final yet.
-    pub deferred: HashSet<(u32, u32)>,
+    /// Recipients deferred and not final yet (counted at their first
+    /// deferral, until their final outcome).
+    pub deferred: u64,
     /// (when, finals) samples for the rate `/status` shows.
     samples: VecDeque<(Instant, u64)>,
 }
@@ -327,7 +328,7 @@ impl FileTrack {
         };
         let c = |o: Outcome| self.counts[o.index()];
         let left = self.expected.map(|e| e.saturating_sub(self.finals));
-        let retrying = left.is_some_and(|l| l > 0 && self.deferred.len() as u64 >= l);
+        let retrying = left.is_some_and(|l| l > 0 && self.deferred >= l);
         FileStatus {
             name: self.name.clone(),
             state: match (self.expected, retrying) {
@@ -341,7 +342,7 @@ impl FileTrack {
             bounced: c(Outcome::Bounced),
             expired: c(Outcome::Expired),
             rejected: c(Outcome::Rejected),
-            deferred: self.deferred.len() as u64,
+            deferred: self.deferred,
             rate_per_second: rate,
             eta_seconds: match self.expected {
                 _ if retrying => None,
@@ -567,14 +568,14 @@ impl Collector {
             return Err(e);
         }
         for k in self.pending.iter().flat_map(|b| &b.deferred) {
-            self.files.entry(k.file).or_default().deferred.insert((k.line, k.idx));
+            self.files.entry(k.file).or_default().deferred += 1;
         }
         for f in self.pending.iter().flat_map(|b| &b.finals) {
             let track = self.files.entry(f.key.file).or_default();
             track.finals += 1;
             track.counts[f.outcome.index()] += 1;
-            if !track.deferred.is_empty() {
-                track.deferred.remove(&(f.key.line, f.key.idx));
+            if f.retried {
+                track.deferred = track.deferred.saturating_sub(1);
             }
         }
         for batch in self.pending.drain(..) {
@@ -683,10 +684,10 @@ mod tests {
         t.samples.push_back((now - Duration::from_secs(5), 0));
         let sending = t.status(now);
         assert_eq!((sending.state, sending.eta_seconds.is_some()), ("sending", true));
-        t.deferred.insert((3, 0));
+        t.deferred = 1;
         let waiting = t.status(now);
         assert_eq!((waiting.state, waiting.eta_seconds), ("retrying", None));
-        t.deferred.clear();
+        t.deferred = 0;
         t.finals = 10;
         t.counts[Outcome::Delivered.index()] = 10;
         let done = t.finished_status(now);
@@ -796,6 +797,7 @@ mod tests {
             b.finals.push(Final {
                 key: RcptKey { file, line, idx: 0 },
                 outcome: Outcome::Delivered,
+                retried: false,
             });
             b.log.extend_from_slice(format!("{{\"line\":{line}}}\n").as_bytes());
             b.counts[Outcome::Delivered.index()] += 1;

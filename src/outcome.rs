@@ -123,6 +123,8 @@ pub struct RcptKey {
 pub struct Final {
     pub key: RcptKey,
     pub outcome: Outcome,
+    /// It was deferred before in this run (it is no longer waiting).
+    pub retried: bool,
 }
 
 /// What one producer sends the collector at a time.
@@ -130,7 +132,7 @@ pub struct Final {
 pub struct OutcomeBatch {
     /// Final outcomes in this batch, for the journal.
     pub finals: Vec<Final>,
-    /// Recipients deferred in this batch (for `/status`).
+    /// Recipients deferred for the first time in this run, in this batch (for `/status`).
     pub deferred: Vec<RcptKey>,
     /// Delivery log lines, each ending in `\n` (empty when there is no log).
     pub log: Vec<u8>,
@@ -253,8 +255,10 @@ impl Recorder {
             self.batch.finals.push(Final {
                 key,
                 outcome: rec.outcome,
+                retried: rec.attempt > 1,
             });
-        } else {
+        } else if rec.attempt == 1 {
+            // Each deferral moves the attempt on: a later one is of a recipient counted already.
             self.batch.deferred.push(key);
         }
         if let Some(code) = rec.code {
@@ -378,7 +382,8 @@ mod tests {
             b.finals,
             vec![Final {
                 key,
-                outcome: Outcome::Bounced
+                outcome: Outcome::Bounced,
+                retried: false,
             }]
         );
         assert_eq!(b.codes, vec![(550, 1)]);

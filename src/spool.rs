@@ -310,6 +310,13 @@ impl LineCursor {
         None
     }
 
+    /// The line that starts at byte `off` (as [`LineCursor::next_line`] gave it).
+    pub fn line_at(map: &[u8], off: usize) -> &[u8] {
+        let rest = &map[off..];
+        let raw = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+        raw.strip_suffix(b"\r").unwrap_or(raw)
+    }
+
     pub fn at_end(&self, map: &[u8]) -> bool {
         self.pos >= map.len()
     }

@@ -404,3 +404,97 @@ fn static_headers_keep_the_shared_copy() {
     assert!(header(&msgs[0], "Message-ID").is_some());
     assert!(header(&msgs[0], "Date").is_none(), "not asked for");
 }
+
+/// Recipients that wait for a retry keep only where their job's line is:
+/// when they are due the line is read again, and each comes back with its
+/// own copy, its own envelope sender and strings that held JSON escapes.
+#[test]
+fn recipients_back_from_a_retry_get_their_own_copy_sender_and_escaped_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        defer_rate: 0.5,
+        seed: 11,
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(dir.path().join("t.eml"), "Subject: Hello {{ name }}\n\nfor {{ rcpt }}\n").unwrap();
+    std::fs::write(dir.path().join("m.eml"), "Subject: plain\n\nbody\n").unwrap();
+    let names = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal"];
+    let personal: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| serde_json::json!({"rcpt": format!("{n}@d{}.test", i % 2), "vars": {"name": n.to_uppercase()}}))
+        .collect();
+    let plain: Vec<String> = (0..12).map(|i| format!("r{i}@d{}.test", i % 3)).collect();
+    // Escapes make the parser own these strings rather than point into the file.
+    let escaped = plain
+        .iter()
+        .map(|r| format!("\"{}\"", r.replacen('r', "\\u0072", 1)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let text = format!(
+        "{}\n{{\"id\":\"esc\\u0061ped\",\"from\":\"b\\u0040news.example.com\",\"message\":\"m.eml\",\"to\":[{escaped}]}}\n",
+        serde_json::json!({"id": "news", "from": "b@news.example.com", "message": "t.eml",
+            "verp": "b+{{ rcpt_local }}@news.example.com", "to": personal}),
+    );
+    let path = dir.path().join("r.jsonl");
+    std::fs::write(&path, text).unwrap();
+    let log = dir.path().join("log.jsonl");
+    let mut cfg = Config {
+        log: Some(log.clone()),
+        shards: Some(2),
+        ..Config::default()
+    };
+    cfg.retry.initial = std::time::Duration::from_millis(20);
+    cfg.retry.max_delay = std::time::Duration::from_millis(100);
+    cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+    let summary = send_all(vec![path], cfg);
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 20);
+    let f = finals(&read_log(&log));
+    assert_eq!(f.len(), 20);
+    let retried = |id: &str| f.iter().filter(|((i, _), r)| i == id && r["attempt"].as_u64() > Some(1)).count();
+    assert!(retried("news") > 0 && retried("escaped") > 0, "{f:?}");
+    let mut got: Vec<String> = dumped(&dump)
+        .iter()
+        .map(|t| {
+            let from = t.lines().find(|l| l.starts_with("X-Mail-From:")).unwrap();
+            let mut to: Vec<&str> = t.lines().filter(|l| l.starts_with("X-Rcpt-To:")).collect();
+            to.sort();
+            let subject = header(t, "Subject").unwrap();
+            format!("{from} {} {subject}", to.join(" "))
+        })
+        .collect();
+    got.sort();
+    let rcpts: Vec<String> = got
+        .iter()
+        .flat_map(|l| l.split(' ').filter(|w| w.starts_with('<') && !w.contains("news.example.com")))
+        .map(String::from)
+        .collect();
+    let mut want_rcpts: Vec<String> = personal
+        .iter()
+        .map(|p| format!("<{}>", p["rcpt"].as_str().unwrap()))
+        .chain(plain.iter().map(|r| format!("<{r}>")))
+        .collect();
+    want_rcpts.sort();
+    let mut rcpts_sorted = rcpts.clone();
+    rcpts_sorted.sort();
+    assert_eq!(rcpts_sorted, want_rcpts, "each recipient once: {got:#?}");
+    for (i, n) in names.iter().enumerate() {
+        let line = format!(
+            "X-Mail-From: <b+{n}@news.example.com> X-Rcpt-To: <{n}@d{}.test> Hello {}",
+            i % 2,
+            n.to_uppercase()
+        );
+        assert!(got.contains(&line), "{line} in {got:#?}");
+    }
+    assert!(
+        got.iter()
+            .filter(|l| l.ends_with(" plain"))
+            .all(|l| l.starts_with("X-Mail-From: <b@news.example.com> ")),
+        "{got:#?}"
+    );
+}

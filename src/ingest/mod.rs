@@ -119,7 +119,12 @@ struct Group<'m> {
 /// Messages from ingest to a shard.
 pub enum ToShard {
     /// A spool file the following work refers to by `id`.
-    File { id: u32, file: Arc<MappedFile> },
+    File {
+        id: u32,
+        file: Arc<MappedFile>,
+        /// When the file was first seen (`max_age` runs from then).
+        first_seen: Instant,
+    },
     /// Work, with the message files its items refer to by id.
     Work {
         items: Vec<WorkItem>,
@@ -145,6 +150,8 @@ const MAX_TEMPLATE_ANSWERS: usize = 4096;
 pub struct WorkItem {
     pub file: u32,
     pub line: u32,
+    /// Where the line starts in the spool file.
+    pub off: u64,
     pub id: Option<Span>,
     pub from: Span,
     pub body: BodyKey,
@@ -638,6 +645,7 @@ impl Ingest {
             tx.send(ToShard::File {
                 id: input.id,
                 file: input.file.clone(),
+                first_seen: input.first_seen,
             })
             .map_err(|_| "a shard stopped")?;
         }
@@ -931,6 +939,7 @@ impl Ingest {
             self.batches[shard].push(WorkItem {
                 file: fid,
                 line: line_no,
+                off: (line.as_ptr() as usize - map.as_ptr() as usize) as u64,
                 id: job.id.clone(),
                 from: job.from.clone(),
                 body: body.clone(),

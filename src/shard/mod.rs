@@ -103,6 +103,7 @@ struct LocalFile {
     id: u32,
     file: Arc<MappedFile>,
     name: String,
+    first_seen: Instant,
 }
 
 /// A job's recipients of one domain, as the spool gave them: spans into
@@ -110,6 +111,8 @@ struct LocalFile {
 pub(crate) struct SpoolJob {
     file: Rc<LocalFile>,
     line: u32,
+    /// Where its line starts in the spool file.
+    off: u64,
     id: Option<Span>,
     from: Span,
     body: Rc<Body>,
@@ -180,6 +183,7 @@ impl Job for SpoolJob {
         SpoolJob {
             file: self.file.clone(),
             line: self.line,
+            off: self.off,
             id: self.id.clone(),
             from: self.from.clone(),
             body: self.body.clone(),
@@ -197,6 +201,7 @@ impl Job for SpoolJob {
         SpoolJob {
             file: self.file.clone(),
             line: self.line,
+            off: self.off,
             id: self.id.clone(),
             from: self.from.clone(),
             body: self.body.clone(),
@@ -209,6 +214,95 @@ impl Job for SpoolJob {
     }
     fn release(&mut self) {
         self.rendered = None;
+    }
+
+    type Parked = ParkedRcpt;
+
+    fn park(self, first_seen: Instant, out: &mut dyn FnMut(ParkedRcpt)) {
+        debug_assert_eq!(first_seen, self.file.first_seen, "a spool job's first_seen is its file's");
+        let off = self.off | if self.personal.is_some() { PER_RCPT } else { 0 };
+        for r in &self.rcpts {
+            out(ParkedRcpt {
+                file: self.file.clone(),
+                body: self.body.clone(),
+                off,
+                line: self.line,
+                idx: r.idx,
+            });
+        }
+    }
+
+    fn unpark(parked: Vec<ParkedRcpt>) -> SpoolJob {
+        let p = &parked[0];
+        let map = p.file.file.bytes();
+        let off = p.off & !PER_RCPT;
+        let line = crate::spool::LineCursor::line_at(map, off as usize);
+        // The line parsed when it was read; the spool file is not changed under a sender.
+        let job = crate::spool::parse_job(map, line).expect("a waiting job's line parses as it did");
+        let rcpts = parked
+            .iter()
+            .map(|r| {
+                let i = r.idx as usize;
+                Rcpt {
+                    addr: job.to[i].clone(),
+                    idx: r.idx,
+                    vars: job
+                        .personal
+                        .as_ref()
+                        .and_then(|v| v.rcpt_vars.get(i).cloned().flatten())
+                        .map(Box::new),
+                }
+            })
+            .collect();
+        let personal = (p.off & PER_RCPT != 0).then(|| {
+            Rc::new(Personal {
+                template: job.personal.is_some(),
+                vars: job.personal.as_ref().and_then(|v| v.vars.clone()),
+                inline: match &job.body {
+                    crate::spool::JobBody::Inline(span) => Some(span.clone()),
+                    crate::spool::JobBody::File(_) => None,
+                },
+                list_unsubscribe: job.list_unsubscribe.clone(),
+            })
+        });
+        let (line_no, body) = (p.line, p.body.clone());
+        let file = parked.into_iter().next().expect("one parked recipient at least").file;
+        SpoolJob {
+            file,
+            line: line_no,
+            off,
+            id: job.id,
+            from: job.from,
+            body,
+            rcpts,
+            personal,
+            rendered: None,
+            verp: job.verp.map(Rc::new),
+            reverse: None,
+        }
+    }
+}
+
+/// The top bit of a parked recipient's line offset: its job is sent a copy
+/// per recipient (a template, or a List-Unsubscribe of its own).
+const PER_RCPT: u64 = 1 << 63;
+
+/// One recipient of a spool job waiting for a retry: where its line is
+/// (parsed again when it is due) and the message prepared for it.
+pub(crate) struct ParkedRcpt {
+    file: Rc<LocalFile>,
+    body: Rc<Body>,
+    off: u64,
+    line: u32,
+    idx: u32,
+}
+
+impl self::core::Parked for ParkedRcpt {
+    fn first_seen(&self) -> Instant {
+        self.file.first_seen
+    }
+    fn same_job(&self, o: &Self) -> bool {
+        Rc::ptr_eq(&self.file, &o.file) && self.line == o.line && Rc::ptr_eq(&self.body, &o.body)
     }
 }
 
@@ -570,14 +664,22 @@ impl Shard {
 
     fn accept(self: &Rc<Self>, msg: ToShard) {
         match msg {
-            ToShard::File { id, file } => {
+            ToShard::File { id, file, first_seen } => {
                 let name = file.path().file_name().map_or_else(
                     || file.path().display().to_string(),
                     |n| n.to_string_lossy().into_owned(),
                 );
                 self.files
                     .borrow_mut()
-                    .insert(id, Rc::new(LocalFile { id, file, name }));
+                    .insert(
+                    id,
+                    Rc::new(LocalFile {
+                        id,
+                        file,
+                        name,
+                        first_seen,
+                    }),
+                );
             }
             ToShard::Forget { file } => {
                 // Its recipients are all final: no transaction holds it any more.
@@ -630,6 +732,7 @@ impl Shard {
         let job = SpoolJob {
             file: file.clone(),
             line: item.line,
+            off: item.off,
             id: item.id,
             from: item.from,
             body,

@@ -78,6 +78,24 @@ pub trait Job {
     fn take(&mut self, which: &[usize]) -> Self;
     /// Lets go of what was made for one attempt (a rendered copy) while it waits.
     fn release(&mut self) {}
+
+    /// What one recipient of a waiting job keeps: as little as brings the
+    /// job back ([`Job::unpark`]).
+    type Parked: Parked;
+    /// The job as it waits for a retry, one parked recipient at a time
+    /// (`first_seen`: its transaction's).
+    fn park(self, first_seen: Instant, out: &mut dyn FnMut(Self::Parked));
+    /// The job again, of recipients parked together (one at least, all of
+    /// one job: [`Parked::same_job`]).
+    fn unpark(p: Vec<Self::Parked>) -> Self;
+}
+
+/// A recipient of a job waiting for a retry.
+pub trait Parked {
+    /// When its transaction was first seen (`max_age` runs from then).
+    fn first_seen(&self) -> Instant;
+    /// Whether `o` is a recipient of the same job, to be sent with this one.
+    fn same_job(&self, o: &Self) -> bool;
 }
 
 /// One transaction: recipients of one job and one domain.
@@ -156,7 +174,7 @@ pub struct CoreParams {
     pub metrics: bool,
 }
 
-pub struct Core<J> {
+pub struct Core<J: Job> {
     index: usize,
     cfg: Arc<Config>,
     routes: Arc<Routes>,
@@ -216,7 +234,7 @@ impl<J: Job> Core<J> {
             shared_dests: Vec::new(),
             last_rebalance: None,
             no_tls_until: HashMap::new(),
-            retries: retry::Retries::default(),
+            retries: retry::Retries::new(now),
             paced: std::collections::BinaryHeap::new(),
             shaping: p.shaping,
             domain_news: Vec::new(),
@@ -486,9 +504,7 @@ impl<J: Job> Core<J> {
                 oldest(&t.domain.name, t.first_seen);
             }
         }
-        for t in self.retries.iter() {
-            oldest(&t.domain.name, t.first_seen);
-        }
+        self.retries.each(|name, first_seen| oldest(name, first_seen));
         for d in self.domains.values() {
             d.each_waiting(|t| oldest(&d.name, t.first_seen));
         }

@@ -62,6 +62,40 @@ impl Job for TestJob {
             wire: self.wire.clone(),
         }
     }
+    type Parked = TestParked;
+    fn park(self, first_seen: Instant, out: &mut dyn FnMut(TestParked)) {
+        for rcpt in self.rcpts {
+            out(TestParked {
+                line: self.line,
+                rcpt,
+                wire: self.wire.clone(),
+                first_seen,
+            });
+        }
+    }
+    fn unpark(parked: Vec<TestParked>) -> TestJob {
+        TestJob {
+            line: parked[0].line,
+            wire: parked[0].wire.clone(),
+            rcpts: parked.into_iter().map(|p| p.rcpt).collect(),
+        }
+    }
+}
+
+struct TestParked {
+    line: u32,
+    rcpt: (String, u32),
+    wire: WireMessage,
+    first_seen: Instant,
+}
+
+impl Parked for TestParked {
+    fn first_seen(&self) -> Instant {
+        self.first_seen
+    }
+    fn same_job(&self, o: &Self) -> bool {
+        self.line == o.line
+    }
 }
 
 /// A core, its clock, and what it asked for so far.
