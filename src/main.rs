@@ -18,6 +18,17 @@ use volley::outcome::Outcome;
 use volley::send::{Progress, SendOptions, send};
 use volley::sink::{Sink, SinkOptions};
 
+/// jemalloc, giving freed memory back to the system on a thread of its own
+/// within about a second: glibc's arenas keep what a burst of transactions
+/// took (a shard's queue drained into waiting recipients stays resident).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options (read at its start).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// Exit status of `send` when some recipients expired (still deferred at max_age).
 const EXIT_EXPIRED: u8 = 3;
 /// Exit status of `send` stopped by SIGINT/SIGTERM before every recipient was final.

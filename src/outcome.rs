@@ -389,4 +389,44 @@ mod tests {
         assert_eq!(b.codes, vec![(550, 1)]);
         assert!(r.take().is_none());
     }
+
+    #[test]
+    fn a_recipient_counts_as_deferred_once_until_its_final_outcome() {
+        let mut r = Recorder::new(false);
+        let key = RcptKey {
+            file: 0,
+            line: 3,
+            idx: 1,
+        };
+        let rec = |outcome, attempt| LogRecord {
+            ts: SystemTime::UNIX_EPOCH,
+            id: JobId::Line("a.jsonl", 3),
+            rcpt: Some("x@d.test"),
+            domain: Some("d.test"),
+            outcome,
+            code: None,
+            enhanced: None,
+            reply: Some("4.7.0 later"),
+            mx: None,
+            ip: None,
+            attempt,
+            latency_ms: None,
+            tls: None,
+            category: None,
+            rule: None,
+            local: None,
+        };
+        for attempt in 1..=3 {
+            r.record(key, &rec(Outcome::Deferred, attempt));
+        }
+        r.record(key, &rec(Outcome::Delivered, 4));
+        r.record(RcptKey { idx: 2, ..key }, &rec(Outcome::Delivered, 1));
+        let b = r.take().unwrap();
+        assert_eq!(b.deferred, vec![key], "counted at its first deferral only");
+        assert_eq!(
+            b.finals.iter().map(|f| (f.key.idx, f.retried)).collect::<Vec<_>>(),
+            [(1, true), (2, false)],
+            "a final after a deferral takes it off the count"
+        );
+    }
 }

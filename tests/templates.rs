@@ -420,7 +420,11 @@ fn recipients_back_from_a_retry_get_their_own_copy_sender_and_escaped_strings() 
         ..Default::default()
     })
     .unwrap();
-    std::fs::write(dir.path().join("t.eml"), "Subject: Hello {{ name }}\n\nfor {{ rcpt }}\n").unwrap();
+    std::fs::write(
+        dir.path().join("t.eml"),
+        "Subject: Hello {{ name }}\n\nfor {{ rcpt }}\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("m.eml"), "Subject: plain\n\nbody\n").unwrap();
     let names = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal"];
     let personal: Vec<_> = names
@@ -456,7 +460,11 @@ fn recipients_back_from_a_retry_get_their_own_copy_sender_and_escaped_strings() 
     assert_eq!(summary.count(Outcome::Delivered), 20);
     let f = finals(&read_log(&log));
     assert_eq!(f.len(), 20);
-    let retried = |id: &str| f.iter().filter(|((i, _), r)| i == id && r["attempt"].as_u64() > Some(1)).count();
+    let retried = |id: &str| {
+        f.iter()
+            .filter(|((i, _), r)| i == id && r["attempt"].as_u64() > Some(1))
+            .count()
+    };
     assert!(retried("news") > 0 && retried("escaped") > 0, "{f:?}");
     let mut got: Vec<String> = dumped(&dump)
         .iter()
@@ -471,7 +479,10 @@ fn recipients_back_from_a_retry_get_their_own_copy_sender_and_escaped_strings() 
     got.sort();
     let rcpts: Vec<String> = got
         .iter()
-        .flat_map(|l| l.split(' ').filter(|w| w.starts_with('<') && !w.contains("news.example.com")))
+        .flat_map(|l| {
+            l.split(' ')
+                .filter(|w| w.starts_with('<') && !w.contains("news.example.com"))
+        })
         .map(String::from)
         .collect();
     let mut want_rcpts: Vec<String> = personal

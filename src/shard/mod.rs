@@ -219,7 +219,10 @@ impl Job for SpoolJob {
     type Parked = ParkedRcpt;
 
     fn park(self, first_seen: Instant, out: &mut dyn FnMut(ParkedRcpt)) {
-        debug_assert_eq!(first_seen, self.file.first_seen, "a spool job's first_seen is its file's");
+        debug_assert_eq!(
+            first_seen, self.file.first_seen,
+            "a spool job's first_seen is its file's"
+        );
         let off = self.off | if self.personal.is_some() { PER_RCPT } else { 0 };
         for r in &self.rcpts {
             out(ParkedRcpt {
@@ -669,9 +672,7 @@ impl Shard {
                     || file.path().display().to_string(),
                     |n| n.to_string_lossy().into_owned(),
                 );
-                self.files
-                    .borrow_mut()
-                    .insert(
+                self.files.borrow_mut().insert(
                     id,
                     Rc::new(LocalFile {
                         id,

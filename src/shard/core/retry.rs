@@ -82,7 +82,7 @@ impl<J: Job> Retries<J> {
 
     fn ms_up(&self, t: Instant) -> u64 {
         let d = t.saturating_duration_since(self.epoch);
-        d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
+        d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
     }
 
     fn at(&self, ms: u64) -> Instant {

@@ -1081,3 +1081,38 @@ fn a_drained_queue_gives_back_its_room() {
     assert_eq!(q.len(), 10);
     assert!(q.capacity() <= 2 * 1024, "capacity {} for 10 queued", q.capacity());
 }
+
+#[test]
+fn waiting_recipients_come_back_as_the_transactions_they_were_in_the_order_deferred() {
+    let mut r = Rig::new(config());
+    r.send("routed.test", 3);
+    r.send("routed.test", 2);
+    let dest = r.opened().remove(0);
+    r.ready(&dest);
+    r.at(0.25);
+    assert!(r.answer(&dest, 451));
+    r.at(0.5);
+    assert!(r.answer(&dest, 451));
+    assert_eq!(r.outcomes().len(), 5);
+    assert_eq!(r.core.snapshot(false, r.now).retry_backlog, 5);
+    r.at(1.2);
+    r.timeout();
+    assert!(r.core.next_txn(&dest, r.now).is_none(), "nothing is due before 1.25 s");
+    r.at(1.3);
+    r.timeout();
+    let first = r.core.next_txn(&dest, r.now).expect("the first job is due at 1.25 s");
+    assert!(r.core.next_txn(&dest, r.now).is_none(), "the second is not due yet");
+    r.at(1.5);
+    r.timeout();
+    let second = r.core.next_txn(&dest, r.now).expect("the second job, due at 1.5 s");
+    for (txn, line, n) in [(&first, 1, 3), (&second, 2, 2)] {
+        assert_eq!(txn.job.line, line);
+        let want: Vec<_> = (0..n).map(|i| (format!("r{i}@routed.test"), i)).collect();
+        assert_eq!(txn.job.rcpts, want, "its recipients, in order, in one transaction");
+        assert_eq!(txn.attempt, 2);
+        assert_eq!(txn.first_seen, r.t0, "max_age still runs from when it was first seen");
+    }
+    assert_eq!(first.first_attempt, Some(r.t0 + Duration::from_millis(250)));
+    assert_eq!(second.first_attempt, Some(r.t0 + Duration::from_millis(500)));
+    assert_eq!(r.core.snapshot(false, r.now).retry_backlog, 0);
+}
