@@ -26,6 +26,7 @@ pub mod shaping;
 pub mod shard;
 pub mod sink;
 pub mod smtp;
+pub mod split;
 pub mod spool;
 pub mod template;
 pub mod tls;

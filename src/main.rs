@@ -125,6 +125,31 @@ enum Command {
     Proxy(ProxyArgs),
     /// Print the DNS TXT record that publishes a DKIM key's public half.
     DkimRecord(DkimRecordArgs),
+    /// Split spool files into one set per node of a fleet (no recipient in two).
+    Split(SplitArgs),
+}
+
+/// Writes OUT/node-0/ … OUT/node-(N-1)/, each with a spool file of each name
+/// given (only the recipients of that node) and the message files its jobs
+/// use. A recipient goes to its domain's node (FNV-1a of "node:" and the
+/// domain); a domain with at least 1/(2 × N) of all the recipients, or named
+/// with --spread-domain, goes by recipient over every node. Lines that are
+/// not valid jobs go to node 0 unchanged (its sender rejects them) and are
+/// listed here.
+#[derive(Args)]
+struct SplitArgs {
+    /// Nodes in the fleet.
+    #[arg(long)]
+    nodes: usize,
+    /// Folder to write node-0/, node-1/, … into.
+    #[arg(long)]
+    out: PathBuf,
+    /// A domain to spread over every node by recipient whatever its share (repeatable).
+    #[arg(long = "spread-domain")]
+    spread_domains: Vec<String>,
+    /// Spool files (names must differ).
+    #[arg(required = true)]
+    spools: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -386,6 +411,32 @@ fn raise_open_files_limit() {
     }
 }
 
+fn cmd_split(a: SplitArgs) -> anyhow::Result<ExitCode> {
+    let r = volley::split::split(&volley::split::SplitOptions {
+        nodes: a.nodes,
+        out: a.out.clone(),
+        spools: a.spools,
+        spread_domains: a.spread_domains,
+    })?;
+    for b in &r.bad_lines {
+        eprintln!("volley: {b} (given to node 0 as it is; its sender rejects it)");
+    }
+    for (k, n) in r.nodes.iter().enumerate() {
+        println!(
+            "{}: {} lines, {} recipients, {} message files",
+            volley::split::node_dir(&a.out, k).display(),
+            n.lines,
+            n.recipients,
+            n.messages
+        );
+    }
+    if !r.spread.is_empty() {
+        let list: Vec<String> = r.spread.iter().take(10).map(|(d, n)| format!("{d} ({n})")).collect();
+        println!("spread over every node by recipient: {}", list.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     raise_open_files_limit();
     let cli = Cli::parse();
@@ -424,6 +475,7 @@ fn main() -> ExitCode {
         }),
         Command::Demo(a) => cmd_demo(a),
         Command::Proxy(a) => cmd_proxy(a),
+        Command::Split(a) => cmd_split(a),
         Command::DkimRecord(a) => volley::dkim::dns_record(&a.key_file, &a.selector, &a.domain).map(|r| {
             println!("{r}");
             ExitCode::SUCCESS

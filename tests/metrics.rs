@@ -485,6 +485,134 @@ fn a_real_prometheus_scrapes_volley() {
     sink.stop();
 }
 
+/// Three nodes, one of them sending to a fast server and two to a slow one,
+/// scraped by one Prometheus: the fleet's p99 per domain comes from the
+/// summed buckets of all three (what summaries' quantiles cannot give), and
+/// is the slow nodes' while the fast node's own p99 stays low.
+#[test]
+fn a_fleet_s_p99_per_domain_comes_from_the_buckets_of_every_node() {
+    let prometheus = "/usr/bin/prometheus";
+    assert!(
+        Path::new(prometheus).exists(),
+        "{prometheus} is missing: install Debian's prometheus package (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fast = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let slow = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    let nodes: Vec<Service> = (0..3)
+        .map(|k| {
+            let d = dir.path().join(format!("node-{k}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let sink = if k == 0 { fast.addr() } else { slow.addr() };
+            Service::start(&d, sink, "")
+        })
+        .collect();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let targets: Vec<String> = nodes.iter().map(|n| format!("'{}'", n.metrics)).collect();
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: volley\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = Reap(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for n in &nodes {
+        n.send_and_wait("news", &jobs(100, 4));
+    }
+    let query = |q: &str| -> serde_json::Value {
+        let url = format!(
+            "http://127.0.0.1:{port}/api/v1/query?query={}",
+            q.replace(' ', "%20")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('"', "%22")
+                .replace('+', "%2B")
+        );
+        ureq::get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    wait_for(
+        "Prometheus to scrape 300 deliveries from 3 nodes",
+        Duration::from_secs(60),
+        || {
+            let v = query("sum(volley_delivery_duration_seconds_count)");
+            let n = query("count(count by (instance) (volley_delivery_duration_seconds_count))");
+            v["data"]["result"][0]["value"][1].as_str() == Some("300")
+                && n["data"]["result"][0]["value"][1].as_str() == Some("3")
+        },
+    );
+    let per_domain = |q: &str| -> Vec<(String, f64)> {
+        let v = query(q);
+        let mut out: Vec<(String, f64)> = v["data"]["result"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{q}: {v}"))
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"]["domain"].as_str().unwrap().to_string(),
+                    r["value"][1].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    };
+    let fleet = per_domain("histogram_quantile(0.99, sum by (le, domain) (volley_delivery_duration_seconds_bucket))");
+    let fast_node = per_domain(&format!(
+        "histogram_quantile(0.99, sum by (le, domain) (volley_delivery_duration_seconds_bucket{{instance=\"{}\"}}))",
+        nodes[0].metrics
+    ));
+    let domains: Vec<&str> = fleet.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(domains, ["d0.test", "d1.test", "d2.test", "d3.test"], "{fleet:?}");
+    assert_eq!(fast_node.len(), 4, "{fast_node:?}");
+    for ((d, all), (_, own)) in fleet.iter().zip(&fast_node) {
+        assert!(*own <= 0.25, "{d}: the fast node alone: p99 {own} s");
+        assert!(
+            *all > 0.25,
+            "{d}: the fleet, two thirds of it 200 ms a reply away: p99 {all} s"
+        );
+    }
+    drop(nodes);
+    fast.stop();
+    slow.stop();
+}
+
 /// Every `volley_…`/`process_…` name in a text (PromQL in the dashboard and the alert rules).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();

@@ -129,7 +129,27 @@ pub struct Latency {
     window: u64,
     count: u64,
     sum_micros: u128,
+    /// All time, by bucket of [`BUCKETS_MICROS`] (at most its bound), the
+    /// last past every bound: Prometheus histogram buckets, which add up
+    /// across shards and across the nodes of a fleet.
+    buckets: [u64; BUCKETS_MICROS.len() + 1],
 }
+
+/// Upper bounds of the exported histogram buckets, in µs (5 ms to 10 min):
+/// a few per decade, enough for `histogram_quantile` to tell a fast domain
+/// from a slow one, few enough for a line per bucket per domain.
+pub const BUCKETS_MICROS: [u64; 10] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    1_000_000,
+    10_000_000,
+    60_000_000,
+    600_000_000,
+];
 
 impl Default for Latency {
     fn default() -> Self {
@@ -141,6 +161,7 @@ impl Default for Latency {
             window: 0,
             count: 0,
             sum_micros: 0,
+            buckets: [0; BUCKETS_MICROS.len() + 1],
         }
     }
 }
@@ -169,6 +190,16 @@ impl Latency {
         }
         self.count += n;
         self.sum_micros += u128::from(v) * u128::from(n);
+        self.buckets[BUCKETS_MICROS.partition_point(|&b| b < v)] += n;
+    }
+    /// Observations of all time at most each bound of [`BUCKETS_MICROS`]
+    /// (cumulative, as Prometheus buckets are).
+    pub fn cumulative_buckets(&self) -> [u64; BUCKETS_MICROS.len()] {
+        let mut sum = 0;
+        std::array::from_fn(|i| {
+            sum += self.buckets[i];
+            sum
+        })
     }
     /// Observations of all time.
     pub fn count(&self) -> u64 {
@@ -209,6 +240,9 @@ impl Latency {
             .expect("auto-resizing histograms always add");
         self.count += o.count;
         self.sum_micros += o.sum_micros;
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
     }
 }
 

@@ -1,9 +1,13 @@
 //! Shard snapshots merged into one view, and that view as Prometheus metric
 //! families (rendered to text by the `prometheus` crate's encoder).
 
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary,
+};
 
-use super::{CATEGORIZED, ConnResult, DNS_RESULTS, DomainSnapshot, Latency, OTHER_DOMAIN, Phase, ShardSnapshot};
+use super::{
+    BUCKETS_MICROS, CATEGORIZED, ConnResult, DNS_RESULTS, DomainSnapshot, Latency, OTHER_DOMAIN, Phase, ShardSnapshot,
+};
 use crate::classify::CATEGORIES;
 use crate::outcome::Outcome;
 
@@ -154,6 +158,29 @@ impl Family {
         m.set_summary(s);
         self.metrics.push(m);
     }
+    /// A histogram: `_bucket` at each of [`BUCKETS_MICROS`] (the encoder
+    /// adds `+Inf`), `_sum` and `_count`, all since the start.
+    fn histogram(&mut self, l: &[(&str, &str)], count: u64, sum_seconds: f64, cumulative: &[u64]) {
+        let mut h = Histogram::default();
+        h.set_sample_count(count);
+        h.set_sample_sum(sum_seconds);
+        h.set_bucket(
+            BUCKETS_MICROS
+                .iter()
+                .zip(cumulative)
+                .map(|(&le, &n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(le as f64 / 1e6);
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        let mut m = Metric::default();
+        m.set_label(labels(l));
+        m.set_histogram(h);
+        self.metrics.push(m);
+    }
     fn done(self, out: &mut Vec<MetricFamily>) {
         if self.metrics.is_empty() {
             return;
@@ -169,7 +196,7 @@ impl Family {
 
 /// The metric families of a merged view and the spool gauges.
 pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
-    use MetricType::{COUNTER, GAUGE, SUMMARY};
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM, SUMMARY};
     let mut deliveries = Family::new(
         "volley_deliveries_total",
         COUNTER,
@@ -192,9 +219,15 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     );
     let mut delivery = Family::new(
         "volley_delivery_duration_seconds",
-        SUMMARY,
-        "Per delivered recipient: from its first attempt to the reply to the final dot (retries included). Quantiles over the last one to two minutes; _sum and _count since the start.",
+        HISTOGRAM,
+        "Per delivered recipient: from its first attempt to the reply to the final dot (retries included); buckets from 5 ms to 10 min, since the start (histogram_quantile over rate(..._bucket) sums across nodes).",
     );
+    let mut phases_all = Family::new(
+        "volley_smtp_phase_seconds",
+        HISTOGRAM,
+        "SMTP phases as volley_smtp_phase_duration_seconds times them, all domains together, by phase; buckets from 5 ms to 10 min since the start (for percentiles across nodes).",
+    );
+    let mut phase_totals = [(0u64, 0f64, [0u64; BUCKETS_MICROS.len()]); Phase::ALL.len()];
     let mut phases = Family::new(
         "volley_smtp_phase_duration_seconds",
         SUMMARY,
@@ -267,11 +300,17 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
             }
         }
         if let Some(l) = &s.delivery {
-            delivery.summary(&[("domain", dom)], l);
+            delivery.histogram(&[("domain", dom)], l.count(), l.sum_seconds(), &l.cumulative_buckets());
         }
         for p in Phase::ALL {
             if let Some(l) = &s.phases[p as usize] {
                 phases.summary(&[("domain", dom), ("phase", p.name())], l);
+                let t = &mut phase_totals[p as usize];
+                t.0 += l.count();
+                t.1 += l.sum_seconds();
+                for (a, b) in t.2.iter_mut().zip(l.cumulative_buckets()) {
+                    *a += b;
+                }
             }
         }
         // A domain with nothing open or waiting has no gauges (they go stale, not 0).
@@ -293,9 +332,16 @@ pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
             throttled.counter_f(&[("domain", dom)], d.gauges.throttled_seconds);
         }
     }
+    for p in Phase::ALL {
+        let (count, sum, buckets) = &phase_totals[p as usize];
+        if *count > 0 {
+            phases_all.histogram(&[("phase", p.name())], *count, *sum, buckets);
+        }
+    }
     let mut out = Vec::new();
     for f in [
-        deliveries, volume, replies, categories, delivery, phases, conns_open, conns, tls, queue, oldest, throttled,
+        deliveries, volume, replies, categories, delivery, phases, phases_all, conns_open, conns, tls, queue, oldest,
+        throttled,
     ] {
         f.done(&mut out);
     }

@@ -1,0 +1,184 @@
+//! A fleet's partition: `volley split` gives every recipient to exactly one
+//! node, spreads a big domain over every node and keeps a small one on one,
+//! and the nodes' sends together deliver each recipient once.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use common::{dumped_rcpts, finals, read_log, send_all};
+use volley::config::Config;
+use volley::outcome::Outcome;
+use volley::sink::{Sink, SinkOptions};
+use volley::split::{SplitOptions, node_dir, split};
+
+/// (id, rcpt, vars) of every recipient in a spool file.
+fn recipients(path: &Path) -> Vec<(String, String, Option<serde_json::Value>)> {
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let id = v["id"].as_str().unwrap_or("").to_string();
+        for r in v["to"].as_array().into_iter().flatten() {
+            match r {
+                serde_json::Value::String(s) => out.push((id.clone(), s.clone(), None)),
+                o => out.push((
+                    id.clone(),
+                    o["rcpt"].as_str().unwrap().to_string(),
+                    Some(o["vars"].clone()),
+                )),
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn split_gives_each_recipient_to_one_node_and_the_nodes_deliver_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("msgs")).unwrap();
+    std::fs::write(dir.path().join("msgs/m.eml"), "Subject: s\n\nbody\n").unwrap();
+    std::fs::write(dir.path().join("t.eml"), "Subject: hi {{ name }}\n\nfor {{ rcpt }}\n").unwrap();
+    // big.test holds half the recipients; 40 small domains hold the rest.
+    let mut text = String::new();
+    let mut want = Vec::new();
+    for j in 0..300 {
+        let to: Vec<String> = (0..4)
+            .map(|i| {
+                if i % 2 == 0 {
+                    format!("u{j}x{i}@big.test")
+                } else {
+                    format!("u{j}x{i}@s{}.test", (j * 4 + i) % 40)
+                }
+            })
+            .collect();
+        want.extend(to.iter().cloned());
+        let line = if j % 3 == 0 {
+            // No id: the split names the original line.
+            serde_json::json!({"from": "news@sender.test", "message": "msgs/m.eml", "to": to})
+        } else {
+            serde_json::json!({"id": format!("j{j}"), "from": "news@sender.test", "message": "msgs/m.eml", "to": to})
+        };
+        text += &format!("{line}\n");
+    }
+    let personal: Vec<_> = (0..10)
+        .map(|i| serde_json::json!({"rcpt": format!("p{i}@big.test"), "vars": {"name": format!("P{i}")}}))
+        .collect();
+    want.extend((0..10).map(|i| format!("p{i}@big.test")));
+    text += &format!(
+        "{}\n",
+        serde_json::json!({"id": "pers", "from": "news@sender.test", "message": "t.eml", "to": personal})
+    );
+    text += "{\"to\": oops}\n";
+    let spool = dir.path().join("list.jsonl");
+    std::fs::write(&spool, text).unwrap();
+    let out = dir.path().join("fleet");
+    let nodes = 3;
+    let report = split(&SplitOptions {
+        nodes,
+        out: out.clone(),
+        spools: vec![spool],
+        spread_domains: Vec::new(),
+    })
+    .unwrap();
+    assert_eq!(
+        report.spread.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(),
+        ["big.test"]
+    );
+    assert_eq!(report.bad_lines.len(), 1);
+    assert!(
+        report.bad_lines[0].starts_with("list.jsonl:302: "),
+        "{:?}",
+        report.bad_lines
+    );
+
+    let parts: Vec<_> = (0..nodes)
+        .map(|k| recipients(&node_dir(&out, k).join("list.jsonl")))
+        .collect();
+    let mut got: Vec<String> = parts.iter().flatten().map(|(_, r, _)| r.clone()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every recipient in exactly one node's file");
+    let mut small_nodes: HashMap<String, HashSet<usize>> = HashMap::new();
+    for (k, part) in parts.iter().enumerate() {
+        let big = part.iter().filter(|(_, r, _)| r.ends_with("@big.test")).count();
+        assert!(big > 40, "node {k} sends its part of the big domain: {big}");
+        for (id, r, vars) in part {
+            small_nodes
+                .entry(r.split('@').nth(1).unwrap().to_string())
+                .or_default()
+                .insert(k);
+            assert!(!id.is_empty(), "{r} has an id");
+            if let Some(n) = r.strip_prefix('p').and_then(|r| r.strip_suffix("@big.test")) {
+                assert_eq!(
+                    (id.as_str(), vars.clone()),
+                    ("pers", Some(serde_json::json!({"name": format!("P{n}")})))
+                );
+            }
+        }
+        assert!(node_dir(&out, k).join("msgs/m.eml").exists());
+    }
+    for (d, on) in &small_nodes {
+        if d != "big.test" {
+            assert_eq!(on.len(), 1, "{d} lives on one node: {on:?}");
+        }
+    }
+    let unnamed: Vec<_> = parts
+        .iter()
+        .flatten()
+        .filter(|(id, _, _)| id == "list.jsonl:1")
+        .collect();
+    assert_eq!(
+        unnamed.len(),
+        4,
+        "a job without an id is named by its line: {unnamed:?}"
+    );
+    let bad = std::fs::read_to_string(node_dir(&out, 0).join("list.jsonl")).unwrap();
+    assert!(
+        bad.contains("{\"to\": oops}\n"),
+        "the bad line goes to node 0 as it was"
+    );
+
+    // Each node sends its own files; together every recipient arrives once.
+    let dump = dir.path().join("dump");
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dump: Some(dump.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut delivered = 0;
+    for k in 0..nodes {
+        let log = dir.path().join(format!("log{k}.jsonl"));
+        let mut cfg = Config {
+            log: Some(log.clone()),
+            shards: Some(2),
+            ..Config::default()
+        };
+        cfg.add_route(&format!("*={}", sink.addr())).unwrap();
+        let summary = send_all(vec![node_dir(&out, k).join("list.jsonl")], cfg);
+        delivered += summary.count(Outcome::Delivered);
+        assert_eq!(summary.count(Outcome::Rejected), u64::from(k == 0), "node {k}");
+        let f = finals(&read_log(&log));
+        assert_eq!(
+            f.len() as u64,
+            summary.recipients,
+            "node {k} logs each of its recipients"
+        );
+    }
+    sink.stop();
+    assert_eq!(delivered, want.len() as u64);
+    assert_eq!(
+        dumped_rcpts(&dump),
+        want,
+        "each recipient delivered once across the nodes"
+    );
+    let pers: Vec<String> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .filter(|t| t.contains("Subject: hi "))
+        .collect();
+    assert_eq!(pers.len(), 10, "each personalised recipient has its own copy");
+}
