@@ -182,3 +182,68 @@ fn split_gives_each_recipient_to_one_node_and_the_nodes_deliver_each_once() {
         .collect();
     assert_eq!(pers.len(), 10, "each personalised recipient has its own copy");
 }
+
+/// The files of a block scalar (`KEY: |`) in a ConfigMap, by key.
+fn configmap_files(yaml: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in yaml.lines() {
+        if let Some((_, text)) = cur.as_mut()
+            && (line.starts_with("    ") || line.is_empty())
+        {
+            text.push_str(line.strip_prefix("    ").unwrap_or(""));
+            text.push('\n');
+            continue;
+        }
+        if let Some((k, t)) = cur.take() {
+            out.insert(k, t);
+        }
+        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(": |")) {
+            cur = Some((key.to_string(), String::new()));
+        }
+    }
+    out.extend(cur);
+    out
+}
+
+/// The Kubernetes ConfigMap's configuration and shaping file are valid for
+/// volley, and agree with the StatefulSet (its CPU request is `shards`, the
+/// grace period outlasts `shutdown_timeout`, the metrics port is the probe's).
+#[test]
+fn the_kubernetes_configuration_loads_and_matches_the_statefulset() {
+    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s");
+    let files = configmap_files(&std::fs::read_to_string(k8s.join("configmap.yaml")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(&shaping, &files["shaping.toml"]).unwrap();
+    volley::shaping::Shaping::load(std::slice::from_ref(&shaping)).expect("the ConfigMap's shaping.toml loads");
+    let conf = dir.path().join("volley.toml");
+    std::fs::write(
+        &conf,
+        files["volley.toml"].replace("/etc/volley/shaping.toml", shaping.to_str().unwrap()),
+    )
+    .unwrap();
+    let cfg = Config::load_for_run(&conf).expect("the ConfigMap's volley.toml loads");
+    cfg.validate().unwrap();
+    let sts = std::fs::read_to_string(k8s.join("statefulset.yaml")).unwrap();
+    let value = |key: &str| -> String {
+        let line = sts
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("{key}"));
+        line.split_once(':').unwrap().1.trim().trim_matches('"').to_string()
+    };
+    assert_eq!(value("cpu:"), cfg.shards.unwrap().to_string(), "one core per shard");
+    let grace: u64 = value("terminationGracePeriodSeconds:").parse().unwrap();
+    assert!(
+        grace > cfg.shutdown_timeout.as_secs() + 10,
+        "the drain fits in the grace period"
+    );
+    assert_eq!(cfg.metrics_listen.as_deref(), Some("0.0.0.0:9464"));
+    assert_eq!(value("containerPort:"), "9464");
+    assert_eq!(cfg.spool_dir.as_deref(), Some(Path::new("/var/spool/volley")));
+    assert!(
+        sts.contains("mountPath: /var/spool/volley"),
+        "the spool is on the pod's volume"
+    );
+}
