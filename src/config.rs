@@ -89,6 +89,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub tls_fallback: Duration,
     pub dns: DnsConfig,
+    /// `[fleet]`: the Redis through which the nodes of a fleet share rules.
+    pub fleet: Option<crate::fleet::FleetConfig>,
     /// Delivery log (JSON Lines), appended to.
     pub log: Option<PathBuf>,
     /// `volley run`: the spool directory (incoming/, active/, done/, failed/).
@@ -167,6 +169,7 @@ impl Default for Config {
             ca_file: None,
             tls_fallback: Duration::from_secs(600),
             dns: DnsConfig::default(),
+            fleet: None,
             log: None,
             spool_dir: None,
             bounce_rules: None,

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod dkim;
 pub mod dns;
 pub mod downgrade;
+pub mod fleet;
 pub mod generator;
 pub mod headers;
 pub mod ingest;

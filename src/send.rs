@@ -129,6 +129,10 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     };
     let recorded: Vec<Arc<AtomicU64>> = (0..shards).map(|_| Arc::default()).collect();
     let budgets = Arc::new(shard::Budgets::new(shards));
+    let _fleet = match &cfg.fleet {
+        Some(f) => Some(crate::fleet::join(f, budgets.clone())?),
+        None => None,
+    };
     let mut inboxes = Vec::new();
     // Unbounded: what a shard's inbox holds is bounded by the credit it grants.
     let (credit_tx, credit_rx) = unbounded();

@@ -217,6 +217,9 @@ pub struct Rule {
     pub duration: Duration,
     /// Also matches volley's own failures (their text, `local: …`).
     pub match_local: bool,
+    /// Shared with the other nodes of the fleet (`[fleet]`): a reason that
+    /// concerns the sending domain, not this node's addresses.
+    pub fleet: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,6 +234,8 @@ struct RuleSpec {
     duration: Duration,
     #[serde(default)]
     match_local: bool,
+    #[serde(default)]
+    fleet: bool,
 }
 
 impl Rule {
@@ -296,6 +301,7 @@ impl Rule {
             action,
             duration: spec.duration,
             match_local: spec.match_local,
+            fleet: spec.fleet,
         })
     }
 }

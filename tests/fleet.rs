@@ -247,3 +247,175 @@ fn the_kubernetes_configuration_loads_and_matches_the_statefulset() {
         "the spool is on the pod's volume"
     );
 }
+
+/// A Redis server on a free loopback port, stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Redis {
+        let server = "/usr/bin/redis-server";
+        assert!(
+            Path::new(server).exists(),
+            "{server} is missing: install Debian's redis-server package (.ci/run does)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(server)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two nodes with their own source addresses and one Redis: a rule marked
+/// `fleet` that fires on the first suspends the destination on the second,
+/// which then sends nothing there while it holds; and a node whose Redis is
+/// unreachable sends on by itself.
+#[test]
+fn a_suspension_one_node_learns_holds_on_the_others_and_a_node_without_redis_sends_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let refusing = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reject_rate: 1.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let shaping = dir.path().join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[[default.automation]]\nname = \"domain-reputation\"\nregex = '^550 5\\.1\\.1'\naction = \"suspend\"\nduration = \"1m\"\nfleet = true\n",
+    )
+    .unwrap();
+    let node = |k: u32, redis_url: &str, route: std::net::SocketAddr, log: &Path| -> Config {
+        let mut cfg: Config = toml::from_str(&format!(
+            "shards = 2\nsource_addresses = [\"127.0.0.{}\"]\nshaping = [{:?}]\n[fleet]\nredis = \"{redis_url}\"\nnode = \"node-{k}\"\n[retry]\ninitial = \"100ms\"\nmax_age = \"2s\"\n",
+            k + 2,
+            shaping.display().to_string()
+        ))
+        .unwrap();
+        cfg.log = Some(log.to_path_buf());
+        cfg.add_route(&format!("*={route}")).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    };
+    let write = |name: &str, rcpts: &[&str]| {
+        let p = dir.path().join(name);
+        let lines: String = rcpts
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"from": "news@sender.test", "data": "Subject: x\n\nx\n", "to": [r]})
+                )
+            })
+            .collect();
+        std::fs::write(&p, lines).unwrap();
+        p
+    };
+    // Node 0: its one recipient is refused, the rule fires and goes to Redis.
+    let log0 = dir.path().join("log0.jsonl");
+    let s0 = send_all(
+        vec![write("a.jsonl", &["a@d0.test"])],
+        node(0, &redis.url(), refusing.addr(), &log0),
+    );
+    assert_eq!(s0.count(Outcome::Bounced), 1);
+    let rules = || -> Vec<serde_json::Value> {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg("volley:rules")
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)
+            .unwrap();
+        members.iter().map(|m| serde_json::from_str(m).unwrap()).collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while rules().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "node 0 published its rule");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let shared = rules();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(
+        (shared[0]["node"].as_str(), shared[0]["rule"].as_str()),
+        (Some("node-0"), Some("domain-reputation"))
+    );
+    let sessions_before = refusing.counts().sessions;
+
+    // Node 1, another source address: it opens no connection while the rule holds.
+    let log1 = dir.path().join("log1.jsonl");
+    let s1 = send_all(
+        vec![write("b.jsonl", &["b1@d1.test", "b2@d2.test", "b3@d3.test"])],
+        node(1, &redis.url(), refusing.addr(), &log1),
+    );
+    assert_eq!(
+        refusing.counts().sessions,
+        sessions_before,
+        "node 1 held off the suspended destination"
+    );
+    assert_eq!(
+        s1.count(Outcome::Expired),
+        3,
+        "they waited for the rule to end, past max_age"
+    );
+    let f = finals(&read_log(&log1));
+    assert!(f.values().all(|r| r["outcome"] == "expired"), "{f:?}");
+
+    // Node 2 with an unreachable Redis sends on its own (to a server that takes mail).
+    let taking = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log2 = dir.path().join("log2.jsonl");
+    let s2 = send_all(
+        vec![write("c.jsonl", &["c1@d1.test", "c2@d2.test"])],
+        node(2, &format!("redis://127.0.0.1:{closed}/"), taking.addr(), &log2),
+    );
+    assert_eq!(s2.count(Outcome::Delivered), 2);
+    let state = volley::fleet::state().expect("a fleet member keeps its state");
+    assert!(state.errors.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    taking.stop();
+    refusing.stop();
+}

@@ -153,6 +153,9 @@ impl Hub {
         let spool = lock(&self.board).spool.clone();
         let mut fams = self.registry.gather();
         fams.extend(families(&merged, &spool));
+        if let Some(f) = crate::fleet::state() {
+            fams.extend(super::render::fleet_families(f));
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&fams, &mut buf)

@@ -194,6 +194,35 @@ impl Family {
     }
 }
 
+/// The fleet's exchange (`[fleet]`): whether Redis answers, and the rules shared.
+pub fn fleet_families(f: &crate::fleet::FleetState) -> Vec<MetricFamily> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut up = Family::new(
+        "volley_fleet_redis_up",
+        MetricType::GAUGE,
+        "1 while the fleet's Redis answers; 0 while this node keeps to its own rules and limits.",
+    );
+    up.gauge(&[], if f.up.load(Relaxed) { 1.0 } else { 0.0 });
+    let mut rules = Family::new(
+        "volley_fleet_rules_total",
+        MetricType::COUNTER,
+        "Automation rules marked fleet: published by this node (direction=out), taken in from others (in).",
+    );
+    rules.counter(&[("direction", "out")], f.published.load(Relaxed));
+    rules.counter(&[("direction", "in")], f.received.load(Relaxed));
+    let mut errors = Family::new(
+        "volley_fleet_redis_errors_total",
+        MetricType::COUNTER,
+        "Failed connections to the fleet's Redis and failed exchanges with it.",
+    );
+    errors.counter(&[], f.errors.load(Relaxed));
+    let mut out = Vec::new();
+    for fam in [up, rules, errors] {
+        fam.done(&mut out);
+    }
+    out
+}
+
 /// The metric families of a merged view and the spool gauges.
 pub fn families(m: &Merged, spool: &SpoolGauges) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM, SUMMARY};

@@ -56,6 +56,8 @@ pub struct Budgets {
     /// may carry too (a spread domain), and whether there are any.
     rule_news: Vec<Mutex<Vec<RuleNews>>>,
     has_rule_news: Vec<AtomicBool>,
+    /// Rules marked `fleet` that fired here, for the fleet's exchange (when there is one).
+    fleet: Mutex<Option<crossbeam_channel::Sender<crate::fleet::Outgoing>>>,
 }
 
 /// A rule one shard fired on a destination, for the others that carry it.
@@ -63,6 +65,9 @@ pub struct Budgets {
 pub struct RuleNews {
     /// The destination's name on the board.
     pub key: Box<str>,
+    /// From another node of the fleet: the destinations' label and scope it
+    /// is for (their keys differ between nodes: each has its own source addresses).
+    pub fleet: Option<(Box<str>, Box<str>)>,
     pub rule: String,
     pub until: std::time::Instant,
 }
@@ -89,6 +94,35 @@ impl Budgets {
             attention: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             rule_news: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             has_rule_news: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            fleet: Mutex::new(None),
+        }
+    }
+
+    /// Rules marked `fleet` that fire from now on go to `tx` as well.
+    pub fn set_fleet(&self, tx: crossbeam_channel::Sender<crate::fleet::Outgoing>) {
+        *self.fleet.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Lets the fleet's exchange go (it ends).
+    pub fn leave_fleet(&self) {
+        self.fleet.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// A rule marked `fleet` fired here: for the other nodes.
+    pub fn share(&self, o: crate::fleet::Outgoing) {
+        if let Some(tx) = &*self.fleet.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(o);
+        }
+    }
+
+    /// A rule another node fired: every shard applies it to its destinations of that label and scope.
+    pub fn announce_fleet(&self, news: RuleNews) {
+        for shard in 0..self.shards {
+            self.rule_news[shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(news.clone());
+            self.has_rule_news[shard].store(true, Ordering::Release);
         }
     }
 

@@ -11,7 +11,7 @@
 //! they take work from the inbox, look domains up, open and drive
 //! connections, keep the time and hand outcomes to the collector.
 
-mod budget;
+pub mod budget;
 mod conn;
 mod core;
 mod intake;

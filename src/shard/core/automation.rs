@@ -236,10 +236,19 @@ impl<J: Job> Core<J> {
             self.index,
             crate::shard::budget::RuleNews {
                 key: Box::from(&*dest.key),
+                fleet: None,
                 rule: rule.name.clone(),
                 until,
             },
         );
+        if rule.fleet {
+            self.budgets.share(crate::fleet::Outgoing {
+                label: dest.label.to_string(),
+                scope: dest.policy.scope.to_string(),
+                rule: rule.name.clone(),
+                until,
+            });
+        }
         tracing::info!(
             "{}: rule {} fired on \"{text}\": {} until {} from now",
             dest.label,
@@ -256,21 +265,62 @@ impl<J: Job> Core<J> {
         self.bounce_queue(dest, rule, now);
     }
 
-    /// Rules other shards fired on destinations this shard carries too: in force here as well.
+    /// Rules other shards fired on destinations this shard carries too, and
+    /// rules other nodes of the fleet fired on destinations of the same
+    /// label and scope: in force here as well. The fleet's are kept until
+    /// they end, for destinations that appear meanwhile.
     pub(super) fn apply_rule_news(&mut self, now: Instant) {
         for news in self.budgets.rule_news(self.index) {
-            let Some(dest) = self.dests.get(&*news.key).cloned() else {
-                continue;
-            };
-            let Some(rule) = dest.policy.rules.iter().find(|r| r.name == news.rule).cloned() else {
-                continue;
-            };
-            if dest.automation.borrow_mut().apply(&rule, now, news.until) {
-                tracing::debug!("{}: rule {} applied from another shard", dest.label, rule.name);
-                self.lift_timer(&dest, news.until);
-                self.hold_queue(&dest, &rule);
-                self.bounce_queue(&dest, &rule, now);
+            if news.fleet.is_some() {
+                self.fleet_rules
+                    .retain(|n| !(n.fleet == news.fleet && n.rule == news.rule && n.until <= news.until));
+                if !self
+                    .fleet_rules
+                    .iter()
+                    .any(|n| n.fleet == news.fleet && n.rule == news.rule)
+                {
+                    self.fleet_rules.push(news.clone());
+                }
             }
+            let dests: Vec<Rc<Dest<J>>> = match &news.fleet {
+                None => self.dests.get(&*news.key).cloned().into_iter().collect(),
+                Some(_) => self.dests.values().filter(|d| fleet_match(d, &news)).cloned().collect(),
+            };
+            for dest in dests {
+                self.apply_news(&dest, &news, now);
+            }
+        }
+        self.fleet_rules.retain(|n| n.until > now);
+    }
+
+    /// A destination just made: the fleet's rules in force for its label and scope apply to it.
+    pub(super) fn fleet_rules_for(&mut self, dest: &Rc<Dest<J>>) {
+        let now = self.wall.0;
+        self.apply_rule_news(now);
+        for news in self.fleet_rules.clone() {
+            if fleet_match(dest, &news) {
+                self.apply_news(dest, &news, now);
+            }
+        }
+    }
+
+    fn apply_news(&mut self, dest: &Rc<Dest<J>>, news: &crate::shard::budget::RuleNews, now: Instant) {
+        let Some(rule) = dest.policy.rules.iter().find(|r| r.name == news.rule).cloned() else {
+            return;
+        };
+        if news.fleet.is_some() && !rule.fleet {
+            return;
+        }
+        if dest.automation.borrow_mut().apply(&rule, now, news.until) {
+            let from = if news.fleet.is_some() {
+                "another node"
+            } else {
+                "another shard"
+            };
+            tracing::debug!("{}: rule {} applied from {from}", dest.label, rule.name);
+            self.lift_timer(dest, news.until);
+            self.hold_queue(dest, &rule);
+            self.bounce_queue(dest, &rule, now);
         }
     }
 
@@ -356,6 +406,15 @@ impl<J: Job> Core<J> {
         }
         self.expire_held(dest, now);
     }
+}
+
+/// Whether a rule from another node is for `dest`: the same label (MX host
+/// set or route) and shaping scope; its key differs (each node has its own
+/// source addresses).
+fn fleet_match<J>(dest: &Dest<J>, news: &crate::shard::budget::RuleNews) -> bool {
+    news.fleet
+        .as_ref()
+        .is_some_and(|(label, scope)| *dest.label == **label && *dest.policy.scope == **scope)
 }
 
 #[cfg(test)]

@@ -189,6 +189,8 @@ pub struct Core<J: Job> {
     /// Hosts whose TLS handshake failed under `opportunistic`: plaintext until then.
     no_tls_until: HashMap<SocketAddr, Instant>,
     retries: retry::Retries<J>,
+    /// Rules other nodes of the fleet fired that are in force (by label and scope).
+    fleet_rules: Vec<crate::shard::budget::RuleNews>,
     /// Destinations waiting for their next pacing slot.
     paced: std::collections::BinaryHeap<pool::Paced<J>>,
     shaping: Arc<Shaping>,
@@ -235,6 +237,7 @@ impl<J: Job> Core<J> {
             last_rebalance: None,
             no_tls_until: HashMap::new(),
             retries: retry::Retries::new(now),
+            fleet_rules: Vec::new(),
             paced: std::collections::BinaryHeap::new(),
             shaping: p.shaping,
             domain_news: Vec::new(),

@@ -279,6 +279,7 @@ impl<J: Job> Core<J> {
             last_error_at: Cell::new(None),
         });
         self.dests.insert(Rc::from(key), d.clone());
+        self.fleet_rules_for(&d);
         d
     }
 
