@@ -601,7 +601,13 @@ mod tests {
     fn the_built_in_rules_match_the_providers_throttling_replies() {
         let s = Shaping::built_in();
         let cfg = Config::default();
-        let cases: [(&str, &[&str], &str, &str); 11] = [
+        let cases: [(&str, &[&str], &str, &str); 12] = [
+            (
+                "gmail.com",
+                &["gmail-smtp-in.l.google.com"],
+                "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your DKIM domain [news.example.com 30]. To protect our users from spam, mail sent from your domain has been temporarily rate limited.",
+                "google-domain-rate-limited",
+            ),
             (
                 "gmail.com",
                 &["gmail-smtp-in.l.google.com"],
@@ -677,6 +683,9 @@ mod tests {
                 .find(|r| !matches!(r.trigger, Trigger::InARow(_)) && r.regex.is_match(reply))
                 .map(|r| r.name.as_str());
             assert_eq!(first, Some(want), "{domain} ({}): {reply}", p.scope);
+            // Only the sending domain's reputation is the fleet's business.
+            let fleet = p.rules.iter().find(|r| r.name == want).unwrap().fleet;
+            assert_eq!(fleet, want == "google-domain-rate-limited", "{want}");
         }
         // A reply that is not a throttle fires nothing.
         let p = s.policy(&cfg, "gmail.com", &["gmail-smtp-in.l.google.com"]);
