@@ -1,8 +1,12 @@
 //! What the nodes of a fleet share, through Redis: automation rules marked
-//! `fleet = true` (a reason that concerns the sending domain, not one IP).
-//! A node whose rule fires publishes it; every node applies the rules the
-//! others published to its destinations of the same name and scope, until
-//! they end.
+//! `fleet = true` (a reason that concerns the sending domain, not one IP),
+//! and how many nodes are alive. A node whose rule fires publishes it; every
+//! node applies the rules the others published to its destinations of the
+//! same name and scope, until they end. Each node beats in `{name}:nodes`
+//! every poll; `fleet_message_rate` (a shaping knob) is divided by the nodes
+//! alive, so the fleet keeps to it however many nodes run, with no round
+//! trip to Redis on any transaction's path (a GCRA in Redis per message,
+//! as KumoMTA's shared throttles do it, would put one there).
 //!
 //! The exchange runs on a thread of its own with a plain Redis connection
 //! (nothing of it is on a shard's path): rules in force are members of one
@@ -71,6 +75,19 @@ pub struct FleetState {
 
 static STATE: OnceLock<Arc<FleetState>> = OnceLock::new();
 
+/// Nodes of the fleet seen alive (this one among them) as of the last
+/// exchange with Redis; 1 outside a fleet or before Redis first answered,
+/// and the last count while it does not answer.
+static NODES_ALIVE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// The number `fleet_message_rate` is divided by.
+pub fn nodes_alive() -> u32 {
+    NODES_ALIVE.load(Ordering::Relaxed).max(1)
+}
+
+/// A node is alive while its last heartbeat is this recent (in polls).
+const ALIVE_POLLS: u32 = 6;
+
 /// The exchange's state where this process is part of a fleet.
 pub fn state() -> Option<&'static Arc<FleetState>> {
     STATE.get()
@@ -128,6 +145,7 @@ fn start(cfg: &FleetConfig, budgets: Arc<Budgets>) -> anyhow::Result<std::thread
         client,
         node: node_name(cfg),
         key: format!("{}:rules", cfg.name),
+        nodes_key: format!("{}:nodes", cfg.name),
         poll: cfg.poll_interval,
         state,
         budgets,
@@ -149,6 +167,8 @@ struct Exchange {
     client: redis::Client,
     node: String,
     key: String,
+    /// The nodes' heartbeats: a sorted set scored by each one's last (ms since the epoch).
+    nodes_key: String,
     poll: Duration,
     state: Arc<FleetState>,
     budgets: Arc<Budgets>,
@@ -230,6 +250,8 @@ impl Exchange {
         let now_ms = epoch_ms(SystemTime::now());
         self.pending.retain(|r| r.until_ms > now_ms);
         let key = self.key.clone();
+        let (nodes, me) = (self.nodes_key.clone(), self.node.clone());
+        let stale = now_ms.saturating_sub(self.poll.as_millis() as u64 * u64::from(ALIVE_POLLS));
         let pending = std::mem::take(&mut self.pending);
         let Some(con) = self.connection() else {
             self.pending = pending;
@@ -241,15 +263,27 @@ impl Exchange {
             pipe.cmd("ZADD").arg(&key).arg(r.until_ms).arg(member).ignore();
         }
         pipe.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(now_ms).ignore();
-        if read {
+        let result: redis::RedisResult<(Vec<String>, u32)> = if read {
+            // The heartbeat: this node is alive now; the others are while theirs is recent.
+            pipe.cmd("ZADD").arg(&nodes).arg(now_ms).arg(&me).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE").arg(&nodes).arg("-inf").arg(stale).ignore();
             pipe.cmd("ZRANGEBYSCORE")
                 .arg(&key)
                 .arg(format!("({now_ms}"))
                 .arg("+inf");
-        }
-        let result: redis::RedisResult<Vec<Vec<String>>> = pipe.query(con);
+            pipe.cmd("ZCARD").arg(&nodes);
+            pipe.query(con)
+        } else {
+            pipe.query::<()>(con).map(|()| (Vec::new(), 0))
+        };
         match result {
-            Ok(answers) => {
+            Ok((answers, alive)) => {
+                if read {
+                    let alive = alive.max(1);
+                    if NODES_ALIVE.swap(alive, Ordering::Relaxed) != alive {
+                        tracing::info!("fleet: {alive} nodes alive (they share fleet_message_rate)");
+                    }
+                }
                 self.state.published.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 for r in &pending {
                     tracing::info!(
@@ -260,7 +294,7 @@ impl Exchange {
                     );
                 }
                 self.seen.retain(|_, until| *until > now_ms);
-                for member in answers.into_iter().flatten() {
+                for member in answers {
                     self.received(member, now_ms);
                 }
             }

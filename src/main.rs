@@ -131,7 +131,7 @@ enum Command {
 
 /// Writes OUT/node-0/ … OUT/node-(N-1)/, each with a spool file of each name
 /// given (only the recipients of that node) and the message files its jobs
-/// use. A recipient goes to its domain's node (FNV-1a of "node:" and the
+/// use. A recipient goes to its domain's node (a hash of "node:" and the
 /// domain); a domain with at least 1/(2 × N) of all the recipients, or named
 /// with --spread-domain, goes by recipient over every node. Lines that are
 /// not valid jobs go to node 0 unchanged (its sender rejects them) and are

@@ -41,6 +41,23 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// One of `n` equal parts of this rate.
+    pub fn part(&self, n: u32) -> Rate {
+        Rate {
+            count: self.count,
+            per: self.per * n.max(1),
+        }
+    }
+
+    /// The slower of two rates.
+    pub fn slower(self, other: Rate) -> Rate {
+        if other.per_second() < self.per_second() {
+            other
+        } else {
+            self
+        }
+    }
+
     /// The time between two events at this rate.
     pub fn interval(&self) -> Duration {
         self.per / self.count.min(u32::MAX as u64) as u32
@@ -109,6 +126,9 @@ impl<'de> Deserialize<'de> for Rate {
 pub struct Knobs {
     pub max_connections: Option<u32>,
     pub max_message_rate: Option<Rate>,
+    /// For the whole fleet (`[fleet]`): each node takes its part, this
+    /// divided by the nodes alive, below its own `max_message_rate`.
+    pub fleet_message_rate: Option<Rate>,
     pub max_connection_rate: Option<Rate>,
     pub max_deliveries_per_connection: Option<usize>,
     pub max_rcpts_per_txn: Option<usize>,
@@ -135,6 +155,7 @@ impl Knobs {
         over!(
             max_connections,
             max_message_rate,
+            fleet_message_rate,
             max_connection_rate,
             max_deliveries_per_connection,
             max_rcpts_per_txn,
@@ -279,6 +300,7 @@ impl Rule {
                     ("source_addresses", knobs.source_addresses.is_some()),
                     ("idle_timeout", knobs.idle_timeout.is_some()),
                     ("retry", knobs.retry.is_some()),
+                    ("fleet_message_rate", knobs.fleet_message_rate.is_some()),
                 ];
                 if let Some((key, _)) = fixed.iter().find(|(_, set)| *set) {
                     bail!(
@@ -354,6 +376,8 @@ pub struct Policy {
     pub provider: Option<String>,
     pub max_connections: u32,
     pub max_message_rate: Option<Rate>,
+    /// The fleet's rate for the destination, shared by the nodes alive.
+    pub fleet_message_rate: Option<Rate>,
     pub max_connection_rate: Option<Rate>,
     pub max_deliveries_per_connection: usize,
     pub max_rcpts_per_txn: usize,
@@ -484,6 +508,7 @@ impl Shaping {
                 .max_connections
                 .unwrap_or(cfg.max_connections_per_destination.min(u32::MAX as usize) as u32),
             max_message_rate: knobs.max_message_rate,
+            fleet_message_rate: knobs.fleet_message_rate,
             max_connection_rate: knobs.max_connection_rate,
             max_deliveries_per_connection: knobs
                 .max_deliveries_per_connection
@@ -870,5 +895,26 @@ duration = "30m"
             panic!("a set action")
         };
         assert_eq!(k.max_connections, Some(1));
+    }
+
+    #[test]
+    fn a_fleet_rate_is_shared_and_the_slower_rate_wins() {
+        let r: Rate = "900/s".parse().unwrap();
+        assert!((r.part(3).per_second() - 300.0).abs() < 1e-9);
+        assert!(
+            (r.part(0).per_second() - 900.0).abs() < 1e-9,
+            "no nodes counted: the whole rate"
+        );
+        let own: Rate = "200/s".parse().unwrap();
+        assert_eq!(r.part(3).slower(own), own);
+        assert_eq!(r.part(9).slower(own), r.part(9));
+        let mut s = Shaping::built_in();
+        s.add("[provider.google]\nfleet_message_rate = \"900/s\"\n", "mine.toml")
+            .unwrap();
+        let p = s.policy(&Config::default(), "gmail.com", &[]);
+        assert_eq!(p.fleet_message_rate, Some(r));
+        let bad = "[[default.automation]]\nregex = 'x'\naction = { set = { fleet_message_rate = \"1/s\" } }\nduration = \"1m\"\n";
+        let err = format!("{:#}", Shaping::built_in().add(bad, "mine.toml").unwrap_err());
+        assert!(err.contains("fleet_message_rate cannot be changed by a rule"), "{err}");
     }
 }

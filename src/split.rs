@@ -3,12 +3,16 @@
 //! no recipient is in two nodes' files.
 //!
 //! The rule is the shards' one level up, with a hash of its own (a node's
-//! domains must still spread over its shards): a recipient goes to the node
-//! of its domain, FNV-1a of `node:` and the lower-cased domain, modulo the
-//! nodes; a big domain (named, or holding at least 1/(2 × nodes) of all the
-//! recipients of the files split together) goes by FNV-1a of `node:` and the
-//! lower-cased address instead, so every node sends its part of it from its
-//! own addresses. The same files and options always split the same way.
+//! domains must still spread over its shards) and bounded loads: a
+//! recipient goes to the node of its domain (FNV-1a of `node:` and the
+//! lower-cased domain, mixed by MurmurHash3's finaliser, modulo the nodes),
+//! unless that node already holds 3% more than an even share, then to the
+//! next one with room; a big domain (named, or holding at least
+//! 1/(2 × nodes) of all the recipients of the files split together) goes by
+//! the same hash of the lower-cased address instead, so every node sends its
+//! part of it from its own addresses. The same files and options always
+//! split the same way, and most domains keep their node from one list to
+//! the next (their mail keeps its sending addresses).
 //!
 //! A job whose recipients all go to one node keeps its line as it was; one
 //! that is cut in parts gets a line per node with only that node's `to`
@@ -54,7 +58,10 @@ pub struct SplitReport {
     pub spread: Vec<(String, u64)>,
 }
 
-/// FNV-1a of `node:` and the lower-cased bytes of `s`.
+/// FNV-1a of `node:` and the lower-cased bytes of `s`, through MurmurHash3's
+/// 64-bit finaliser: FNV-1a's low bits follow its input's (its lowest bit is
+/// the parity of the bytes' lowest bits), so the node and shard numbers of
+/// plain FNV-1a would go together whatever the prefix.
 fn node_hash(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in b"node:"
@@ -65,7 +72,11 @@ fn node_hash(s: &str) -> u64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// The node of a domain that is not spread.
@@ -76,6 +87,43 @@ pub fn node_of_domain(domain: &str, nodes: usize) -> usize {
 /// The node of a recipient of a spread domain.
 pub fn node_of_rcpt(addr: &str, nodes: usize) -> usize {
     (node_hash(addr) % nodes as u64) as usize
+}
+
+/// Headroom over an even share that a node may take before a domain whose
+/// hash names it goes to the next node instead.
+const LOAD_SLACK: f64 = 0.03;
+
+/// The node of every domain that is not spread: its hash's, unless that
+/// node holds more than its even share (plus [`LOAD_SLACK`]) already; then
+/// the next one that has room, in order (consistent hashing with bounded
+/// loads). Domains are placed biggest first (then by name), so the result
+/// depends only on the counts, and most domains keep their hash's node from
+/// one list to the next (a domain keeps its sending addresses).
+fn place_domains<'a>(
+    per_domain: &'a HashMap<String, u64>,
+    spread: &HashSet<&str>,
+    nodes: usize,
+) -> HashMap<&'a str, usize> {
+    let mut domains: Vec<(&str, u64)> = per_domain
+        .iter()
+        .filter(|(d, _)| !spread.contains(d.as_str()))
+        .map(|(d, n)| (d.as_str(), *n))
+        .collect();
+    domains.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let total: u64 = domains.iter().map(|(_, n)| n).sum();
+    let cap = (total as f64 / nodes as f64 * (1.0 + LOAD_SLACK)).ceil() as u64;
+    let mut load = vec![0u64; nodes];
+    let mut out = HashMap::with_capacity(domains.len());
+    for (d, n) in domains {
+        let first = node_of_domain(d, nodes);
+        let k = (0..nodes)
+            .map(|i| (first + i) % nodes)
+            .find(|&k| load[k] + n <= cap)
+            .unwrap_or_else(|| (0..nodes).min_by_key(|&k| load[k]).expect("one node at least"));
+        load[k] += n;
+        out.insert(d, k);
+    }
+    out
 }
 
 /// The folder of node `k` under `out`.
@@ -135,12 +183,16 @@ pub fn split(o: &SplitOptions) -> anyhow::Result<SplitReport> {
         .collect();
     spread.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let spread_set: HashSet<&str> = spread.iter().map(|(d, _)| d.as_str()).collect();
+    let placed = place_domains(&per_domain, &spread_set, o.nodes);
     let node_of = |addr: &str| {
         let d = crate::spool::domain_of(addr).to_ascii_lowercase();
         if spread_set.contains(d.as_str()) {
             node_of_rcpt(addr, o.nodes)
         } else {
-            node_of_domain(&d, o.nodes)
+            placed
+                .get(d.as_str())
+                .copied()
+                .unwrap_or_else(|| node_of_domain(&d, o.nodes))
         }
     };
 
@@ -269,16 +321,54 @@ mod tests {
 
     #[test]
     fn the_node_hash_is_not_the_shard_hash() {
-        // Nodes and shards hashing alike would leave half of each node's shards idle.
-        let mut both = [[0u32; 2]; 2];
-        for i in 0..1000 {
-            let d = format!("d{i}.test");
-            both[node_of_domain(&d, 2)][crate::ingest::shard_of(&d, 2)] += 1;
-        }
-        for row in both {
-            for n in row {
-                assert!(n > 150, "{both:?}");
+        // Nodes and shards hashing alike would leave some of each node's shards idle.
+        for (nodes, shards) in [(2, 2), (4, 4), (3, 2), (2, 16)] {
+            let mut both = vec![vec![0u32; shards]; nodes];
+            let n = 1000 * nodes * shards;
+            for i in 0..n {
+                let d = format!("d{i}.test");
+                both[node_of_domain(&d, nodes)][crate::ingest::shard_of(&d, shards)] += 1;
             }
+            let even = (n / (nodes * shards)) as u32;
+            for row in &both {
+                for &c in row {
+                    assert!(
+                        c > even * 8 / 10 && c < even * 12 / 10,
+                        "{nodes} nodes, {shards} shards: {both:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn domains_keep_their_hash_s_node_unless_it_is_full() {
+        // 1,000 domains of 16 recipients and 20 of 100: hashing alone leaves nodes ±10% apart.
+        let mut per: HashMap<String, u64> = (0..1000).map(|i| (format!("d{i}.test"), 16)).collect();
+        per.extend((0..20).map(|i| (format!("m{i}.test"), 100)));
+        let total: u64 = per.values().sum();
+        for nodes in [2, 3, 4, 8] {
+            let placed = place_domains(&per, &HashSet::new(), nodes);
+            let mut load = vec![0u64; nodes];
+            for (d, &k) in &placed {
+                load[k] += per[*d];
+            }
+            let even = total as f64 / nodes as f64;
+            assert!(
+                load.iter().all(|&l| (l as f64) <= even * (1.0 + LOAD_SLACK) + 100.0),
+                "{nodes} nodes: {load:?}"
+            );
+            let kept = placed.iter().filter(|(d, k)| node_of_domain(d, nodes) == **k).count();
+            assert!(
+                kept * 10 >= placed.len() * 8,
+                "{nodes} nodes: {kept} of {} kept",
+                placed.len()
+            );
+            assert_eq!(
+                placed,
+                place_domains(&per, &HashSet::new(), nodes),
+                "the same counts, the same nodes"
+            );
         }
     }
 }

@@ -666,10 +666,19 @@ fn the_deploy_files_pass_promtool_and_name_metrics_that_exist() {
     let svc = Service::start(
         dir.path(),
         sink.addr(),
-        &format!("shaping = [{:?}]", shaping.display().to_string()),
+        // A fleet member whose Redis is not there: its fleet metrics are scraped too.
+        &format!(
+            "shaping = [{:?}]\n[fleet]\nredis = \"redis://127.0.0.1:1/\"",
+            shaping.display().to_string()
+        ),
     );
     svc.send_and_wait("news", &jobs(100, 3));
     let samples = parse(&svc.get("/metrics"));
+    let redis_up: Vec<_> = samples.iter().filter(|s| s.name == "volley_fleet_redis_up").collect();
+    assert!(
+        redis_up.len() == 1 && redis_up[0].value == 0.0,
+        "a node without its Redis says so: {redis_up:?}"
+    );
     let throttled: Vec<_> = samples
         .iter()
         .filter(|s| s.name == "volley_domain_throttled_seconds_total")

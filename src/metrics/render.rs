@@ -203,6 +203,12 @@ pub fn fleet_families(f: &crate::fleet::FleetState) -> Vec<MetricFamily> {
         "1 while the fleet's Redis answers; 0 while this node keeps to its own rules and limits.",
     );
     up.gauge(&[], if f.up.load(Relaxed) { 1.0 } else { 0.0 });
+    let mut nodes = Family::new(
+        "volley_fleet_nodes",
+        MetricType::GAUGE,
+        "Nodes of the fleet alive by their heartbeats in Redis (the last count while it does not answer): fleet_message_rate is divided by it.",
+    );
+    nodes.gauge(&[], f64::from(crate::fleet::nodes_alive()));
     let mut rules = Family::new(
         "volley_fleet_rules_total",
         MetricType::COUNTER,
@@ -217,7 +223,7 @@ pub fn fleet_families(f: &crate::fleet::FleetState) -> Vec<MetricFamily> {
     );
     errors.counter(&[], f.errors.load(Relaxed));
     let mut out = Vec::new();
-    for fam in [up, rules, errors] {
+    for fam in [up, nodes, rules, errors] {
         fam.done(&mut out);
     }
     out

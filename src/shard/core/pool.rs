@@ -110,8 +110,18 @@ impl<J> Dest<J> {
     }
 
     /// Its `max_message_rate` (a rule's override first).
+    /// Its `max_message_rate` (a rule's override first), and its part of
+    /// `fleet_message_rate` among the fleet's nodes alive, whichever is slower.
     pub fn message_rate(&self) -> Option<Rate> {
-        self.overridden(|k| k.max_message_rate).or(self.policy.max_message_rate)
+        let own = self.overridden(|k| k.max_message_rate).or(self.policy.max_message_rate);
+        let fleet = self
+            .policy
+            .fleet_message_rate
+            .map(|r| r.part(crate::fleet::nodes_alive()));
+        match (own, fleet) {
+            (Some(a), Some(b)) => Some(a.slower(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Its `max_connection_rate` (a rule's override first).
