@@ -846,6 +846,11 @@ mod tests {
             "max_age = \"3d\"",
             "[routes]",
             "\"example.com\"",
+            "[fleet]",
+            "redis = ",
+            "node = ",
+            "name = ",
+            "poll_interval = ",
         ];
         let uncommented: String = include_str!("../deploy/volley.example.toml")
             .lines()
@@ -858,6 +863,11 @@ mod tests {
         assert_eq!(ex.retry_of("slow.example").initial, Duration::from_secs(60));
         assert_eq!(ex.routes.len(), 1);
         assert_eq!(ex.tls_policy["bank.example"], TlsPolicy::Verify);
+        let fleet = ex.fleet.expect("the example's [fleet]");
+        assert_eq!(
+            (fleet.name.as_str(), fleet.poll_interval),
+            ("volley", Duration::from_millis(500))
+        );
         assert_eq!(cfg.mx_port, d.mx_port);
         assert_eq!(
             (cfg.journal, cfg.journal_fsync, cfg.journal_sync_interval),
