@@ -88,6 +88,9 @@ pub fn nodes_alive() -> u32 {
 /// A node is alive while its last heartbeat is this recent (in polls).
 const ALIVE_POLLS: u32 = 6;
 
+/// Heartbeats kept this long (ms): what a node that just joined counts.
+const REMEMBER_MS: u64 = 60_000;
+
 /// The exchange's state where this process is part of a fleet.
 pub fn state() -> Option<&'static Arc<FleetState>> {
     STATE.get()
@@ -146,6 +149,7 @@ fn start(cfg: &FleetConfig, budgets: Arc<Budgets>) -> anyhow::Result<std::thread
         node: node_name(cfg),
         key: format!("{}:rules", cfg.name),
         nodes_key: format!("{}:nodes", cfg.name),
+        joined: Instant::now(),
         poll: cfg.poll_interval,
         state,
         budgets,
@@ -169,6 +173,7 @@ struct Exchange {
     key: String,
     /// The nodes' heartbeats: a sorted set scored by each one's last (ms since the epoch).
     nodes_key: String,
+    joined: Instant,
     poll: Duration,
     state: Arc<FleetState>,
     budgets: Arc<Budgets>,
@@ -251,7 +256,16 @@ impl Exchange {
         self.pending.retain(|r| r.until_ms > now_ms);
         let key = self.key.clone();
         let (nodes, me) = (self.nodes_key.clone(), self.node.clone());
-        let stale = now_ms.saturating_sub(self.poll.as_millis() as u64 * u64::from(ALIVE_POLLS));
+        let alive_since = now_ms.saturating_sub(self.poll.as_millis() as u64 * u64::from(ALIVE_POLLS));
+        // Until this node has been here as long as a beat stays fresh, it may
+        // not have seen the others that started with it: it counts those seen
+        // in the last minute too (a fleet restarting), rather than take the
+        // whole rate.
+        let since = if self.joined.elapsed() < self.poll * ALIVE_POLLS {
+            now_ms.saturating_sub(REMEMBER_MS)
+        } else {
+            alive_since
+        };
         let pending = std::mem::take(&mut self.pending);
         let Some(con) = self.connection() else {
             self.pending = pending;
@@ -266,12 +280,16 @@ impl Exchange {
         let result: redis::RedisResult<(Vec<String>, u32)> = if read {
             // The heartbeat: this node is alive now; the others are while theirs is recent.
             pipe.cmd("ZADD").arg(&nodes).arg(now_ms).arg(&me).ignore();
-            pipe.cmd("ZREMRANGEBYSCORE").arg(&nodes).arg("-inf").arg(stale).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&nodes)
+                .arg("-inf")
+                .arg(now_ms.saturating_sub(REMEMBER_MS))
+                .ignore();
             pipe.cmd("ZRANGEBYSCORE")
                 .arg(&key)
                 .arg(format!("({now_ms}"))
                 .arg("+inf");
-            pipe.cmd("ZCARD").arg(&nodes);
+            pipe.cmd("ZCOUNT").arg(&nodes).arg(since).arg("+inf");
             pipe.query(con)
         } else {
             pipe.query::<()>(con).map(|()| (Vec::new(), 0))
