@@ -128,6 +128,8 @@ pub struct Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.budgets.leave_fleet();
+        // Outside a fleet, fleet_message_rate is this process's alone.
+        NODES_ALIVE.store(1, Ordering::Relaxed);
     }
 }
 
@@ -323,9 +325,9 @@ impl Exchange {
         }
     }
 
-    /// A rule in force on the fleet: every shard applies it to its
-    /// destinations of that name and scope (again each time: a destination
-    /// that appears while it is in force gets it too; applying twice is nothing).
+    /// A rule in force on the fleet, new to this node: every shard applies
+    /// it to its destinations of that name and scope, and keeps it for those
+    /// it makes while it holds (so it is announced once).
     fn received(&mut self, member: String, now_ms: u64) {
         let Ok(r) = serde_json::from_str::<SharedRule>(&member) else {
             return;
@@ -333,16 +335,17 @@ impl Exchange {
         if r.node == self.node {
             return;
         }
-        if self.seen.insert(member, r.until_ms).is_none() {
-            self.state.received.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                "fleet: rule {} on {} ({}) from node {}",
-                r.rule,
-                r.label,
-                r.scope,
-                r.node
-            );
+        if self.seen.insert(member, r.until_ms).is_some() {
+            return;
         }
+        self.state.received.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "fleet: rule {} on {} ({}) from node {}",
+            r.rule,
+            r.label,
+            r.scope,
+            r.node
+        );
         let until = Instant::now() + Duration::from_millis(r.until_ms.saturating_sub(now_ms));
         self.budgets.announce_fleet(RuleNews {
             key: Box::from(""),

@@ -406,59 +406,55 @@ fn thousands_of_domains_share_the_other_label() {
     sink.stop();
 }
 
-#[test]
-fn a_real_prometheus_scrapes_volley() {
-    let prometheus = "/usr/bin/prometheus";
-    assert!(
-        Path::new(prometheus).exists(),
-        "{prometheus} is missing: install Debian's prometheus package (.ci/run does)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start(SinkOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .unwrap();
-    let svc = Service::start(dir.path(), sink.addr(), "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let prom_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: volley\n    static_configs:\n      - targets: ['{}']\n",
-            svc.metrics
-        ),
-    )
-    .unwrap();
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prom = Reap(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", prom_config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+/// A real Prometheus scraping `targets` every second, stopped when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, targets: &[SocketAddr]) -> Prometheus {
+        let prometheus = "/usr/bin/prometheus";
+        assert!(
+            Path::new(prometheus).exists(),
+            "{prometheus} is missing: install Debian's prometheus package (.ci/run does)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: volley\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let child = Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap(),
-    );
-    svc.send_and_wait("news", &jobs(500, 5));
-    let query = |q: &str| -> serde_json::Value {
+            .unwrap();
+        Prometheus { child, port }
+    }
+
+    /// The answer to an instant query (Null until Prometheus answers).
+    fn query(&self, q: &str) -> serde_json::Value {
         let url = format!(
-            "http://127.0.0.1:{port}/api/v1/query?query={}",
+            "http://127.0.0.1:{}/api/v1/query?query={}",
+            self.port,
             q.replace(' ', "%20")
                 .replace('{', "%7B")
                 .replace('}', "%7D")
                 .replace('"', "%22")
+                .replace('+', "%2B")
         );
         ureq::get(&url)
             .call()
@@ -466,7 +462,28 @@ fn a_real_prometheus_scrapes_volley() {
             .and_then(|mut r| r.body_mut().read_to_string().ok())
             .and_then(|b| serde_json::from_str(&b).ok())
             .unwrap_or(serde_json::Value::Null)
-    };
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_volley() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let svc = Service::start(dir.path(), sink.addr(), "");
+    let prom = Prometheus::start(dir.path(), &[svc.metrics]);
+    svc.send_and_wait("news", &jobs(500, 5));
+    let query = |q: &str| prom.query(q);
     let mut delivered = None;
     wait_for("Prometheus to scrape 500 deliveries", Duration::from_secs(60), || {
         let v = query("sum(volley_deliveries_total{outcome=\"delivered\"})");
@@ -491,11 +508,6 @@ fn a_real_prometheus_scrapes_volley() {
 /// is the slow nodes' while the fast node's own p99 stays low.
 #[test]
 fn a_fleet_s_p99_per_domain_comes_from_the_buckets_of_every_node() {
-    let prometheus = "/usr/bin/prometheus";
-    assert!(
-        Path::new(prometheus).exists(),
-        "{prometheus} is missing: install Debian's prometheus package (.ci/run does)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let fast = Sink::start(SinkOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -516,57 +528,11 @@ fn a_fleet_s_p99_per_domain_comes_from_the_buckets_of_every_node() {
             Service::start(&d, sink, "")
         })
         .collect();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let targets: Vec<String> = nodes.iter().map(|n| format!("'{}'", n.metrics)).collect();
-    let prom_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: volley\n    static_configs:\n      - targets: [{}]\n",
-            targets.join(", ")
-        ),
-    )
-    .unwrap();
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prom = Reap(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", prom_config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let prom = Prometheus::start(dir.path(), &nodes.iter().map(|n| n.metrics).collect::<Vec<_>>());
     for n in &nodes {
         n.send_and_wait("news", &jobs(100, 4));
     }
-    let query = |q: &str| -> serde_json::Value {
-        let url = format!(
-            "http://127.0.0.1:{port}/api/v1/query?query={}",
-            q.replace(' ', "%20")
-                .replace('{', "%7B")
-                .replace('}', "%7D")
-                .replace('"', "%22")
-                .replace('+', "%2B")
-        );
-        ureq::get(&url)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .and_then(|b| serde_json::from_str(&b).ok())
-            .unwrap_or(serde_json::Value::Null)
-    };
+    let query = |q: &str| prom.query(q);
     wait_for(
         "Prometheus to scrape 300 deliveries from 3 nodes",
         Duration::from_secs(60),

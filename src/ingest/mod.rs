@@ -175,6 +175,21 @@ pub struct Rcpt {
     pub vars: Option<Box<Span>>,
 }
 
+impl Rcpt {
+    /// Recipient `i` of a parsed job, with its own variables.
+    pub fn of(job: &crate::spool::Job, i: usize) -> Rcpt {
+        Rcpt {
+            addr: job.to[i].clone(),
+            idx: i as u32,
+            vars: job
+                .personal
+                .as_ref()
+                .and_then(|p| p.rcpt_vars.get(i).cloned().flatten())
+                .map(Box::new),
+        }
+    }
+}
+
 /// A spool file to ingest, with what its journal says is already final.
 pub struct SpoolInput {
     /// Its number for the shards and the collector (unique in a process).
@@ -1050,15 +1065,7 @@ impl Ingest {
             } else {
                 shard_of(&domain, shards)
             };
-            let r = Rcpt {
-                addr: rcpt.clone(),
-                idx: i as u32,
-                vars: job
-                    .personal
-                    .as_ref()
-                    .and_then(|p| p.rcpt_vars.get(i).cloned().flatten())
-                    .map(Box::new),
-            };
+            let r = Rcpt::of(job, i);
             // A personalised recipient (or one with its own sender) gets a transaction of its own.
             let alone = job.personal.is_some()
                 || job.verp.is_some()

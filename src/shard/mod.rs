@@ -242,21 +242,7 @@ impl Job for SpoolJob {
         let line = crate::spool::LineCursor::line_at(map, off as usize);
         // The line parsed when it was read; the spool file is not changed under a sender.
         let job = crate::spool::parse_job(map, line).expect("a waiting job's line parses as it did");
-        let rcpts = parked
-            .iter()
-            .map(|r| {
-                let i = r.idx as usize;
-                Rcpt {
-                    addr: job.to[i].clone(),
-                    idx: r.idx,
-                    vars: job
-                        .personal
-                        .as_ref()
-                        .and_then(|v| v.rcpt_vars.get(i).cloned().flatten())
-                        .map(Box::new),
-                }
-            })
-            .collect();
+        let rcpts = parked.iter().map(|r| Rcpt::of(&job, r.idx as usize)).collect();
         let personal = (p.off & PER_RCPT != 0).then(|| {
             Rc::new(Personal {
                 template: job.personal.is_some(),
