@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the per-message CPU path: reply parsing, wire
 //! preparation (CRLF + dot-stuffing), and one transaction through the
-//! session engine, pipelined with DATA and with BDAT. `cargo bench`.
+//! session engine, pipelined with DATA and with BDAT; one delivery-log
+//! line (as the shards write it, and as serde_json writes the same record);
+//! one spool line parsed. `cargo bench --bench engine`.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -8,7 +10,8 @@ use std::rc::Rc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use volley::generator::message;
-use volley::smtp::{Envelope, Event, ReplyParser, Session, TlsMode, WireMessage};
+use volley::outcome::{JobId, LogRecord, Outcome, Stamp};
+use volley::smtp::{Enhanced, Envelope, Event, ReplyParser, Session, TlsMode, WireMessage};
 
 fn replies(c: &mut Criterion) {
     let mut g = c.benchmark_group("reply_parser");
@@ -104,5 +107,52 @@ fn session(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, replies, wire, session);
+fn log_line(c: &mut Criterion) {
+    let rec = LogRecord {
+        ts: std::time::SystemTime::now(),
+        id: JobId::Given("gen-0001234"),
+        rcpt: Some("u17@d42.test"),
+        domain: Some("d42.test"),
+        outcome: Outcome::Delivered,
+        code: Some(250),
+        enhanced: Enhanced::parse_prefix("2.0.0"),
+        reply: Some("2.0.0 Ok: queued as B6D1BEB100000001"),
+        mx: Some("127.0.0.1"),
+        ip: Some("127.0.0.1".parse().unwrap()),
+        attempt: 1,
+        latency_ms: Some(3),
+        tls: None,
+        category: None,
+        rule: None,
+        local: None,
+    };
+    let mut g = c.benchmark_group("delivery_log_line");
+    g.bench_function("written", |b| {
+        let mut stamp = Stamp::default();
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            black_box(&rec).write_json(&mut out, &mut stamp);
+            black_box(out.len())
+        })
+    });
+    g.bench_function("serde_json", |b| {
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            serde_json::to_writer(&mut out, black_box(&rec)).unwrap();
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+fn spool_line(c: &mut Criterion) {
+    let line = br#"{"id":"gen-0001234","from":"bounces@gen.volley.test","to":["u0@d1234.test"],"message":"m.eml"}"#;
+    c.bench_function("spool_line_parse", |b| {
+        b.iter(|| volley::spool::parse_job(black_box(line), black_box(line)).unwrap())
+    });
+}
+
+criterion_group!(benches, replies, wire, session, log_line, spool_line);
 criterion_main!(benches);

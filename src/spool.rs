@@ -231,13 +231,16 @@ pub fn validate_address(addr: &str) -> Result<(), &'static str> {
     if addr.len() > 254 {
         return Err("longer than 254 octets");
     }
-    for b in addr.bytes() {
-        match b {
-            b'\r' | b'\n' => return Err("contains CR or LF"),
-            b'<' | b'>' => return Err("contains < or >"),
-            b' ' => return Err("contains a space"),
-            0..=0x1f | 0x7f => return Err("contains a control character"),
-            _ => {}
+    // One test per byte for the usual address; the reason only when it fails.
+    if addr.bytes().any(|b| b <= b' ' || b == b'<' || b == b'>' || b == 0x7f) {
+        for b in addr.bytes() {
+            match b {
+                b'\r' | b'\n' => return Err("contains CR or LF"),
+                b'<' | b'>' => return Err("contains < or >"),
+                b' ' => return Err("contains a space"),
+                0..=0x1f | 0x7f => return Err("contains a control character"),
+                _ => {}
+            }
         }
     }
     let Some(at) = addr.rfind('@') else {
@@ -250,7 +253,7 @@ pub fn validate_address(addr: &str) -> Result<(), &'static str> {
     if domain.is_empty() {
         return Err("has an empty domain");
     }
-    if domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+    if domain.starts_with('.') || domain.ends_with('.') || domain.as_bytes().windows(2).any(|w| w == b"..") {
         return Err("has a malformed domain");
     }
     Ok(())

@@ -369,6 +369,9 @@ pub fn shard_of(domain: &str, shards: usize) -> usize {
     (fnv1a(domain) % shards as u64) as usize
 }
 
+/// A message file mapped (while anything uses it), or why it cannot be.
+type KnownMessage = Result<Weak<MessageFile>, String>;
+
 pub struct Ingest {
     shards: Vec<Sender<ToShard>>,
     reports: Sender<Report>,
@@ -400,7 +403,10 @@ pub struct Ingest {
     /// Message files by (spool file, path), while some work uses them (or
     /// why they cannot be used). Per spool file, so a message file replaced
     /// later under the same name is read anew.
-    messages: HashMap<(u32, PathBuf), Result<Weak<MessageFile>, String>>,
+    messages: HashMap<(u32, PathBuf), KnownMessage>,
+    /// The last message asked for by name (lines in a row mostly name the
+    /// same): found again without building and hashing its path.
+    last_message: Option<(u32, Box<str>, KnownMessage)>,
     budget: Arc<MessageBudget>,
     next_message: u32,
     /// Whether each message file used as a template compiles, by message id.
@@ -440,6 +446,7 @@ impl Ingest {
             batch_messages: (0..n).map(|_| Vec::new()).collect(),
             batch_rcpts: vec![0; n],
             messages: HashMap::new(),
+            last_message: None,
             budget,
             next_message: 0,
             templates: HashMap::new(),
@@ -753,6 +760,9 @@ impl Ingest {
         self.send_all()?;
         let id = c.input.id;
         self.messages.retain(|(spool, _), _| *spool != id);
+        if self.last_message.as_ref().is_some_and(|(spool, _, _)| *spool == id) {
+            self.last_message = None;
+        }
         self.flush_outcomes()?;
         self.reports
             .send(Report::FileRead {
@@ -1125,6 +1135,34 @@ impl Ingest {
     /// A message file, mapped on first sight (and again once nothing uses
     /// it any more), within the budget of message files in use.
     fn message(
+        &mut self,
+        spool: u32,
+        origin: &std::path::Path,
+        name: &str,
+    ) -> Result<Result<Arc<MessageFile>, String>, &'static str> {
+        if let Some((s, n, known)) = &self.last_message
+            && *s == spool
+            && **n == *name
+        {
+            match known {
+                Ok(m) => {
+                    if let Some(m) = m.upgrade() {
+                        return Ok(Ok(m));
+                    }
+                }
+                Err(e) => return Ok(Err(e.clone())),
+            }
+        }
+        let found = self.message_by_path(spool, origin, name)?;
+        self.last_message = Some((
+            spool,
+            name.into(),
+            found.as_ref().map(Arc::downgrade).map_err(Clone::clone),
+        ));
+        Ok(found)
+    }
+
+    fn message_by_path(
         &mut self,
         spool: u32,
         origin: &std::path::Path,

@@ -355,10 +355,18 @@ impl Awaited {
 /// Whether `addr` can go inside `<…>` on a command line: no space, control
 /// character, `<` or `>` (UTF-8 only on a session with SMTPUTF8, checked apart).
 fn command_safe(addr: &str) -> bool {
+    // Byte by byte: every byte of a UTF-8 character past ASCII is above 127.
     addr.len() <= 254
         && addr
-            .chars()
-            .all(|c| !c.is_ascii() || (c.is_ascii_graphic() && c != '<' && c != '>'))
+            .bytes()
+            .all(|b| !b.is_ascii() || (b.is_ascii_graphic() && b != b'<' && b != b'>'))
+}
+
+/// `RCPT TO:<addr>` and its line end.
+fn rcpt_to(out: &mut Vec<u8>, addr: &str) {
+    out.extend_from_slice(b"RCPT TO:<");
+    out.extend_from_slice(wire_address(addr).as_bytes());
+    out.extend_from_slice(b">\r\n");
 }
 
 /// An address as it goes on the wire: a UTF-8 domain after an ASCII local
@@ -1059,14 +1067,17 @@ impl<T: Envelope> Session<T> {
         self.next_seq += 1;
         let n = txn.recipient_count();
         let message = body_of(&self.caps, &txn);
-        write!(self.out, "MAIL FROM:<{}>", wire_address(txn.reverse_path())).expect("Vec write");
+        self.out.extend_from_slice(b"MAIL FROM:<");
+        self.out.extend_from_slice(wire_address(txn.reverse_path()).as_bytes());
+        self.out.push(b'>');
         if self.caps.size.is_some() {
             let size = if chunked {
                 message.chunk_len()
             } else {
                 message.bytes.len()
             };
-            write!(self.out, " SIZE={size}").expect("Vec write");
+            self.out.extend_from_slice(b" SIZE=");
+            self.out.extend_from_slice(itoa::Buffer::new().format(size).as_bytes());
         }
         if message.eight_bit && self.caps.eight_bit_mime {
             self.out.extend_from_slice(b" BODY=8BITMIME");
@@ -1078,17 +1089,20 @@ impl<T: Envelope> Session<T> {
         self.expects.push_back(Expect::Mail(seq));
         if chunked {
             for i in 0..n {
-                write!(self.out, "RCPT TO:<{}>\r\n", wire_address(txn.recipient(i))).expect("Vec write");
+                rcpt_to(&mut self.out, txn.recipient(i));
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             // RFC 3030: the whole message as one last chunk, read by the server
             // whatever it answered before, so nothing waits on a reply.
-            write!(self.out, "BDAT {} LAST\r\n", message.chunk_len()).expect("Vec write");
+            self.out.extend_from_slice(b"BDAT ");
+            self.out
+                .extend_from_slice(itoa::Buffer::new().format(message.chunk_len()).as_bytes());
+            self.out.extend_from_slice(b" LAST\r\n");
             message.write_chunk(&mut self.out);
             self.expects.push_back(Expect::Bdat(seq));
         } else if self.caps.pipelining {
             for i in 0..n {
-                write!(self.out, "RCPT TO:<{}>\r\n", wire_address(txn.recipient(i))).expect("Vec write");
+                rcpt_to(&mut self.out, txn.recipient(i));
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             self.out.extend_from_slice(b"DATA\r\n");

@@ -29,23 +29,33 @@ impl fmt::Display for Enhanced {
 impl Enhanced {
     /// Parses a leading `X.Y.Z` (followed by a space or the end) of reply text.
     pub fn parse_prefix(text: &str) -> Option<Enhanced> {
-        let word = text.split(' ').next()?;
-        let mut parts = word.split('.');
-        let class = parts.next()?;
-        let subject = parts.next()?;
-        let detail = parts.next()?;
-        if parts.next().is_some() {
+        let b = text.as_bytes();
+        let (&class, rest) = b.split_first()?;
+        if !matches!(class, b'2' | b'4' | b'5') || rest.first() != Some(&b'.') {
             return None;
         }
-        let digits = |s: &str, max: usize| !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
-        let class_ok = class.len() == 1 && matches!(class.as_bytes()[0], b'2' | b'4' | b'5');
-        if !(class_ok && digits(subject, 3) && digits(detail, 3)) {
+        // Up to three digits, then what follows them.
+        let number = |s: &[u8]| -> Option<(u16, usize)> {
+            let n = s.iter().take(4).take_while(|c| c.is_ascii_digit()).count();
+            if n == 0 || n > 3 {
+                return None;
+            }
+            Some((s[..n].iter().fold(0, |v, &c| v * 10 + u16::from(c - b'0')), n))
+        };
+        let (subject, n) = number(&rest[1..])?;
+        let rest = &rest[1 + n..];
+        if rest.first() != Some(&b'.') {
+            return None;
+        }
+        let (detail, n) = number(&rest[1..])?;
+        // The code is a word of its own: the end, or a space after it.
+        if !matches!(rest.get(1 + n), None | Some(b' ')) {
             return None;
         }
         Some(Enhanced {
-            class: class.as_bytes()[0] - b'0',
-            subject: subject.parse().ok()?,
-            detail: detail.parse().ok()?,
+            class: class - b'0',
+            subject,
+            detail,
         })
     }
 }
@@ -130,7 +140,7 @@ impl ReplyParser {
     /// After an error the parser must not be fed again (the connection is unusable).
     pub fn feed(&mut self, mut input: &[u8], replies: &mut VecDeque<Reply>) -> Result<(), ReplyError> {
         while !input.is_empty() {
-            match input.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', input) {
                 Some(pos) => {
                     let (chunk, rest) = input.split_at(pos + 1);
                     input = rest;
@@ -176,7 +186,10 @@ impl ReplyParser {
             Some(b'-') => (false, &line[4..]),
             Some(_) => return Err(malformed()),
         };
-        let text = String::from_utf8_lossy(text);
+        let text = match std::str::from_utf8(text) {
+            Ok(t) => std::borrow::Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(text),
+        };
         self.lines += 1;
         if self.lines > MAX_LINES {
             return Err(ReplyError::TooManyLines);
@@ -249,6 +262,52 @@ mod tests {
                 .map(|(c, e, t)| (*c, e.map(str::to_string), t.to_string()))
                 .collect();
             assert_eq!(got, want, "wire {:?}", String::from_utf8_lossy(wire));
+        }
+    }
+
+    /// RFC 3463's `class.subject.detail`, read the plain way (split on
+    /// space, then on dots): what the byte-wise `parse_prefix` must agree with.
+    fn enhanced_by_splitting(text: &str) -> Option<Enhanced> {
+        let word = text.split(' ').next()?;
+        let parts: Vec<&str> = word.split('.').collect();
+        let digits = |s: &str| (1..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+        match parts[..] {
+            [class, subject, detail] if matches!(class, "2" | "4" | "5") && digits(subject) && digits(detail) => {
+                Some(Enhanced {
+                    class: class.parse().ok()?,
+                    subject: subject.parse().ok()?,
+                    detail: detail.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_enhanced_code_is_read_as_splitting_reads_it(text in "[0-9245. a-z\\t]{0,14}") {
+            proptest::prop_assert_eq!(Enhanced::parse_prefix(&text), enhanced_by_splitting(&text));
+        }
+    }
+
+    #[test]
+    fn enhanced_codes_at_their_edges() {
+        for (text, want) in [
+            ("5.1.1", Some((5, 1, 1))),
+            ("4.7.28 later", Some((4, 7, 28))),
+            ("2.123.999 ok", Some((2, 123, 999))),
+            ("2.1234.0 ok", None),
+            ("2.1.1000", None),
+            ("3.1.1 no", None),
+            ("2.1. ok", None),
+            ("2..1 ok", None),
+            ("2.1.1.1 ok", None),
+            ("2.1.1\tok", None),
+            ("2.1.1x", None),
+            ("", None),
+        ] {
+            let got = Enhanced::parse_prefix(text).map(|e| (e.class, e.subject, e.detail));
+            assert_eq!(got, want, "{text:?}");
         }
     }
 
