@@ -72,7 +72,15 @@ impl Span {
         match self {
             // Every Map span was cut from a `&str` that serde_json checked, on char boundaries.
             Span::Map { off, len } => {
-                std::str::from_utf8(&map[*off..*off + *len]).expect("span lies on UTF-8 the parser checked")
+                let bytes = &map[*off..*off + *len];
+                if bytes.is_ascii() {
+                    // SAFETY: ASCII is UTF-8 (and `is_ascii` reads words, not
+                    // characters: most spans are addresses and ids, read on
+                    // every line and transaction).
+                    unsafe { std::str::from_utf8_unchecked(bytes) }
+                } else {
+                    std::str::from_utf8(bytes).expect("span lies on UTF-8 the parser checked")
+                }
             }
             Span::Owned(s) => s,
         }

@@ -203,6 +203,9 @@ async fn converse(
     let mut session_clock = 0;
     let timed = shard.core.borrow().metrics.enabled();
     loop {
+        // One clock reading a turn: what a turn settles and takes happens
+        // within microseconds of it (after a read, or a wait for work).
+        let now = Instant::now();
         // Drained every turn, counted only with metrics on and only when there is something.
         if timed && session.has_seen() {
             let seen = session.take_seen();
@@ -253,7 +256,7 @@ async fn converse(
                         });
                     }
                 },
-                Event::Done(report) => shard.with(|c| c.complete(report, dest, host, tls.as_deref(), Instant::now())),
+                Event::Done(report) => shard.with(|c| c.complete(report, dest, host, tls.as_deref(), now)),
                 Event::Unsent(txn) => shard.with(|c| c.unsent(dest, txn)),
                 Event::Failed { reason, reply, kind } => {
                     setup_reply = reply.as_ref().map(|r| r.to_string());
@@ -271,7 +274,7 @@ async fn converse(
         if session.is_ready() {
             let most = dest.deliveries_per_connection();
             while session.wants_txn() && submitted < most {
-                let Some(mut txn) = shard.with(|c| c.next_txn(dest, Instant::now())) else {
+                let Some(mut txn) = shard.with(|c| c.next_txn(dest, now)) else {
                     break;
                 };
                 if let Err(reason) = shard.render(&mut txn, !session.capabilities().eight_bit_mime) {

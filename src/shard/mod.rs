@@ -108,7 +108,7 @@ struct LocalFile {
 
 /// A job's recipients of one domain, as the spool gave them: spans into
 /// the mapped spool file, and its message prepared for the wire.
-pub(crate) struct SpoolJob {
+pub(crate) struct SpoolJobData {
     file: Rc<LocalFile>,
     line: u32,
     /// Where its line starts in the spool file.
@@ -124,6 +124,30 @@ pub(crate) struct SpoolJob {
     /// The template of the recipient's envelope sender (VERP), and what it rendered.
     verp: Option<Rc<Span>>,
     reverse: Option<Box<str>>,
+}
+
+/// A spool job, boxed: a transaction moves by value a dozen times between
+/// ingest's batch, its destination's queue, a connection and its report,
+/// and a pointer moves cheaper than the job's fields.
+pub(crate) struct SpoolJob(Box<SpoolJobData>);
+
+impl SpoolJob {
+    fn new(data: SpoolJobData) -> SpoolJob {
+        SpoolJob(Box::new(data))
+    }
+}
+
+impl std::ops::Deref for SpoolJob {
+    type Target = SpoolJobData;
+    fn deref(&self) -> &SpoolJobData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SpoolJob {
+    fn deref_mut(&mut self) -> &mut SpoolJobData {
+        &mut self.0
+    }
 }
 
 /// A job whose every recipient gets a copy of its own: a template with its
@@ -180,7 +204,7 @@ impl Job for SpoolJob {
         self.rcpts = keep.iter().map(|&i| self.rcpts[i].clone()).collect();
     }
     fn split_off(&mut self, at: usize) -> SpoolJob {
-        SpoolJob {
+        SpoolJob::new(SpoolJobData {
             file: self.file.clone(),
             line: self.line,
             off: self.off,
@@ -192,13 +216,13 @@ impl Job for SpoolJob {
             rendered: None,
             verp: self.verp.clone(),
             reverse: None,
-        }
+        })
     }
     fn take(&mut self, which: &[usize]) -> SpoolJob {
         let all = std::mem::take(&mut self.rcpts);
         let (taken, kept): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| which.contains(i));
         self.rcpts = kept.into_iter().map(|(_, r)| r).collect();
-        SpoolJob {
+        SpoolJob::new(SpoolJobData {
             file: self.file.clone(),
             line: self.line,
             off: self.off,
@@ -210,7 +234,7 @@ impl Job for SpoolJob {
             rendered: None,
             verp: self.verp.clone(),
             reverse: None,
-        }
+        })
     }
     fn release(&mut self) {
         self.rendered = None;
@@ -256,7 +280,7 @@ impl Job for SpoolJob {
         });
         let (line_no, body) = (p.line, p.body.clone());
         let file = parked.into_iter().next().expect("one parked recipient at least").file;
-        SpoolJob {
+        SpoolJob::new(SpoolJobData {
             file,
             line: line_no,
             off,
@@ -268,7 +292,7 @@ impl Job for SpoolJob {
             rendered: None,
             verp: job.verp.map(Rc::new),
             reverse: None,
-        }
+        })
     }
 }
 
@@ -716,7 +740,7 @@ impl Shard {
             }
         };
         let longest = body.wire.longest_line;
-        let job = SpoolJob {
+        let job = SpoolJob::new(SpoolJobData {
             file: file.clone(),
             line: item.line,
             off: item.off,
@@ -728,7 +752,7 @@ impl Shard {
             rendered: None,
             verp: item.verp.map(Rc::new),
             reverse: None,
-        };
+        });
         if let Some(reason) = job.body.refused.clone() {
             let enhanced = Enhanced {
                 class: 5,

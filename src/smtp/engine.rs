@@ -257,8 +257,9 @@ pub enum Event<T> {
     /// The server agreed to STARTTLS: the driver must run the TLS handshake
     /// on the connection, then call `tls_established` (or `connection_lost`).
     StartTls,
-    /// A transaction finished, well or not.
-    Done(TxnReport<T>),
+    /// A transaction finished, well or not (boxed from its start: it moves
+    /// from flight to event to its settling without copying).
+    Done(Box<TxnReport<T>>),
     /// A submitted transaction that never went on the wire (the session ended first).
     Unsent(T),
     /// The session could not be set up (greeting or EHLO/HELO refused, or lost before it was ready).
@@ -310,7 +311,7 @@ enum Stage {
 struct Flight<T> {
     seq: u64,
     stage: Stage,
-    report: TxnReport<T>,
+    report: Box<TxnReport<T>>,
 }
 
 /// Not written yet (the `sent` time of a command still in the output buffer).
@@ -1046,7 +1047,7 @@ impl<T: Envelope> Session<T> {
         };
         if let Some(failure) = refusal {
             let n = txn.recipient_count();
-            self.events.push_back(Event::Done(TxnReport {
+            self.events.push_back(Event::Done(Box::new(TxnReport {
                 txn,
                 mail: None,
                 rcpts: vec![None; n],
@@ -1056,7 +1057,7 @@ impl<T: Envelope> Session<T> {
                 permanent: true,
                 timing: TxnTiming::default(),
                 chunked,
-            }));
+            })));
             return;
         }
         if self.rset_first {
@@ -1111,7 +1112,7 @@ impl<T: Envelope> Session<T> {
         self.flights.push_back(Flight {
             seq,
             stage: if chunked { Stage::Body } else { Stage::Envelope },
-            report: TxnReport {
+            report: Box::new(TxnReport {
                 txn,
                 mail: None,
                 rcpts: vec![None; n],
@@ -1121,7 +1122,7 @@ impl<T: Envelope> Session<T> {
                 permanent: false,
                 timing: TxnTiming::default(),
                 chunked,
-            },
+            }),
         });
     }
 

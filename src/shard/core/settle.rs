@@ -62,7 +62,7 @@ impl<J: Job> Core<J> {
     /// ended at `now` (`tls`: the connection's TLS, described).
     pub fn complete(
         &mut self,
-        report: TxnReport<Txn<J>>,
+        report: Box<TxnReport<Txn<J>>>,
         dest: &Rc<Dest<J>>,
         host: &Candidate,
         tls: Option<&str>,
@@ -123,7 +123,7 @@ impl<J: Job> Core<J> {
         if deferred.is_empty() {
             return;
         }
-        let TxnReport { mut txn, .. } = report;
+        let TxnReport { mut txn, .. } = *report;
         if deferred.len() < txn.job.rcpt_count() {
             txn.job.keep(&deferred);
         }

@@ -255,7 +255,7 @@ impl Rig {
             chunked: false,
         };
         let host = dest.hosts.borrow()[0].clone();
-        self.core.complete(report, dest, &host, None, self.now);
+        self.core.complete(Box::new(report), dest, &host, None, self.now);
         true
     }
 
@@ -274,7 +274,7 @@ impl Rig {
             chunked: false,
         };
         let host = dest.hosts.borrow()[0].clone();
-        self.core.complete(report, dest, &host, None, self.now);
+        self.core.complete(Box::new(report), dest, &host, None, self.now);
     }
 
     /// A connection that ends (after it got ready).
@@ -418,7 +418,7 @@ fn only_the_deferred_recipients_of_a_transaction_are_retried() {
         chunked: false,
     };
     let host = dest.hosts.borrow()[0].clone();
-    r.core.complete(report, &dest, &host, None, r.now);
+    r.core.complete(Box::new(report), &dest, &host, None, r.now);
     let o: Vec<(u32, Outcome)> = r.outcomes().into_iter().map(|o| (o.1, o.2)).collect();
     assert_eq!(
         o,
