@@ -156,7 +156,11 @@ impl Stamp {
 /// A JSON string: as it is when nothing in it needs escaping (the usual
 /// case), else as serde_json escapes it.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // Without short-circuit, so it runs a vector at a time.
+    let plain = !s
+        .bytes()
+        .fold(false, |esc, b| esc | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');

@@ -68,6 +68,7 @@ impl Span {
     }
 
     /// The string, given the map of the spool file it came from.
+    #[inline]
     pub fn get<'a>(&'a self, map: &'a [u8]) -> &'a str {
         match self {
             // Every Map span was cut from a `&str` that serde_json checked, on char boundaries.
@@ -309,7 +310,7 @@ impl LineCursor {
         }
         while self.pos < map.len() {
             let rest = &map[self.pos..];
-            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
             self.pos += end + 1;
             self.line_no += 1;
             let raw = &rest[..end];
@@ -324,7 +325,7 @@ impl LineCursor {
     /// The line that starts at byte `off` (as [`LineCursor::next_line`] gave it).
     pub fn line_at(map: &[u8], off: usize) -> &[u8] {
         let rest = &map[off..];
-        let raw = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+        let raw = &rest[..memchr::memchr(b'\n', rest).unwrap_or(rest.len())];
         raw.strip_suffix(b"\r").unwrap_or(raw)
     }
 

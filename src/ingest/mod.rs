@@ -787,7 +787,7 @@ impl Ingest {
         let lead = matches!(pass, Pass::Lead);
         let input = &c.input;
         let fid = input.id;
-        let file = input.file.clone();
+        let file = &input.file;
         let map = file.bytes();
         let mut seen = LineSeen::default();
         if input.done.contains(line_no, WHOLE_LINE) {

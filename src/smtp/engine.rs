@@ -311,6 +311,8 @@ enum Stage {
 struct Flight<T> {
     seq: u64,
     stage: Stage,
+    /// Its message's bytes counted against `window_bytes` (BDAT), else 0.
+    chunk: usize,
     report: Box<TxnReport<T>>,
 }
 
@@ -449,6 +451,8 @@ pub struct Session<T> {
     /// Replies to set-up commands, for the driver's metrics.
     seen: Vec<Seen>,
     flights: VecDeque<Flight<T>>,
+    /// The `chunk` bytes of the flights, summed as they come and go.
+    in_flight_bytes: usize,
     waiting: Option<T>,
     events: VecDeque<Event<T>>,
     next_seq: u64,
@@ -482,6 +486,7 @@ impl<T: Envelope> Session<T> {
             now: 0,
             seen: Vec::new(),
             flights: VecDeque::new(),
+            in_flight_bytes: 0,
             waiting: None,
             events: VecDeque::new(),
             next_seq: 0,
@@ -649,6 +654,7 @@ impl<T: Envelope> Session<T> {
                 kind,
             });
         }
+        self.in_flight_bytes = 0;
         while let Some(mut flight) = self.flights.pop_front() {
             flight.report.failure = Some(Failure::new(kind, reason));
             self.events.push_back(Event::Done(flight.report));
@@ -961,6 +967,7 @@ impl<T: Envelope> Session<T> {
     fn finish(&mut self, seq: u64) {
         let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
         let flight = self.flights.remove(idx).expect("flight exists");
+        self.in_flight_bytes -= flight.chunk;
         if flight.report.chunked {
             self.adapt_window(&flight.report);
         }
@@ -994,13 +1001,8 @@ impl<T: Envelope> Session<T> {
         }
         let can_start = if self.is_chunking() {
             let waiting = self.waiting.as_ref().map_or(0, |t| body_of(&self.caps, t).chunk_len());
-            let in_flight: usize = self
-                .flights
-                .iter()
-                .map(|f| body_of(&self.caps, &f.report.txn).chunk_len())
-                .sum();
             self.flights.len() < self.max_flights()
-                && (self.flights.is_empty() || in_flight + waiting <= self.ext.window_bytes)
+                && (self.flights.is_empty() || self.in_flight_bytes + waiting <= self.ext.window_bytes)
         } else if self.caps.pipelining {
             self.flights.iter().all(|f| f.stage == Stage::Body)
         } else {
@@ -1109,8 +1111,11 @@ impl<T: Envelope> Session<T> {
             self.out.extend_from_slice(b"DATA\r\n");
             self.expects.push_back(Expect::Data(seq));
         }
+        let chunk = if chunked { message.chunk_len() } else { 0 };
+        self.in_flight_bytes += chunk;
         self.flights.push_back(Flight {
             seq,
+            chunk,
             stage: if chunked { Stage::Body } else { Stage::Envelope },
             report: Box::new(TxnReport {
                 txn,
