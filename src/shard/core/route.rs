@@ -227,12 +227,6 @@ impl<J: Job> Core<J> {
             txn.held = true;
             self.expiry_timer(dest, txn.first_seen + txn.domain.retry().max_age);
         }
-        let n = txn.job.rcpt_count();
-        if n <= max && (0..n).all(|i| txn.job.rcpt(i).is_ascii()) {
-            // The usual transaction: queued as it is.
-            dest.queue.borrow_mut().push_back(txn);
-            return self.kick(dest, now);
-        }
         // Recipients with UTF-8 addresses go apart: a server without
         // SMTPUTF8 refuses them, not the others (RFC 6531 §3.2).
         let utf8: Vec<usize> = (0..txn.job.rcpt_count())
