@@ -121,20 +121,57 @@ pub struct Personal {
     pub rcpt_vars: Vec<Option<Span>>,
 }
 
-/// A string that borrows from the input unless it holds escapes (serde's
-/// `borrow` on a `Cow` field does not reach into a `Vec`, so wrap it).
-#[derive(Deserialize)]
-#[serde(transparent)]
-struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// A recipient written as an object (spool v2).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRcpt<'a> {
-    #[serde(borrow)]
+/// One element of `to`: an address (v1), or `{"rcpt": …, "vars": {…}}`
+/// (v2), read in the one pass over the line (a borrowed string unless it
+/// holds escapes).
+struct RawTo<'a> {
     rcpt: Cow<'a, str>,
-    #[serde(borrow, default)]
+    /// Written as an object (whose `vars` may still be absent).
+    object: bool,
     vars: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawTo<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = RawTo<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address or {\"rcpt\": …, \"vars\": {…}}")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<RawTo<'a>, E> {
+                Ok(RawTo {
+                    rcpt: Cow::Borrowed(v),
+                    object: false,
+                    vars: None,
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawTo<'a>, E> {
+                Ok(RawTo {
+                    rcpt: Cow::Owned(v.to_owned()),
+                    object: false,
+                    vars: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RawTo<'a>, A::Error> {
+                let (mut rcpt, mut vars) = (None, None);
+                while let Some(key) = m.next_key::<Cow<'de, str>>()? {
+                    match &*key {
+                        "rcpt" if rcpt.is_none() => rcpt = Some(m.next_value::<Cow<'de, str>>()?),
+                        "vars" if vars.is_none() => vars = Some(m.next_value::<&'de serde_json::value::RawValue>()?),
+                        "rcpt" | "vars" => return Err(serde::de::Error::custom(format!("duplicate field `{key}`"))),
+                        other => return Err(serde::de::Error::unknown_field(other, &["rcpt", "vars"])),
+                    }
+                }
+                Ok(RawTo {
+                    rcpt: rcpt.ok_or_else(|| serde::de::Error::missing_field("rcpt"))?,
+                    object: true,
+                    vars,
+                })
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -143,9 +180,8 @@ struct RawJob<'a> {
     id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     from: Cow<'a, str>,
-    /// Strings (v1) or `{"rcpt": …, "vars": {…}}` (v2).
     #[serde(borrow)]
-    to: Vec<&'a serde_json::value::RawValue>,
+    to: Vec<RawTo<'a>>,
     #[serde(borrow, default)]
     vars: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
@@ -197,26 +233,15 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
     };
     let mut to = Vec::with_capacity(raw.to.len());
     let mut rcpt_vars = Vec::new();
-    for (i, v) in raw.to.iter().enumerate() {
-        let text = v.get();
-        if text.starts_with('"') {
-            // A plain string without escapes is its own inside (the parser checked it).
-            if !text.contains('\\') {
-                to.push(Span::from_cow(map, Cow::Borrowed(&text[1..text.len() - 1])));
-                continue;
+    for (i, r) in raw.to.into_iter().enumerate() {
+        if r.object {
+            if rcpt_vars.is_empty() {
+                rcpt_vars.resize(i, None);
             }
-            let s: BorrowedStr<'_> =
-                serde_json::from_str(text).map_err(|e| format!("not a valid job: to[{i}]: {e}"))?;
-            to.push(Span::from_cow(map, s.0));
-            continue;
+            rcpt_vars.push(r.vars.map(|v| object(v, &format!("to[{i}].vars"))).transpose()?);
+        } else if !rcpt_vars.is_empty() {
+            rcpt_vars.push(None);
         }
-        let r: RawRcpt<'_> = serde_json::from_str(v.get()).map_err(|e| {
-            format!("not a valid job: to[{i}] must be an address or {{\"rcpt\": …, \"vars\": {{…}}}}: {e}")
-        })?;
-        if rcpt_vars.is_empty() {
-            rcpt_vars.resize(i, None);
-        }
-        rcpt_vars.push(r.vars.map(|v| object(v, &format!("to[{i}].vars"))).transpose()?);
         to.push(Span::from_cow(map, r.rcpt));
     }
     if !rcpt_vars.is_empty() {
@@ -235,34 +260,62 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
     })
 }
 
+/// What a byte is to [`validate_address`]: most are ordinary.
+const ORDINARY: u8 = 0;
+const AT: u8 = 1;
+const DOT: u8 = 2;
+const REFUSED: u8 = 3;
+static ADDRESS_BYTE: [u8; 256] = {
+    let mut t = [ORDINARY; 256];
+    let mut b = 0;
+    while b < 256 {
+        if b <= b' ' as usize || b == b'<' as usize || b == b'>' as usize || b == 0x7f {
+            t[b] = REFUSED;
+        }
+        b += 1;
+    }
+    t[b'@' as usize] = AT;
+    t[b'.' as usize] = DOT;
+    t
+};
+
 /// Checks that an address can be written inside `<...>` on an SMTP command line.
 pub fn validate_address(addr: &str) -> Result<(), &'static str> {
     if addr.len() > 254 {
         return Err("longer than 254 octets");
     }
-    // One test per byte for the usual address; the reason only when it fails.
-    if addr.bytes().any(|b| b <= b' ' || b == b'<' || b == b'>' || b == 0x7f) {
-        for b in addr.bytes() {
-            match b {
-                b'\r' | b'\n' => return Err("contains CR or LF"),
-                b'<' | b'>' => return Err("contains < or >"),
-                b' ' => return Err("contains a space"),
-                0..=0x1f | 0x7f => return Err("contains a control character"),
-                _ => {}
+    let bytes = addr.as_bytes();
+    // One pass: the first byte that cannot stand on a command line says
+    // why; the last `@` and the last ".." are found on the way.
+    let (mut at, mut dots, mut prev) = (None, None, 0usize);
+    for (i, &b) in bytes.iter().enumerate() {
+        match ADDRESS_BYTE[b as usize] {
+            ORDINARY => continue,
+            AT => at = Some(i),
+            DOT if prev + 1 == i && bytes[prev] == b'.' => dots = Some(prev),
+            DOT => {}
+            _ => {
+                return Err(match b {
+                    b'\r' | b'\n' => "contains CR or LF",
+                    b'<' | b'>' => "contains < or >",
+                    b' ' => "contains a space",
+                    _ => "contains a control character",
+                });
             }
         }
+        prev = i;
     }
-    let Some(at) = addr.rfind('@') else {
+    let Some(at) = at else {
         return Err("has no @");
     };
     if at == 0 {
         return Err("has an empty local part");
     }
-    let domain = &addr[at + 1..];
+    let domain = &bytes[at + 1..];
     if domain.is_empty() {
         return Err("has an empty domain");
     }
-    if domain.starts_with('.') || domain.ends_with('.') || domain.as_bytes().windows(2).any(|w| w == b"..") {
+    if domain[0] == b'.' || domain[domain.len() - 1] == b'.' || dots.is_some_and(|d| d > at) {
         return Err("has a malformed domain");
     }
     Ok(())
@@ -351,6 +404,46 @@ mod tests {
     }
 
     #[test]
+    fn recipients_as_strings_and_objects_keep_their_own_variables() {
+        let map = br#"{"from":"b@x.test","to":[{"rcpt":"a@y.test","vars":{"n":1}},"b@y.test",{"rcpt":"c@y.test"},{"rcpt":"d\u0040y.test","vars":{"n":4}}],"data":"x"}"#;
+        let job = parse_job(map, map).unwrap();
+        let to: Vec<_> = job.to.iter().map(|s| s.get(map)).collect();
+        assert_eq!(to, ["a@y.test", "b@y.test", "c@y.test", "d@y.test"]);
+        let vars: Vec<_> = job
+            .personal
+            .unwrap()
+            .rcpt_vars
+            .iter()
+            .map(|v| v.as_ref().map(|s| s.get(map).to_string()))
+            .collect();
+        assert_eq!(
+            vars,
+            [Some("{\"n\":1}".to_string()), None, None, Some("{\"n\":4}".to_string())]
+        );
+        for (line, want) in [
+            (
+                r#"{"from":"","to":[{"rcpt":"a@b","x":1}],"data":"x"}"#,
+                "unknown field `x`",
+            ),
+            (r#"{"from":"","to":[{"vars":{}}],"data":"x"}"#, "missing field `rcpt`"),
+            (
+                r#"{"from":"","to":[{"rcpt":"a@b","rcpt":"c@d"}],"data":"x"}"#,
+                "duplicate field `rcpt`",
+            ),
+            (r#"{"from":"","to":[7],"data":"x"}"#, "expected an address or"),
+            (
+                r#"{"from":"","to":[{"rcpt":"a@b","vars":[1]}],"data":"x"}"#,
+                "to[0].vars must be an object",
+            ),
+        ] {
+            let err = parse_job(line.as_bytes(), line.as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{line}: {err}");
+        }
+        let bad = b"{\"from\":\"\",\"to\":[\"a\xff@b\"],\"data\":\"x\"}";
+        assert!(parse_job(bad, bad).unwrap_err().contains("not UTF-8"));
+    }
+
+    #[test]
     fn bad_lines_say_why() {
         let cases: &[(&str, &str)] = &[
             ("not json", "not a valid job"),
@@ -400,6 +493,44 @@ mod tests {
         );
         assert!(validate_address("\"quoted@local\"@example.com").is_ok());
         assert_eq!(domain_of("\"quoted@local\"@Example.COM"), "Example.COM");
+    }
+
+    /// The checks as first written (a reason per test, in this order), to
+    /// hold the one-pass reading to.
+    fn validate_by_steps(addr: &str) -> Result<(), &'static str> {
+        if addr.len() > 254 {
+            return Err("longer than 254 octets");
+        }
+        for b in addr.bytes() {
+            match b {
+                b'\r' | b'\n' => return Err("contains CR or LF"),
+                b'<' | b'>' => return Err("contains < or >"),
+                b' ' => return Err("contains a space"),
+                0..=0x1f | 0x7f => return Err("contains a control character"),
+                _ => {}
+            }
+        }
+        let Some(at) = addr.rfind('@') else {
+            return Err("has no @");
+        };
+        if at == 0 {
+            return Err("has an empty local part");
+        }
+        let domain = &addr[at + 1..];
+        if domain.is_empty() {
+            return Err("has an empty domain");
+        }
+        if domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+            return Err("has a malformed domain");
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_address_check_agrees_with_the_steps(addr in "[a@.<> \\r\\n\\t\\x7fé\"b]{0,12}(@[a.]{0,4})?") {
+            proptest::prop_assert_eq!(validate_address(&addr), validate_by_steps(&addr));
+        }
     }
 
     #[test]
