@@ -121,6 +121,12 @@ pub struct Personal {
     pub rcpt_vars: Vec<Option<Span>>,
 }
 
+/// A string that borrows from the input unless it holds escapes (a bare
+/// `Cow<str>` deserializes owned; only a `borrow` field borrows).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
+
 /// One element of `to`: an address (v1), or `{"rcpt": …, "vars": {…}}`
 /// (v2), read in the one pass over the line (a borrowed string unless it
 /// holds escapes).
@@ -155,9 +161,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawTo<'a> {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RawTo<'a>, A::Error> {
                 let (mut rcpt, mut vars) = (None, None);
-                while let Some(key) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(BorrowedStr(key)) = m.next_key::<BorrowedStr<'de>>()? {
                     match &*key {
-                        "rcpt" if rcpt.is_none() => rcpt = Some(m.next_value::<Cow<'de, str>>()?),
+                        "rcpt" if rcpt.is_none() => rcpt = Some(m.next_value::<BorrowedStr<'de>>()?.0),
                         "vars" if vars.is_none() => vars = Some(m.next_value::<&'de serde_json::value::RawValue>()?),
                         "rcpt" | "vars" => return Err(serde::de::Error::custom(format!("duplicate field `{key}`"))),
                         other => return Err(serde::de::Error::unknown_field(other, &["rcpt", "vars"])),
@@ -287,13 +293,17 @@ pub fn validate_address(addr: &str) -> Result<(), &'static str> {
     let bytes = addr.as_bytes();
     // One pass: the first byte that cannot stand on a command line says
     // why; the last `@` and the last ".." are found on the way.
-    let (mut at, mut dots, mut prev) = (None, None, 0usize);
+    let (mut at, mut dots, mut last_dot) = (None, None, None);
     for (i, &b) in bytes.iter().enumerate() {
         match ADDRESS_BYTE[b as usize] {
-            ORDINARY => continue,
+            ORDINARY => {}
             AT => at = Some(i),
-            DOT if prev + 1 == i && bytes[prev] == b'.' => dots = Some(prev),
-            DOT => {}
+            DOT => {
+                if i > 0 && last_dot == Some(i - 1) {
+                    dots = Some(i - 1);
+                }
+                last_dot = Some(i);
+            }
             _ => {
                 return Err(match b {
                     b'\r' | b'\n' => "contains CR or LF",
@@ -303,7 +313,6 @@ pub fn validate_address(addr: &str) -> Result<(), &'static str> {
                 });
             }
         }
-        prev = i;
     }
     let Some(at) = at else {
         return Err("has no @");
@@ -409,6 +418,10 @@ mod tests {
         let job = parse_job(map, map).unwrap();
         let to: Vec<_> = job.to.iter().map(|s| s.get(map)).collect();
         assert_eq!(to, ["a@y.test", "b@y.test", "c@y.test", "d@y.test"]);
+        // An object's address borrows from the line unless it holds escapes.
+        assert!(matches!(job.to[0], Span::Map { .. }));
+        assert!(matches!(job.to[2], Span::Map { .. }));
+        assert_eq!(job.to[3], Span::Owned("d@y.test".into()));
         let vars: Vec<_> = job
             .personal
             .unwrap()
