@@ -4,11 +4,42 @@
 use glommio::{CpuSet, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use std::future::Future;
 
-/// Online CPUs in ascending order.
+/// The CPUs this process may run on, in ascending order: online ones within
+/// its affinity mask (`taskset`, a cgroup's cpuset), so executors are pinned
+/// where the operator put the process, not onto CPUs it was kept off. Read
+/// once, before any executor thread narrows its own mask.
 pub fn cpus() -> Vec<usize> {
-    let mut cpus: Vec<usize> = CpuSet::online()
-        .map(|s| s.into_iter().map(|l| l.cpu).collect())
-        .unwrap_or_default();
+    static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    CPUS.get_or_init(|| {
+        let online: Vec<usize> = CpuSet::online()
+            .map(|s| s.into_iter().map(|l| l.cpu).collect())
+            .unwrap_or_default();
+        within_affinity(online, allowed_cpus().as_deref())
+    })
+    .clone()
+}
+
+/// The process's affinity mask, if it can be read.
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain bits; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return None;
+    }
+    let bits = (size * 8).min(libc::CPU_SETSIZE as usize);
+    // SAFETY: CPU_ISSET reads the set for an index under its size.
+    Some((0..bits).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect())
+}
+
+/// `online` narrowed to `allowed` (all of `online` when the mask is unknown or
+/// shares none of it), sorted, without repeats, never empty.
+fn within_affinity(online: Vec<usize>, allowed: Option<&[usize]>) -> Vec<usize> {
+    let mut cpus: Vec<usize> = match allowed {
+        Some(a) if online.iter().any(|c| a.contains(c)) => online.into_iter().filter(|c| a.contains(c)).collect(),
+        Some(a) if online.is_empty() => a.to_vec(),
+        _ => online,
+    };
     cpus.sort_unstable();
     cpus.dedup();
     if cpus.is_empty() {
@@ -75,4 +106,27 @@ where
         .io_memory(1 << 20)
         .spawn(fut_gen)
         .map_err(|e| std::io::Error::other(format!("cannot start executor {name}-{index}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executors_go_only_on_cpus_the_affinity_mask_allows() {
+        assert_eq!(within_affinity(vec![0, 1, 2, 3], Some(&[1])), vec![1], "taskset -c 1");
+        assert_eq!(within_affinity(vec![3, 0, 2, 1], Some(&[2, 3, 9])), vec![2, 3]);
+        assert_eq!(
+            within_affinity(vec![0, 1], None),
+            vec![0, 1],
+            "no mask: every online CPU"
+        );
+        assert_eq!(within_affinity(vec![], Some(&[5])), vec![5], "online unknown: the mask");
+        assert_eq!(
+            within_affinity(vec![0, 1], Some(&[7])),
+            vec![0, 1],
+            "a mask of none online"
+        );
+        assert_eq!(within_affinity(vec![], None), vec![0]);
+    }
 }

@@ -578,3 +578,69 @@ fn resend_sends_again_what_an_earlier_run_finished_as_asked() {
     let bad = run(volley().args(["send", "--resend", "delivered"]).arg(&spool));
     assert_eq!(bad.status.code(), Some(2), "clap refuses it: {}", text(&bad.stderr));
 }
+
+/// Executors are pinned within the CPUs the process was given (`taskset`, a
+/// cpuset), not to the machine's first ones.
+#[test]
+fn executors_stay_within_the_cpus_the_process_was_given() {
+    use std::os::unix::process::CommandExt;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("one CPU: nothing to keep an executor off");
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&mine), &mut mine) },
+        0
+    );
+    let last = (0..libc::CPU_SETSIZE as usize)
+        .rev()
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &mine) })
+        .unwrap();
+    let port = free_port();
+    let mut cmd = volley();
+    cmd.args(["sink", "--shards", "1", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only sched_setaffinity, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(last, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    let executor = tasks
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+            comm.starts_with("volley-sink-0")
+                .then(|| std::fs::read_to_string(t.join("status")).unwrap())
+        })
+        .next();
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = executor.expect("the sink's executor thread volley-sink-0");
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    assert_eq!(
+        allowed,
+        last.to_string(),
+        "given CPU {last} only, the executor is pinned to it"
+    );
+}
