@@ -18,6 +18,15 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Waits (up to 10 s) until a sink listens on 127.0.0.1:`port`.
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -36,11 +45,7 @@ impl SlowSink {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sink did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port);
         SlowSink(child, port)
     }
 
@@ -124,11 +129,7 @@ fn gen_sink_send_as_separate_processes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     let log = dir.path().join("log.jsonl");
     let out = run(volley()
         .args([
@@ -616,11 +617,7 @@ fn executors_stay_within_the_cpus_the_process_was_given() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
     let executor = tasks
         .filter_map(|t| {
