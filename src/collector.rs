@@ -6,7 +6,8 @@
 //! the log too, whatever moment a crash picks. After a write fails it writes
 //! and counts nothing more: the caller stops the send.
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! shards and ingest) format log lines and tally counts locally, then hand
 //! the collector one `OutcomeBatch` at a time: nothing is shared per record.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fmt;
 use std::net::IpAddr;
 use std::time::SystemTime;

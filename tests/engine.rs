@@ -1178,6 +1178,39 @@ fn a_utf8_address_to_a_server_without_smtputf8_bounces_unsent_and_the_next_goes(
 }
 
 #[test]
+fn an_address_that_cannot_go_on_a_command_line_bounces_unsent_and_the_next_goes() {
+    let long: &'static str = Box::leak(format!("{}@y.test", "a".repeat(250)).into_boxed_str());
+    for bad in [
+        "a b@y.test",
+        "a@y.test>\r\nRSET",
+        "a>@y.test",
+        "<a@y.test",
+        "a\x7f@y.test",
+        long,
+    ] {
+        let (_, seen) = run(
+            "unsafe-address",
+            vec![txn(&["ok@y.test", bad], "plain\n"), txn(&["b@y.test"], "plain\n")],
+            &[
+                GREET,
+                EHLO,
+                EHLO_PIPE,
+                Submit,
+                C(""),
+                Submit,
+                C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+            ],
+        );
+        assert_eq!(statuses(&seen)[0], vec![B, B], "{bad:?}");
+        assert!(
+            seen.done[0][1].1.contains("cannot be written on an SMTP command line"),
+            "{bad:?}: {:?}",
+            seen.done
+        );
+    }
+}
+
+#[test]
 fn an_ascii_local_part_at_a_utf8_domain_goes_by_the_a_label_without_smtputf8() {
     let (_, seen) = run(
         "idna",

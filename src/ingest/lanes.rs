@@ -10,7 +10,7 @@
 //! opened for a domain takes over the domain's recipients from where the
 //! shard's lane stands (or the lead), so nothing is sent twice or skipped.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::spool::LineCursor;
 

@@ -9,9 +9,10 @@
 pub mod lanes;
 mod spread;
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -389,7 +390,7 @@ pub struct Ingest {
     /// recipients sent to the shard, domain hash, count), oldest first. A
     /// domain with `domain_bound` of them is full before the shard can say
     /// so: ingest reads far faster than a shard takes work.
-    unconfirmed: Vec<HashMap<u64, u64, BuildHasherDefault<Prehashed>>>,
+    unconfirmed: Vec<std::collections::HashMap<u64, u64, BuildHasherDefault<Prehashed>>>,
     in_inbox: Vec<VecDeque<(u64, u64, u64)>>,
     sent: Vec<u64>,
     spread: Spread,
@@ -436,7 +437,7 @@ impl Ingest {
             allowed: vec![limits.shard_credit; n],
             starved_since: vec![None; n],
             full: (0..n).map(|_| HashSet::new()).collect(),
-            unconfirmed: (0..n).map(|_| HashMap::default()).collect(),
+            unconfirmed: (0..n).map(|_| std::collections::HashMap::default()).collect(),
             in_inbox: (0..n).map(|_| VecDeque::new()).collect(),
             sent: vec![0; n],
             spread: Spread::new(n, &limits.spread_domains),

@@ -7,7 +7,7 @@
 //! read again is routed as it was the first time. Nothing persistent depends
 //! on the shard, so a restart may spread differently without harm.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 /// Recipients read before a domain may spread on its share alone.
 pub const MIN_RECIPIENTS: u64 = 2_000;

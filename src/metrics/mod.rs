@@ -13,8 +13,8 @@
 pub mod export;
 mod render;
 
+use foldhash::{HashMap, HashMapExt};
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 

@@ -9,7 +9,7 @@
 //! shards never exceeds the cap: a connection is counted on the board
 //! before it is opened.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -19,8 +19,9 @@ mod intake;
 pub use self::core::MAX_UNRECORDED_PER_SHARD;
 pub use budget::Budgets;
 
+use foldhash::HashMap;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};

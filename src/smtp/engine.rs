@@ -388,6 +388,20 @@ fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether every address of the envelope is ASCII that can go on a command
+/// line as it is (the usual case), told in one pass over each: such an
+/// envelope needs neither SMTPUTF8 nor a closer look.
+fn plain_envelope<T: Envelope>(txn: &T) -> bool {
+    // Without short-circuit, so it runs a vector at a time.
+    let plain = |a: &str| {
+        a.len() <= 254
+            && !a
+                .bytes()
+                .fold(false, |odd, b| odd | !b.is_ascii_graphic() | (b == b'<') | (b == b'>'))
+    };
+    plain(txn.reverse_path()) && (0..txn.recipient_count()).all(|i| plain(txn.recipient(i)))
+}
+
 /// Whether a transaction's envelope has an address that stays UTF-8 on the wire (RFC 6531).
 fn needs_smtputf8<T: Envelope>(txn: &T) -> bool {
     std::iter::once(txn.reverse_path())
@@ -1015,7 +1029,8 @@ impl<T: Envelope> Session<T> {
         let chunked = self.is_chunking();
         // RFC 6531 §3.2: SMTPUTF8 for a UTF-8 address, and (where offered) for UTF-8 headers.
         let utf8_headers = self.caps.smtputf8 && body_of(&self.caps, &txn).eight_bit_headers;
-        let utf8 = needs_smtputf8(&txn) || utf8_headers;
+        let plain = plain_envelope(&txn);
+        let utf8 = (!plain && needs_smtputf8(&txn)) || utf8_headers;
         let refusal = if utf8 && !self.caps.smtputf8 {
             // RFC 6531 §3.2: a UTF-8 address only to a server that offers SMTPUTF8.
             let addr = std::iter::once(txn.reverse_path())
@@ -1034,6 +1049,8 @@ impl<T: Envelope> Session<T> {
                     "the message has 8-bit content, the server does not offer 8BITMIME, and it cannot go in 7 bits: {why}"
                 ),
             ))
+        } else if plain {
+            None
         } else {
             // Ingest lets no such address through; this keeps any other caller from
             // putting a second command on the line (CRLF) or passing its length limit.

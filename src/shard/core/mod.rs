@@ -28,7 +28,8 @@ mod tests;
 pub(crate) use pool::{Candidate, Dest, SetupFailure};
 pub(crate) use route::Domain;
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
