@@ -751,20 +751,24 @@ fn auth_plain_login_and_refusal() {
     assert!(seen.ready);
 }
 
+/// The first transaction is refused before anything of it is written; the
+/// next (`b@y.test`) goes.
+const REFUSED_UNSENT_THEN_NEXT: &[Step] = &[
+    GREET,
+    EHLO,
+    EHLO_PIPE,
+    Submit,
+    C(""),
+    Submit,
+    C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
+];
+
 #[test]
 fn eight_bit_message_to_a_server_without_8bitmime_bounces_unsent() {
     let (_, seen) = run(
         "8bit-refused",
         vec![txn(&["a@y.test"], "caf\u{e9}\n"), txn(&["b@y.test"], "plain\n")],
-        &[
-            GREET,
-            EHLO,
-            EHLO_PIPE,
-            Submit,
-            C(""),
-            Submit,
-            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
-        ],
+        REFUSED_UNSENT_THEN_NEXT,
     );
     assert_eq!(statuses(&seen)[0], vec![B]);
     assert!(seen.done[0][0].1.contains("8BITMIME"), "{:?}", seen.done);
@@ -1157,15 +1161,7 @@ fn a_utf8_address_to_a_server_without_smtputf8_bounces_unsent_and_the_next_goes(
     let (_, seen) = run(
         "smtputf8-refused",
         vec![txn(&["j\u{f6}rg@y.test"], "plain\n"), txn(&["b@y.test"], "plain\n")],
-        &[
-            GREET,
-            EHLO,
-            EHLO_PIPE,
-            Submit,
-            C(""),
-            Submit,
-            C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
-        ],
+        REFUSED_UNSENT_THEN_NEXT,
     );
     assert_eq!(statuses(&seen)[0], vec![B]);
     assert!(
@@ -1191,15 +1187,7 @@ fn an_address_that_cannot_go_on_a_command_line_bounces_unsent_and_the_next_goes(
         let (_, seen) = run(
             "unsafe-address",
             vec![txn(&["ok@y.test", bad], "plain\n"), txn(&["b@y.test"], "plain\n")],
-            &[
-                GREET,
-                EHLO,
-                EHLO_PIPE,
-                Submit,
-                C(""),
-                Submit,
-                C("MAIL FROM:<news@sender.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"),
-            ],
+            REFUSED_UNSENT_THEN_NEXT,
         );
         assert_eq!(statuses(&seen)[0], vec![B, B], "{bad:?}");
         assert!(

@@ -352,17 +352,21 @@ impl Awaited {
     }
 }
 
-/// An address that fits between `<` and `>` on a command line: printable
-/// ASCII without spaces or angle brackets, at most 254 octets (RFC 5321
-/// §4.5.3.1.3 allows a path of 256 with its brackets).
-/// Whether `addr` can go inside `<…>` on a command line: no space, control
-/// character, `<` or `>` (UTF-8 only on a session with SMTPUTF8, checked apart).
+/// The longest address written between `<` and `>` (RFC 5321 §4.5.3.1.3
+/// allows a path of 256 octets with its brackets).
+const MAX_ADDRESS: usize = 254;
+
+/// Whether an ASCII byte may stand inside `<…>` on a command line: no space,
+/// control character, `<` or `>`.
+fn line_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b'<' && b != b'>'
+}
+
+/// Whether `addr` can go inside `<…>` on a command line (UTF-8 only on a
+/// session with SMTPUTF8, checked apart).
 fn command_safe(addr: &str) -> bool {
     // Byte by byte: every byte of a UTF-8 character past ASCII is above 127.
-    addr.len() <= 254
-        && addr
-            .bytes()
-            .all(|b| !b.is_ascii() || (b.is_ascii_graphic() && b != b'<' && b != b'>'))
+    addr.len() <= MAX_ADDRESS && addr.bytes().all(|b| !b.is_ascii() || line_byte(b))
 }
 
 /// `RCPT TO:<addr>` and its line end.
@@ -393,12 +397,7 @@ fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
 /// envelope needs neither SMTPUTF8 nor a closer look.
 fn plain_envelope<T: Envelope>(txn: &T) -> bool {
     // Without short-circuit, so it runs a vector at a time.
-    let plain = |a: &str| {
-        a.len() <= 254
-            && !a
-                .bytes()
-                .fold(false, |odd, b| odd | !b.is_ascii_graphic() | (b == b'<') | (b == b'>'))
-    };
+    let plain = |a: &str| a.len() <= MAX_ADDRESS && a.bytes().fold(true, |ok, b| ok & line_byte(b));
     plain(txn.reverse_path()) && (0..txn.recipient_count()).all(|i| plain(txn.recipient(i)))
 }
 
