@@ -114,7 +114,7 @@ struct Group<'m> {
     /// Lower-cased, and its key in the per-domain counts.
     domain: Cow<'m, str>,
     hash: u64,
-    rcpts: Vec<Rcpt>,
+    rcpts: Rcpts,
 }
 
 /// Messages from ingest to a shard.
@@ -156,7 +156,7 @@ pub struct WorkItem {
     pub id: Option<Span>,
     pub from: Span,
     pub body: BodyKey,
-    pub rcpts: Vec<Rcpt>,
+    pub rcpts: Rcpts,
     pub first_seen: Instant,
     /// Spool v2: the message is a template; the job's variables (JSON object text).
     pub personal: Option<Option<Span>>,
@@ -165,6 +165,11 @@ pub struct WorkItem {
     /// Spool v2: the job's List-Unsubscribe (a template).
     pub list_unsubscribe: Option<Span>,
 }
+
+/// A transaction's recipients: inline for one, the usual newsletter job
+/// (no allocation made by ingest and freed by a shard, and no pointer to
+/// follow to the addresses).
+pub type Rcpts = smallvec::SmallVec<[Rcpt; 1]>;
 
 /// A recipient and its index in the job's `to` (its name in the journal).
 #[derive(Debug, Clone)]
@@ -1101,7 +1106,7 @@ impl Ingest {
                         shard,
                         hash: domain_hash(&domain),
                         domain,
-                        rcpts: vec![r],
+                        rcpts: smallvec::smallvec![r],
                     });
                 }
             }

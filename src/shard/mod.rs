@@ -36,7 +36,7 @@ use crate::classify::Classifier;
 use crate::collector::Report;
 use crate::config::{Config, Routes};
 use crate::dns::Net;
-use crate::ingest::{BodyKey, Credit, Rcpt, ToShard, WorkItem};
+use crate::ingest::{BodyKey, Credit, Rcpt, Rcpts, ToShard, WorkItem};
 use crate::messages::MessageFile;
 use crate::metrics::export::ShardLink;
 use crate::outcome::{JobId, OutcomeBatch, RcptKey};
@@ -117,7 +117,7 @@ pub(crate) struct SpoolJobData {
     id: Option<Span>,
     from: Span,
     body: Rc<Body>,
-    rcpts: Vec<Rcpt>,
+    rcpts: Rcpts,
     /// Spool v2: the message is a template, rendered per recipient.
     personal: Option<Rc<Personal>>,
     /// The copy rendered for this attempt (dropped when it waits for a retry).
@@ -212,7 +212,7 @@ impl Job for SpoolJob {
             id: self.id.clone(),
             from: self.from.clone(),
             body: self.body.clone(),
-            rcpts: self.rcpts.split_off(at),
+            rcpts: self.rcpts.drain(at..).collect(),
             personal: self.personal.clone(),
             rendered: None,
             verp: self.verp.clone(),

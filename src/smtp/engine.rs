@@ -15,6 +15,7 @@ use std::io::Write;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use smallvec::SmallVec;
 
 use super::caps::Capabilities;
 use super::reply::{Reply, ReplyParser};
@@ -83,7 +84,9 @@ pub enum Decider<'a> {
 pub struct TxnReport<T> {
     pub txn: T,
     pub mail: Option<Reply>,
-    pub rcpts: Vec<Option<Reply>>,
+    /// One slot per recipient, inline for one (the usual newsletter
+    /// transaction): no allocation, and on the cache line of its report.
+    pub rcpts: SmallVec<[Option<Reply>; 1]>,
     pub data: Option<Reply>,
     pub dot: Option<Reply>,
     /// Set when the transaction ended before all its replies came.
@@ -1068,7 +1071,7 @@ impl<T: Envelope> Session<T> {
             self.events.push_back(Event::Done(Box::new(TxnReport {
                 txn,
                 mail: None,
-                rcpts: vec![None; n],
+                rcpts: smallvec::smallvec![None; n],
                 data: None,
                 dot: None,
                 failure: Some(failure),
@@ -1136,7 +1139,7 @@ impl<T: Envelope> Session<T> {
             report: Box::new(TxnReport {
                 txn,
                 mail: None,
-                rcpts: vec![None; n],
+                rcpts: smallvec::smallvec![None; n],
                 data: None,
                 dot: None,
                 failure: None,

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest reply line accepted, CRLF included (RFC 5321 allows 512; servers send more).
 pub const MAX_LINE_BYTES: usize = 4096;
@@ -62,21 +63,25 @@ impl Enhanced {
 
 /// One complete reply: its code, its enhanced code (taken from the first line
 /// when its class matches the code's), and the text of every line joined by `\n`.
+/// The text is shared: a reply that repeats one the parser saw lately (a
+/// server answers every MAIL and every RCPT alike) costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
     pub enhanced: Option<Enhanced>,
-    pub text: String,
+    pub text: Arc<str>,
 }
 
 impl Reply {
     pub fn new(code: u16, text: &str) -> Reply {
-        let enhanced = Enhanced::parse_prefix(text).filter(|e| u16::from(e.class) == code / 100);
         Reply {
             code,
-            enhanced,
-            text: text.to_string(),
+            enhanced: Self::enhanced_of(code, text),
+            text: text.into(),
         }
+    }
+    fn enhanced_of(code: u16, text: &str) -> Option<Enhanced> {
+        Enhanced::parse_prefix(text).filter(|e| u16::from(e.class) == code / 100)
     }
     pub fn is_positive(&self) -> bool {
         (200..300).contains(&self.code)
@@ -118,12 +123,21 @@ pub enum ReplyError {
     CodeMismatch(u16, u16),
 }
 
+/// Single-line replies remembered, so that one seen again shares their text.
+const RECENT: usize = 4;
+
 /// Feeds on bytes as they arrive and yields complete replies.
 #[derive(Debug, Default)]
 pub struct ReplyParser {
     partial: Vec<u8>,
-    current: Option<Reply>,
+    /// The multi-line reply being read: its code and its text so far.
+    current: Option<(u16, String)>,
     lines: usize,
+    /// Recent single-line replies, least recently used replaced first (a
+    /// reply that never repeats, such as "queued as ID", does not push out
+    /// the MAIL and RCPT replies that come every transaction).
+    recent: [Option<(u64, Reply)>; RECENT],
+    tick: u64,
 }
 
 impl ReplyParser {
@@ -195,22 +209,48 @@ impl ReplyParser {
             return Err(ReplyError::TooManyLines);
         }
         match &mut self.current {
-            None => self.current = Some(Reply::new(code, &text)),
-            Some(reply) => {
-                if reply.code != code {
-                    return Err(ReplyError::CodeMismatch(reply.code, code));
+            None if last => {
+                let reply = self.single(code, &text);
+                self.lines = 0;
+                replies.push_back(reply);
+            }
+            None => self.current = Some((code, text.into_owned())),
+            Some((first, joined)) => {
+                if *first != code {
+                    return Err(ReplyError::CodeMismatch(*first, code));
                 }
-                if reply.text.len() + text.len() < MAX_TEXT_BYTES {
-                    reply.text.push('\n');
-                    reply.text.push_str(&text);
+                if joined.len() + text.len() < MAX_TEXT_BYTES {
+                    joined.push('\n');
+                    joined.push_str(&text);
+                }
+                if last {
+                    let (code, joined) = self.current.take().expect("a reply is being built");
+                    self.lines = 0;
+                    replies.push_back(Reply {
+                        code,
+                        enhanced: Reply::enhanced_of(code, &joined),
+                        text: joined.into(),
+                    });
                 }
             }
         }
-        if last {
-            self.lines = 0;
-            replies.push_back(self.current.take().expect("a reply is being built"));
-        }
         Ok(())
+    }
+
+    /// A one-line reply: a clone of a recent one with the same code and
+    /// text, else a new one, remembered in place of the least recently used.
+    fn single(&mut self, code: u16, text: &str) -> Reply {
+        self.tick += 1;
+        let same = |r: &Reply| r.code == code && *r.text == *text;
+        if let Some((used, r)) = self.recent.iter_mut().flatten().find(|(_, r)| same(r)) {
+            *used = self.tick;
+            return r.clone();
+        }
+        let used = |i: usize| self.recent[i].as_ref().map_or(0, |(u, _)| *u);
+        let slot = (0..RECENT).min_by_key(|&i| used(i)).expect("RECENT is not 0");
+        let reply = Reply::new(code, text);
+        self.recent[slot] = Some((self.tick, reply.clone()));
+        reply
     }
 }
 
@@ -255,7 +295,7 @@ mod tests {
             let got = parse_all(&[wire]).unwrap();
             let got: Vec<_> = got
                 .iter()
-                .map(|r| (r.code, r.enhanced.map(|e| e.to_string()), r.text.clone()))
+                .map(|r| (r.code, r.enhanced.map(|e| e.to_string()), r.text.to_string()))
                 .collect();
             let want: Vec<_> = want
                 .iter()
@@ -317,7 +357,7 @@ mod tests {
         for cut in 0..wire.len() {
             let got = parse_all(&[&wire[..cut], &wire[cut..]]).unwrap();
             assert_eq!(got.len(), 1, "cut at {cut}");
-            assert_eq!(got[0].text, "first\nsecond\n2.0.0 last");
+            assert_eq!(&*got[0].text, "first\nsecond\n2.0.0 last");
         }
         let mut p = ReplyParser::new();
         let mut out = VecDeque::new();
@@ -345,6 +385,35 @@ mod tests {
             endless.extend_from_slice(b"250-more\r\n");
         }
         assert_eq!(parse_all(&[&endless]), Err(ReplyError::TooManyLines));
+    }
+
+    #[test]
+    fn a_reply_seen_lately_shares_its_text_and_one_that_never_repeats_does_not_push_it_out() {
+        let mut wire = Vec::new();
+        for i in 0..20 {
+            wire.extend_from_slice(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
+            wire.extend_from_slice(format!("250 2.0.0 Ok: queued as {i}\r\n").as_bytes());
+        }
+        let got = parse_all(&[&wire]).unwrap();
+        assert_eq!(got.len(), 60);
+        for (i, txn) in got.chunks(3).enumerate() {
+            assert_eq!(&*txn[0].text, "2.1.0 Ok");
+            assert_eq!(&*txn[1].text, "2.1.5 Ok");
+            assert_eq!(*txn[2].text, *format!("2.0.0 Ok: queued as {i}"));
+            assert_eq!(txn[1].enhanced.map(|e| (e.class, e.subject, e.detail)), Some((2, 1, 5)));
+            assert!(
+                Arc::ptr_eq(&txn[0].text, &got[0].text),
+                "MAIL's reply of txn {i} is shared"
+            );
+            assert!(
+                Arc::ptr_eq(&txn[1].text, &got[1].text),
+                "RCPT's reply of txn {i} is shared"
+            );
+        }
+        // The same text under another code is another reply.
+        let got = parse_all(&[b"250 Ok\r\n251 Ok\r\n250-Ok\r\n250 more\r\n"]).unwrap();
+        assert_eq!(got.iter().map(|r| r.code).collect::<Vec<_>>(), [250, 251, 250]);
+        assert_eq!(&*got[2].text, "Ok\nmore");
     }
 
     #[test]

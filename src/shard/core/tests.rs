@@ -246,7 +246,7 @@ impl Rig {
         let report = TxnReport {
             txn,
             mail: reply(250),
-            rcpts: vec![reply(code); n],
+            rcpts: smallvec::smallvec![reply(code); n],
             data: if code < 300 { reply(354) } else { None },
             dot: if code < 300 { reply(250) } else { None },
             failure: None,
@@ -265,7 +265,7 @@ impl Rig {
         let report = TxnReport {
             txn,
             mail: Some(Reply::new(code, text)),
-            rcpts: vec![None],
+            rcpts: smallvec::smallvec![None],
             data: None,
             dot: None,
             failure: None,
@@ -405,7 +405,7 @@ fn only_the_deferred_recipients_of_a_transaction_are_retried() {
     let report = TxnReport {
         txn,
         mail: ok.clone(),
-        rcpts: vec![
+        rcpts: smallvec::smallvec![
             ok.clone(),
             Some(Reply::new(452, "4.2.2 full")),
             Some(Reply::new(550, "5.1.1 no")),
