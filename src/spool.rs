@@ -11,6 +11,7 @@ use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 /// A read-only mapped file (spool or message). Empty files have no map.
 #[derive(Debug)]
@@ -102,7 +103,8 @@ pub enum JobBody {
 pub struct Job {
     pub id: Option<Span>,
     pub from: Span,
-    pub to: Vec<Span>,
+    /// Inline for one recipient, the usual newsletter job (no allocation per line).
+    pub to: SmallVec<[Span; 1]>,
     pub body: JobBody,
     /// Spool v2: the message is a template rendered per recipient.
     pub personal: Option<Personal>,
@@ -187,7 +189,7 @@ struct RawJob<'a> {
     #[serde(borrow)]
     from: Cow<'a, str>,
     #[serde(borrow)]
-    to: Vec<RawTo<'a>>,
+    to: SmallVec<[RawTo<'a>; 1]>,
     #[serde(borrow, default)]
     vars: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
@@ -237,7 +239,7 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
         }
         Ok(Span::from_cow(map, Cow::Borrowed(v.get())))
     };
-    let mut to = Vec::with_capacity(raw.to.len());
+    let mut to = SmallVec::with_capacity(raw.to.len());
     let mut rcpt_vars = Vec::new();
     for (i, r) in raw.to.into_iter().enumerate() {
         if r.object {

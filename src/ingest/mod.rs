@@ -10,6 +10,7 @@ pub mod lanes;
 mod spread;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
@@ -372,7 +373,12 @@ fn fnv1a(s: &str) -> u64 {
 /// The shard that owns `domain`: FNV-1a of its lower-cased bytes, stable
 /// across runs and platforms.
 pub fn shard_of(domain: &str, shards: usize) -> usize {
-    (fnv1a(domain) % shards as u64) as usize
+    shard_of_hash(fnv1a(domain), shards)
+}
+
+/// [`shard_of`] for a domain whose [`domain_hash`] is known.
+fn shard_of_hash(hash: u64, shards: usize) -> usize {
+    (hash % shards as u64) as usize
 }
 
 /// A message file mapped (while anything uses it), or why it cannot be.
@@ -1013,7 +1019,7 @@ impl Ingest {
         lead: bool,
         spread_from: &HashMap<Box<str>, usize>,
         line_pos: usize,
-    ) -> Vec<Group<'m>> {
+    ) -> SmallVec<[Group<'m>; 1]> {
         let file = &input.file;
         let id = match &job.id {
             Some(s) => JobId::Given(s.get(map)),
@@ -1030,7 +1036,7 @@ impl Ingest {
         let mut first_of: HashMap<Mailbox<'_>, usize> = HashMap::new();
         // For a long list, the open transaction per (domain, shard) (a scan
         // of the groups would be quadratic).
-        let mut groups: Vec<Group<'m>> = Vec::new();
+        let mut groups: SmallVec<[Group<'m>; 1]> = SmallVec::new();
         let mut open: HashMap<(Cow<'m, str>, usize), usize> = HashMap::new();
         let indexed = job.to.len() > INDEX_GROUPS_OVER;
         let max = self.limits.max_rcpts_per_txn;
@@ -1076,10 +1082,12 @@ impl Ingest {
                 self.spread.observe(&domain);
             }
             let spread = !spread_from.is_empty() && spread_from.get(&*domain).is_some_and(|&from| from <= line_pos);
+            // The domain's hash places it (unless it is spread) and keys its counts.
+            let hash = domain_hash(&domain);
             let shard = if spread {
                 spread::shard_of_rcpt(addr, shards)
             } else {
-                shard_of(&domain, shards)
+                shard_of_hash(hash, shards)
             };
             let r = Rcpt::of(job, i);
             // A personalised recipient (or one with its own sender) gets a transaction of its own.
@@ -1104,7 +1112,7 @@ impl Ingest {
                     }
                     groups.push(Group {
                         shard,
-                        hash: domain_hash(&domain),
+                        hash,
                         domain,
                         rcpts: smallvec::smallvec![r],
                     });
