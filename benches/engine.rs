@@ -105,6 +105,21 @@ fn session(c: &mut Criterion) {
             }
         })
     });
+    // The chunk left in the message and given as slices, as a plaintext connection writes it.
+    c.bench_function("session_bdat_transaction_by_reference", |b| {
+        let mut s = ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        s.write_by_reference(true);
+        b.iter(|| {
+            s.submit(Txn(body.clone()));
+            black_box(s.output_slices());
+            let n = s.output_len();
+            s.consume_output(n);
+            s.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n");
+            while let Some(e) = s.poll_event() {
+                assert!(matches!(e, Event::Done(_)));
+            }
+        })
+    });
 }
 
 fn log_line(c: &mut Criterion) {

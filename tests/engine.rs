@@ -4,7 +4,7 @@
 use volley::local::Local;
 use volley::smtp::{Decider, Envelope, Event, Extensions, Session, Status, TlsMode, WireMessage};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Txn {
     from: &'static str,
     rcpts: Vec<&'static str>,
@@ -75,16 +75,38 @@ fn run(name: &str, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
 }
 
 fn run_tls(name: &str, mode: TlsMode, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
-    run_session(name, Session::new("client.test", mode), txns, steps)
+    run_both(name, || Session::new("client.test", mode), txns, steps)
 }
 
 fn run_ext(name: &str, ext: Extensions, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
-    run_session(
+    run_both(
         name,
-        Session::new("client.test", TlsMode::Off).with_extensions(ext),
+        || Session::new("client.test", TlsMode::Off).with_extensions(ext),
         txns,
         steps,
     )
+}
+
+/// Every transcript twice: BDAT chunks copied into the output, then written
+/// by reference (given as slices of the messages themselves, each write
+/// taken in two parts, the second copied together); the wire and the
+/// outcomes must be the same.
+fn run_both(name: &str, session: impl Fn() -> Session<Txn>, txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
+    let mut by_reference = session();
+    by_reference.write_by_reference(true);
+    let (_, seen_by_reference) = run_session(&format!("{name} (by reference)"), by_reference, txns.clone(), steps);
+    let (s, seen) = run_session(name, session(), txns, steps);
+    assert_eq!(
+        format!("{seen_by_reference:?}"),
+        format!("{seen:?}"),
+        "{name}: the same outcomes with chunks written by reference"
+    );
+    (s, seen)
+}
+
+/// What the client has to write, however it is held.
+fn pending(s: &Session<Txn>) -> Vec<u8> {
+    s.output_slices().iter().flat_map(|p| p.iter().copied()).collect()
 }
 
 fn run_session(name: &str, mut s: Session<Txn>, mut txns: Vec<Txn>, steps: &[Step]) -> (Session<Txn>, Seen) {
@@ -93,12 +115,15 @@ fn run_session(name: &str, mut s: Session<Txn>, mut txns: Vec<Txn>, steps: &[Ste
     for (i, step) in steps.iter().enumerate() {
         match step {
             C(want) => {
-                assert_eq!(
-                    String::from_utf8_lossy(s.output()),
-                    *want,
-                    "{name}: step {i}: client output"
-                );
-                let n = s.output().len();
+                let out = pending(&s);
+                assert_eq!(String::from_utf8_lossy(&out), *want, "{name}: step {i}: client output");
+                assert_eq!(s.output_len(), out.len(), "{name}: step {i}: output length");
+                // A first part, then what is left (copied together when it
+                // held chunks written by reference).
+                let first = out.len() / 2;
+                s.consume_output(first);
+                assert_eq!(s.contiguous_output(), &out[first..], "{name}: step {i}: the rest");
+                let n = s.output_len();
                 s.consume_output(n);
             }
             S(reply) => s.feed(reply.as_bytes()),
@@ -128,9 +153,9 @@ fn run_session(name: &str, mut s: Session<Txn>, mut txns: Vec<Txn>, steps: &[Ste
         }
     }
     assert!(
-        s.output().is_empty(),
+        !s.has_output(),
         "{name}: unchecked client output {:?}",
-        String::from_utf8_lossy(s.output())
+        String::from_utf8_lossy(&pending(&s))
     );
     (s, seen)
 }
@@ -952,6 +977,68 @@ fn bdat_transactions_fill_the_window_without_waiting() {
         ],
     );
     assert_eq!(statuses(&seen), vec![vec![OK, OK], vec![OK], vec![OK]]);
+}
+
+/// A vectored write takes at most IOV_MAX (1,024) slices: however many
+/// chunks wait and however many dots their messages had stuffed, the output
+/// written by reference stays under it, and is what copying would give.
+#[test]
+fn chunks_written_by_reference_stay_within_one_vectored_write() {
+    let dotted: String = (0..40).map(|i| format!("line {i}\n.dot {i}\n")).collect();
+    for body in ["plain\n.one dot\n", dotted.as_str()] {
+        let ext = Extensions {
+            window_bytes: usize::MAX,
+            ..window(200)
+        };
+        let mut by_ref = Session::new("client.test", TlsMode::Off).with_extensions(ext);
+        let mut copied = Session::new("client.test", TlsMode::Off).with_extensions(ext);
+        by_ref.write_by_reference(true);
+        for s in [&mut by_ref, &mut copied] {
+            s.feed(b"220 mx.test ESMTP\r\n250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+            let n = s.output_len();
+            s.consume_output(n);
+            for _ in 0..150 {
+                assert!(s.wants_txn());
+                s.submit(txn(&["a@y.test"], body));
+            }
+        }
+        assert!(
+            by_ref.output_slices().len() <= 1024,
+            "{} slices",
+            by_ref.output_slices().len()
+        );
+        assert_eq!(pending(&by_ref), copied.output(), "the same bytes either way");
+        assert_eq!(by_ref.contiguous_output(), copied.output());
+    }
+}
+
+/// A server that answers a transaction before reading its chunk (broken or
+/// hostile) ends that transaction; the chunk, not written yet, still goes
+/// whole (written by reference, it is copied before its message is let go).
+#[test]
+fn a_bdat_answered_before_its_chunk_is_written_still_sends_the_whole_chunk() {
+    let (_, seen) = run_ext(
+        "answered early",
+        window(2),
+        vec![txn(&["a@y.test"], "one\n.dot\n"), txn(&["b@y.test"], "two\n")],
+        &[
+            GREET,
+            EHLO,
+            EHLO_CHUNK,
+            Submit,
+            Submit,
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            C(
+                "MAIL FROM:<news@sender.test> SIZE=11\r\nRCPT TO:<a@y.test>\r\nBDAT 11 LAST\r\none\r\n.dot\r\n\
+               MAIL FROM:<news@sender.test> SIZE=5\r\nRCPT TO:<b@y.test>\r\nBDAT 5 LAST\r\ntwo\r\n",
+            ),
+            S("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n"),
+            Quit,
+            C("QUIT\r\n"),
+            S("221 bye\r\n"),
+        ],
+    );
+    assert_eq!(statuses(&seen), vec![vec![OK], vec![OK]]);
 }
 
 #[test]

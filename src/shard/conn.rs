@@ -271,6 +271,9 @@ async fn converse(
             break;
         }
         let io = stream.as_mut().expect("the stream is back after STARTTLS");
+        // Over plaintext, BDAT chunks go from their messages in one vectored
+        // write; over TLS everything passes through rustls's buffer anyway.
+        session.write_by_reference(matches!(io, MaybeTls::Plain(_)));
         if session.is_ready() {
             let most = dest.deliveries_per_connection();
             while session.wants_txn() && submitted < most {
@@ -291,21 +294,37 @@ async fn converse(
                 session.quit();
             }
         }
-        if !session.output().is_empty() {
+        if session.has_output() {
             if timed {
                 session.set_clock(micros(origin.elapsed()));
             }
-            if let Err(e) = io.write_all(session.output()).await {
-                let kind = if e.kind() == io::ErrorKind::TimedOut {
-                    Local::Timeout
-                } else {
-                    Local::Closed
+            // One write that does not wait; what the socket does not take now
+            // (and everything over TLS) goes by write_all, copied together.
+            if let MaybeTls::Plain(tcp) = &*io {
+                let sent = {
+                    let parts = session.output_slices();
+                    socket2::SockRef::from(tcp)
+                        .send_vectored_with_flags(&parts, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
                 };
-                session.connection_lost(kind, &format!("write to {peer} failed: {e}"));
-                continue;
+                // Nothing taken (the socket is full, or the write failed):
+                // write_all says which.
+                if let Ok(n) = sent {
+                    session.consume_output(n);
+                }
             }
-            let n = session.output().len();
-            session.consume_output(n);
+            if session.has_output() {
+                if let Err(e) = io.write_all(session.contiguous_output()).await {
+                    let kind = if e.kind() == io::ErrorKind::TimedOut {
+                        Local::Timeout
+                    } else {
+                        Local::Closed
+                    };
+                    session.connection_lost(kind, &format!("write to {peer} failed: {e}"));
+                    continue;
+                }
+                let n = session.output().len();
+                session.consume_output(n);
+            }
         }
         if session.is_ready() && session.is_idle() {
             if !wait_for_work(shard, dest).await {

@@ -319,6 +319,18 @@ struct Flight<T> {
     report: Box<TxnReport<T>>,
 }
 
+/// Chunks written by reference at once, and the parts one may have: the
+/// slices of [`Session::output_slices`] stay under 600.
+const MAX_REFS: usize = 64;
+const MAX_REF_PARTS: usize = 8;
+
+/// A BDAT chunk written by reference: the message of flight `seq`, to go
+/// after the first `at` bytes of the output.
+struct ChunkRef {
+    at: usize,
+    seq: u64,
+}
+
 /// Not written yet (the `sent` time of a command still in the output buffer).
 const UNSENT: u64 = u64::MAX;
 
@@ -462,6 +474,10 @@ pub struct Session<T> {
     replies: VecDeque<Reply>,
     expects: Awaited,
     out: Vec<u8>,
+    /// BDAT chunks written by reference: not copied into `out` but sent
+    /// from the transaction's own message (see [`Session::write_by_reference`]).
+    by_reference: bool,
+    refs: Vec<ChunkRef>,
     /// The driver's clock (µs since the connection was established).
     now: u64,
     /// Replies to set-up commands, for the driver's metrics.
@@ -499,6 +515,8 @@ impl<T: Envelope> Session<T> {
                 q: VecDeque::from([(Expect::Greeting, 0)]),
             },
             out: Vec::with_capacity(4096),
+            by_reference: false,
+            refs: Vec::new(),
             now: 0,
             seen: Vec::new(),
             flights: VecDeque::new(),
@@ -588,16 +606,102 @@ impl<T: Envelope> Session<T> {
         })
     }
 
-    /// Bytes to write to the server.
+    /// Bytes to write to the server (with no chunk written by reference
+    /// pending: see [`Session::contiguous_output`]).
     pub fn output(&self) -> &[u8] {
+        debug_assert!(
+            self.refs.is_empty(),
+            "output() with chunks written by reference pending"
+        );
         &self.out
+    }
+    /// Whether anything waits to be written.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty() || !self.refs.is_empty()
+    }
+    /// Bytes to write to the server, the chunks written by reference copied in.
+    pub fn contiguous_output(&mut self) -> &[u8] {
+        self.flatten();
+        &self.out
+    }
+    /// The output as slices, in order: the commands' bytes and, for each
+    /// chunk written by reference, its message's own bytes (no copy).
+    pub fn output_slices(&self) -> SmallVec<[std::io::IoSlice<'_>; 64]> {
+        let mut parts = SmallVec::new();
+        let mut start = 0;
+        for r in &self.refs {
+            if r.at > start {
+                parts.push(std::io::IoSlice::new(&self.out[start..r.at]));
+            }
+            start = r.at;
+            for part in self.referenced(r.seq).chunk_parts() {
+                parts.push(std::io::IoSlice::new(part));
+            }
+        }
+        if self.out.len() > start {
+            parts.push(std::io::IoSlice::new(&self.out[start..]));
+        }
+        parts
     }
     /// `n` bytes of the output were written (at the time last given to `set_clock`).
     pub fn consume_output(&mut self, n: usize) {
-        self.out.drain(..n);
+        if !self.refs.is_empty() {
+            if n == self.output_len() {
+                self.refs.clear();
+                self.out.clear();
+            } else {
+                // Part of it went: what is left is copied together and written on.
+                self.flatten();
+            }
+        }
+        self.out.drain(..n.min(self.out.len()));
         if self.out.is_empty() {
             self.expects.written(self.now);
         }
+    }
+    /// Bytes waiting to be written, the chunks written by reference included.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+            + self
+                .refs
+                .iter()
+                .map(|r| self.referenced(r.seq).chunk_len())
+                .sum::<usize>()
+    }
+    /// BDAT chunks are left in their transactions' messages and given by
+    /// [`Session::output_slices`] instead of copied into the output (for a
+    /// driver that writes a plaintext socket with one vectored write). Off
+    /// by default; set it before the first transaction.
+    pub fn write_by_reference(&mut self, on: bool) {
+        if !on {
+            self.flatten();
+        }
+        self.by_reference = on;
+    }
+    /// The message a chunk written by reference is sent from.
+    fn referenced(&self, seq: u64) -> &WireMessage {
+        let f = self
+            .flights
+            .iter()
+            .find(|f| f.seq == seq)
+            .expect("a chunk written by reference belongs to a transaction in flight");
+        body_of(&self.caps, &f.report.txn)
+    }
+    /// Copies the chunks written by reference into the output, in place.
+    fn flatten(&mut self) {
+        if self.refs.is_empty() {
+            return;
+        }
+        let mut flat = Vec::with_capacity(self.output_len());
+        let mut start = 0;
+        for r in &self.refs {
+            flat.extend_from_slice(&self.out[start..r.at]);
+            start = r.at;
+            self.referenced(r.seq).write_chunk(&mut flat);
+        }
+        flat.extend_from_slice(&self.out[start..]);
+        self.refs.clear();
+        self.out = flat;
     }
     /// Sets the session's clock: microseconds since the connection was established.
     /// Call it before `feed` and `consume_output`; replies are timed with it.
@@ -680,6 +784,7 @@ impl<T: Envelope> Session<T> {
         }
         self.expects.clear();
         self.out.clear();
+        self.refs.clear();
         self.phase = Phase::Closed;
     }
 
@@ -981,6 +1086,11 @@ impl<T: Envelope> Session<T> {
     }
 
     fn finish(&mut self, seq: u64) {
+        // A server may answer before it has read everything (a hostile or
+        // broken one): a chunk still unwritten is copied before its message goes.
+        if self.refs.iter().any(|r| r.seq == seq) {
+            self.flatten();
+        }
         let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
         let flight = self.flights.remove(idx).expect("flight exists");
         self.in_flight_bytes -= flight.chunk;
@@ -1120,7 +1230,17 @@ impl<T: Envelope> Session<T> {
             self.out
                 .extend_from_slice(itoa::Buffer::new().format(message.chunk_len()).as_bytes());
             self.out.extend_from_slice(b" LAST\r\n");
-            message.write_chunk(&mut self.out);
+            // By reference unless the chunk is in many parts (dots were
+            // stuffed) or many are pending: a vectored write takes at most
+            // IOV_MAX (1,024) slices.
+            if self.by_reference && message.chunk_part_count() <= MAX_REF_PARTS && self.refs.len() < MAX_REFS {
+                self.refs.push(ChunkRef {
+                    at: self.out.len(),
+                    seq,
+                });
+            } else {
+                message.write_chunk(&mut self.out);
+            }
             self.expects.push_back(Expect::Bdat(seq));
         } else if self.caps.pipelining {
             for i in 0..n {

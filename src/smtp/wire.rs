@@ -97,12 +97,26 @@ impl WireMessage {
 
     /// Appends the message as BDAT sends it (`chunk_len` bytes).
     pub fn write_chunk(&self, out: &mut Vec<u8>) {
-        let mut start = 0;
-        for &dot in &self.stuffed {
-            out.extend_from_slice(&self.bytes[start..dot]);
-            start = dot + 1;
+        for part in self.chunk_parts() {
+            out.extend_from_slice(part);
         }
-        out.extend_from_slice(&self.bytes[start..self.bytes.len() - 3]);
+    }
+
+    /// How many parts [`WireMessage::chunk_parts`] gives at most.
+    pub fn chunk_part_count(&self) -> usize {
+        self.stuffed.len() + 1
+    }
+
+    /// The message as BDAT sends it, in the parts of `bytes` it is made of
+    /// (without the dots stuffing added and the final `.` line).
+    pub fn chunk_parts(&self) -> impl Iterator<Item = &[u8]> {
+        let end = self.bytes.len() - 3;
+        let starts = std::iter::once(0).chain(self.stuffed.iter().map(|&dot| dot + 1));
+        let ends = self.stuffed.iter().copied().chain(std::iter::once(end));
+        starts
+            .zip(ends)
+            .map(|(a, b)| &self.bytes[a..b])
+            .filter(|p| !p.is_empty())
     }
 }
 
