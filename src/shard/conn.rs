@@ -298,9 +298,12 @@ async fn converse(
             if timed {
                 session.set_clock(micros(origin.elapsed()));
             }
-            // One write that does not wait; what the socket does not take now
-            // (and everything over TLS) goes by write_all, copied together.
-            if let MaybeTls::Plain(tcp) = &*io {
+            // Chunks left in their messages: one vectored write that does not
+            // wait; what the socket does not take now (and everything else)
+            // goes by write_all, copied together.
+            if let MaybeTls::Plain(tcp) = &*io
+                && session.has_chunks_by_reference()
+            {
                 let sent = {
                     let parts = session.output_slices();
                     socket2::SockRef::from(tcp)

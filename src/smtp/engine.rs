@@ -615,6 +615,10 @@ impl<T: Envelope> Session<T> {
         );
         &self.out
     }
+    /// Whether BDAT chunks written by reference wait in the output.
+    pub fn has_chunks_by_reference(&self) -> bool {
+        !self.refs.is_empty()
+    }
     /// Whether anything waits to be written.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty() || !self.refs.is_empty()
