@@ -324,10 +324,11 @@ struct Flight<T> {
 const MAX_REFS: usize = 64;
 const MAX_REF_PARTS: usize = 8;
 
-/// A BDAT chunk written by reference: the message of flight `seq`, to go
-/// after the first `at` bytes of the output.
+/// A BDAT chunk written by reference: the message of flight `seq` (`len`
+/// bytes as BDAT sends it), to go after the first `at` bytes of the output.
 struct ChunkRef {
     at: usize,
+    len: usize,
     seq: u64,
 }
 
@@ -665,17 +666,12 @@ impl<T: Envelope> Session<T> {
     }
     /// Bytes waiting to be written, the chunks written by reference included.
     pub fn output_len(&self) -> usize {
-        self.out.len()
-            + self
-                .refs
-                .iter()
-                .map(|r| self.referenced(r.seq).chunk_len())
-                .sum::<usize>()
+        self.out.len() + self.refs.iter().map(|r| r.len).sum::<usize>()
     }
     /// BDAT chunks are left in their transactions' messages and given by
     /// [`Session::output_slices`] instead of copied into the output (for a
     /// driver that writes a plaintext socket with one vectored write). Off
-    /// by default; set it before the first transaction.
+    /// by default; turning it off copies the chunks still pending in.
     pub fn write_by_reference(&mut self, on: bool) {
         if !on {
             self.flatten();
@@ -684,12 +680,12 @@ impl<T: Envelope> Session<T> {
     }
     /// The message a chunk written by reference is sent from.
     fn referenced(&self, seq: u64) -> &WireMessage {
-        let f = self
+        // Flights are pushed in the order of their sequence numbers.
+        let i = self
             .flights
-            .iter()
-            .find(|f| f.seq == seq)
+            .binary_search_by_key(&seq, |f| f.seq)
             .expect("a chunk written by reference belongs to a transaction in flight");
-        body_of(&self.caps, &f.report.txn)
+        body_of(&self.caps, &self.flights[i].report.txn)
     }
     /// Copies the chunks written by reference into the output, in place.
     fn flatten(&mut self) {
@@ -1240,6 +1236,7 @@ impl<T: Envelope> Session<T> {
             if self.by_reference && message.chunk_part_count() <= MAX_REF_PARTS && self.refs.len() < MAX_REFS {
                 self.refs.push(ChunkRef {
                     at: self.out.len(),
+                    len: message.chunk_len(),
                     seq,
                 });
             } else {

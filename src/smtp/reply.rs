@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::rc::Rc;
 
 /// Longest reply line accepted, CRLF included (RFC 5321 allows 512; servers send more).
 pub const MAX_LINE_BYTES: usize = 4096;
@@ -69,7 +69,7 @@ impl Enhanced {
 pub struct Reply {
     pub code: u16,
     pub enhanced: Option<Enhanced>,
-    pub text: Arc<str>,
+    pub text: Rc<str>,
 }
 
 impl Reply {
@@ -402,11 +402,11 @@ mod tests {
             assert_eq!(*txn[2].text, *format!("2.0.0 Ok: queued as {i}"));
             assert_eq!(txn[1].enhanced.map(|e| (e.class, e.subject, e.detail)), Some((2, 1, 5)));
             assert!(
-                Arc::ptr_eq(&txn[0].text, &got[0].text),
+                Rc::ptr_eq(&txn[0].text, &got[0].text),
                 "MAIL's reply of txn {i} is shared"
             );
             assert!(
-                Arc::ptr_eq(&txn[1].text, &got[1].text),
+                Rc::ptr_eq(&txn[1].text, &got[1].text),
                 "RCPT's reply of txn {i} is shared"
             );
         }
