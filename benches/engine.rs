@@ -2,7 +2,8 @@
 //! preparation (CRLF + dot-stuffing), and one transaction through the
 //! session engine, pipelined with DATA and with BDAT; one delivery-log
 //! line (as the shards write it, and as serde_json writes the same record);
-//! one spool line parsed. `cargo bench --bench engine`.
+//! one spool line parsed; the shaping policy a shard works out when it
+//! first meets a domain. `cargo bench --bench engine`.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -169,5 +170,26 @@ fn spool_line(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, replies, wire, session, log_line, spool_line);
+fn shaping_policy(c: &mut Criterion) {
+    // The built-in providers, and a domain that is none of them: every
+    // provider's every suffix is tried (the long tail of a real list).
+    let shaping = volley::shaping::Shaping::built_in();
+    let cfg = volley::config::Config::default();
+    let mut g = c.benchmark_group("shaping_policy");
+    g.bench_function("new_domain_no_provider", |b| {
+        b.iter(|| {
+            shaping.policy(
+                &cfg,
+                black_box("small-isp.example"),
+                black_box(&["mx1.small-isp.example"]),
+            )
+        })
+    });
+    g.bench_function("new_domain_gmail_by_mx", |b| {
+        b.iter(|| shaping.policy(&cfg, black_box("example.com"), black_box(&["aspmx.l.google.com"])))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, replies, wire, session, log_line, spool_line, shaping_policy);
 criterion_main!(benches);

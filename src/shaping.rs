@@ -337,12 +337,18 @@ pub struct Match {
 }
 
 fn suffix_matches(name: &str, suffix: &str) -> bool {
-    let name = name.trim_end_matches('.');
-    let suffix = suffix.trim_end_matches('.').to_ascii_lowercase();
-    match suffix.strip_prefix('.') {
-        Some(bare) => name.eq_ignore_ascii_case(bare) || name.to_ascii_lowercase().ends_with(&suffix),
-        None => name.eq_ignore_ascii_case(&suffix) || name.to_ascii_lowercase().ends_with(&format!(".{suffix}")),
+    // Runs for every provider's every suffix when a shard first meets a
+    // domain (a real list has hundreds of thousands): no allocation.
+    let name = name.trim_end_matches('.').as_bytes();
+    let suffix = suffix.trim_end_matches('.');
+    let bare = suffix.strip_prefix('.').unwrap_or(suffix).as_bytes();
+    if name.eq_ignore_ascii_case(bare) {
+        return true;
     }
+    // `name` ends with "." and then `bare`, on a label boundary.
+    name.len() > bare.len()
+        && name[name.len() - bare.len() - 1] == b'.'
+        && name[name.len() - bare.len()..].eq_ignore_ascii_case(bare)
 }
 
 /// One scope: its knobs and its rules.
@@ -583,6 +589,26 @@ fn add_scope(scope: &mut Scope, mut t: toml::Table, at: &str) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_suffix_matches_whole_labels_in_any_case() {
+        for (name, suffix, want) in [
+            ("gmail-smtp-in.l.google.com", ".google.com", true),
+            ("gmail-smtp-in.l.google.com", "google.com", true),
+            ("GMAIL-SMTP-IN.L.Google.COM.", ".GOOGLE.com", true),
+            ("google.com", ".google.com", true),
+            ("google.com.", "google.com.", true),
+            ("notgoogle.com", ".google.com", false),
+            ("notgoogle.com", "google.com", false),
+            ("google.com.evil.test", ".google.com", false),
+            ("com", ".google.com", false),
+            ("mx.yahoodns.net", ".yahoodns.net", true),
+            ("é.yahoodns.net", "yahoodns.net", true),
+            ("é", "yahoodns.net", false),
+        ] {
+            assert_eq!(suffix_matches(name, suffix), want, "{name} ~ {suffix}");
+        }
+    }
 
     #[test]
     fn rates_parse_with_their_spans() {
