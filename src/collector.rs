@@ -460,6 +460,8 @@ pub struct Collector {
     pending: Vec<OutcomeBatch>,
     /// When the oldest pending batch arrived.
     pending_since: Option<Instant>,
+    /// Per shard, the records pending (not committed yet).
+    pending_by_shard: Vec<u64>,
     pub summary: Summary,
     /// Files finished in this run (in `send`, their counts stay in the gauges).
     finished: SpoolGauges,
@@ -485,6 +487,7 @@ impl Collector {
             log,
             pending: Vec::new(),
             pending_since: None,
+            pending_by_shard: Vec::new(),
             summary: Summary::default(),
             finished: SpoolGauges::default(),
             recent: VecDeque::new(),
@@ -506,6 +509,21 @@ impl Collector {
         self.pending_since
     }
 
+    /// Whether to commit now: the oldest pending outcome has waited
+    /// `interval` (the group commit), or a shard has half of
+    /// `MAX_UNRECORDED_PER_SHARD` records pending. A shard that sends faster
+    /// than `MAX_UNRECORDED_PER_SHARD` a commit interval would otherwise
+    /// stop starting transactions until the commit (about a tenth of its
+    /// time at 300,000 messages a second); committed at half, it has the
+    /// other half to send on while the commit's writes and syncs run.
+    pub fn commit_due(&self, interval: Duration) -> bool {
+        self.pending_since.is_some_and(|t| t.elapsed() >= interval)
+            || self
+                .pending_by_shard
+                .iter()
+                .any(|&n| n >= crate::shard::MAX_UNRECORDED_PER_SHARD / 2)
+    }
+
     pub fn take(&mut self, report: Report) {
         match report {
             Report::Outcomes(batch) => {
@@ -513,6 +531,12 @@ impl Collector {
                     self.unrecorded += batch.final_count();
                 } else {
                     self.pending_since.get_or_insert_with(Instant::now);
+                    if let Some(shard) = batch.shard {
+                        if self.pending_by_shard.len() <= shard {
+                            self.pending_by_shard.resize(shard + 1, 0);
+                        }
+                        self.pending_by_shard[shard] += batch.records();
+                    }
                     self.pending.push(batch);
                 }
             }
@@ -560,6 +584,7 @@ impl Collector {
     /// nothing of the group is counted, and nothing is written from then on.
     pub fn commit(&mut self) -> Result<(), StorageError> {
         self.pending_since = None;
+        self.pending_by_shard.iter_mut().for_each(|n| *n = 0);
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -834,6 +859,39 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 5);
         let records = journal::read_records(&journal::path_for(&dir.path().join("s.jsonl"))).unwrap();
         assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_shard_half_way_to_its_unrecorded_bound_is_committed_before_the_interval() {
+        use crate::shard::MAX_UNRECORDED_PER_SHARD;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        let mut c = collector_with_journal(dir.path(), &log);
+        let interval = Duration::from_secs(3600);
+        let half = (MAX_UNRECORDED_PER_SHARD / 2) as u32;
+        let from_shard = |shard, lines| {
+            let mut b = batch(0, lines);
+            b.shard = Some(shard);
+            b
+        };
+        assert!(!c.commit_due(interval), "nothing pending");
+        c.take(Report::Outcomes(from_shard(0, 1..half)));
+        c.take(Report::Outcomes(from_shard(1, half..2 * half - 1)));
+        assert!(
+            !c.commit_due(interval),
+            "each shard one short of half: the interval decides"
+        );
+        c.take(Report::Outcomes(from_shard(1, 2 * half - 1..2 * half)));
+        assert!(c.commit_due(interval), "shard 1 has half its bound pending");
+        c.commit().unwrap();
+        assert_eq!(c.summary.finals(), 2 * half as u64 - 1);
+        assert!(!c.commit_due(interval), "a commit starts the counts again");
+        c.take(Report::Outcomes(from_shard(0, 2 * half..2 * half + 1)));
+        assert!(!c.commit_due(interval));
+        assert!(
+            c.commit_due(Duration::ZERO),
+            "the interval still commits what is pending"
+        );
     }
 
     #[test]

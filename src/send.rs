@@ -271,7 +271,7 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
                 break;
             }
         }
-        if c.pending_since().is_some_and(|t| t.elapsed() >= sync_every)
+        if c.commit_due(sync_every)
             && let Err(e) = c.commit()
         {
             failure = Some(e.into());

@@ -56,6 +56,8 @@ const MAX_LINE_OCTETS: usize = 998;
 /// Inbox polling period while work arrives, and once the shard has been idle a while.
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How often a shard held back by the collector looks again.
+const HELD_POLL: Duration = Duration::from_micros(100);
 /// Prepared messages added between sweeps of the unused ones.
 const SWEEP_EVERY: usize = 4096;
 /// Compiled templates a shard keeps (then it forgets them all and compiles again).
@@ -577,9 +579,17 @@ async fn run(p: ShardParams) {
             shard.caught_up.notify(usize::MAX);
         }
         if taken == 0 {
-            // Poll the inbox every millisecond while work flows, every 20 once idle for a while.
+            // Poll the inbox every millisecond while work flows, every 20 once
+            // idle for a while; held back, look for the collector's credit
+            // sooner (the connections may have nothing left to send).
             idle_rounds += 1;
-            let nap = if idle_rounds > 1000 { IDLE_POLL } else { BUSY_POLL };
+            let nap = if shard.held_back() {
+                HELD_POLL
+            } else if idle_rounds > 1000 {
+                IDLE_POLL
+            } else {
+                BUSY_POLL
+            };
             glommio::timer::sleep(nap).await;
         } else {
             idle_rounds = 0;
