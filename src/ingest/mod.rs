@@ -1033,11 +1033,13 @@ impl Ingest {
         let shards = self.shards.len();
         // A mailbox named twice in one job is sent once: the domain is
         // case-insensitive, the local part is compared as written (RFC 5321 §2.4).
-        let mut first_of: HashMap<Mailbox<'_>, usize> = HashMap::new();
+        // (Made only for a job of more than one recipient: a map's hasher
+        // seed costs something, and most jobs have one.)
+        let mut first_of: Option<HashMap<Mailbox<'_>, usize>> = None;
         // For a long list, the open transaction per (domain, shard) (a scan
         // of the groups would be quadratic).
         let mut groups: SmallVec<[Group<'m>; 1]> = SmallVec::new();
-        let mut open: HashMap<(Cow<'m, str>, usize), usize> = HashMap::new();
+        let mut open: Option<HashMap<(Cow<'m, str>, usize), usize>> = None;
         let indexed = job.to.len() > INDEX_GROUPS_OVER;
         let max = self.limits.max_rcpts_per_txn;
         for (i, rcpt) in pending {
@@ -1052,7 +1054,7 @@ impl Ingest {
                 continue;
             }
             if job.to.len() > 1 {
-                match first_of.entry(Mailbox(addr)) {
+                match first_of.get_or_insert_with(HashMap::new).entry(Mailbox(addr)) {
                     Entry::Occupied(first) => {
                         if lead {
                             let reason = format!(
@@ -1098,7 +1100,8 @@ impl Ingest {
             let slot = if alone {
                 None
             } else if indexed {
-                open.get(&(Cow::Borrowed(&*domain), shard)).copied()
+                open.as_ref()
+                    .and_then(|o| o.get(&(Cow::Borrowed(&*domain), shard)).copied())
             } else {
                 groups
                     .iter()
@@ -1108,7 +1111,8 @@ impl Ingest {
                 Some(g) if groups[g].rcpts.len() < max => groups[g].rcpts.push(r),
                 _ => {
                     if indexed && !alone {
-                        open.insert((domain.clone(), shard), groups.len());
+                        open.get_or_insert_with(HashMap::new)
+                            .insert((domain.clone(), shard), groups.len());
                     }
                     groups.push(Group {
                         shard,
