@@ -68,66 +68,26 @@ fn provider() -> Arc<CryptoProvider> {
 /// Client configurations: one that verifies, one that accepts any certificate.
 #[derive(Clone)]
 pub struct TlsClient {
-    verify: Arc<Verifying>,
+    verify: Arc<ClientConfig>,
     any: Arc<ClientConfig>,
 }
 
-/// The verifying configuration, built once the system's trust roots are
-/// read: a side thread reads them while the shards start (a few hundred
-/// files in /etc/ssl/certs, about 10 ms of CPU that no send waits for
-/// unless a connection verifies before they are read).
-struct Verifying {
-    config: std::sync::OnceLock<Arc<ClientConfig>>,
-    loading: std::sync::Mutex<Option<std::thread::JoinHandle<Vec<CertificateDer<'static>>>>>,
-    extra: Vec<CertificateDer<'static>>,
-}
-
-impl Verifying {
-    fn config(&self) -> Arc<ClientConfig> {
-        self.config
-            .get_or_init(|| {
-                let loading = self.loading.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let native = loading.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-                let mut roots = RootCertStore::empty();
-                roots.add_parsable_certificates(native);
-                roots.add_parsable_certificates(self.extra.iter().cloned());
-                Arc::new(
-                    ClientConfig::builder_with_provider(provider())
-                        .with_safe_default_protocol_versions()
-                        .expect("the same versions built the configuration that accepts any certificate")
-                        .with_root_certificates(roots)
-                        .with_no_client_auth(),
-                )
-            })
-            .clone()
-    }
-}
-
 impl TlsClient {
-    /// Trust roots: the system store (read on a side thread, see
-    /// [`Verifying`]), plus the certificates of `ca_file` (PEM), read now so
-    /// that a bad file is an error at start.
+    /// Trust roots: the system store, plus the certificates of `ca_file` (PEM).
     pub fn new(ca_file: Option<&Path>) -> anyhow::Result<TlsClient> {
-        let mut extra = Vec::new();
+        let mut roots = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
         if let Some(path) = ca_file {
             let certs = read_certs(path)?;
-            let (added, _) = RootCertStore::empty().add_parsable_certificates(certs.iter().cloned());
+            let (added, _) = roots.add_parsable_certificates(certs);
             anyhow::ensure!(added > 0, "{}: no usable CA certificate", path.display());
-            extra = certs;
         }
-        let loading = std::thread::Builder::new()
-            .name("volley-roots".into())
-            .spawn(|| {
-                // Only the core's idle time: on a machine of one or two cores
-                // the shards' start and the first sends come first (a
-                // connection that verifies and finds the roots unread waits,
-                // and its core is then idle).
-                let idle = libc::sched_param { sched_priority: 0 };
-                // SAFETY: a plain system call on this thread with a valid parameter.
-                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
-                rustls_native_certs::load_native_certs().certs
-            })
-            .context("starting the thread that reads the system's trust roots")?;
+        let verify = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let any = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
@@ -135,20 +95,15 @@ impl TlsClient {
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
             .with_no_client_auth();
         Ok(TlsClient {
-            verify: Arc::new(Verifying {
-                config: std::sync::OnceLock::new(),
-                loading: std::sync::Mutex::new(Some(loading)),
-                extra,
-            }),
+            verify: Arc::new(verify),
             any: Arc::new(any),
         })
     }
 
-    /// The connector for a policy that negotiates TLS (the first that
-    /// verifies may wait for the system's roots to be read).
+    /// The connector for a policy that negotiates TLS.
     pub fn connector(&self, policy: TlsPolicy) -> futures_rustls::TlsConnector {
         match policy {
-            TlsPolicy::Verify => self.verify.config().into(),
+            TlsPolicy::Verify => self.verify.clone().into(),
             _ => self.any.clone().into(),
         }
     }
