@@ -216,11 +216,161 @@ pub fn id_of_bad_line(line: &[u8]) -> Option<String> {
     v.id.map(Cow::into_owned).filter(|id| !id.is_empty())
 }
 
+/// The usual line, read without serde: one object whose members are the
+/// string fields of a job and a `to` array of strings, no string holding an
+/// escape or a control character, any JSON whitespace between tokens. It
+/// answers `None` for anything else (an escape, `null`, `vars`, `template`,
+/// a recipient object, an unknown or repeated key, a syntax error), and
+/// serde_json reads that line instead, so the two agree on every line
+/// (a property test holds them to it): this is only the fast way through.
+fn scan_plain(text: &str) -> Option<RawJob<'_>> {
+    /// Member keys the scan knows, as bits of `seen`.
+    const ID: u8 = 1;
+    const FROM: u8 = 2;
+    const TO: u8 = 4;
+    const MESSAGE: u8 = 8;
+    const DATA: u8 = 16;
+    const VERP: u8 = 32;
+    const UNSUBSCRIBE: u8 = 64;
+    let b = text.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    // A string from its opening quote: its text, with `i` past the closing one.
+    let string = |i: &mut usize| -> Option<&str> {
+        if b.get(*i) != Some(&b'"') {
+            return None;
+        }
+        let start = *i + 1;
+        let mut j = start;
+        loop {
+            match *b.get(j)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => j += 1,
+            }
+        }
+        *i = j + 1;
+        // The quotes are ASCII, so both ends lie on char boundaries.
+        Some(&text[start..j])
+    };
+    let mut raw = RawJob {
+        id: None,
+        from: Cow::Borrowed(""),
+        to: SmallVec::new(),
+        vars: None,
+        template: false,
+        verp: None,
+        list_unsubscribe: None,
+        message: None,
+        data: None,
+    };
+    let mut seen = 0u8;
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        return None; // serde says which field is missing
+    }
+    loop {
+        let key = string(&mut i)?;
+        let bit = match key {
+            "id" => ID,
+            "from" => FROM,
+            "to" => TO,
+            "message" => MESSAGE,
+            "data" => DATA,
+            "verp" => VERP,
+            "list_unsubscribe" => UNSUBSCRIBE,
+            _ => return None,
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        ws(&mut i);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        if bit == TO {
+            if b.get(i) != Some(&b'[') {
+                return None;
+            }
+            i += 1;
+            ws(&mut i);
+            if b.get(i) == Some(&b']') {
+                i += 1;
+            } else {
+                loop {
+                    let rcpt = string(&mut i)?;
+                    raw.to.push(RawTo {
+                        rcpt: Cow::Borrowed(rcpt),
+                        object: false,
+                        vars: None,
+                    });
+                    ws(&mut i);
+                    match b.get(i)? {
+                        b',' => {
+                            i += 1;
+                            ws(&mut i);
+                        }
+                        b']' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+        } else {
+            let v = Some(Cow::Borrowed(string(&mut i)?));
+            match bit {
+                ID => raw.id = v,
+                FROM => raw.from = v?,
+                MESSAGE => raw.message = v,
+                DATA => raw.data = v,
+                VERP => raw.verp = v,
+                _ => raw.list_unsubscribe = v,
+            }
+        }
+        ws(&mut i);
+        match b.get(i)? {
+            b',' => {
+                i += 1;
+                ws(&mut i);
+            }
+            b'}' => {
+                i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    ws(&mut i);
+    (i == b.len() && seen & (FROM | TO) == FROM | TO).then_some(raw)
+}
+
 /// Parses one line (without its newline) lying inside `map`. The error is
 /// the reason, for the caller to prefix with file and line.
 pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
+    parse_job_with(map, line, true)
+}
+
+/// [`parse_job`], with or without trying [`scan_plain`] first.
+fn parse_job_with(map: &[u8], line: &[u8], scan: bool) -> Result<Job, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
-    let raw: RawJob<'_> = serde_json::from_str(text).map_err(|e| format!("not a valid job: {e}"))?;
+    let raw: RawJob<'_> = match scan.then(|| scan_plain(text)).flatten() {
+        Some(raw) => raw,
+        None => serde_json::from_str(text).map_err(|e| format!("not a valid job: {e}"))?,
+    };
     if raw.to.is_empty() {
         return Err("\"to\" is empty".into());
     }
@@ -401,6 +551,7 @@ impl LineCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn borrows_plain_strings_and_owns_escaped_ones() {
@@ -456,6 +607,120 @@ mod tests {
         }
         let bad = b"{\"from\":\"\",\"to\":[\"a\xff@b\"],\"data\":\"x\"}";
         assert!(parse_job(bad, bad).unwrap_err().contains("not UTF-8"));
+    }
+
+    /// Lines near the usual shape: the members of a job and others, strings
+    /// with and without escapes, quotes and control characters, `null`,
+    /// objects, numbers, odd whitespace and broken syntax.
+    fn near_job_line() -> impl Strategy<Value = String> {
+        let text = prop_oneof!["[a-z@.]{0,6}", "[a-z@. <>\\\\\"\\x01\\x7fé]{0,5}", Just(String::new()),];
+        let string = text.prop_map(|t| format!("\"{t}\""));
+        let ws = prop_oneof![Just(""), Just(""), Just(" "), Just("\t"), Just(" \r\n")];
+        let value = prop_oneof![
+            4 => string.clone(),
+            1 => Just("null".to_string()),
+            1 => Just("true".to_string()),
+            1 => Just("7".to_string()),
+            1 => Just("{\"n\":1}".to_string()),
+            3 => prop::collection::vec(prop_oneof![3 => string.clone(), 1 => Just("{\"rcpt\":\"a@b\"}".to_string())], 0..3)
+                .prop_map(|v| format!("[{}]", v.join(","))),
+        ];
+        let key = prop_oneof![
+            Just("id"),
+            Just("from"),
+            Just("to"),
+            Just("message"),
+            Just("data"),
+            Just("verp"),
+            Just("list_unsubscribe"),
+            Just("vars"),
+            Just("template"),
+            Just("x"),
+        ];
+        let member = |key: BoxedStrategy<&'static str>, value: BoxedStrategy<String>| {
+            (key, ws.clone(), value, ws.clone()).prop_map(|(k, w1, v, w2)| format!("\"{k}\"{w1}:{w2}{v}"))
+        };
+        let address = "[a-z]{1,3}@[a-z]{1,3}\\.test".prop_map(|a| format!("\"{a}\""));
+        let to = prop::collection::vec(address.clone(), 1..3).prop_map(|v| format!("[{}]", v.join(",")));
+        // Most lines hold a whole job (so most could be read either way), in any order, among other members.
+        let usual = prop_oneof![
+            6 => (
+                member(Just("from").boxed(), prop_oneof![3 => address, 1 => string.clone()].boxed()),
+                member(Just("to").boxed(), prop_oneof![3 => to, 1 => value.clone()].boxed()),
+                member(prop_oneof![Just("message"), Just("data")].boxed(), string.boxed()),
+            )
+                .prop_map(|(a, b, c)| vec![a, b, c]),
+            1 => Just(Vec::new()),
+        ];
+        let others = prop::collection::vec(member(key.boxed(), value.boxed()), 0..3);
+        let sep = prop_oneof![12 => Just(","), 1 => Just(" , "), 1 => Just(""), 1 => Just(",,")];
+        let end = prop_oneof![12 => Just("}"), 1 => Just(""), 1 => Just("} x"), 1 => Just("}}")];
+        (
+            ws.clone(),
+            usual,
+            others,
+            any::<u64>(),
+            prop::collection::vec(sep, 6),
+            ws,
+            end,
+        )
+            .prop_map(|(w, usual, others, order, seps, w2, end)| {
+                let mut members: Vec<String> = usual.into_iter().chain(others).collect();
+                // A shuffle led by the drawn number.
+                let n = members.len();
+                for i in (1..n).rev() {
+                    members.swap(i, (order >> (i * 3)) as usize % (i + 1));
+                }
+                let mut line = format!("{w}{{");
+                for (i, m) in members.iter().enumerate() {
+                    if i > 0 {
+                        line.push_str(seps[i]);
+                    }
+                    line.push_str(m);
+                }
+                format!("{line}{w2}{end}")
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        #[test]
+        fn the_plain_scan_agrees_with_serde(line in near_job_line()) {
+            let b = line.as_bytes();
+            // Compared as the strings the spans hold (serde_json owns an empty string; the scan borrows it).
+            let text = |s: &Span| s.get(b).to_string();
+            let read = |job: Result<Job, String>| {
+                job.map(|j| {
+                    let body = match &j.body {
+                        JobBody::File(s) => ("file", text(s)),
+                        JobBody::Inline(s) => ("inline", text(s)),
+                    };
+                    let personal = j.personal.as_ref().map(|p| {
+                        (p.vars.as_ref().map(text), p.rcpt_vars.iter().map(|v| v.as_ref().map(text)).collect::<Vec<_>>())
+                    });
+                    let to: Vec<String> = j.to.iter().map(text).collect();
+                    (j.id.as_ref().map(text), text(&j.from), to, body, personal, j.verp.as_ref().map(text), j.list_unsubscribe.as_ref().map(text))
+                })
+            };
+            proptest::prop_assert_eq!(read(parse_job_with(b, b, true)), read(parse_job_with(b, b, false)), "{}", line);
+        }
+    }
+
+    #[test]
+    fn the_usual_line_is_read_by_the_plain_scan() {
+        let line = r#"{"id":"gen-1","from":"b@x.test","to":["a@y.test"],"message":"m.eml"}"#;
+        let raw = scan_plain(line).expect("the usual line scans");
+        assert_eq!(raw.from, "b@x.test");
+        assert_eq!(raw.to.len(), 1);
+        assert_eq!(raw.message.as_deref(), Some("m.eml"));
+        for line in [
+            r#"{"id":"gen-1","from":"b@x.test","to":["a\u0040y.test"],"message":"m.eml"}"#,
+            r#"{"id":null,"from":"b@x.test","to":["a@y.test"],"message":"m.eml"}"#,
+            r#"{"from":"b@x.test","from":"c@x.test","to":["a@y.test"],"message":"m.eml"}"#,
+            r#"{"from":"b@x.test","to":["a@y.test"],"message":"m.eml","x":1}"#,
+        ] {
+            assert!(scan_plain(line).is_none(), "{line}");
+        }
     }
 
     #[test]
