@@ -376,7 +376,8 @@ pub struct Recorder {
     log: bool,
     stamp: Stamp,
     batch: OutcomeBatch,
-    codes: HashMap<u16, u64>,
+    /// Records per reply code (a handful of codes: a scan beats a hash).
+    codes: Vec<(u16, u64)>,
     reasons: HashMap<Reason, u64>,
 }
 
@@ -386,7 +387,7 @@ impl Recorder {
             log,
             stamp: Stamp::default(),
             batch: OutcomeBatch::default(),
-            codes: HashMap::new(),
+            codes: Vec::new(),
             reasons: HashMap::new(),
         }
     }
@@ -404,7 +405,10 @@ impl Recorder {
             self.batch.deferred.push(key);
         }
         if let Some(code) = rec.code {
-            *self.codes.entry(code).or_default() += 1;
+            match self.codes.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, n)) => *n += 1,
+                None => self.codes.push((code, 1)),
+            }
         }
         if matches!(rec.outcome, Outcome::Deferred | Outcome::Bounced | Outcome::Expired) {
             let reason = Reason {
@@ -439,7 +443,7 @@ impl Recorder {
         // front instead of growing (and copying) it record by record.
         self.batch.log.reserve(batch.log.len());
         self.batch.finals.reserve(batch.finals.len());
-        batch.codes = self.codes.drain().collect();
+        batch.codes = std::mem::take(&mut self.codes);
         batch.reasons = self.reasons.drain().collect();
         Some(batch)
     }
