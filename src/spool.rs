@@ -257,6 +257,19 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
         // The quotes are ASCII, so both ends lie on char boundaries.
         Some(&text[start..j])
     };
+    // After a value: a comma (true: another follows) or `close` (false: the
+    // list ends), `i` past it and the whitespace after a comma.
+    let next = |i: &mut usize, close: u8| -> Option<bool> {
+        ws(i);
+        let c = *b.get(*i)?;
+        *i += 1;
+        if c == b',' {
+            ws(i);
+            Some(true)
+        } else {
+            (c == close).then_some(false)
+        }
+    };
     let mut raw = RawJob {
         id: None,
         from: Cow::Borrowed(""),
@@ -316,17 +329,8 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
                         object: false,
                         vars: None,
                     });
-                    ws(&mut i);
-                    match b.get(i)? {
-                        b',' => {
-                            i += 1;
-                            ws(&mut i);
-                        }
-                        b']' => {
-                            i += 1;
-                            break;
-                        }
-                        _ => return None,
+                    if !next(&mut i, b']')? {
+                        break;
                     }
                 }
             }
@@ -341,17 +345,8 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
                 _ => raw.list_unsubscribe = v,
             }
         }
-        ws(&mut i);
-        match b.get(i)? {
-            b',' => {
-                i += 1;
-                ws(&mut i);
-            }
-            b'}' => {
-                i += 1;
-                break;
-            }
-            _ => return None,
+        if !next(&mut i, b'}')? {
+            break;
         }
     }
     ws(&mut i);
@@ -641,7 +636,12 @@ mod tests {
             (key, ws.clone(), value, ws.clone()).prop_map(|(k, w1, v, w2)| format!("\"{k}\"{w1}:{w2}{v}"))
         };
         let address = "[a-z]{1,3}@[a-z]{1,3}\\.test".prop_map(|a| format!("\"{a}\""));
-        let to = prop::collection::vec(address.clone(), 1..3).prop_map(|v| format!("[{}]", v.join(",")));
+        // Closed with `]`, now and then with the object's brace instead.
+        let to = (
+            prop::collection::vec(address.clone(), 1..3),
+            prop_oneof![8 => Just("]"), 1 => Just("}")],
+        )
+            .prop_map(|(v, close)| format!("[{}{close}", v.join(",")));
         // Most lines hold a whole job (so most could be read either way), in any order, among other members.
         let usual = prop_oneof![
             6 => (
@@ -654,7 +654,7 @@ mod tests {
         ];
         let others = prop::collection::vec(member(key.boxed(), value.boxed()), 0..3);
         let sep = prop_oneof![12 => Just(","), 1 => Just(" , "), 1 => Just(""), 1 => Just(",,")];
-        let end = prop_oneof![12 => Just("}"), 1 => Just(""), 1 => Just("} x"), 1 => Just("}}")];
+        let end = prop_oneof![12 => Just("}"), 1 => Just(""), 1 => Just("} x"), 1 => Just("}}"), 1 => Just("]")];
         (
             ws.clone(),
             usual,
