@@ -462,6 +462,8 @@ pub struct Collector {
     pending_since: Option<Instant>,
     /// Per shard, the records pending (not committed yet).
     pending_by_shard: Vec<u64>,
+    /// Final outcomes pending.
+    pending_finals: u64,
     pub summary: Summary,
     /// Files finished in this run (in `send`, their counts stay in the gauges).
     finished: SpoolGauges,
@@ -488,6 +490,7 @@ impl Collector {
             pending: Vec::new(),
             pending_since: None,
             pending_by_shard: Vec::new(),
+            pending_finals: 0,
             summary: Summary::default(),
             finished: SpoolGauges::default(),
             recent: VecDeque::new(),
@@ -516,8 +519,15 @@ impl Collector {
     /// stop starting transactions until the commit (about a tenth of its
     /// time at 300,000 messages a second); committed at half, it has the
     /// other half to send on while the commit's writes and syncs run.
+    ///
+    /// And at once when the pending outcomes are the last ones: nothing
+    /// more will come to share the commit, and the run ends with it.
     pub fn commit_due(&self, interval: Duration) -> bool {
         self.pending_since.is_some_and(|t| t.elapsed() >= interval)
+            || (self.pending_finals > 0
+                && self
+                    .total
+                    .is_some_and(|t| self.summary.finals() + self.pending_finals >= t))
             || self
                 .pending_by_shard
                 .iter()
@@ -537,6 +547,7 @@ impl Collector {
                         }
                         self.pending_by_shard[shard] += batch.records();
                     }
+                    self.pending_finals += batch.final_count();
                     self.pending.push(batch);
                 }
             }
@@ -585,6 +596,7 @@ impl Collector {
     pub fn commit(&mut self) -> Result<(), StorageError> {
         self.pending_since = None;
         self.pending_by_shard.iter_mut().for_each(|n| *n = 0);
+        self.pending_finals = 0;
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -859,6 +871,31 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 5);
         let records = journal::read_records(&journal::path_for(&dir.path().join("s.jsonl"))).unwrap();
         assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn the_last_outcomes_are_committed_without_waiting_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        let mut c = collector_with_journal(dir.path(), &log);
+        let interval = Duration::from_secs(3600);
+        c.take(Report::Outcomes(batch(0, 1..4)));
+        assert!(!c.commit_due(interval), "the total is not known yet");
+        c.take(Report::IngestDone {
+            recipients: 5,
+            bad_lines: 0,
+            already_final: 0,
+            lines_read_again: 0,
+        });
+        assert!(!c.commit_due(interval), "two recipients are still to come");
+        c.commit().unwrap();
+        c.take(Report::Outcomes(batch(0, 4..5)));
+        assert!(!c.commit_due(interval), "one is still to come");
+        c.take(Report::Outcomes(batch(0, 5..6)));
+        assert!(c.commit_due(interval), "the pending outcomes are the last ones");
+        c.commit().unwrap();
+        assert!(c.all_final());
+        assert!(!c.commit_due(interval), "nothing pending");
     }
 
     #[test]

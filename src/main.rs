@@ -29,6 +29,32 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// Registers the process for private expedited membarrier(2) while it has
+/// one thread. glommio's executors issue that barrier before they sleep and
+/// register on first use; registered then, with jemalloc's and volley's own
+/// threads running, the kernel waits for an RCU grace period (10-20 ms in
+/// which the first shard sits idle before its first connection, on every
+/// run). Registered here, before `main` and before any thread exists, it costs
+/// a system call, and glommio's own registration finds it done. A kernel
+/// without the command leaves glommio to choose its fallback, as before.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static REGISTER_MEMBARRIER: extern "C" fn() = {
+    extern "C" fn register() {
+        const QUERY: libc::c_int = 0;
+        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+        const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+        // Safety: membarrier(2) takes two integers and touches no memory of ours.
+        unsafe {
+            let supported = libc::syscall(libc::SYS_membarrier, QUERY, 0);
+            if supported > 0 && supported & PRIVATE_EXPEDITED != 0 {
+                libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0);
+            }
+        }
+    }
+    register
+};
+
 /// Exit status of `send` when some recipients expired (still deferred at max_age).
 const EXIT_EXPIRED: u8 = 3;
 /// Exit status of `send` stopped by SIGINT/SIGTERM before every recipient was final.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use crossbeam_channel::{RecvTimeoutError, TryRecvError, bounded, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError, bounded, unbounded};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::classify::Classifier;
@@ -293,10 +293,30 @@ pub fn send(opts: SendOptions) -> anyhow::Result<Summary> {
     for c in &controls {
         let _ = c.send(Control::Stop);
     }
-    // Take outcomes while the shards wind down: a shard's last batch must find room.
-    while alive.iter().any(|a| a.try_recv() != Err(TryRecvError::Disconnected)) {
-        if let Ok(report) = report_rx.recv_timeout(Duration::from_millis(5)) {
-            c.take(report);
+    // Take outcomes while the shards wind down: a shard's last batch must
+    // find room. Each shard's liveness channel disconnects as it ends: wait
+    // on those and the reports together, so the last shard's end is seen at once.
+    let mut running: Vec<&Receiver<()>> = alive.iter().collect();
+    let mut reports_open = true;
+    while !running.is_empty() {
+        let mut select = Select::new();
+        for a in &running {
+            select.recv(a);
+        }
+        let reports = reports_open.then(|| select.recv(&report_rx));
+        match select.select_timeout(Duration::from_millis(100)) {
+            Ok(op) if Some(op.index()) == reports => match op.recv(&report_rx) {
+                Ok(report) => c.take(report),
+                Err(_) => reports_open = false,
+            },
+            Ok(op) => {
+                let i = op.index();
+                // Nothing is ever sent on it: ready means ended.
+                if op.recv(running[i]).is_err() {
+                    running.swap_remove(i);
+                }
+            }
+            Err(_) => {}
         }
     }
     for h in handles {

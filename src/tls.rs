@@ -66,28 +66,61 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Client configurations: one that verifies, one that accepts any certificate.
+///
+/// The verifying one needs the system's trust roots, which take a few
+/// milliseconds of file reading and parsing (every file of /etc/ssl/certs):
+/// they are read on a side thread when a connection first needs them
+/// (`verify` policy only), never on an executor and never when no
+/// destination verifies. A `ca_file` is read and checked at start, so a bad
+/// one is an error before anything is sent.
 #[derive(Clone)]
 pub struct TlsClient {
-    verify: Arc<ClientConfig>,
+    verify: Arc<VerifyConfig>,
     any: Arc<ClientConfig>,
 }
 
-impl TlsClient {
-    /// Trust roots: the system store, plus the certificates of `ca_file` (PEM).
-    pub fn new(ca_file: Option<&Path>) -> anyhow::Result<TlsClient> {
+/// The verifying configuration, built once on first use.
+struct VerifyConfig {
+    /// Certificates of the `ca_file`, trusted beside the system's.
+    extra: Vec<CertificateDer<'static>>,
+    /// The side thread that reads the roots was started.
+    started: std::sync::Once,
+    built: std::sync::OnceLock<Result<Arc<ClientConfig>, String>>,
+}
+
+impl VerifyConfig {
+    fn build(extra: Vec<CertificateDer<'static>>) -> Result<Arc<ClientConfig>, String> {
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
+        roots.add_parsable_certificates(extra);
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            .map_err(|e| format!("TLS protocol versions: {e}"))
+    }
+}
+
+/// The connector a connection asked for, or why it has none yet.
+pub enum Connector {
+    Ready(futures_rustls::TlsConnector),
+    /// The trust roots are being read on a side thread: ask again shortly.
+    Loading,
+    /// The verifying configuration could not be built.
+    Failed(String),
+}
+
+impl TlsClient {
+    /// Trust roots: the system store (read when first needed), plus the
+    /// certificates of `ca_file` (PEM, read and checked now).
+    pub fn new(ca_file: Option<&Path>) -> anyhow::Result<TlsClient> {
+        let mut extra = Vec::new();
         if let Some(path) = ca_file {
             let certs = read_certs(path)?;
-            let (added, _) = roots.add_parsable_certificates(certs);
+            let (added, _) = RootCertStore::empty().add_parsable_certificates(certs.clone());
             anyhow::ensure!(added > 0, "{}: no usable CA certificate", path.display());
+            extra = certs;
         }
-        let verify = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let any = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
@@ -95,17 +128,43 @@ impl TlsClient {
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
             .with_no_client_auth();
         Ok(TlsClient {
-            verify: Arc::new(verify),
+            verify: Arc::new(VerifyConfig {
+                extra,
+                started: std::sync::Once::new(),
+                built: std::sync::OnceLock::new(),
+            }),
             any: Arc::new(any),
         })
     }
 
-    /// The connector for a policy that negotiates TLS.
-    pub fn connector(&self, policy: TlsPolicy) -> futures_rustls::TlsConnector {
-        match policy {
-            TlsPolicy::Verify => self.verify.clone().into(),
-            _ => self.any.clone().into(),
+    /// The connector for a policy that negotiates TLS. Never blocks: for
+    /// `verify`, the first call starts reading the trust roots on a side
+    /// thread and says `Loading` until they are read.
+    pub fn connector(&self, policy: TlsPolicy) -> Connector {
+        if policy != TlsPolicy::Verify {
+            return Connector::Ready(self.any.clone().into());
         }
+        if let Some(built) = self.verify.built.get() {
+            return match built {
+                Ok(c) => Connector::Ready(c.clone().into()),
+                Err(e) => Connector::Failed(e.clone()),
+            };
+        }
+        self.verify.started.call_once(|| {
+            let v = self.verify.clone();
+            let spawned = std::thread::Builder::new()
+                .name("volley-tls-roots".into())
+                .spawn(move || {
+                    let _ = v.built.set(VerifyConfig::build(v.extra.clone()));
+                });
+            if let Err(e) = spawned {
+                let _ = self
+                    .verify
+                    .built
+                    .set(Err(format!("cannot start the thread that reads the trust roots: {e}")));
+            }
+        });
+        Connector::Loading
     }
 }
 

@@ -18,10 +18,13 @@ use crate::config::SourceAddress;
 use crate::local::Local;
 use crate::metrics::{ConnResult, DomainStats, Phase};
 use crate::smtp::{Command, Event, Extensions, Session, TlsMode};
-use crate::tls::{MaybeTls, TlsLayer, TlsPolicy, server_name};
+use crate::tls::{Connector, MaybeTls, TlsLayer, TlsPolicy, server_name};
 
 /// Bytes read from the socket at a time.
 const READ_BUF_BYTES: usize = 16 * 1024;
+/// How often a handshake that waits for the trust roots (read once, on a
+/// side thread) looks for them.
+const ROOTS_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 type Stream = MaybeTls<TlsStream<TcpStream>>;
 
@@ -405,9 +408,19 @@ async fn handshake(
         return Err("TLS on a connection that is already TLS".into());
     };
     let name = server_name(&host.name).map_err(|e| e.to_string())?;
-    let connector = shard.tls.connector(dest.tls);
     let limit = shard.cfg.timeouts.starttls;
-    let handshake = async { connector.connect(name, tcp).await.map_err(glommio::GlommioError::from) };
+    let handshake = async {
+        // The trust roots are read on a side thread the first time a
+        // connection verifies: wait for them here, without blocking the shard.
+        let connector = loop {
+            match shard.tls.connector(dest.tls) {
+                Connector::Ready(c) => break c,
+                Connector::Loading => glommio::timer::sleep(ROOTS_POLL).await,
+                Connector::Failed(e) => return Err(glommio::GlommioError::from(io::Error::other(e))),
+            }
+        };
+        connector.connect(name, tcp).await.map_err(glommio::GlommioError::from)
+    };
     match glommio::timer::timeout(limit, handshake).await {
         Ok(s) => Ok(s),
         Err(glommio::GlommioError::TimedOut(_)) => Err(format!("no handshake within {}s", limit.as_secs())),

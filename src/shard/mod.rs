@@ -58,6 +58,8 @@ const BUSY_POLL: Duration = Duration::from_millis(1);
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// How often a shard held back by the collector looks again.
 const HELD_POLL: Duration = Duration::from_micros(100);
+/// How often a stopping shard looks whether its connections have closed.
+const STOP_POLL: Duration = Duration::from_millis(1);
 /// Prepared messages added between sweeps of the unused ones.
 const SWEEP_EVERY: usize = 4096;
 /// Compiled templates a shard keeps (then it forgets them all and compiles again).
@@ -601,7 +603,8 @@ async fn run(p: ShardParams) {
     // Transactions in flight finish and connections say QUIT, within shutdown_timeout.
     let deadline = Instant::now() + shard.cfg.shutdown_timeout;
     while shard.core.borrow().connections_open() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+        // A QUIT is answered within a round trip: look again soon.
+        glommio::timer::sleep(STOP_POLL).await;
     }
     timer_task.cancel().await;
     if let Some(link) = &p.metrics {
