@@ -115,11 +115,19 @@ pub struct LogRecord<'a> {
 #[derive(Debug, Default)]
 pub struct Stamp {
     second: Option<(u64, [u8; 20])>,
+    /// The last timestamp written, whole (records settled in one turn share it).
+    last: Option<(SystemTime, [u8; 24])>,
     ip: Option<(IpAddr, String)>,
 }
 
 impl Stamp {
     fn write_ts(&mut self, out: &mut Vec<u8>, t: SystemTime) {
+        if let Some((last, ts)) = &self.last
+            && *last == t
+        {
+            out.extend_from_slice(ts);
+            return;
+        }
         let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else {
             out.extend_from_slice(humantime::format_rfc3339_millis(t).to_string().as_bytes());
             return;
@@ -134,14 +142,17 @@ impl Stamp {
                 &self.second.insert((secs, p)).1
             }
         };
-        out.extend_from_slice(prefix);
         let ms = since.subsec_millis();
-        out.extend_from_slice(&[
+        let mut ts = [0u8; 24];
+        ts[..20].copy_from_slice(prefix);
+        ts[20..].copy_from_slice(&[
             b'0' + (ms / 100) as u8,
             b'0' + (ms / 10 % 10) as u8,
             b'0' + (ms % 10) as u8,
             b'Z',
         ]);
+        out.extend_from_slice(&ts);
+        self.last = Some((t, ts));
     }
 
     fn ip(&mut self, ip: IpAddr) -> &str {
@@ -560,11 +571,20 @@ mod tests {
             ), 1..6),
         ) {
             let mut stamp = Stamp::default();
+            let mut before = 0;
             for (i, (ms, rcpt, id, line, reply, code, ip, (attempt, latency), (tls, rule, local), outcome)) in
                 recs.iter().enumerate()
             {
-                // Every other record in the second of the one before.
-                let ms = if i % 2 == 1 { recs[i - 1].0 / 1000 * 1000 + ms % 1000 } else { *ms };
+                // Every other record in the second of the one before, and
+                // every third at the very time of the one before.
+                let ms = if i % 3 == 2 {
+                    before
+                } else if i % 2 == 1 {
+                    recs[i - 1].0 / 1000 * 1000 + ms % 1000
+                } else {
+                    *ms
+                };
+                before = ms;
                 let rec = LogRecord {
                     ts: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms),
                     id: match line {

@@ -68,6 +68,16 @@ impl Span {
         }
     }
 
+    /// Its bytes, given the map of the spool file it came from (no UTF-8
+    /// check: for callers that look at bytes only).
+    #[inline]
+    pub fn bytes<'a>(&'a self, map: &'a [u8]) -> &'a [u8] {
+        match self {
+            Span::Map { off, len } => &map[*off..*off + *len],
+            Span::Owned(s) => s.as_bytes(),
+        }
+    }
+
     /// The string, given the map of the spool file it came from.
     #[inline]
     pub fn get<'a>(&'a self, map: &'a [u8]) -> &'a str {

@@ -383,6 +383,8 @@ fn shard_of_hash(hash: u64, shards: usize) -> usize {
 
 /// A message file mapped (while anything uses it), or why it cannot be.
 type KnownMessage = Result<Weak<MessageFile>, String>;
+/// The last message file asked for: its id and the file, or why it cannot be used.
+type LastMessage = Result<(u32, Weak<MessageFile>), String>;
 
 pub struct Ingest {
     shards: Vec<Sender<ToShard>>,
@@ -418,7 +420,7 @@ pub struct Ingest {
     messages: HashMap<(u32, PathBuf), KnownMessage>,
     /// The last message asked for by name (lines in a row mostly name the
     /// same): found again without building and hashing its path.
-    last_message: Option<(u32, Box<str>, KnownMessage)>,
+    last_message: Option<(u32, Box<str>, LastMessage)>,
     budget: Arc<MessageBudget>,
     next_message: u32,
     /// Whether each message file used as a template compiles, by message id.
@@ -926,9 +928,14 @@ impl Ingest {
         };
         let body = match &job.body {
             JobBody::Inline(s) => Ok((BodyKey::Inline(s.clone()), None)),
-            JobBody::File(s) => self
-                .message(fid, &input.origin, s.get(map))?
-                .map(|m| (BodyKey::File(m.id), Some(m))),
+            JobBody::File(s) => match self.batched_message(fid, s.get(map), &chosen) {
+                // Every batch this line goes to holds it already (and a
+                // template is checked on the way below, which needs it).
+                Some(id) if job.personal.is_none() => Ok((BodyKey::File(id), None)),
+                _ => self
+                    .message(fid, &input.origin, s.get(map))?
+                    .map(|m| (BodyKey::File(m.id), Some(m))),
+            },
         };
         // A template that does not compile rejects the job (FILE:LINE and why).
         let body = match body {
@@ -1152,6 +1159,22 @@ impl Ingest {
 
     /// A message file, mapped on first sight (and again once nothing uses
     /// it any more), within the budget of message files in use.
+    /// The id of the message file `name` of spool file `spool` when it is
+    /// the last one asked for and each of `groups`' shards' next batch
+    /// already carries it (the usual line: the message the lines before
+    /// named). Such a batch keeps the file alive, so nothing is counted or
+    /// looked up: a line costs no reference count taken and dropped again.
+    fn batched_message(&self, spool: u32, name: &str, groups: &[Group<'_>]) -> Option<u32> {
+        let (s, n, known) = self.last_message.as_ref()?;
+        let id = known.as_ref().ok()?.0;
+        (*s == spool
+            && **n == *name
+            && groups
+                .iter()
+                .all(|g| self.batch_messages[g.shard].iter().any(|m| m.id == id)))
+        .then_some(id)
+    }
+
     fn message(
         &mut self,
         spool: u32,
@@ -1163,7 +1186,7 @@ impl Ingest {
             && **n == *name
         {
             match known {
-                Ok(m) => {
+                Ok((_, m)) => {
                     if let Some(m) = m.upgrade() {
                         return Ok(Ok(m));
                     }
@@ -1175,7 +1198,7 @@ impl Ingest {
         self.last_message = Some((
             spool,
             name.into(),
-            found.as_ref().map(Arc::downgrade).map_err(Clone::clone),
+            found.as_ref().map(|m| (m.id, Arc::downgrade(m))).map_err(Clone::clone),
         ));
         Ok(found)
     }

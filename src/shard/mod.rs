@@ -175,6 +175,9 @@ impl Job for SpoolJob {
     fn rcpt(&self, i: usize) -> &str {
         self.rcpts[i].addr.get(self.file.file.bytes())
     }
+    fn rcpt_is_ascii(&self, i: usize) -> bool {
+        self.rcpts[i].addr.bytes(self.file.file.bytes()).is_ascii()
+    }
     fn reverse_path(&self) -> &str {
         match &self.reverse {
             Some(r) => r,
@@ -486,6 +489,14 @@ pub(crate) struct Shard {
     timer_moved: Event,
 }
 
+/// The spool file and prepared message the last item of a batch used: the
+/// items of a batch mostly share both, found then without a lookup.
+#[derive(Default)]
+struct LastUsed {
+    file: Option<Rc<LocalFile>>,
+    body: Option<(u32, Rc<Body>)>,
+}
+
 thread_local! {
     /// The shard's end of the liveness channel. Held by the thread, not by the
     /// executor's tasks: a panic unwinds the thread without dropping the tasks
@@ -712,15 +723,19 @@ impl Shard {
             }
             ToShard::Work { items, messages } => {
                 let now = Instant::now();
+                let mut last = LastUsed::default();
                 for item in items {
-                    self.accept_item(item, &messages, now);
+                    self.accept_item(item, &messages, &mut last, now);
                 }
             }
         }
     }
 
-    fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>], now: Instant) {
-        let file = self.files.borrow()[&item.file].clone();
+    fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>], last: &mut LastUsed, now: Instant) {
+        let file = match &last.file {
+            Some(f) if f.id == item.file => f.clone(),
+            _ => last.file.insert(self.files.borrow()[&item.file].clone()).clone(),
+        };
         let per_recipient =
             item.personal.is_some() || item.list_unsubscribe.is_some() || self.cfg.headers.per_recipient();
         let personal = per_recipient.then(|| {
@@ -738,7 +753,10 @@ impl Shard {
             // A template is not sent as it is: only its file is kept, for rendering.
             (BodyKey::File(id), Some(_)) => Rc::new(Body::template(messages.iter().find(|m| m.id == *id).cloned())),
             (BodyKey::Inline(_), Some(_)) => Rc::new(Body::template(None)),
-            (BodyKey::File(id), None) => self.prepared(*id, messages),
+            (BodyKey::File(id), None) => match &last.body {
+                Some((used, body)) if used == id => body.clone(),
+                _ => last.body.insert((*id, self.prepared(*id, messages))).1.clone(),
+            },
             (BodyKey::Inline(span), None) => {
                 let src = span.get(file.file.bytes()).as_bytes();
                 let id_domain = self.id_domain(src);

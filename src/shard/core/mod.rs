@@ -60,6 +60,10 @@ pub const MAX_UNRECORDED_PER_SHARD: u64 = 4096;
 pub trait Job {
     fn rcpt_count(&self) -> usize;
     fn rcpt(&self, i: usize) -> &str;
+    /// Whether recipient `i`'s address is ASCII.
+    fn rcpt_is_ascii(&self, i: usize) -> bool {
+        self.rcpt(i).is_ascii()
+    }
     /// The reverse-path without angle brackets; empty for `<>`.
     fn reverse_path(&self) -> &str;
     fn message(&self) -> &WireMessage;

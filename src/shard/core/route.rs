@@ -230,7 +230,7 @@ impl<J: Job> Core<J> {
         // Recipients with UTF-8 addresses go apart: a server without
         // SMTPUTF8 refuses them, not the others (RFC 6531 §3.2).
         let utf8: Vec<usize> = (0..txn.job.rcpt_count())
-            .filter(|&i| !txn.job.rcpt(i).is_ascii())
+            .filter(|&i| !txn.job.rcpt_is_ascii(i))
             .collect();
         let apart = (!utf8.is_empty() && utf8.len() < txn.job.rcpt_count()).then(|| txn.with_job(|j| j.take(&utf8)));
         let mut queue = dest.queue.borrow_mut();
