@@ -227,13 +227,17 @@ pub fn id_of_bad_line(line: &[u8]) -> Option<String> {
 }
 
 /// The usual line, read without serde: one object whose members are the
-/// string fields of a job and a `to` array of strings, no string holding an
-/// escape or a control character, any JSON whitespace between tokens. It
-/// answers `None` for anything else (an escape, `null`, `vars`, `template`,
-/// a recipient object, an unknown or repeated key, a syntax error), and
-/// serde_json reads that line instead, so the two agree on every line
-/// (a property test holds them to it): this is only the fast way through.
-fn scan_plain(text: &str) -> Option<RawJob<'_>> {
+/// string fields of a job and a `to` array of strings, every string ASCII
+/// with no escape or control character, any JSON whitespace between tokens,
+/// and a job that needs no error said (recipients, one body, a good or empty
+/// `from`). It answers `None` for anything else (an escape, non-ASCII text,
+/// `null`, `vars`, `template`, a recipient object, an unknown or repeated
+/// key, a syntax error, a job to refuse), and serde_json reads that line
+/// instead, so the two agree on every line (a property test holds them to
+/// it): this is only the fast way through. The job is built straight from
+/// the bytes: every byte it accepts is ASCII, so the line needs no UTF-8
+/// check of its own.
+fn scan_plain(map: &[u8], line: &[u8]) -> Option<Job> {
     /// Member keys the scan knows, as bits of `seen`.
     const ID: u8 = 1;
     const FROM: u8 = 2;
@@ -242,15 +246,17 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
     const DATA: u8 = 16;
     const VERP: u8 = 32;
     const UNSUBSCRIBE: u8 = 64;
-    let b = text.as_bytes();
+    let b = line;
+    let base = line.as_ptr() as usize - map.as_ptr() as usize;
     let mut i = 0;
     let ws = |i: &mut usize| {
         while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
             *i += 1;
         }
     };
-    // A string from its opening quote: its text, with `i` past the closing one.
-    let string = |i: &mut usize| -> Option<&str> {
+    // A string from its opening quote: where its text lies in `line`, with
+    // `i` past the closing quote.
+    let string = |i: &mut usize| -> Option<(usize, usize)> {
         if b.get(*i) != Some(&b'"') {
             return None;
         }
@@ -259,13 +265,16 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
         loop {
             match *b.get(j)? {
                 b'"' => break,
-                b'\\' | 0..=0x1f => return None,
+                b'\\' | 0..=0x1f | 0x80.. => return None,
                 _ => j += 1,
             }
         }
         *i = j + 1;
-        // The quotes are ASCII, so both ends lie on char boundaries.
-        Some(&text[start..j])
+        Some((start, j))
+    };
+    let span = |(start, end): (usize, usize)| Span::Map {
+        off: base + start,
+        len: end - start,
     };
     // After a value: a comma (true: another follows) or `close` (false: the
     // list ends), `i` past it and the whitespace after a comma.
@@ -280,17 +289,8 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
             (c == close).then_some(false)
         }
     };
-    let mut raw = RawJob {
-        id: None,
-        from: Cow::Borrowed(""),
-        to: SmallVec::new(),
-        vars: None,
-        template: false,
-        verp: None,
-        list_unsubscribe: None,
-        message: None,
-        data: None,
-    };
+    let (mut id, mut from, mut to) = (None, (0, 0), SmallVec::new());
+    let (mut message, mut data, mut verp, mut list_unsubscribe) = (None, None, None, None);
     let mut seen = 0u8;
     ws(&mut i);
     if b.get(i) != Some(&b'{') {
@@ -298,19 +298,16 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
     }
     i += 1;
     ws(&mut i);
-    if b.get(i) == Some(&b'}') {
-        return None; // serde says which field is missing
-    }
     loop {
         let key = string(&mut i)?;
-        let bit = match key {
-            "id" => ID,
-            "from" => FROM,
-            "to" => TO,
-            "message" => MESSAGE,
-            "data" => DATA,
-            "verp" => VERP,
-            "list_unsubscribe" => UNSUBSCRIBE,
+        let bit = match &b[key.0..key.1] {
+            b"id" => ID,
+            b"from" => FROM,
+            b"to" => TO,
+            b"message" => MESSAGE,
+            b"data" => DATA,
+            b"verp" => VERP,
+            b"list_unsubscribe" => UNSUBSCRIBE,
             _ => return None,
         };
         if seen & bit != 0 {
@@ -329,30 +326,21 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
             }
             i += 1;
             ws(&mut i);
-            if b.get(i) == Some(&b']') {
-                i += 1;
-            } else {
-                loop {
-                    let rcpt = string(&mut i)?;
-                    raw.to.push(RawTo {
-                        rcpt: Cow::Borrowed(rcpt),
-                        object: false,
-                        vars: None,
-                    });
-                    if !next(&mut i, b']')? {
-                        break;
-                    }
+            loop {
+                to.push(span(string(&mut i)?));
+                if !next(&mut i, b']')? {
+                    break;
                 }
             }
         } else {
-            let v = Some(Cow::Borrowed(string(&mut i)?));
+            let v = string(&mut i)?;
             match bit {
-                ID => raw.id = v,
-                FROM => raw.from = v?,
-                MESSAGE => raw.message = v,
-                DATA => raw.data = v,
-                VERP => raw.verp = v,
-                _ => raw.list_unsubscribe = v,
+                ID => id = Some(v),
+                FROM => from = v,
+                MESSAGE => message = Some(v),
+                DATA => data = Some(v),
+                VERP => verp = Some(v),
+                _ => list_unsubscribe = Some(v),
             }
         }
         if !next(&mut i, b'}')? {
@@ -360,7 +348,28 @@ fn scan_plain(text: &str) -> Option<RawJob<'_>> {
         }
     }
     ws(&mut i);
-    (i == b.len() && seen & (FROM | TO) == FROM | TO).then_some(raw)
+    if i != b.len() || seen & (FROM | TO) != FROM | TO {
+        return None;
+    }
+    let body = match (message, data) {
+        (Some(m), None) => JobBody::File(span(m)),
+        (None, Some(d)) => JobBody::Inline(span(d)),
+        _ => return None,
+    };
+    // ASCII (checked above), so UTF-8.
+    let sender = std::str::from_utf8(&b[from.0..from.1]).ok()?;
+    if !sender.is_empty() && validate_address(sender).is_err() {
+        return None;
+    }
+    Some(Job {
+        id: id.map(span),
+        from: span(from),
+        to,
+        body,
+        personal: None,
+        verp: verp.map(span),
+        list_unsubscribe: list_unsubscribe.map(span),
+    })
 }
 
 /// Parses one line (without its newline) lying inside `map`. The error is
@@ -371,11 +380,11 @@ pub fn parse_job(map: &[u8], line: &[u8]) -> Result<Job, String> {
 
 /// [`parse_job`], with or without trying [`scan_plain`] first.
 fn parse_job_with(map: &[u8], line: &[u8], scan: bool) -> Result<Job, String> {
+    if let Some(job) = scan.then(|| scan_plain(map, line)).flatten() {
+        return Ok(job);
+    }
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
-    let raw: RawJob<'_> = match scan.then(|| scan_plain(text)).flatten() {
-        Some(raw) => raw,
-        None => serde_json::from_str(text).map_err(|e| format!("not a valid job: {e}"))?,
-    };
+    let raw: RawJob<'_> = serde_json::from_str(text).map_err(|e| format!("not a valid job: {e}"))?;
     if raw.to.is_empty() {
         return Err("\"to\" is empty".into());
     }
@@ -718,19 +727,34 @@ mod tests {
 
     #[test]
     fn the_usual_line_is_read_by_the_plain_scan() {
-        let line = r#"{"id":"gen-1","from":"b@x.test","to":["a@y.test"],"message":"m.eml"}"#;
-        let raw = scan_plain(line).expect("the usual line scans");
-        assert_eq!(raw.from, "b@x.test");
-        assert_eq!(raw.to.len(), 1);
-        assert_eq!(raw.message.as_deref(), Some("m.eml"));
+        let line = br#"{"id":"gen-1","from":"b@x.test","to":["a@y.test"],"message":"m.eml"}"#;
+        let job = scan_plain(line, line).expect("the usual line scans");
+        assert_eq!(job.from.get(line), "b@x.test");
+        assert_eq!(job.to.len(), 1);
+        assert_eq!(job.to[0].get(line), "a@y.test");
+        assert_eq!(job.id.as_ref().map(|s| s.get(line)), Some("gen-1"));
+        assert!(matches!(&job.body, JobBody::File(s) if s.get(line) == "m.eml"));
         for line in [
             r#"{"id":"gen-1","from":"b@x.test","to":["a\u0040y.test"],"message":"m.eml"}"#,
             r#"{"id":null,"from":"b@x.test","to":["a@y.test"],"message":"m.eml"}"#,
             r#"{"from":"b@x.test","from":"c@x.test","to":["a@y.test"],"message":"m.eml"}"#,
             r#"{"from":"b@x.test","to":["a@y.test"],"message":"m.eml","x":1}"#,
+            // Left to serde_json, which reads them or says what is wrong.
+            r#"{"from":"b@x.test","to":["andré@y.test"],"message":"m.eml"}"#,
+            r#"{"from":"b@x.test","to":[],"message":"m.eml"}"#,
+            r#"{"from":"b@x.test","to":["a@y.test"]}"#,
+            r#"{"from":"b@x.test","to":["a@y.test"],"message":"m.eml","data":"x"}"#,
+            r#"{"from":"b x@x.test","to":["a@y.test"],"message":"m.eml"}"#,
         ] {
-            assert!(scan_plain(line).is_none(), "{line}");
+            assert!(scan_plain(line.as_bytes(), line.as_bytes()).is_none(), "{line}");
         }
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_refused_whatever_reads_it() {
+        let line = b"{\"from\":\"b@x.test\",\"to\":[\"a\xff@y.test\"],\"message\":\"m.eml\"}";
+        let e = parse_job(line, line).unwrap_err();
+        assert!(e.starts_with("not UTF-8"), "{e}");
     }
 
     #[test]
