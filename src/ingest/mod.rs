@@ -421,6 +421,8 @@ pub struct Ingest {
     /// The last message asked for by name (lines in a row mostly name the
     /// same): found again without building and hashing its path.
     last_message: Option<(u32, Box<str>, LastMessage)>,
+    /// Reads the job lines (and remembers the last sender found good).
+    parser: spool::JobParser,
     budget: Arc<MessageBudget>,
     next_message: u32,
     /// Whether each message file used as a template compiles, by message id.
@@ -461,6 +463,7 @@ impl Ingest {
             batch_rcpts: vec![0; n],
             messages: HashMap::new(),
             last_message: None,
+            parser: spool::JobParser::default(),
             budget,
             next_message: 0,
             templates: HashMap::new(),
@@ -817,7 +820,7 @@ impl Ingest {
                 self.limits.max_line_bytes
             ))
         } else {
-            spool::parse_job(map, line)
+            self.parser.parse(map, line)
         };
         let job = match parsed {
             Ok(job) => job,
