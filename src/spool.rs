@@ -469,6 +469,12 @@ static ADDRESS_BYTE: [u8; 256] = {
 
 /// Checks that an address can be written inside `<...>` on an SMTP command line.
 pub fn validate_address(addr: &str) -> Result<(), &'static str> {
+    address_domain(addr).map(|_| ())
+}
+
+/// [`validate_address`], answering the address's domain (after its last
+/// `@`, found on the way) when it is good.
+pub fn address_domain(addr: &str) -> Result<&str, &'static str> {
     if addr.len() > 254 {
         return Err("longer than 254 octets");
     }
@@ -509,7 +515,8 @@ pub fn validate_address(addr: &str) -> Result<(), &'static str> {
     if domain[0] == b'.' || domain[domain.len() - 1] == b'.' || dots.is_some_and(|d| d > at) {
         return Err("has a malformed domain");
     }
-    Ok(())
+    // `@` is ASCII: the domain starts on a char boundary.
+    Ok(&addr[at + 1..])
 }
 
 /// The domain of a validated address (after the last `@`).
@@ -886,6 +893,8 @@ mod tests {
         #[test]
         fn one_pass_address_check_agrees_with_the_steps(addr in "[a@.<> \\r\\n\\t\\x7fé\"b]{0,12}(@[a.]{0,4})?") {
             proptest::prop_assert_eq!(validate_address(&addr), validate_by_steps(&addr));
+            // The domain it finds on the way is the one after the last `@`.
+            proptest::prop_assert_eq!(address_domain(&addr), validate_by_steps(&addr).map(|()| domain_of(&addr)));
         }
     }
 

@@ -1054,15 +1054,18 @@ impl Ingest {
         let max = self.limits.max_rcpts_per_txn;
         for (i, rcpt) in pending {
             let addr = rcpt.get(map);
-            if let Err(why) = spool::validate_address(addr) {
-                if lead {
-                    let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
-                    self.warn(&reason);
-                    self.recipients += 1;
-                    self.reject(key(i), id, Some(addr), &reason);
+            let domain = match spool::address_domain(addr) {
+                Ok(d) => d,
+                Err(why) => {
+                    if lead {
+                        let reason = format!("{}:{line}: bad recipient {addr:?}: {why}", file.path().display());
+                        self.warn(&reason);
+                        self.recipients += 1;
+                        self.reject(key(i), id, Some(addr), &reason);
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             if job.to.len() > 1 {
                 match first_of.get_or_insert_with(HashMap::new).entry(Mailbox(addr)) {
                     Entry::Occupied(first) => {
@@ -1083,7 +1086,6 @@ impl Ingest {
                     }
                 }
             }
-            let domain = spool::domain_of(addr);
             let domain: Cow<'m, str> = if domain.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(domain.to_ascii_lowercase())
             } else {
