@@ -141,6 +141,7 @@ fn log_line(c: &mut Criterion) {
         category: None,
         rule: None,
         local: None,
+        plain: false,
     };
     let mut g = c.benchmark_group("delivery_log_line");
     g.bench_function("written", |b| {
@@ -149,6 +150,17 @@ fn log_line(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             black_box(&rec).write_json(&mut out, &mut stamp);
+            black_box(out.len())
+        })
+    });
+    // The usual record: id and recipient as they lie in the spool line.
+    let spool_text = LogRecord { plain: true, ..rec };
+    g.bench_function("written_spool_text", |b| {
+        let mut stamp = Stamp::default();
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            black_box(&spool_text).write_json(&mut out, &mut stamp);
             black_box(out.len())
         })
     });

@@ -107,6 +107,13 @@ pub struct LogRecord<'a> {
     /// The kind of volley's own failure, when no reply decided (`local.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local: Option<&'a str>,
+    /// The given `id`, `rcpt` and `domain` need no escaping in JSON: they
+    /// are text that lies as it is in a JSON spool line, which holds no
+    /// quote, backslash or control character (those come escaped, and an
+    /// escaped string is copied out of the line, never borrowed from it).
+    /// Not a field of the line.
+    #[serde(skip)]
+    pub plain: bool,
 }
 
 /// The timestamps and addresses of log lines written one after another:
@@ -199,11 +206,21 @@ impl LogRecord<'_> {
     /// gives (tested), written without a serializer: this runs once per
     /// recipient on the shards.
     pub fn write_json(&self, out: &mut Vec<u8>, stamp: &mut Stamp) {
+        // A string that needs no escaping, as it is.
+        let raw = |out: &mut Vec<u8>, s: &str| {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        };
+        let spool_str = |out: &mut Vec<u8>, s: Option<&str>| match s {
+            Some(s) if self.plain => raw(out, s),
+            other => json_opt_str(out, other),
+        };
         out.extend_from_slice(b"{\"ts\":\"");
         stamp.write_ts(out, self.ts);
         out.extend_from_slice(b"\",\"id\":");
         match self.id {
-            JobId::Given(id) => json_str(out, id),
+            JobId::Given(id) => spool_str(out, Some(id)),
             JobId::Line(file, line) => {
                 json_str(out, file);
                 out.pop();
@@ -213,9 +230,9 @@ impl LogRecord<'_> {
             }
         }
         out.extend_from_slice(b",\"rcpt\":");
-        json_opt_str(out, self.rcpt);
+        spool_str(out, self.rcpt);
         out.extend_from_slice(b",\"domain\":");
-        json_opt_str(out, self.domain);
+        spool_str(out, self.domain);
         out.extend_from_slice(b",\"outcome\":\"");
         out.extend_from_slice(self.outcome.name().as_bytes());
         out.extend_from_slice(b"\",\"code\":");
@@ -239,7 +256,11 @@ impl LogRecord<'_> {
         out.extend_from_slice(b",\"mx\":");
         json_opt_str(out, self.mx);
         out.extend_from_slice(b",\"ip\":");
-        json_opt_str(out, self.ip.map(|ip| stamp.ip(ip)));
+        match self.ip {
+            // Digits, dots, colons and hex letters.
+            Some(ip) => raw(out, stamp.ip(ip)),
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"attempt\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.attempt).as_bytes());
         out.extend_from_slice(b",\"latency_ms\":");
@@ -483,6 +504,7 @@ mod tests {
             category: None,
             rule: None,
             local,
+            plain: false,
         };
         assert_eq!(
             &*reason_of(&rec(
@@ -528,6 +550,7 @@ mod tests {
                 category: Some("invalid-recipient"),
                 rule: None,
                 local: None,
+                plain: false,
             },
         );
         let b = r.take().unwrap();
@@ -605,6 +628,11 @@ mod tests {
                     category: local.as_deref(),
                     rule: rule.as_deref(),
                     local: local.as_deref(),
+                    // Said only of text a JSON line holds as it is.
+                    plain: [Some(id.as_str()), rcpt.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .all(|s| !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')),
                 };
                 let mut ours = Vec::new();
                 rec.write_json(&mut ours, &mut stamp);
@@ -639,6 +667,7 @@ mod tests {
             category: None,
             rule: None,
             local: None,
+            plain: false,
         };
         for attempt in 1..=3 {
             r.record(key, &rec(Outcome::Deferred, attempt));

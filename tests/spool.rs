@@ -237,3 +237,39 @@ fn a_mailbox_named_twice_in_a_job_is_sent_once() {
         dup.1
     );
 }
+
+#[test]
+fn ids_and_recipients_that_need_escaping_stay_valid_json_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("q.jsonl");
+    // A quote and a backslash come escaped in the line: the log must escape
+    // them again. The line beside it holds the same kind of text plainly.
+    std::fs::write(
+        &spool,
+        "{\"id\":\"q\\\"b\\\\s\",\"from\":\"s@x.test\",\"to\":[\"\\\"j\\\\d\\\"@d.test\"],\"data\":\"x\"}\n\
+         {\"id\":\"plain-1\",\"from\":\"s@x.test\",\"to\":[\"p@d.test\"],\"data\":\"x\"}\n",
+    )
+    .unwrap();
+    let dump = dir.path().join("dump");
+    let sink = dump_sink(&dump);
+    let log = dir.path().join("log.jsonl");
+    let summary = send_to(&sink, &spool, &log, |_| {});
+    sink.stop();
+    assert_eq!(summary.count(Outcome::Delivered), 2);
+    // read_log parses every line as JSON.
+    let mut got: Vec<(String, String, String)> = read_log(&log)
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("id"), s("rcpt"), s("domain"))
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("plain-1".into(), "p@d.test".into(), "d.test".into()),
+            ("q\"b\\s".into(), "\"j\\d\"@d.test".into(), "d.test".into()),
+        ]
+    );
+}

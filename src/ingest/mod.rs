@@ -1292,6 +1292,7 @@ impl Ingest {
                 category: None,
                 rule: None,
                 local: None,
+                plain: false,
             },
         );
     }

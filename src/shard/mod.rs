@@ -175,6 +175,11 @@ impl Job for SpoolJob {
     fn rcpt(&self, i: usize) -> &str {
         self.rcpts[i].addr.get(self.file.file.bytes())
     }
+    fn plain_text(&self, i: usize) -> bool {
+        // Borrowed from the line: neither escaped nor rendered.
+        let in_line = |s: &Span| matches!(s, Span::Map { .. });
+        self.id.as_ref().is_none_or(in_line) && in_line(&self.rcpts[i].addr)
+    }
     fn rcpt_is_ascii(&self, i: usize) -> bool {
         self.rcpts[i].addr.bytes(self.file.file.bytes()).is_ascii()
     }

@@ -60,6 +60,11 @@ pub const MAX_UNRECORDED_PER_SHARD: u64 = 4096;
 pub trait Job {
     fn rcpt_count(&self) -> usize;
     fn rcpt(&self, i: usize) -> &str;
+    /// Whether the job's id and recipient `i`'s address need no escaping in
+    /// JSON (see `LogRecord::plain`).
+    fn plain_text(&self, _i: usize) -> bool {
+        false
+    }
     /// Whether recipient `i`'s address is ASCII.
     fn rcpt_is_ascii(&self, i: usize) -> bool {
         self.rcpt(i).is_ascii()

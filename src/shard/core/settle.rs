@@ -236,6 +236,7 @@ impl<J: Job> Core<J> {
                 category,
                 rule: at.rule,
                 local: said.local.map(Local::name),
+                plain: txn.job.plain_text(i),
             },
         );
     }
