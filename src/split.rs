@@ -135,8 +135,9 @@ pub fn node_dir(out: &Path, k: usize) -> PathBuf {
 fn each_job(file: &MappedFile, mut f: impl FnMut(u32, &[u8], Result<crate::spool::Job, String>)) {
     let map = file.bytes();
     let mut c = LineCursor::default();
+    let mut parser = crate::spool::JobParser::default();
     while let Some((no, line)) = c.next_line(map) {
-        f(no, line, crate::spool::parse_job(map, line));
+        f(no, line, parser.parse(map, line));
     }
 }
 
