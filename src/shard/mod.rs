@@ -729,14 +729,37 @@ impl Shard {
             ToShard::Work { items, messages } => {
                 let now = Instant::now();
                 let mut last = LastUsed::default();
+                let mut accepted = Vec::with_capacity(items.len());
                 for item in items {
-                    self.accept_item(item, &messages, &mut last, now);
+                    self.accept_item(item, &messages, &mut last, &mut accepted, now);
                 }
+                self.hand_over(&mut accepted, now);
             }
         }
     }
 
-    fn accept_item(self: &Rc<Self>, item: WorkItem, messages: &[Arc<MessageFile>], last: &mut LastUsed, now: Instant) {
+    /// Gives the core the jobs of a batch taken so far, all in one turn of
+    /// its cell (and its actions carried out once, after them).
+    fn hand_over(self: &Rc<Self>, accepted: &mut Vec<(SpoolJob, Instant)>, now: Instant) {
+        if !accepted.is_empty() {
+            self.with(|c| {
+                for (job, first_seen) in accepted.drain(..) {
+                    c.accept(job, first_seen, now);
+                }
+            });
+        }
+    }
+
+    /// Makes a batch's item a job: into `accepted` when it can be sent, else
+    /// refused at once (after the jobs before it, kept in order).
+    fn accept_item(
+        self: &Rc<Self>,
+        item: WorkItem,
+        messages: &[Arc<MessageFile>],
+        last: &mut LastUsed,
+        accepted: &mut Vec<(SpoolJob, Instant)>,
+        now: Instant,
+    ) {
         let file = match &last.file {
             Some(f) if f.id == item.file => f.clone(),
             _ => last.file.insert(self.files.borrow()[&item.file].clone()).clone(),
@@ -796,6 +819,7 @@ impl Shard {
                 subject: 3,
                 detail: 0,
             };
+            self.hand_over(accepted, now);
             return self.with(|c| c.refuse(job, item.first_seen, enhanced, &reason, now));
         }
         if longest > MAX_LINE_OCTETS {
@@ -807,9 +831,10 @@ impl Shard {
                 subject: 6,
                 detail: 0,
             };
+            self.hand_over(accepted, now);
             return self.with(|c| c.refuse(job, item.first_seen, enhanced, &reason, now));
         }
-        self.with(|c| c.accept(job, item.first_seen, now));
+        accepted.push((job, item.first_seen));
     }
 
     /// The wire form of a message file, prepared (and DKIM-signed) once and
