@@ -83,8 +83,9 @@ pub struct TlsClient {
 struct VerifyConfig {
     /// Certificates of the `ca_file`, trusted beside the system's.
     extra: Vec<CertificateDer<'static>>,
-    /// The side thread that reads the roots was started.
-    started: std::sync::Once,
+    /// The side thread that reads the roots was started (a flag, not a
+    /// `Once`: a second shard asking meanwhile must not wait on the first).
+    started: std::sync::atomic::AtomicBool,
     built: std::sync::OnceLock<Result<Arc<ClientConfig>, String>>,
 }
 
@@ -130,7 +131,7 @@ impl TlsClient {
         Ok(TlsClient {
             verify: Arc::new(VerifyConfig {
                 extra,
-                started: std::sync::Once::new(),
+                started: std::sync::atomic::AtomicBool::new(false),
                 built: std::sync::OnceLock::new(),
             }),
             any: Arc::new(any),
@@ -150,7 +151,7 @@ impl TlsClient {
                 Err(e) => Connector::Failed(e.clone()),
             };
         }
-        self.verify.started.call_once(|| {
+        if !self.verify.started.swap(true, std::sync::atomic::Ordering::AcqRel) {
             let v = self.verify.clone();
             let spawned = std::thread::Builder::new()
                 .name("volley-tls-roots".into())
@@ -163,7 +164,7 @@ impl TlsClient {
                     .built
                     .set(Err(format!("cannot start the thread that reads the trust roots: {e}")));
             }
-        });
+        }
         Connector::Loading
     }
 }

@@ -1162,8 +1162,6 @@ impl Ingest {
         }
     }
 
-    /// A message file, mapped on first sight (and again once nothing uses
-    /// it any more), within the budget of message files in use.
     /// The id of the message file `name` of spool file `spool` when it is
     /// the last one asked for and each of `groups`' shards' next batch
     /// already carries it (the usual line: the message the lines before
@@ -1180,6 +1178,8 @@ impl Ingest {
         .then_some(id)
     }
 
+    /// A message file, mapped on first sight (and again once nothing uses
+    /// it any more), within the budget of message files in use.
     fn message(
         &mut self,
         spool: u32,
