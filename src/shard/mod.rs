@@ -16,7 +16,7 @@ mod conn;
 mod core;
 mod intake;
 
-pub use self::core::MAX_UNRECORDED_PER_SHARD;
+pub use self::core::{COMMIT_PENDING_PER_SHARD, MAX_UNRECORDED_PER_SHARD};
 pub use budget::Budgets;
 
 use foldhash::HashMap;

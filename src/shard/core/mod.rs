@@ -53,7 +53,13 @@ const SWEEP_EVERY: usize = 4096;
 /// Outcome records a shard may have produced that the collector has not
 /// written yet; past this it starts no new transaction (what is delivered
 /// but not recorded is what a crash sends twice).
-pub const MAX_UNRECORDED_PER_SHARD: u64 = 4096;
+pub const MAX_UNRECORDED_PER_SHARD: u64 = 8192;
+/// Records of one shard pending at the collector that make it commit
+/// before `journal_sync_interval`: a quarter of the bound, so that the
+/// records still on their way (the shard's flush, the commit's writes and
+/// syncs) find room below it and a fast shard is not held back in steady
+/// state.
+pub const COMMIT_PENDING_PER_SHARD: u64 = MAX_UNRECORDED_PER_SHARD / 4;
 
 /// What a transaction carries that the core does not look into: its
 /// envelope, its message, and its recipients' names in the journal.
