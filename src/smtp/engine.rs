@@ -342,9 +342,11 @@ struct Awaited {
 }
 
 impl Awaited {
+    #[inline]
     fn push_back(&mut self, e: Expect) {
         self.q.push_back((e, UNSENT));
     }
+    #[inline]
     fn pop_front(&mut self) -> Option<(Expect, u64)> {
         self.q.pop_front()
     }
@@ -1078,11 +1080,20 @@ impl<T: Envelope> Session<T> {
         self.phase = Phase::Quitting;
     }
 
+    /// Where the flight of `seq` is: flights are in the order of their
+    /// sequence numbers, and replies mostly answer the first.
+    fn flight_index(&self, seq: u64) -> Option<usize> {
+        match self.flights.front() {
+            Some(f) if f.seq == seq => Some(0),
+            _ => self.flights.binary_search_by_key(&seq, |f| f.seq).ok(),
+        }
+    }
+
     fn flight(&mut self, seq: u64) -> &mut Flight<T> {
-        self.flights
-            .iter_mut()
-            .find(|f| f.seq == seq)
-            .expect("a reply is matched to a transaction in flight")
+        let idx = self
+            .flight_index(seq)
+            .expect("a reply is matched to a transaction in flight");
+        &mut self.flights[idx]
     }
 
     fn finish(&mut self, seq: u64) {
@@ -1091,7 +1102,7 @@ impl<T: Envelope> Session<T> {
         if self.refs.iter().any(|r| r.seq == seq) {
             self.flatten();
         }
-        let idx = self.flights.iter().position(|f| f.seq == seq).expect("flight exists");
+        let idx = self.flight_index(seq).expect("flight exists");
         let flight = self.flights.remove(idx).expect("flight exists");
         self.in_flight_bytes -= flight.chunk;
         if flight.report.chunked {

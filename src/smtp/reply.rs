@@ -200,9 +200,11 @@ impl ReplyParser {
             Some(b'-') => (false, &line[4..]),
             Some(_) => return Err(malformed()),
         };
-        let text = match std::str::from_utf8(text) {
-            Ok(t) => std::borrow::Cow::Borrowed(t),
-            Err(_) => String::from_utf8_lossy(text),
+        let text = if text.is_ascii() {
+            // SAFETY: ASCII is UTF-8 (the usual reply: checked a word at a time).
+            std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(text) })
+        } else {
+            String::from_utf8_lossy(text)
         };
         self.lines += 1;
         if self.lines > MAX_LINES {
@@ -241,7 +243,14 @@ impl ReplyParser {
     /// text, else a new one, remembered in place of the least recently used.
     fn single(&mut self, code: u16, text: &str) -> Reply {
         self.tick += 1;
-        let same = |r: &Reply| r.code == code && *r.text == *text;
+        // The length and the last byte first: a "queued as ID" reply has the
+        // length of the one before it and differs from it at the end.
+        let same = |r: &Reply| {
+            r.code == code
+                && r.text.len() == text.len()
+                && r.text.as_bytes().last() == text.as_bytes().last()
+                && *r.text == *text
+        };
         if let Some((used, r)) = self.recent.iter_mut().flatten().find(|(_, r)| same(r)) {
             *used = self.tick;
             return r.clone();
@@ -289,6 +298,23 @@ mod tests {
             (
                 b"250 Ok\r\n250 Ok\r\n354 go\r\n",
                 &[(250, None, "Ok"), (250, None, "Ok"), (354, None, "go")],
+            ),
+            // UTF-8 text as it is; bytes that are not UTF-8 replaced, not refused.
+            (
+                "250 2.0.0 Ok, reçu\r\n".as_bytes(),
+                &[(250, Some("2.0.0"), "2.0.0 Ok, reçu")],
+            ),
+            (b"550 no \xff\xfe here\r\n", &[(550, None, "no \u{FFFD}\u{FFFD} here")]),
+            // Replies that share all but their last byte, or their length, stay apart.
+            (
+                b"250 queued as A1\r\n250 queued as A2\r\n250 queued as B1\r\n250 queued as A1\r\n250 queued as A\r\n",
+                &[
+                    (250, None, "queued as A1"),
+                    (250, None, "queued as A2"),
+                    (250, None, "queued as B1"),
+                    (250, None, "queued as A1"),
+                    (250, None, "queued as A"),
+                ],
             ),
         ];
         for (wire, want) in cases {
