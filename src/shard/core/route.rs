@@ -4,6 +4,7 @@
 //! Domains with the same route or MX host set share one destination.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
@@ -206,7 +207,7 @@ impl<J: Job> Core<J> {
 
     /// Queues a transaction for its destination, unless the destination is
     /// down or a rule makes it bounce.
-    fn enqueue(&mut self, txn: Txn<J>, dest: &Rc<Dest<J>>, now: Instant) {
+    fn enqueue(&mut self, mut txn: Txn<J>, dest: &Rc<Dest<J>>, now: Instant) {
         if let Some(rule) = dest.bouncing(now) {
             return self.bounce_by_rule(txn, dest, &rule, now);
         }
@@ -222,25 +223,24 @@ impl<J: Job> Core<J> {
         }
         // A destination may take fewer recipients per transaction than ingest groups.
         let max = dest.rcpts_per_txn().max(1);
-        let mut txn = txn;
         if dest.suspended(now) {
             txn.held = true;
             self.expiry_timer(dest, txn.first_seen + txn.domain.retry().max_age);
         }
-        // Recipients with UTF-8 addresses go apart: a server without
-        // SMTPUTF8 refuses them, not the others (RFC 6531 §3.2).
-        let utf8: Vec<usize> = (0..txn.job.rcpt_count())
-            .filter(|&i| !txn.job.rcpt_is_ascii(i))
-            .collect();
-        let apart = (!utf8.is_empty() && utf8.len() < txn.job.rcpt_count()).then(|| txn.with_job(|j| j.take(&utf8)));
         let mut queue = dest.queue.borrow_mut();
-        for mut txn in apart.into_iter().chain(std::iter::once(txn)) {
-            while txn.job.rcpt_count() > max {
-                let rest = txn.with_job(|j| j.split_off(max));
-                queue.push_back(txn);
-                txn = rest;
-            }
+        // The usual transaction: one recipient, or a few with ASCII addresses.
+        let n = txn.job.rcpt_count();
+        if n <= max && (0..n).all(|i| txn.job.rcpt_is_ascii(i)) {
             queue.push_back(txn);
+        } else {
+            // Recipients with UTF-8 addresses go apart: a server without
+            // SMTPUTF8 refuses them, not the others (RFC 6531 §3.2).
+            let utf8: Vec<usize> = (0..n).filter(|&i| !txn.job.rcpt_is_ascii(i)).collect();
+            if !utf8.is_empty() && utf8.len() < n {
+                let apart = txn.with_job(|j| j.take(&utf8));
+                push_split(&mut queue, apart, max);
+            }
+            push_split(&mut queue, txn, max);
         }
         drop(queue);
         self.kick(dest, now);
@@ -314,4 +314,15 @@ impl<J: Job> Core<J> {
             }
         }
     }
+}
+
+/// Queues `txn` in transactions of at most `max` recipients (a destination
+/// may take fewer recipients per transaction than ingest groups).
+fn push_split<J: Job>(queue: &mut VecDeque<Txn<J>>, mut txn: Txn<J>, max: usize) {
+    while txn.job.rcpt_count() > max {
+        let rest = txn.with_job(|j| j.split_off(max));
+        queue.push_back(txn);
+        txn = rest;
+    }
+    queue.push_back(txn);
 }
