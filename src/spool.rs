@@ -226,17 +226,6 @@ pub fn id_of_bad_line(line: &[u8]) -> Option<String> {
     v.id.map(Cow::into_owned).filter(|id| !id.is_empty())
 }
 
-/// The usual line, read without serde: one object whose members are the
-/// string fields of a job and a `to` array of strings, every string ASCII
-/// with no escape or control character, any JSON whitespace between tokens,
-/// and a job that needs no error said (recipients, one body, a good or empty
-/// `from`). It answers `None` for anything else (an escape, non-ASCII text,
-/// `null`, `vars`, `template`, a recipient object, an unknown or repeated
-/// key, a syntax error, a job to refuse), and serde_json reads that line
-/// instead, so the two agree on every line (a property test holds them to
-/// it): this is only the fast way through. The job is built straight from
-/// the bytes: every byte it accepts is ASCII, so the line needs no UTF-8
-/// check of its own.
 /// Where the plain text of a JSON string that starts at `from` of the line
 /// at `base` in `map` (`len` bytes long) ends: the first byte at or after
 /// `from` that is a quote, a backslash, a control character or not ASCII,
@@ -275,6 +264,17 @@ fn plain_run(map: &[u8], base: usize, len: usize, from: usize) -> usize {
     j
 }
 
+/// The usual line, read without serde: one object whose members are the
+/// string fields of a job and a `to` array of strings, every string ASCII
+/// with no escape or control character, any JSON whitespace between tokens,
+/// and a job that needs no error said (recipients, one body, a good or empty
+/// `from`). It answers `None` for anything else (an escape, non-ASCII text,
+/// `null`, `vars`, `template`, a recipient object, an unknown or repeated
+/// key, a syntax error, a job to refuse), and serde_json reads that line
+/// instead, so the two agree on every line (a property test holds them to
+/// it): this is only the fast way through. The job is built straight from
+/// the bytes: every byte it accepts is ASCII, so the line needs no UTF-8
+/// check of its own.
 fn scan_plain(map: &[u8], line: &[u8], parser: &mut JobParser) -> Option<Job> {
     /// Member keys the scan knows, as bits of `seen`.
     const ID: u8 = 1;
