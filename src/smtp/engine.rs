@@ -388,9 +388,9 @@ fn command_safe(addr: &str) -> bool {
 }
 
 /// `RCPT TO:<addr>` and its line end.
-fn rcpt_to(out: &mut Vec<u8>, addr: &str) {
+fn rcpt_to(out: &mut Vec<u8>, addr: &str, plain: bool) {
     out.extend_from_slice(b"RCPT TO:<");
-    out.extend_from_slice(wire_address(addr).as_bytes());
+    put_address(out, addr, plain);
     out.extend_from_slice(b">\r\n");
 }
 
@@ -413,10 +413,20 @@ fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
 /// Whether every address of the envelope is ASCII that can go on a command
 /// line as it is (the usual case), told in one pass over each: such an
 /// envelope needs neither SMTPUTF8 nor a closer look.
-fn plain_envelope<T: Envelope>(txn: &T) -> bool {
+fn plain_envelope(from: &str, rcpts: &[&str]) -> bool {
     // Without short-circuit, so it runs a vector at a time.
     let plain = |a: &str| a.len() <= MAX_ADDRESS && a.bytes().fold(true, |ok, b| ok & line_byte(b));
-    plain(txn.reverse_path()) && (0..txn.recipient_count()).all(|i| plain(txn.recipient(i)))
+    plain(from) && rcpts.iter().all(|a| plain(a))
+}
+
+/// An address on a command line: as it is when the envelope is plain (ASCII
+/// throughout), else in its wire form.
+fn put_address(out: &mut Vec<u8>, addr: &str, plain: bool) {
+    if plain {
+        out.extend_from_slice(addr.as_bytes());
+    } else {
+        out.extend_from_slice(wire_address(addr).as_bytes());
+    }
 }
 
 /// Whether a transaction's envelope has an address that stays UTF-8 on the wire (RFC 6531).
@@ -1152,7 +1162,10 @@ impl<T: Envelope> Session<T> {
         let chunked = self.is_chunking();
         // RFC 6531 §3.2: SMTPUTF8 for a UTF-8 address, and (where offered) for UTF-8 headers.
         let utf8_headers = self.caps.smtputf8 && body_of(&self.caps, &txn).eight_bit_headers;
-        let plain = plain_envelope(&txn);
+        // Each address read once (a job's are spans of the mapped spool).
+        let from = txn.reverse_path();
+        let rcpts: SmallVec<[&str; 2]> = (0..txn.recipient_count()).map(|i| txn.recipient(i)).collect();
+        let plain = plain_envelope(from, &rcpts);
         let utf8 = (!plain && needs_smtputf8(&txn)) || utf8_headers;
         let refusal = if utf8 && !self.caps.smtputf8 {
             // RFC 6531 §3.2: a UTF-8 address only to a server that offers SMTPUTF8.
@@ -1188,6 +1201,7 @@ impl<T: Envelope> Session<T> {
                 })
         };
         if let Some(failure) = refusal {
+            drop(rcpts);
             let n = txn.recipient_count();
             self.events.push_back(Event::Done(Box::new(TxnReport {
                 txn,
@@ -1211,7 +1225,7 @@ impl<T: Envelope> Session<T> {
         let n = txn.recipient_count();
         let message = body_of(&self.caps, &txn);
         self.out.extend_from_slice(b"MAIL FROM:<");
-        self.out.extend_from_slice(wire_address(txn.reverse_path()).as_bytes());
+        put_address(&mut self.out, from, plain);
         self.out.push(b'>');
         if self.caps.size.is_some() {
             let size = if chunked {
@@ -1231,8 +1245,8 @@ impl<T: Envelope> Session<T> {
         self.out.extend_from_slice(b"\r\n");
         self.expects.push_back(Expect::Mail(seq));
         if chunked {
-            for i in 0..n {
-                rcpt_to(&mut self.out, txn.recipient(i));
+            for (i, rcpt) in rcpts.iter().enumerate() {
+                rcpt_to(&mut self.out, rcpt, plain);
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             // RFC 3030: the whole message as one last chunk, read by the server
@@ -1255,13 +1269,14 @@ impl<T: Envelope> Session<T> {
             }
             self.expects.push_back(Expect::Bdat(seq));
         } else if self.caps.pipelining {
-            for i in 0..n {
-                rcpt_to(&mut self.out, txn.recipient(i));
+            for (i, rcpt) in rcpts.iter().enumerate() {
+                rcpt_to(&mut self.out, rcpt, plain);
                 self.expects.push_back(Expect::Rcpt(seq, i));
             }
             self.out.extend_from_slice(b"DATA\r\n");
             self.expects.push_back(Expect::Data(seq));
         }
+        drop(rcpts);
         let chunk = if chunked { message.chunk_len() } else { 0 };
         self.in_flight_bytes += chunk;
         self.flights.push_back(Flight {

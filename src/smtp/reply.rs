@@ -126,6 +126,10 @@ pub enum ReplyError {
 /// Single-line replies remembered, so that one seen again shares their text.
 const RECENT: usize = 4;
 
+/// The bytes of reply text that decide its enhanced code: `C.SSS.DDD` and
+/// the byte after it (`Enhanced::parse_prefix` looks no further).
+const ENHANCED_SPAN: usize = 10;
+
 /// Feeds on bytes as they arrive and yields complete replies.
 #[derive(Debug, Default)]
 pub struct ReplyParser {
@@ -257,7 +261,23 @@ impl ReplyParser {
         }
         let used = |i: usize| self.recent[i].as_ref().map_or(0, |(u, _)| *u);
         let slot = (0..RECENT).min_by_key(|&i| used(i)).expect("RECENT is not 0");
-        let reply = Reply::new(code, text);
+        // The enhanced code lies in the text's first ENHANCED_SPAN bytes: a
+        // reply that begins as a recent one of its code has its code ("2.0.0
+        // Ok: queued as ID" every message).
+        let known = self.recent.iter().flatten().find(|(_, r)| {
+            r.code == code
+                && text.len() >= ENHANCED_SPAN
+                && r.text.len() >= ENHANCED_SPAN
+                && r.text.as_bytes()[..ENHANCED_SPAN] == text.as_bytes()[..ENHANCED_SPAN]
+        });
+        let reply = match known {
+            Some((_, r)) => Reply {
+                code,
+                enhanced: r.enhanced,
+                text: text.into(),
+            },
+            None => Reply::new(code, text),
+        };
         self.recent[slot] = Some((self.tick, reply.clone()));
         reply
     }
@@ -349,10 +369,50 @@ mod tests {
         }
     }
 
+    /// Text that begins with an enhanced code or nearly: up to four digits
+    /// a part, and what may follow it.
+    const CODE_LIKE: &str = "[245x][.][0-9]{1,4}[.][0-9]{1,4}[ x.0-9]?[a-z ]{0,4}";
+
     proptest::proptest! {
         #[test]
         fn an_enhanced_code_is_read_as_splitting_reads_it(text in "[0-9245. a-z\\t]{0,14}") {
             proptest::prop_assert_eq!(Enhanced::parse_prefix(&text), enhanced_by_splitting(&text));
+        }
+
+        /// What the parser takes from a recent reply that begins the same.
+        #[test]
+        fn an_enhanced_code_lies_in_the_first_bytes(
+            text in CODE_LIKE,
+            tail in "[0-9. x]{0,6}",
+        ) {
+            if text.len() >= ENHANCED_SPAN {
+                let other = format!("{}{tail}", &text[..ENHANCED_SPAN]);
+                proptest::prop_assert_eq!(Enhanced::parse_prefix(&text), Enhanced::parse_prefix(&other));
+            }
+        }
+
+        /// Replies parsed one after another (some codes taken from a recent
+        /// reply) have the codes each has on its own.
+        #[test]
+        fn a_reply_has_its_own_enhanced_code_after_others(
+            pairs in proptest::collection::vec(("(250|251|550)", CODE_LIKE, 0..16usize, "[0-9. x]{0,4}"), 1..8),
+        ) {
+            // Each text, then one that begins as it does and goes on otherwise.
+            let mut lines = Vec::new();
+            for (code, text, cut, tail) in pairs {
+                let other = format!("{}{tail}", &text[..cut.min(text.len())]);
+                lines.push((code.clone(), text));
+                lines.push((code, other));
+            }
+            let mut wire = Vec::new();
+            for (code, text) in &lines {
+                wire.extend_from_slice(format!("{code} {text}\r\n").as_bytes());
+            }
+            let got = parse_all(&[&wire]).unwrap();
+            for (r, (code, text)) in got.iter().zip(&lines) {
+                let alone = Reply::new(code.parse().unwrap(), text.trim_end());
+                proptest::prop_assert_eq!(r.enhanced, alone.enhanced, "{} {:?}", code, text);
+            }
         }
     }
 
