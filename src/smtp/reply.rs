@@ -264,12 +264,13 @@ impl ReplyParser {
         // The enhanced code lies in the text's first ENHANCED_SPAN bytes: a
         // reply that begins as a recent one of its code has its code ("2.0.0
         // Ok: queued as ID" every message).
-        let known = self.recent.iter().flatten().find(|(_, r)| {
-            r.code == code
-                && text.len() >= ENHANCED_SPAN
-                && r.text.len() >= ENHANCED_SPAN
-                && r.text.as_bytes()[..ENHANCED_SPAN] == text.as_bytes()[..ENHANCED_SPAN]
-        });
+        let head = |t: &str| -> Option<[u8; ENHANCED_SPAN]> { t.as_bytes().get(..ENHANCED_SPAN)?.try_into().ok() };
+        let text_head = head(text);
+        let known = self
+            .recent
+            .iter()
+            .flatten()
+            .find(|(_, r)| r.code == code && text_head.is_some() && head(&r.text) == text_head);
         let reply = match known {
             Some((_, r)) => Reply {
                 code,
