@@ -1201,6 +1201,7 @@ impl<T: Envelope> Session<T> {
                 })
         };
         if let Some(failure) = refusal {
+            // The addresses borrow from the transaction, which moves on here.
             drop(rcpts);
             let n = txn.recipient_count();
             self.events.push_back(Event::Done(Box::new(TxnReport {
@@ -1276,6 +1277,7 @@ impl<T: Envelope> Session<T> {
             self.out.extend_from_slice(b"DATA\r\n");
             self.expects.push_back(Expect::Data(seq));
         }
+        // The addresses borrow from the transaction, which moves into its flight.
         drop(rcpts);
         let chunk = if chunked { message.chunk_len() } else { 0 };
         self.in_flight_bytes += chunk;

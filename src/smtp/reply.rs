@@ -411,7 +411,7 @@ mod tests {
             }
             let got = parse_all(&[&wire]).unwrap();
             for (r, (code, text)) in got.iter().zip(&lines) {
-                let alone = Reply::new(code.parse().unwrap(), text.trim_end());
+                let alone = Reply::new(code.parse().unwrap(), text);
                 proptest::prop_assert_eq!(r.enhanced, alone.enhanced, "{} {:?}", code, text);
             }
         }
