@@ -411,14 +411,16 @@ pub struct Recorder {
     /// Records per reply code (a handful of codes: a scan beats a hash).
     codes: Vec<(u16, u64)>,
     reasons: HashMap<Reason, u64>,
-    /// The most log bytes and finals a batch has held, up to `ROOM_CAP`:
-    /// the room each new batch starts with.
+    /// The most log bytes and finals a batch has held (up to `ROOM_BYTES`
+    /// and `ROOM_FINALS`): the room each new batch starts with.
     room: (usize, usize),
 }
 
-/// The most log bytes a new batch is given up front (a producer flushes at
-/// 256 KiB; a batch that grows past this grows as a `Vec` does).
-const ROOM_CAP: usize = 1 << 20;
+/// The most room a new batch is given up front, in log bytes and in finals
+/// (a producer flushes at 256 KiB of log; a batch that grows past these
+/// grows as a `Vec` does).
+const ROOM_BYTES: usize = 1 << 20;
+const ROOM_FINALS: usize = 1 << 16;
 
 impl Recorder {
     pub fn new(log: bool) -> Recorder {
@@ -481,8 +483,8 @@ impl Recorder {
         let mut batch = std::mem::take(&mut self.batch);
         // The next batch is likely the size of the biggest so far: room for
         // it up front instead of growing (and copying) it record by record.
-        self.room.0 = self.room.0.max(batch.log.len()).min(ROOM_CAP);
-        self.room.1 = self.room.1.max(batch.finals.len()).min(ROOM_CAP / 16);
+        self.room.0 = self.room.0.max(batch.log.len()).min(ROOM_BYTES);
+        self.room.1 = self.room.1.max(batch.finals.len()).min(ROOM_FINALS);
         self.batch.log.reserve(self.room.0);
         self.batch.finals.reserve(self.room.1);
         batch.codes = std::mem::take(&mut self.codes);

@@ -430,9 +430,9 @@ fn put_address(out: &mut Vec<u8>, addr: &str, plain: bool) {
 }
 
 /// Whether a transaction's envelope has an address that stays UTF-8 on the wire (RFC 6531).
-fn needs_smtputf8<T: Envelope>(txn: &T) -> bool {
-    std::iter::once(txn.reverse_path())
-        .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
+fn needs_smtputf8(from: &str, rcpts: &[&str]) -> bool {
+    std::iter::once(from)
+        .chain(rcpts.iter().copied())
         .any(|a| !wire_address(a).is_ascii())
 }
 
@@ -1166,13 +1166,11 @@ impl<T: Envelope> Session<T> {
         let from = txn.reverse_path();
         let rcpts: SmallVec<[&str; 2]> = (0..txn.recipient_count()).map(|i| txn.recipient(i)).collect();
         let plain = plain_envelope(from, &rcpts);
-        let utf8 = (!plain && needs_smtputf8(&txn)) || utf8_headers;
+        let utf8 = (!plain && needs_smtputf8(from, &rcpts)) || utf8_headers;
+        let envelope = || std::iter::once(from).chain(rcpts.iter().copied());
         let refusal = if utf8 && !self.caps.smtputf8 {
             // RFC 6531 §3.2: a UTF-8 address only to a server that offers SMTPUTF8.
-            let addr = std::iter::once(txn.reverse_path())
-                .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
-                .find(|a| !wire_address(a).is_ascii())
-                .unwrap_or_default();
+            let addr = envelope().find(|a| !wire_address(a).is_ascii()).unwrap_or_default();
             Some(Failure::new(
                 Local::Smtputf8,
                 format!("address {addr:?} needs SMTPUTF8 (RFC 6531), which the server does not offer"),
@@ -1190,15 +1188,12 @@ impl<T: Envelope> Session<T> {
         } else {
             // Ingest lets no such address through; this keeps any other caller from
             // putting a second command on the line (CRLF) or passing its length limit.
-            std::iter::once(txn.reverse_path())
-                .chain((0..txn.recipient_count()).map(|i| txn.recipient(i)))
-                .find(|a| !command_safe(a))
-                .map(|a| {
-                    Failure::new(
-                        Local::Message,
-                        format!("address {a:?} cannot be written on an SMTP command line"),
-                    )
-                })
+            envelope().find(|a| !command_safe(a)).map(|a| {
+                Failure::new(
+                    Local::Message,
+                    format!("address {a:?} cannot be written on an SMTP command line"),
+                )
+            })
         };
         if let Some(failure) = refusal {
             // The addresses borrow from the transaction, which moves on here.
