@@ -117,15 +117,21 @@ pub struct LogRecord<'a> {
 }
 
 /// The timestamps and addresses of log lines written one after another:
-/// the second's `YYYY-MM-DDTHH:MM:SS.` and the last IP address are
-/// formatted once, not per line.
+/// the second's `YYYY-MM-DDTHH:MM:SS.`, the last IP address and the last
+/// outcome with its codes are formatted once, not per line.
 #[derive(Debug, Default)]
 pub struct Stamp {
     second: Option<(u64, [u8; 20])>,
     /// The last timestamp written, whole (records settled in one turn share it).
     last: Option<(SystemTime, [u8; 24])>,
     ip: Option<(IpAddr, String)>,
+    /// The last `,"outcome":…,"code":…,"enhanced":…,"reply":` written: the
+    /// same for every delivered recipient of a server.
+    outcome: Option<(OutcomeKey, Vec<u8>)>,
 }
+
+/// A record's outcome, reply code and enhanced code.
+type OutcomeKey = (Outcome, Option<u16>, Option<Enhanced>);
 
 impl Stamp {
     fn write_ts(&mut self, out: &mut Vec<u8>, t: SystemTime) {
@@ -160,6 +166,38 @@ impl Stamp {
         ]);
         out.extend_from_slice(&ts);
         self.last = Some((t, ts));
+    }
+
+    /// `,"outcome":"…","code":…,"enhanced":…,"reply":` for these.
+    fn outcome(&mut self, outcome: Outcome, code: Option<u16>, enhanced: Option<Enhanced>) -> &[u8] {
+        let key = (outcome, code, enhanced);
+        match &self.outcome {
+            Some((last, _)) if *last == key => {}
+            _ => {
+                let mut out = Vec::with_capacity(64);
+                out.extend_from_slice(b",\"outcome\":\"");
+                out.extend_from_slice(outcome.name().as_bytes());
+                out.extend_from_slice(b"\",\"code\":");
+                json_opt_num(&mut out, code.map(u64::from));
+                out.extend_from_slice(b",\"enhanced\":");
+                match enhanced {
+                    Some(e) => {
+                        let mut b = itoa::Buffer::new();
+                        out.push(b'"');
+                        out.extend_from_slice(b.format(e.class).as_bytes());
+                        out.push(b'.');
+                        out.extend_from_slice(b.format(e.subject).as_bytes());
+                        out.push(b'.');
+                        out.extend_from_slice(b.format(e.detail).as_bytes());
+                        out.push(b'"');
+                    }
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"reply\":");
+                self.outcome = Some((key, out));
+            }
+        }
+        &self.outcome.as_ref().expect("set above").1
     }
 
     fn ip(&mut self, ip: IpAddr) -> &str {
@@ -233,25 +271,7 @@ impl LogRecord<'_> {
         spool_str(out, self.rcpt);
         out.extend_from_slice(b",\"domain\":");
         spool_str(out, self.domain);
-        out.extend_from_slice(b",\"outcome\":\"");
-        out.extend_from_slice(self.outcome.name().as_bytes());
-        out.extend_from_slice(b"\",\"code\":");
-        json_opt_num(out, self.code.map(u64::from));
-        out.extend_from_slice(b",\"enhanced\":");
-        match self.enhanced {
-            Some(e) => {
-                let mut b = itoa::Buffer::new();
-                out.push(b'"');
-                out.extend_from_slice(b.format(e.class).as_bytes());
-                out.push(b'.');
-                out.extend_from_slice(b.format(e.subject).as_bytes());
-                out.push(b'.');
-                out.extend_from_slice(b.format(e.detail).as_bytes());
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"reply\":");
+        out.extend_from_slice(stamp.outcome(self.outcome, self.code, self.enhanced));
         json_opt_str(out, self.reply);
         out.extend_from_slice(b",\"mx\":");
         json_opt_str(out, self.mx);
@@ -584,6 +604,54 @@ mod tests {
         );
         assert_eq!(b.codes, vec![(550, 1)]);
         assert!(r.take().is_none());
+    }
+
+    /// Records one after another that share all but one of outcome, code
+    /// and enhanced code each have their own (the part is formatted once
+    /// and kept while they stay the same).
+    #[test]
+    fn a_line_says_its_own_outcome_and_codes_after_one_that_shares_some() {
+        let e = |class, subject, detail| Some(Enhanced { class, subject, detail });
+        let steps = [
+            (Outcome::Delivered, Some(250), e(2, 0, 0)),
+            (Outcome::Delivered, Some(250), e(2, 0, 0)),
+            (Outcome::Delivered, Some(250), None),
+            (Outcome::Delivered, Some(250), e(2, 1, 5)),
+            (Outcome::Delivered, Some(251), e(2, 1, 5)),
+            (Outcome::Deferred, Some(251), e(2, 1, 5)),
+            (Outcome::Deferred, Some(451), e(4, 7, 1)),
+            (Outcome::Deferred, None, None),
+            (Outcome::Delivered, Some(250), e(2, 0, 0)),
+        ];
+        let mut stamp = Stamp::default();
+        for (outcome, code, enhanced) in steps {
+            let rec = LogRecord {
+                ts: SystemTime::UNIX_EPOCH,
+                id: JobId::Given("x"),
+                rcpt: Some("a@b.test"),
+                domain: Some("b.test"),
+                outcome,
+                code,
+                enhanced,
+                reply: Some("ok"),
+                mx: None,
+                ip: None,
+                attempt: 1,
+                latency_ms: None,
+                tls: None,
+                category: None,
+                rule: None,
+                local: None,
+                plain: true,
+            };
+            let mut ours = Vec::new();
+            rec.write_json(&mut ours, &mut stamp);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&rec).unwrap(),
+                "{outcome} {code:?} {enhanced:?}"
+            );
+        }
     }
 
     proptest::proptest! {
