@@ -2,8 +2,9 @@
 //! preparation (CRLF + dot-stuffing), and one transaction through the
 //! session engine, pipelined with DATA and with BDAT; one delivery-log
 //! line (as the shards write it, and as serde_json writes the same record);
-//! one spool line parsed; the shaping policy a shard works out when it
-//! first meets a domain. `cargo bench --bench engine`.
+//! one spool line parsed; a recipient address checked and its domain
+//! found; a job's string read from the spool map; the shaping policy a
+//! shard works out when it first meets a domain. `cargo bench --bench engine`.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -226,5 +227,38 @@ fn shaping_policy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, replies, wire, session, log_line, spool_line, shaping_policy);
+fn spool_strings(c: &mut Criterion) {
+    let mut g = c.benchmark_group("spool_strings");
+    // A recipient as ingest checks it, once per recipient of every line.
+    let addr = "first.last+news@mail.example.com";
+    g.bench_function("address_domain_32B", |b| {
+        b.iter(|| volley::spool::address_domain(black_box(addr)).unwrap())
+    });
+    let long = "a-rather-long-local-part.with.dots+and-a-tag@a.long.subdomain.example.com";
+    g.bench_function("address_domain_73B", |b| {
+        b.iter(|| volley::spool::address_domain(black_box(long)).unwrap())
+    });
+    // A job's strings read back from the map, as ingest and the shards do
+    // about nine times a message.
+    let line = br#"{"id":"gen-0001234","from":"bounces@gen.volley.test","to":["first.last+news@mail.example.com"],"message":"m.eml"}"#;
+    let job = volley::spool::parse_job(line, line).unwrap();
+    g.bench_function("span_get_id_from_rcpt", |b| {
+        b.iter(|| {
+            let map = black_box(&line[..]);
+            job.id.as_ref().unwrap().get(map).len() + job.from.get(map).len() + job.to[0].get(map).len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    replies,
+    wire,
+    session,
+    log_line,
+    spool_line,
+    spool_strings,
+    shaping_policy
+);
 criterion_main!(benches);

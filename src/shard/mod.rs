@@ -181,7 +181,7 @@ impl Job for SpoolJob {
         self.id.as_ref().is_none_or(in_line) && in_line(&self.rcpts[i].addr)
     }
     fn rcpt_is_ascii(&self, i: usize) -> bool {
-        self.rcpts[i].addr.bytes(self.file.file.bytes()).is_ascii()
+        self.rcpts[i].addr.is_ascii(self.file.file.bytes())
     }
     fn reverse_path(&self) -> &str {
         match &self.reverse {
