@@ -204,6 +204,16 @@ impl ReplyParser {
             Some(b'-') => (false, &line[4..]),
             Some(_) => return Err(malformed()),
         };
+        // A one-line reply the parser saw lately (every MAIL and RCPT is
+        // answered alike) is found by its bytes, before any UTF-8 check.
+        if last
+            && self.current.is_none()
+            && let Some(reply) = self.seen_lately(code, text)
+        {
+            self.lines = 0;
+            replies.push_back(reply);
+            return Ok(());
+        }
         let text = if text.is_ascii() {
             // SAFETY: ASCII is UTF-8 (the usual reply: checked a word at a time).
             std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(text) })
@@ -243,22 +253,26 @@ impl ReplyParser {
         Ok(())
     }
 
-    /// A one-line reply: a clone of a recent one with the same code and
-    /// text, else a new one, remembered in place of the least recently used.
-    fn single(&mut self, code: u16, text: &str) -> Reply {
-        self.tick += 1;
+    /// A clone of a recent one-line reply with this code and text.
+    fn seen_lately(&mut self, code: u16, text: &[u8]) -> Option<Reply> {
         // The length and the last byte first: a "queued as ID" reply has the
         // length of the one before it and differs from it at the end.
         let same = |r: &Reply| {
             r.code == code
                 && r.text.len() == text.len()
-                && r.text.as_bytes().last() == text.as_bytes().last()
-                && *r.text == *text
+                && r.text.as_bytes().last() == text.last()
+                && r.text.as_bytes() == text
         };
-        if let Some((used, r)) = self.recent.iter_mut().flatten().find(|(_, r)| same(r)) {
-            *used = self.tick;
-            return r.clone();
-        }
+        let (used, r) = self.recent.iter_mut().flatten().find(|(_, r)| same(r))?;
+        self.tick += 1;
+        *used = self.tick;
+        Some(r.clone())
+    }
+
+    /// A one-line reply not seen lately: a new one, remembered in place of
+    /// the least recently used.
+    fn single(&mut self, code: u16, text: &str) -> Reply {
+        self.tick += 1;
         let used = |i: usize| self.recent[i].as_ref().map_or(0, |(u, _)| *u);
         let slot = (0..RECENT).min_by_key(|&i| used(i)).expect("RECENT is not 0");
         // The enhanced code lies in the text's first ENHANCED_SPAN bytes: a
