@@ -1280,17 +1280,21 @@ impl<T: Envelope> Session<T> {
             seq,
             chunk,
             stage: if chunked { Stage::Body } else { Stage::Envelope },
-            report: Box::new(TxnReport {
-                txn,
-                mail: None,
-                rcpts: smallvec::smallvec![None; n],
-                data: None,
-                dot: None,
-                failure: None,
-                permanent: false,
-                timing: TxnTiming::default(),
-                chunked,
-            }),
+            // Written into the box, not built beside it and copied in.
+            report: Box::write(
+                Box::new_uninit(),
+                TxnReport {
+                    txn,
+                    mail: None,
+                    rcpts: smallvec::smallvec![None; n],
+                    data: None,
+                    dot: None,
+                    failure: None,
+                    permanent: false,
+                    timing: TxnTiming::default(),
+                    chunked,
+                },
+            ),
         });
     }
 
