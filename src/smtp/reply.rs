@@ -261,7 +261,7 @@ impl ReplyParser {
             r.code == code
                 && r.text.len() == text.len()
                 && r.text.as_bytes().last() == text.last()
-                && r.text.as_bytes() == text
+                && same_bytes(r.text.as_bytes(), text)
         };
         let (used, r) = self.recent.iter_mut().flatten().find(|(_, r)| same(r))?;
         self.tick += 1;
@@ -298,9 +298,38 @@ impl ReplyParser {
     }
 }
 
+/// `a == b` for slices of one length, the usual reply's (8 to 16 bytes)
+/// as two words each instead of a `memcmp` call.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if (8..=16).contains(&n) {
+        let word = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+        return word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8);
+    }
+    a == b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_are_the_same_exactly_when_they_are_equal() {
+        for n in 0..24usize {
+            let a: Vec<u8> = (0..n).map(|i| b'a' + i as u8).collect();
+            assert!(same_bytes(&a, &a.clone()), "{n}");
+            assert!(!same_bytes(&a, &a[..n.saturating_sub(1)]) || n == 0, "{n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "{n} bytes, differing at {at}");
+            }
+        }
+    }
 
     fn parse_all(chunks: &[&[u8]]) -> Result<Vec<Reply>, ReplyError> {
         let mut p = ReplyParser::new();
