@@ -129,7 +129,7 @@ pub struct Config {
 }
 
 /// What the BDAT window grows to when `pipeline_window_max` is not set.
-pub const PIPELINE_WINDOW_MAX: usize = 32;
+pub const PIPELINE_WINDOW_MAX: usize = 64;
 
 /// Durations past this are surely mistakes (and `Instant + d` would overflow).
 const LONGEST_DAYS: u64 = 3650;

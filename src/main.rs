@@ -283,7 +283,7 @@ struct SendArgs {
     #[arg(long)]
     pipeline_window: Option<usize>,
     /// With BDAT: what that window may grow to while the server takes every
-    /// transaction (default 32; the start value: no growth).
+    /// transaction (default 64; the start value: no growth).
     #[arg(long)]
     pipeline_window_max: Option<usize>,
 }
