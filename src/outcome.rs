@@ -227,7 +227,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 /// Whether `s` needs no escaping in a JSON string: no quote, backslash
 /// or control character. Sixteen bytes at a time from 16 bytes on (the
 /// last 16 overlapping the ones before), so a reply's text is read in two
-/// or three loads; two words from 8 (an IP address).
+/// or three loads; two words from 8 to 16 (an IP address).
 #[inline]
 fn json_plain(s: &[u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -253,7 +253,13 @@ fn json_plain(s: &[u8]) -> bool {
         }
         return !escaped(s.len() - 16);
     }
-    if s.len() >= 8 {
+    json_plain_portable(s)
+}
+
+/// [`json_plain`] without vector loads: from 8 to 16 bytes as two words,
+/// else a byte at a time.
+fn json_plain_portable(s: &[u8]) -> bool {
+    if (8..=16).contains(&s.len()) {
         // The first and the last 8 bytes as words (overlapping when fewer
         // than 16), each tested for a byte below 0x20 and for a byte equal
         // to a quote or a backslash: these tests say exactly whether any
@@ -580,6 +586,12 @@ mod tests {
                     let mut s = plain.clone();
                     s[at] = b;
                     assert_eq!(json_plain(&s), byte_wise(&s), "{len} bytes, {b:#x} at {at}");
+                    // The test without vector loads (other targets) as well.
+                    assert_eq!(
+                        json_plain_portable(&s),
+                        byte_wise(&s),
+                        "portable: {len} bytes, {b:#x} at {at}"
+                    );
                 }
             }
         }
